@@ -1,0 +1,328 @@
+//! A bounded pool of 4096-aligned I/O buffers carved out of one `mmap`.
+//!
+//! Everything the store reads or writes that is not the caller's own memory
+//! (safetensors header, the padded tail chunk, chunks of a streamed source,
+//! reads) goes through these buffers, so the store's memory use is the pool's
+//! size whatever the snapshot's size. The pool is one anonymous mapping so
+//! the io_uring backend can register it as a single fixed buffer.
+//!
+//! A job takes a [`Lease`] of several buffers at once (blocking until that
+//! many are free), so jobs never deadlock on each other while holding part
+//! of what they need; each [`PoolBuf`] returns to the pool when dropped.
+
+use std::ptr::NonNull;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+
+/// Alignment of every buffer, file offset and O_DIRECT length in the store.
+pub const IO_ALIGN_BYTES: usize = 4096;
+
+/// Why the pool could not be made or could not lend.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("I/O buffer size {buf_bytes} must be a positive multiple of {IO_ALIGN_BYTES}")]
+    BadBufferSize { buf_bytes: usize },
+    #[error("I/O buffer pool of {pool_bytes} bytes holds fewer than 2 buffers of {buf_bytes} bytes")]
+    PoolTooSmall { pool_bytes: usize, buf_bytes: usize },
+    #[error("asked for {wanted} I/O buffers, but the pool has only {capacity}")]
+    LeaseTooLarge { wanted: usize, capacity: usize },
+    #[error("mmap of a {bytes}-byte I/O buffer pool failed: {source}")]
+    Map { bytes: usize, source: std::io::Error },
+}
+
+/// An anonymous, page-aligned mapping; unmapped on drop.
+#[derive(Debug)]
+struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; access to its
+// bytes is handed out only through `PoolBuf`s, each covering a disjoint range.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; `Mapping` itself exposes no interior mutability.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn new(len: usize) -> Result<Self, PoolError> {
+        // SAFETY: an anonymous private mapping with no address hint touches no
+        // existing memory; the result is checked against MAP_FAILED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(PoolError::Map {
+                bytes: len,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(PoolError::Map {
+            bytes: len,
+            source: std::io::Error::other("mmap returned null"),
+        })?;
+        Ok(Mapping { ptr, len })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly what mmap returned; every PoolBuf
+        // holds an Arc to the pool, so no buffer outlives the mapping.
+        let rc = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        debug_assert_eq!(rc, 0, "munmap of the I/O pool failed");
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    mapping: Mapping,
+    buf_bytes: usize,
+    capacity: usize,
+    free: Mutex<Vec<usize>>,
+    returned: Condvar,
+}
+
+/// The pool. Cheap to clone (an `Arc`).
+#[derive(Debug, Clone)]
+pub struct BufferPool {
+    shared: Arc<Shared>,
+}
+
+impl BufferPool {
+    /// A pool of `pool_bytes / buf_bytes` buffers of `buf_bytes` each.
+    pub fn new(pool_bytes: usize, buf_bytes: usize) -> Result<Self, PoolError> {
+        if buf_bytes == 0 || !buf_bytes.is_multiple_of(IO_ALIGN_BYTES) {
+            return Err(PoolError::BadBufferSize { buf_bytes });
+        }
+        let capacity = pool_bytes / buf_bytes;
+        if capacity < 2 {
+            return Err(PoolError::PoolTooSmall {
+                pool_bytes,
+                buf_bytes,
+            });
+        }
+        let mapping = Mapping::new(capacity * buf_bytes)?;
+        Ok(BufferPool {
+            shared: Arc::new(Shared {
+                mapping,
+                buf_bytes,
+                capacity,
+                free: Mutex::new((0..capacity).rev().collect()),
+                returned: Condvar::new(),
+            }),
+        })
+    }
+
+    /// Bytes per buffer.
+    pub fn buf_bytes(&self) -> usize {
+        self.shared.buf_bytes
+    }
+
+    /// Number of buffers.
+    pub fn capacity(&self) -> usize {
+        self.shared.capacity
+    }
+
+    /// Buffers not lent out right now.
+    pub fn free_count(&self) -> usize {
+        self.lock_free().len()
+    }
+
+    /// The whole pool region, for registering it with the kernel once
+    /// (io_uring fixed buffers). Every `PoolBuf` lies inside it.
+    pub fn region(&self) -> (*mut u8, usize) {
+        (self.shared.mapping.ptr.as_ptr(), self.shared.mapping.len)
+    }
+
+    /// Takes `count` buffers at once, waiting until that many are free.
+    pub fn lease(&self, count: usize) -> Result<Lease, PoolError> {
+        if count > self.shared.capacity {
+            return Err(PoolError::LeaseTooLarge {
+                wanted: count,
+                capacity: self.shared.capacity,
+            });
+        }
+        let mut free = self.lock_free();
+        while free.len() < count {
+            free = self
+                .shared
+                .returned
+                .wait(free)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        let at = free.len() - count;
+        let indices: Vec<usize> = free.split_off(at);
+        drop(free);
+        let bufs = indices
+            .into_iter()
+            .map(|index| PoolBuf {
+                shared: Arc::clone(&self.shared),
+                index,
+                filled: 0,
+            })
+            .collect();
+        Ok(Lease { bufs })
+    }
+
+    fn lock_free(&self) -> std::sync::MutexGuard<'_, Vec<usize>> {
+        self.shared
+            .free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Buffers taken together; take them out with [`Lease::take`].
+#[derive(Debug)]
+pub struct Lease {
+    bufs: Vec<PoolBuf>,
+}
+
+impl Lease {
+    pub fn take(&mut self) -> Option<PoolBuf> {
+        self.bufs.pop()
+    }
+
+    pub fn put_back(&mut self, buf: PoolBuf) {
+        self.bufs.push(buf);
+    }
+
+    pub fn len(&self) -> usize {
+        self.bufs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bufs.is_empty()
+    }
+}
+
+/// One aligned buffer of the pool, with a count of the bytes that hold data.
+/// Returns to the pool on drop.
+#[derive(Debug)]
+pub struct PoolBuf {
+    shared: Arc<Shared>,
+    index: usize,
+    filled: usize,
+}
+
+impl PoolBuf {
+    /// Capacity in bytes (the pool's buffer size).
+    pub fn capacity(&self) -> usize {
+        self.shared.buf_bytes
+    }
+
+    /// Bytes marked as holding data.
+    pub fn filled(&self) -> usize {
+        self.filled
+    }
+
+    /// Marks the first `len` bytes as holding data.
+    pub fn set_filled(&mut self, len: usize) {
+        assert!(len <= self.capacity(), "filled {len} > capacity");
+        self.filled = len;
+    }
+
+    pub fn as_ptr(&self) -> *const u8 {
+        self.start()
+    }
+
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.start()
+    }
+
+    /// The filled bytes.
+    pub fn data(&self) -> &[u8] {
+        // SAFETY: the range [start, start + filled) lies inside the mapping,
+        // belongs to this buffer alone while it is lent, and was initialised
+        // by the mapping (anonymous mappings are zero-filled).
+        unsafe { std::slice::from_raw_parts(self.start(), self.filled) }
+    }
+
+    /// The whole buffer, for filling.
+    pub fn space_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `data`, for the whole buffer; `&mut self` makes the
+        // borrow exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.start(), self.capacity()) }
+    }
+
+    fn start(&self) -> *mut u8 {
+        let offset = self.index * self.shared.buf_bytes;
+        debug_assert!(offset + self.shared.buf_bytes <= self.shared.mapping.len);
+        // SAFETY: index < capacity, so the offset stays inside the mapping.
+        unsafe { self.shared.mapping.ptr.as_ptr().add(offset) }
+    }
+}
+
+impl Drop for PoolBuf {
+    fn drop(&mut self) {
+        let mut free = self
+            .shared
+            .free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        debug_assert!(!free.contains(&self.index), "buffer returned twice");
+        free.push(self.index);
+        drop(free);
+        self.shared.returned.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_aligned_disjoint_and_return_on_drop() {
+        let pool = BufferPool::new(8 * 4096, 4096).expect("pool");
+        assert_eq!(pool.capacity(), 8);
+        let mut lease = pool.lease(8).expect("lease");
+        assert_eq!(pool.free_count(), 0);
+        let mut starts = Vec::new();
+        while let Some(mut b) = lease.take() {
+            assert_eq!(b.as_ptr() as usize % IO_ALIGN_BYTES, 0);
+            b.space_mut().fill(7);
+            starts.push(b.as_ptr() as usize);
+        }
+        starts.sort_unstable();
+        starts.dedup();
+        assert_eq!(starts.len(), 8);
+        assert_eq!(pool.free_count(), 8);
+    }
+
+    #[test]
+    fn bad_sizes_and_oversized_leases_are_refused() {
+        assert!(matches!(
+            BufferPool::new(1 << 20, 1000),
+            Err(PoolError::BadBufferSize { .. })
+        ));
+        assert!(matches!(
+            BufferPool::new(4096, 4096),
+            Err(PoolError::PoolTooSmall { .. })
+        ));
+        let pool = BufferPool::new(4 * 4096, 4096).expect("pool");
+        assert!(matches!(
+            pool.lease(5),
+            Err(PoolError::LeaseTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn lease_waits_for_returned_buffers() {
+        let pool = BufferPool::new(2 * 4096, 4096).expect("pool");
+        let held = pool.lease(2).expect("lease");
+        let waiter = {
+            let pool = pool.clone();
+            std::thread::spawn(move || pool.lease(2).map(|l| l.len()))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!waiter.is_finished());
+        drop(held);
+        assert_eq!(waiter.join().expect("join").expect("lease"), 2);
+    }
+}
