@@ -212,8 +212,8 @@ pub struct PoolBuf {
 }
 
 impl PoolBuf {
-    /// Capacity in bytes (the pool's buffer size).
-    pub fn capacity(&self) -> usize {
+    /// Size in bytes (the pool's buffer size).
+    pub fn buf_bytes(&self) -> usize {
         self.shared.buf_bytes
     }
 
@@ -224,7 +224,7 @@ impl PoolBuf {
 
     /// Marks the first `len` bytes as holding data.
     pub fn set_filled(&mut self, len: usize) {
-        assert!(len <= self.capacity(), "filled {len} > capacity");
+        assert!(len <= self.buf_bytes(), "filled {len} > capacity");
         self.filled = len;
     }
 
@@ -248,7 +248,7 @@ impl PoolBuf {
     pub fn space_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in `data`, for the whole buffer; `&mut self` makes the
         // borrow exclusive.
-        unsafe { std::slice::from_raw_parts_mut(self.start(), self.capacity()) }
+        unsafe { std::slice::from_raw_parts_mut(self.start(), self.buf_bytes()) }
     }
 
     fn start(&self) -> *mut u8 {

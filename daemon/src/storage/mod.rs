@@ -187,7 +187,7 @@ impl IoBuf {
     /// Bytes available at the pointer.
     pub fn capacity(&self) -> usize {
         match self {
-            IoBuf::Pooled(b) => b.capacity(),
+            IoBuf::Pooled(b) => b.buf_bytes(),
             IoBuf::Borrowed(r) => r.len(),
         }
     }
