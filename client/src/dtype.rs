@@ -129,7 +129,10 @@ mod tests {
     #[test]
     fn sizes_are_powers_of_two_up_to_eight() {
         for d in Dtype::ALL {
-            assert!(d.size_bytes().is_power_of_two() && d.size_bytes() <= 8, "{d}");
+            assert!(
+                d.size_bytes().is_power_of_two() && d.size_bytes() <= 8,
+                "{d}"
+            );
         }
     }
 }

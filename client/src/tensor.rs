@@ -43,7 +43,9 @@ impl TensorSpec {
 
     /// Number of elements (1 for a scalar of shape `[]`).
     pub fn element_count(&self) -> Option<u64> {
-        self.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        self.shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
     }
 
     /// Size of the tensor's data in bytes, or `None` if it overflows.
@@ -72,10 +74,11 @@ impl TensorSpec {
                 rank: self.shape.len(),
             });
         }
-        self.byte_len().ok_or_else(|| TensorSpecError::SizeOverflow {
-            name: self.name.clone(),
-            shape: self.shape.clone(),
-        })
+        self.byte_len()
+            .ok_or_else(|| TensorSpecError::SizeOverflow {
+                name: self.name.clone(),
+                shape: self.shape.clone(),
+            })
     }
 }
 

@@ -21,12 +21,17 @@ pub const IO_ALIGN_BYTES: usize = 4096;
 pub enum PoolError {
     #[error("I/O buffer size {buf_bytes} must be a positive multiple of {IO_ALIGN_BYTES}")]
     BadBufferSize { buf_bytes: usize },
-    #[error("I/O buffer pool of {pool_bytes} bytes holds fewer than 2 buffers of {buf_bytes} bytes")]
+    #[error(
+        "I/O buffer pool of {pool_bytes} bytes holds fewer than 2 buffers of {buf_bytes} bytes"
+    )]
     PoolTooSmall { pool_bytes: usize, buf_bytes: usize },
     #[error("asked for {wanted} I/O buffers, but the pool has only {capacity}")]
     LeaseTooLarge { wanted: usize, capacity: usize },
     #[error("mmap of a {bytes}-byte I/O buffer pool failed: {source}")]
-    Map { bytes: usize, source: std::io::Error },
+    Map {
+        bytes: usize,
+        source: std::io::Error,
+    },
 }
 
 /// An anonymous, page-aligned mapping; unmapped on drop.

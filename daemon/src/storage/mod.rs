@@ -86,7 +86,9 @@ pub enum StorageError {
         len: u64,
         limit_bytes: u64,
     },
-    #[error("{path}: the file is dead after an earlier failed write or sync; it is never written again")]
+    #[error(
+        "{path}: the file is dead after an earlier failed write or sync; it is never written again"
+    )]
     Dead { path: PathBuf },
     #[error("I/O backend {backend} is not available here: {reason}")]
     BackendUnavailable {

@@ -1,0 +1,320 @@
+//! Writing one snapshot and committing it atomically.
+//!
+//! The protocol, and why each step is there:
+//!
+//! 1. `mkdir step-N.partial`: everything is written where no reader looks.
+//! 2. Create `state.safetensors` with its final size reserved (fallocate: a
+//!    full disk fails here, before any byte is written), write the header and
+//!    the data with O_DIRECT in aligned blocks (the last block zero-padded),
+//!    trim to the exact length, fdatasync. CRC32 of each chunk is computed
+//!    from the bytes handed to the kernel, while the transfer is in flight.
+//! 3. Write `MANIFEST.json`, fdatasync.
+//! 4. fsync `step-N.partial/`: both files' entries are durable.
+//! 5. rename `step-N.partial` -> `step-N`: readers see all or nothing.
+//! 6. fsync the rank directory: the rename is durable. Only now is the
+//!    snapshot committed.
+//!
+//! Any error fails the snapshot: the directory is removed, nothing is retried
+//! on the same file, and earlier snapshots are untouched. A crash at any
+//! point leaves either a `.partial` directory (removed at start-up and never
+//! read) or a complete snapshot.
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::buffer_pool::IO_ALIGN_BYTES;
+use crate::storage::{DataFile, IoBuf, OpKind, RawRegion, Storage};
+use crate::store::error::{SourceError, StoreError};
+use crate::store::layout::Layout;
+use crate::store::manifest::{self, FORMAT_NAME, FORMAT_VERSION, Manifest};
+use crate::store::paths::{self, SnapshotId};
+use crate::store::pipeline::Pipeline;
+use crate::store::{CommitStep, Store};
+
+/// Where a snapshot's data section comes from.
+pub enum Source<'a> {
+    /// The whole data section in memory, laid out as the layout says, its
+    /// start 4096-byte aligned (a staging mapping). Written with no copy.
+    Memory(&'a [u8]),
+    /// A producer that fills the data section piece by piece, in order:
+    /// `fill(offset, buf)` writes data bytes `offset..offset + buf.len()`.
+    /// Memory use stays at the I/O buffer pool's size whatever the snapshot's.
+    Stream(&'a mut dyn FnMut(u64, &mut [u8]) -> Result<(), SourceError>),
+}
+
+impl std::fmt::Debug for Source<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Memory(m) => write!(f, "Source::Memory({} bytes)", m.len()),
+            Source::Stream(_) => f.write_str("Source::Stream"),
+        }
+    }
+}
+
+/// What a successful commit reports.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub manifest: Manifest,
+    pub dir: std::path::PathBuf,
+}
+
+impl Store {
+    pub(crate) fn commit_snapshot(
+        &self,
+        id: &SnapshotId,
+        layout: &Layout,
+        world_size: u32,
+        source: Source<'_>,
+    ) -> Result<Committed, StoreError> {
+        if world_size == 0 || id.rank >= world_size {
+            return Err(StoreError::Config(format!(
+                "rank {} is not below world size {world_size}",
+                id.rank
+            )));
+        }
+        if let Source::Memory(mem) = &source {
+            let actual = u64::try_from(mem.len()).unwrap_or(u64::MAX);
+            if actual != layout.data_len {
+                return Err(StoreError::SourceLength {
+                    expected: layout.data_len,
+                    actual,
+                });
+            }
+            if !(mem.as_ptr() as usize).is_multiple_of(IO_ALIGN_BYTES) {
+                return Err(StoreError::SourceAlignment {
+                    addr: mem.as_ptr() as usize,
+                });
+            }
+        }
+        let storage = self.storage();
+        let root = self.root();
+        let final_dir = id.dir(root);
+        if storage.metadata(&final_dir)?.is_some() {
+            return Err(StoreError::AlreadyCommitted { id: id.clone() });
+        }
+        self.ensure_dir_durable(&id.rank_dir(root))?;
+        let partial = id.partial_dir(root);
+        if storage.metadata(&partial)?.is_some() {
+            tracing::warn!(dir = %partial.display(), "removing a partial snapshot left by an earlier failed attempt");
+            storage.remove_dir_all(&partial)?;
+        }
+        storage.create_dir(&partial)?;
+        self.stop_point(id, CommitStep::PartialCreated);
+
+        let result = self.write_and_commit(id, layout, world_size, source, &partial, &final_dir);
+        if let Err(e) = &result {
+            tracing::error!(snapshot = %id, error = %e, "snapshot failed; removing its directory");
+            for dir in [&partial, &final_dir] {
+                match storage.remove_dir_all(dir) {
+                    Ok(()) => {}
+                    Err(r) if r.is_not_found() => {}
+                    Err(r) => {
+                        tracing::error!(dir = %dir.display(), error = %r, "could not remove a failed snapshot's directory; start-up recovery removes it")
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    fn write_and_commit(
+        &self,
+        id: &SnapshotId,
+        layout: &Layout,
+        world_size: u32,
+        source: Source<'_>,
+        partial: &Path,
+        final_dir: &Path,
+    ) -> Result<Committed, StoreError> {
+        let storage = self.storage();
+        let header = layout.encode_header(&manifest::header_metadata(id, world_size))?;
+        let header_len = u64::try_from(header.len())
+            .map_err(|_| StoreError::Config("header too large".into()))?;
+        let file_len = header_len + layout.data_len;
+        let data_path = partial.join(paths::DATA_FILE);
+        let chunk_bytes = self.pool().buf_bytes();
+
+        let mut file = storage.create_data_file(&data_path, file_len, self.config().queue_depth)?;
+        let backend = file.backend();
+        let chunk_crc32 = self.write_data_file(
+            id,
+            &mut *file,
+            &data_path,
+            &header,
+            header_len,
+            layout.data_len,
+            source,
+        )?;
+        self.stop_point(id, CommitStep::DataWritten);
+        file.set_len(file_len)?;
+        file.sync_data()?;
+        drop(file);
+        self.stop_point(id, CommitStep::DataSynced);
+
+        let manifest = Manifest {
+            format: FORMAT_NAME.to_owned(),
+            format_version: FORMAT_VERSION,
+            job: id.job.clone(),
+            rank: id.rank,
+            world_size,
+            step: id.step,
+            created_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            io_backend: backend,
+            data_file: paths::DATA_FILE.to_owned(),
+            file_len,
+            header_len,
+            header_crc32: crc32fast::hash(&header),
+            data_len: layout.data_len,
+            chunk_bytes: u64::try_from(chunk_bytes)
+                .map_err(|_| StoreError::Config("chunk too large".into()))?,
+            chunk_crc32,
+            tensors: layout.tensors.clone(),
+        };
+        // What we are about to commit obeys every rule a reader checks.
+        manifest.check().map_err(|source| StoreError::Manifest {
+            dir: partial.to_path_buf(),
+            source,
+        })?;
+        storage.write_file_synced(&partial.join(paths::MANIFEST_FILE), &manifest.to_json())?;
+        self.stop_point(id, CommitStep::ManifestSynced);
+        storage.sync_dir(partial)?;
+        self.stop_point(id, CommitStep::PartialDirSynced);
+        storage.rename(partial, final_dir)?;
+        self.stop_point(id, CommitStep::Renamed);
+        let rank_dir = final_dir.parent().unwrap_or(final_dir);
+        storage.sync_dir(rank_dir)?;
+        self.stop_point(id, CommitStep::Committed);
+        tracing::info!(snapshot = %id, bytes = file_len, tensors = layout.tensors.len(), %backend, "snapshot committed");
+        Ok(Committed {
+            manifest,
+            dir: final_dir.to_path_buf(),
+        })
+    }
+
+    /// Writes header and data; returns the CRC32 of each data chunk.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call site; the pieces of one write"
+    )]
+    fn write_data_file(
+        &self,
+        id: &SnapshotId,
+        file: &mut dyn DataFile,
+        path: &Path,
+        header: &[u8],
+        header_len: u64,
+        data_len: u64,
+        mut source: Source<'_>,
+    ) -> Result<Vec<u32>, StoreError> {
+        let pool = self.pool();
+        let chunk_bytes = pool.buf_bytes();
+        let qd = self.config().queue_depth;
+        let lease_len = match source {
+            // Pool buffers carry only the header and the padded tail.
+            Source::Memory(_) => 2,
+            Source::Stream(_) => qd.min(pool.capacity() / 2).max(2),
+        };
+        let lease = pool.lease(lease_len)?;
+        let mut pipe = Pipeline::new(file, lease, path);
+
+        for (piece_index, piece) in header.chunks(chunk_bytes).enumerate() {
+            let mut buf = pipe.take_buffer()?;
+            let space = buf.space_mut();
+            let (dst, _) = space.split_at_mut(piece.len());
+            dst.copy_from_slice(piece);
+            buf.set_filled(piece.len());
+            let offset = u64::try_from(piece_index * chunk_bytes).unwrap_or(u64::MAX);
+            pipe.submit(OpKind::Write, offset, piece.len(), IoBuf::Pooled(buf), 0)?;
+        }
+
+        let chunk = u64::try_from(chunk_bytes).unwrap_or(u64::MAX);
+        let chunk_count = gpusnap_kernels::reference::chunk_count(data_len, chunk);
+        let mut crcs = Vec::with_capacity(usize::try_from(chunk_count).unwrap_or(0));
+        for index in 0..chunk_count {
+            let start = index * chunk;
+            let len = usize::try_from((data_len - start).min(chunk)).unwrap_or(chunk_bytes);
+            let padded = len.next_multiple_of(IO_ALIGN_BYTES);
+            let offset = header_len + start;
+            match &mut source {
+                Source::Memory(mem) => {
+                    let begin = usize::try_from(start).unwrap_or(usize::MAX);
+                    let Some(bytes) = mem.get(begin..begin + len) else {
+                        unreachable!("source length was checked against the layout");
+                    };
+                    if padded == len {
+                        // SAFETY: `bytes` is borrowed from the caller for this
+                        // whole call, and the pipeline drains every transfer
+                        // before `write_data_file` returns (or its Drop runs),
+                        // so the kernel reads it only while it is alive.
+                        let region = unsafe { RawRegion::new(bytes.as_ptr().cast_mut(), len) };
+                        pipe.submit(OpKind::Write, offset, len, IoBuf::Borrowed(region), index)?;
+                    } else {
+                        let mut buf = pipe.take_buffer()?;
+                        let space = buf.space_mut();
+                        let (dst, rest) = space.split_at_mut(len);
+                        dst.copy_from_slice(bytes);
+                        rest.fill(0);
+                        buf.set_filled(len);
+                        pipe.submit(OpKind::Write, offset, padded, IoBuf::Pooled(buf), index)?;
+                    }
+                    // Computed while the transfer is in flight.
+                    crcs.push(gpusnap_kernels::reference::chunk_crc32(bytes));
+                }
+                Source::Stream(fill) => {
+                    let mut buf = pipe.take_buffer()?;
+                    let space = buf.space_mut();
+                    let (dst, rest) = space.split_at_mut(len);
+                    if let Err(source) = fill(start, dst) {
+                        pipe.put_back(buf);
+                        return Err(StoreError::Source {
+                            id: id.clone(),
+                            offset: start,
+                            source,
+                        });
+                    }
+                    crcs.push(gpusnap_kernels::reference::chunk_crc32(dst));
+                    if let Some(pad) = rest.get_mut(..padded - len) {
+                        pad.fill(0);
+                    }
+                    buf.set_filled(len);
+                    pipe.submit(OpKind::Write, offset, padded, IoBuf::Pooled(buf), index)?;
+                }
+            }
+        }
+        pipe.drain()?;
+        debug_assert_eq!(u64::try_from(crcs.len()).ok(), Some(chunk_count));
+        Ok(crcs)
+    }
+
+    /// Creates `dir` and any missing parents below the root, fsyncing each
+    /// parent that gained an entry, so the new directory survives power loss.
+    pub(crate) fn ensure_dir_durable(&self, dir: &Path) -> Result<(), StoreError> {
+        let storage: &dyn Storage = self.storage();
+        if storage.metadata(dir)?.is_some() {
+            return Ok(());
+        }
+        let mut missing = vec![dir.to_path_buf()];
+        let mut cursor = dir.parent();
+        while let Some(parent) = cursor {
+            if parent == self.root() || storage.metadata(parent)?.is_some() {
+                break;
+            }
+            missing.push(parent.to_path_buf());
+            cursor = parent.parent();
+        }
+        for created in missing.iter().rev() {
+            match storage.create_dir(created) {
+                Ok(()) => {}
+                // Another writer of the same job made it first.
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(e.into()),
+            }
+            if let Some(parent) = created.parent() {
+                storage.sync_dir(parent)?;
+            }
+        }
+        Ok(())
+    }
+}

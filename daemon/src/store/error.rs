@@ -1,0 +1,113 @@
+//! The store's error type.
+
+use std::path::PathBuf;
+
+use crate::buffer_pool::PoolError;
+use crate::storage::StorageError;
+use crate::store::layout::LayoutError;
+use crate::store::manifest::ManifestError;
+use crate::store::paths::{NameError, SnapshotId};
+
+/// An error from the source that fills a streamed snapshot.
+pub type SourceError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Everything that can go wrong in the store. Every variant says which
+/// snapshot, file or byte range it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("snapshot layout: {0}")]
+    Layout(#[from] LayoutError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("I/O buffers: {0}")]
+    Pool(#[from] PoolError),
+    #[error("{dir}: {source}")]
+    Manifest {
+        dir: PathBuf,
+        #[source]
+        source: ManifestError,
+    },
+    #[error("{dir}: no manifest, so this is not a snapshot")]
+    ManifestMissing { dir: PathBuf },
+    #[error("snapshot {id} is already committed; committed snapshots are never overwritten")]
+    AlreadyCommitted { id: SnapshotId },
+    #[error("snapshot {id} is being written by another writer")]
+    InProgress { id: SnapshotId },
+    #[error("snapshot {id} not found")]
+    NotFound { id: SnapshotId },
+    #[error("source holds {actual} bytes but the tensors need {expected}")]
+    SourceLength { expected: u64, actual: u64 },
+    #[error("source memory at {addr:#x} is not 4096-byte aligned")]
+    SourceAlignment { addr: usize },
+    #[error("snapshot {id}: the source failed at data offset {offset}: {source}")]
+    Source {
+        id: SnapshotId,
+        offset: u64,
+        #[source]
+        source: SourceError,
+    },
+    #[error("{path}: {op} at offset {offset} moved {done} of {expected} bytes")]
+    ShortTransfer {
+        op: &'static str,
+        path: PathBuf,
+        offset: u64,
+        expected: usize,
+        done: usize,
+    },
+    #[error("{path}: file is {actual} bytes, the manifest says {expected}")]
+    LengthMismatch {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("{path}: safetensors header (bytes 0..{header_len}) does not match the manifest")]
+    HeaderCorrupt { path: PathBuf, header_len: u64 },
+    #[error(
+        "{path}: chunk {chunk} (data bytes {start}..{end}) fails its CRC32 (expected {expected:#010x}, found {found:#010x}); tensors: {}",
+        tensor_list(.tensors)
+    )]
+    ChunkCorrupt {
+        path: PathBuf,
+        chunk: u64,
+        start: u64,
+        end: u64,
+        expected: u32,
+        found: u32,
+        tensors: Vec<String>,
+    },
+    #[error(
+        "{path}: chunk size {chunk_bytes} is larger than the {buf_bytes}-byte I/O buffers; raise io_buffer_bytes"
+    )]
+    ChunkLargerThanBuffer {
+        path: PathBuf,
+        chunk_bytes: u64,
+        buf_bytes: usize,
+    },
+    #[error("reading {path} stopped at the consumer's request: {source}")]
+    Sink {
+        path: PathBuf,
+        #[source]
+        source: SourceError,
+    },
+    #[error("bad store configuration: {0}")]
+    Config(String),
+}
+
+fn tensor_list(tensors: &[String]) -> String {
+    const SHOWN: usize = 8;
+    if tensors.is_empty() {
+        return "(none)".to_owned();
+    }
+    let mut out = tensors
+        .iter()
+        .take(SHOWN)
+        .map(|t| format!("{t:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if tensors.len() > SHOWN {
+        out.push_str(&format!(" and {} more", tensors.len() - SHOWN));
+    }
+    out
+}

@@ -1,0 +1,282 @@
+//! Reading snapshots back: the structural check that decides what is listed,
+//! the verified chunk stream, and full verification.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::buffer_pool::IO_ALIGN_BYTES;
+use crate::storage::{IoBuf, OpKind};
+use crate::store::Store;
+use crate::store::error::{SourceError, StoreError};
+use crate::store::layout::Layout;
+use crate::store::manifest::{MANIFEST_LEN_MAX, Manifest};
+use crate::store::paths::{self, SnapshotId};
+use crate::store::pipeline::Pipeline;
+
+/// A snapshot whose manifest parses and matches its data file (length and
+/// header). Its data is checked chunk by chunk as it is read.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub layout: Layout,
+}
+
+impl Snapshot {
+    pub fn id(&self) -> SnapshotId {
+        self.manifest.id()
+    }
+
+    pub fn data_path(&self) -> PathBuf {
+        self.dir.join(paths::DATA_FILE)
+    }
+}
+
+/// What [`Store::verify`] found.
+#[derive(Debug)]
+pub struct VerifyReport {
+    pub dir: PathBuf,
+    /// Present when the manifest and the file's structure are sound.
+    pub snapshot: Option<Snapshot>,
+    pub chunks_checked: u64,
+    pub problems: Vec<StoreError>,
+}
+
+impl VerifyReport {
+    pub fn is_ok(&self) -> bool {
+        self.snapshot.is_some() && self.problems.is_empty()
+    }
+}
+
+impl Store {
+    /// Opens the snapshot in `dir`: the manifest parses, obeys every rule,
+    /// and matches the data file's length and header byte for byte.
+    /// `expected` (when the directory's place says which snapshot it must be)
+    /// is checked against the manifest.
+    pub fn open_dir(
+        &self,
+        dir: &Path,
+        expected: Option<&SnapshotId>,
+    ) -> Result<Snapshot, StoreError> {
+        let storage = self.storage();
+        let manifest_path = dir.join(paths::MANIFEST_FILE);
+        let bytes = match storage.read_file_limited(&manifest_path, MANIFEST_LEN_MAX) {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => {
+                return Err(StoreError::ManifestMissing {
+                    dir: dir.to_path_buf(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let manifest_err = |source| StoreError::Manifest {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        let (manifest, layout) = Manifest::parse(&bytes).map_err(manifest_err)?;
+        if let Some(id) = expected {
+            manifest.check_place(id).map_err(manifest_err)?;
+        }
+        let data_path = dir.join(paths::DATA_FILE);
+        let actual = storage
+            .metadata(&data_path)?
+            .filter(|m| !m.is_dir)
+            .map(|m| m.len);
+        let Some(actual) = actual else {
+            return Err(StoreError::Storage(crate::storage::StorageError::io(
+                "open",
+                &data_path,
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            )));
+        };
+        if actual != manifest.file_len {
+            return Err(StoreError::LengthMismatch {
+                path: data_path,
+                expected: manifest.file_len,
+                actual,
+            });
+        }
+        let header_len = usize::try_from(manifest.header_len).unwrap_or(usize::MAX);
+        let on_disk = storage.read_at(&data_path, 0, header_len)?;
+        let rebuilt = layout.encode_header(&manifest.header_metadata())?;
+        if on_disk != rebuilt || crc32fast::hash(&on_disk) != manifest.header_crc32 {
+            return Err(StoreError::HeaderCorrupt {
+                path: data_path,
+                header_len: manifest.header_len,
+            });
+        }
+        Ok(Snapshot {
+            dir: dir.to_path_buf(),
+            manifest,
+            layout,
+        })
+    }
+
+    /// Streams the data section to `sink` in order, one chunk at a time:
+    /// `sink(data_offset, bytes)`. Each chunk's CRC32 is checked before its
+    /// bytes are handed out; a mismatch stops the read with an error naming
+    /// the chunk, its byte range and the tensors in it.
+    pub fn read(
+        &self,
+        snapshot: &Snapshot,
+        sink: &mut dyn FnMut(u64, &[u8]) -> Result<(), SourceError>,
+    ) -> Result<(), StoreError> {
+        let path = snapshot.data_path();
+        let m = &snapshot.manifest;
+        self.read_chunks(snapshot, &mut |index, bytes| {
+            let (start, end) = m.chunk_range(index);
+            let expected = m
+                .chunk_crc32
+                .get(usize::try_from(index).unwrap_or(usize::MAX))
+                .copied();
+            let found = gpusnap_kernels::reference::chunk_crc32(bytes);
+            if expected != Some(found) {
+                return Err(StoreError::ChunkCorrupt {
+                    path: path.clone(),
+                    chunk: index,
+                    start,
+                    end,
+                    expected: expected.unwrap_or(0),
+                    found,
+                    tensors: snapshot.layout.tensors_in(start, end),
+                });
+            }
+            sink(start, bytes).map_err(|source| StoreError::Sink {
+                path: path.clone(),
+                source,
+            })
+        })
+    }
+
+    /// Re-reads every chunk of the snapshot in `dir` and reports every
+    /// problem found (it does not stop at the first corrupt chunk).
+    pub fn verify(&self, dir: &Path) -> VerifyReport {
+        let mut report = VerifyReport {
+            dir: dir.to_path_buf(),
+            snapshot: None,
+            chunks_checked: 0,
+            problems: Vec::new(),
+        };
+        let snapshot = match self.open_dir(dir, None) {
+            Ok(s) => s,
+            Err(e) => {
+                report.problems.push(e);
+                return report;
+            }
+        };
+        let path = snapshot.data_path();
+        let m = &snapshot.manifest;
+        let mut corrupt = Vec::new();
+        let mut checked = 0u64;
+        let result = self.read_chunks(&snapshot, &mut |index, bytes| {
+            checked += 1;
+            let (start, end) = m.chunk_range(index);
+            let expected = m
+                .chunk_crc32
+                .get(usize::try_from(index).unwrap_or(usize::MAX))
+                .copied()
+                .unwrap_or(0);
+            let found = gpusnap_kernels::reference::chunk_crc32(bytes);
+            if expected != found {
+                corrupt.push(StoreError::ChunkCorrupt {
+                    path: path.clone(),
+                    chunk: index,
+                    start,
+                    end,
+                    expected,
+                    found,
+                    tensors: snapshot.layout.tensors_in(start, end),
+                });
+            }
+            Ok(())
+        });
+        report.chunks_checked = checked;
+        report.problems.extend(corrupt);
+        if let Err(e) = result {
+            report.problems.push(e);
+        }
+        report.snapshot = Some(snapshot);
+        report
+    }
+
+    /// Reads chunk after chunk through pool buffers, `queue_depth` in
+    /// flight, and hands each to `on_chunk` in order (unverified).
+    fn read_chunks(
+        &self,
+        snapshot: &Snapshot,
+        on_chunk: &mut dyn FnMut(u64, &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let m = &snapshot.manifest;
+        let path = snapshot.data_path();
+        let pool = self.pool();
+        let buf_bytes = pool.buf_bytes();
+        if m.chunk_bytes > u64::try_from(buf_bytes).unwrap_or(u64::MAX) {
+            return Err(StoreError::ChunkLargerThanBuffer {
+                path,
+                chunk_bytes: m.chunk_bytes,
+                buf_bytes,
+            });
+        }
+        let chunk_count = u64::try_from(m.chunk_crc32.len()).unwrap_or(0);
+        if chunk_count == 0 {
+            return Ok(());
+        }
+        let qd = self.config().queue_depth;
+        let mut file = self.storage().open_data_file(&path, qd)?;
+        let lease = pool.lease(qd.min(pool.capacity() / 2).max(1))?;
+        let mut pipe = Pipeline::new(&mut *file, lease, &path);
+        let mut next_submit = 0u64;
+        let mut next_deliver = 0u64;
+        let mut ready: BTreeMap<u64, (crate::buffer_pool::PoolBuf, usize)> = BTreeMap::new();
+        while next_deliver < chunk_count {
+            // Keep the queue full while buffers last.
+            while next_submit < chunk_count && pipe.in_flight() < qd {
+                let Some(buf) = pipe.try_take_buffer() else {
+                    break;
+                };
+                let (start, end) = m.chunk_range(next_submit);
+                let len = usize::try_from(end - start).unwrap_or(usize::MAX);
+                let padded = len.next_multiple_of(IO_ALIGN_BYTES);
+                pipe.submit(
+                    OpKind::Read,
+                    m.header_len + start,
+                    padded,
+                    IoBuf::Pooled(buf),
+                    next_submit,
+                )?;
+                next_submit += 1;
+            }
+            for c in pipe.next_reads()? {
+                let (start, end) = m.chunk_range(c.op.tag);
+                let want = usize::try_from(end - start).unwrap_or(usize::MAX);
+                let got = c.result.as_ref().map_or(0, |n| *n);
+                let IoBuf::Pooled(mut buf) = c.op.buf else {
+                    unreachable!("reads here use pool buffers only");
+                };
+                if got < want {
+                    pipe.put_back(buf);
+                    return Err(StoreError::ShortTransfer {
+                        op: "read",
+                        path,
+                        offset: c.op.offset,
+                        expected: want,
+                        done: got,
+                    });
+                }
+                buf.set_filled(want);
+                ready.insert(c.op.tag, (buf, want));
+            }
+            while let Some(entry) = ready.first_entry() {
+                if *entry.key() != next_deliver {
+                    break;
+                }
+                let (buf, _) = entry.remove();
+                let outcome = on_chunk(next_deliver, buf.data());
+                pipe.put_back(buf);
+                outcome?;
+                next_deliver += 1;
+            }
+        }
+        pipe.drain()
+    }
+}
