@@ -175,7 +175,7 @@ impl Store {
         config.validate()?;
         let pool = BufferPool::new(config.io_pool_bytes, config.io_buffer_bytes)?;
         let storage = OsStorage::open(&config.root, config.io_backend, pool.clone())?;
-        Store::with_storage(config, Arc::from(storage), pool)
+        Store::with_storage(config, Arc::new(storage), pool)
     }
 
     /// Opens the store for reading only (the CLI's `inspect` and `verify`):
@@ -185,7 +185,7 @@ impl Store {
         config.validate()?;
         let pool = BufferPool::new(config.io_pool_bytes, config.io_buffer_bytes)?;
         let storage = OsStorage::open(&config.root, config.io_backend, pool.clone())?;
-        Ok(Store::assemble(config, Arc::from(storage), pool))
+        Ok(Store::assemble(config, Arc::new(storage), pool))
     }
 
     /// Opens the store over any storage (tests: faults, power loss), and

@@ -1,0 +1,136 @@
+//! Damaged snapshots are reported precisely and never returned as valid:
+//! a flipped data byte, a flipped header byte, a truncated file, a missing or
+//! garbled manifest. `gpusnapctl verify` says the same and exits non-zero.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use gpusnapd::storage::probe::BackendChoice;
+use gpusnapd::store::{Store, StoreError};
+
+fn committed(dir: &Path) -> (Store, std::path::PathBuf) {
+    let store = open(dir, BackendChoice::Auto);
+    write_memory(&store, "job", 1, &mixed_tensors(), 1).expect("write");
+    let snap = store.find("job", 0, None).expect("find");
+    (store, snap.dir)
+}
+
+fn flip_byte(path: &Path, at: u64) {
+    let mut bytes = std::fs::read(path).expect("read");
+    let at = usize::try_from(at).expect("fits");
+    bytes[at] ^= 0x40;
+    std::fs::write(path, bytes).expect("write");
+}
+
+fn ctl(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_gpusnapctl")).args(args).output().expect("run gpusnapctl");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn a_flipped_data_byte_names_the_chunk_range_and_tensor() {
+    let dir = scratch();
+    let (store, snap_dir) = committed(dir.path());
+    let snap = store.open_dir(&snap_dir, None).expect("structure is intact");
+    let victim = snap.layout.tensors.iter().find(|t| t.name == "opt.m").expect("tensor");
+    let at = snap.manifest.header_len + victim.offset + 1000;
+    flip_byte(&snap.data_path(), at);
+
+    let err = check_pattern(&store, &snap, 1).expect_err("the reader refuses the chunk");
+    let StoreError::ChunkCorrupt { start, end, tensors, .. } = &err else {
+        panic!("unexpected error {err}");
+    };
+    let data_at = victim.offset + 1000;
+    assert!(*start <= data_at && data_at < *end, "{err}");
+    assert!(tensors.contains(&"opt.m".to_owned()), "{err}");
+    assert!(err.to_string().contains("opt.m"), "{err}");
+
+    let report = store.verify(&snap_dir);
+    assert!(!report.is_ok());
+    assert_eq!(report.problems.len(), 1, "exactly one corrupt chunk: {:?}", report.problems);
+
+    let (code, stdout) = ctl(&["verify", snap_dir.to_str().expect("utf8")]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("CORRUPT") && stdout.contains("opt.m"), "{stdout}");
+    let (code, stdout) = ctl(&["--json", "verify", snap_dir.to_str().expect("utf8")]);
+    assert_eq!(code, 1);
+    let json: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    assert_eq!(json[0]["ok"], false);
+}
+
+#[test]
+fn a_flipped_header_byte_unlists_the_snapshot() {
+    let dir = scratch();
+    let (store, snap_dir) = committed(dir.path());
+    flip_byte(&snap_dir.join("state.safetensors"), 20);
+    assert!(matches!(store.open_dir(&snap_dir, None), Err(StoreError::HeaderCorrupt { .. })));
+    let listing = store.list(None).expect("list");
+    assert!(listing.snapshots.is_empty());
+    assert_eq!(listing.invalid.len(), 1);
+    assert_eq!(ctl(&["verify", snap_dir.to_str().expect("utf8")]).0, 1);
+}
+
+#[test]
+fn a_truncated_file_is_reported_with_both_lengths() {
+    let dir = scratch();
+    let (store, snap_dir) = committed(dir.path());
+    let path = snap_dir.join("state.safetensors");
+    let len = std::fs::metadata(&path).expect("stat").len();
+    std::fs::OpenOptions::new().write(true).open(&path).expect("open").set_len(len - 10).expect("truncate");
+    match store.open_dir(&snap_dir, None) {
+        Err(StoreError::LengthMismatch { expected, actual, .. }) => {
+            assert_eq!((expected, actual), (len, len - 10));
+        }
+        other => panic!("expected a length mismatch, got {other:?}"),
+    }
+    assert!(store.find("job", 0, None).is_err(), "nothing valid to restore");
+    let (code, stdout) = ctl(&["verify", snap_dir.to_str().expect("utf8")]);
+    assert_eq!(code, 1);
+    assert!(stdout.contains(&format!("{}", len - 10)), "{stdout}");
+}
+
+#[test]
+fn a_missing_or_garbled_manifest_is_not_a_snapshot() {
+    let dir = scratch();
+    let (store, snap_dir) = committed(dir.path());
+    let manifest = snap_dir.join("MANIFEST.json");
+    let good = std::fs::read(&manifest).expect("read");
+
+    std::fs::write(&manifest, &good[..good.len() / 2]).expect("garble");
+    assert!(matches!(store.open_dir(&snap_dir, None), Err(StoreError::Manifest { .. })));
+    assert!(store.list(None).expect("list").snapshots.is_empty());
+
+    // A CRC changed in the manifest: the structure holds, the data does not.
+    let mut m: serde_json::Value = serde_json::from_slice(&good).expect("json");
+    m["chunk_crc32"][0] = serde_json::json!(m["chunk_crc32"][0].as_u64().expect("crc") ^ 1);
+    std::fs::write(&manifest, serde_json::to_vec(&m).expect("json")).expect("write");
+    let report = store.verify(&snap_dir);
+    assert!(!report.is_ok());
+    assert!(report.problems[0].to_string().contains("chunk 0"), "{:?}", report.problems);
+
+    std::fs::remove_file(&manifest).expect("remove");
+    assert!(matches!(store.open_dir(&snap_dir, None), Err(StoreError::ManifestMissing { .. })));
+    let (code, stdout) = ctl(&["verify", snap_dir.to_str().expect("utf8")]);
+    assert_eq!(code, 1);
+    assert!(stdout.contains("no manifest"), "{stdout}");
+}
+
+#[test]
+fn gpusnapctl_list_and_inspect_show_committed_snapshots() {
+    let dir = scratch();
+    let (_store, snap_dir) = committed(dir.path());
+    let root = dir.path().to_str().expect("utf8");
+    let (code, stdout) = ctl(&["--json", "list", "--root", root]);
+    assert_eq!(code, 0);
+    let json: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    assert_eq!(json["snapshots"][0]["step"], 1);
+    assert_eq!(json["complete_steps"]["job"], serde_json::json!([1]));
+    let (code, stdout) = ctl(&["inspect", snap_dir.to_str().expect("utf8")]);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("model.w") && stdout.contains("F32"), "{stdout}");
+    let (code, _) = ctl(&["verify", snap_dir.to_str().expect("utf8")]);
+    assert_eq!(code, 0);
+}
