@@ -342,6 +342,85 @@ mod tests {
         assert_eq!(forced.is_ok(), direct_ok);
     }
 
+    /// Without CAP_IPC_LOCK, registering a pool bigger than RLIMIT_MEMLOCK
+    /// fails with ENOMEM: forced io_uring is refused, Auto takes pwrite.
+    /// Capabilities are per thread, so only a scratch thread loses it.
+    #[test]
+    fn pool_over_memlock_without_ipc_lock_falls_back_to_pwrite() {
+        let dir = tempfile::tempdir_in("/tmp").expect("tempdir");
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `limit` is a valid out-pointer for the call.
+        let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &raw mut limit) };
+        let memlock_bytes = usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX);
+        if rc != 0 || memlock_bytes > 256 << 20 {
+            eprintln!("skipped: RLIMIT_MEMLOCK is too high to exceed");
+            return;
+        }
+        let pool = BufferPool::new(memlock_bytes + (4 << 20), 1 << 20).expect("pool");
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                if !drop_ipc_lock_on_this_thread() {
+                    eprintln!("skipped: cannot drop CAP_IPC_LOCK");
+                    return;
+                }
+                let err = choose(dir.path(), BackendChoice::IoUring, &pool).expect_err("uring");
+                assert!(
+                    matches!(
+                        err,
+                        StorageError::BackendUnavailable {
+                            backend: BackendKind::IoUring,
+                            ..
+                        }
+                    ),
+                    "{err}"
+                );
+                let c = choose(dir.path(), BackendChoice::Auto, &pool).expect("auto");
+                assert_eq!(c.backend, BackendKind::Pwrite);
+                assert!(c.reason.contains("io_uring unavailable"), "{}", c.reason);
+            });
+        });
+    }
+
+    /// Clears CAP_IPC_LOCK from the calling thread's effective set.
+    fn drop_ipc_lock_on_this_thread() -> bool {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+        const CAP_IPC_LOCK: u32 = 14;
+        let mut header = Header {
+            version: LINUX_CAPABILITY_VERSION_3,
+            pid: 0,
+        };
+        let mut data = [Data {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        }; 2];
+        // SAFETY: capget fills one header and two data structs (version 3),
+        // both valid and laid out as the kernel's.
+        let rc = unsafe { libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) };
+        if rc != 0 {
+            return false;
+        }
+        data[0].effective &= !(1 << CAP_IPC_LOCK);
+        // SAFETY: as above; capset reads them and changes only this thread.
+        let rc = unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) };
+        rc == 0
+    }
+
     struct RamfsMount(std::ffi::CString);
 
     impl RamfsMount {

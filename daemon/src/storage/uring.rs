@@ -439,6 +439,22 @@ mod tests {
     }
 
     #[test]
+    fn only_spans_inside_one_registered_buffer_are_fixed() {
+        let pool = BufferPool::new(4 * 4096, 4096).expect("pool");
+        let ring = Ring::build(&pool, 2).expect("ring");
+        let (base, len) = pool.region();
+        let base = base.cast_const();
+        assert_eq!(ring.fixed_index(base, 4096), Some(0));
+        assert_eq!(
+            ring.fixed_index(base.wrapping_add(len - 4096), 4096),
+            Some(0)
+        );
+        assert_eq!(ring.fixed_index(base.wrapping_add(len - 4096), 4097), None);
+        assert_eq!(ring.fixed_index(base.wrapping_sub(4096), 4096), None);
+        assert_eq!(ring.fixed_index(base, 0), None);
+    }
+
+    #[test]
     fn ring_is_cached_per_thread_and_rebuilt_for_another_pool() {
         let (dir, pool, storage) = storage();
         std::thread::scope(|s| {
