@@ -1,4 +1,5 @@
-//! The peer: fio with io_uring and O_DIRECT, 1 MiB blocks, 16 in flight, on
+//! The peer: fio with io_uring and O_DIRECT, 1 MiB blocks, 16 in flight
+//! (`--fio-iodepth`), on
 //! the same directory and size as the store's run.
 
 use std::path::{Path, PathBuf};
@@ -46,7 +47,7 @@ impl FioResult {
 }
 
 /// The fio arguments for one job on `dir`.
-pub fn args(dir: &Path, direction: Direction, size_bytes: u64) -> Vec<String> {
+pub fn args(dir: &Path, direction: Direction, size_bytes: u64, iodepth: usize) -> Vec<String> {
     vec![
         format!("--name=gpusnap-{}", direction.name()),
         format!("--directory={}", dir.display()),
@@ -54,7 +55,7 @@ pub fn args(dir: &Path, direction: Direction, size_bytes: u64) -> Vec<String> {
         "--ioengine=io_uring".into(),
         "--direct=1".into(),
         "--bs=1M".into(),
-        "--iodepth=16".into(),
+        format!("--iodepth={iodepth}"),
         format!("--rw={}", direction.name()),
         format!("--size={size_bytes}"),
         "--numjobs=1".into(),
@@ -72,8 +73,13 @@ pub fn version() -> Result<String, String> {
 }
 
 /// Runs one fio job on `dir`, stdout captured (it never reaches ours).
-pub fn run(dir: &Path, direction: Direction, size_bytes: u64) -> Result<FioResult, String> {
-    let args = args(dir, direction, size_bytes);
+pub fn run(
+    dir: &Path,
+    direction: Direction,
+    size_bytes: u64,
+    iodepth: usize,
+) -> Result<FioResult, String> {
+    let args = args(dir, direction, size_bytes, iodepth);
     let command = format!("fio {}", args.join(" "));
     let start = Instant::now();
     let out = Command::new("fio")
@@ -163,7 +169,7 @@ mod tests {
 
     #[test]
     fn the_command_is_the_documented_one() {
-        let a = args(Path::new("/d"), Direction::Read, 4096).join(" ");
+        let a = args(Path::new("/d"), Direction::Read, 4096, 16).join(" ");
         assert_eq!(
             a,
             "--name=gpusnap-read --directory=/d --filename=fio-bench.dat --ioengine=io_uring \

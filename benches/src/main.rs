@@ -65,6 +65,10 @@ struct StoreArgs {
     /// Size of one I/O buffer and chunk (store.io_buffer_bytes).
     #[arg(long, default_value = "1M", value_parser = parse_usize_size)]
     io_buffer: usize,
+    /// fio's --iodepth (the peer's transfers in flight; the store's are
+    /// --queue-depth).
+    #[arg(long, default_value_t = 16)]
+    fio_iodepth: usize,
 }
 
 fn parse_usize_size(text: &str) -> Result<usize, String> {
@@ -92,6 +96,7 @@ fn store(args: StoreArgs) -> ExitCode {
         backends: args.backends,
         queue_depth: args.queue_depth,
         io_buffer_bytes: args.io_buffer,
+        fio_iodepth: args.fio_iodepth,
     };
     let report = match store_bench::run(&bench) {
         Ok(r) => r,

@@ -68,6 +68,7 @@ pub struct Report {
     pub page_cache_dropped: bool,
     pub queue_depth: usize,
     pub io_buffer_bytes: usize,
+    pub fio_iodepth: usize,
     pub date: String,
     pub host: String,
     pub kernel: String,

@@ -79,6 +79,8 @@ pub struct StoreBench {
     pub backends: Vec<Backend>,
     pub queue_depth: usize,
     pub io_buffer_bytes: usize,
+    /// fio's `--iodepth`.
+    pub fio_iodepth: usize,
 }
 
 /// The directory a run works in; removed on drop when the run made it.
@@ -184,6 +186,15 @@ pub fn run(args: &StoreBench) -> Result<Report, String> {
     let size_usize =
         usize::try_from(args.size_bytes).map_err(|_| "size does not fit in memory".to_owned())?;
     let work = WorkDir::choose(args.keep.as_deref(), args.dir.as_deref())?;
+    for backend in &args.backends {
+        let root = work.path.join(backend.name());
+        if root.exists() {
+            return Err(format!(
+                "{} already exists; give --keep an empty directory",
+                root.display()
+            ));
+        }
+    }
     let specs = tensor_set(args.size_bytes);
     let layout = Layout::plan(&specs).map_err(|e| format!("laying out the tensor set: {e}"))?;
     assert_eq!(
@@ -227,6 +238,7 @@ pub fn run(args: &StoreBench) -> Result<Report, String> {
         page_cache_dropped: cache.works,
         queue_depth: args.queue_depth,
         io_buffer_bytes: args.io_buffer_bytes,
+        fio_iodepth: args.fio_iodepth,
         date: sys::utc_now(),
         host: sys::host(),
         kernel: sys::kernel(),
@@ -285,17 +297,17 @@ pub fn run(args: &StoreBench) -> Result<Report, String> {
     if report.fio_write.is_none() {
         // The backend fio was to run beside failed before fio's turn: run the
         // peer on its own, so the record still says what the disk does.
-        fio_alone(&work.path, &cache, &mut report);
+        fio_alone(&work.path, args.fio_iodepth, &cache, &mut report);
     }
     report.summarize();
     Ok(report)
 }
 
 /// fio write then read on `dir`, with no store run between them.
-fn fio_alone(dir: &Path, cache: &CacheDropper, report: &mut Report) {
+fn fio_alone(dir: &Path, iodepth: usize, cache: &CacheDropper, report: &mut Report) {
     for direction in [Direction::Write, Direction::Read] {
         cache.drop_cache();
-        match fio::run(dir, direction, report.size_bytes) {
+        match fio::run(dir, direction, report.size_bytes, iodepth) {
             Ok(r) => {
                 eprintln!("fio {}: {:.1} MB/s", direction.name(), r.mb_per_s());
                 match direction {
@@ -348,7 +360,12 @@ impl OneBackend<'_> {
 
         if self.with_fio {
             self.cache.drop_cache();
-            let r = fio::run(&self.work.path, Direction::Write, size)?;
+            let r = fio::run(
+                &self.work.path,
+                Direction::Write,
+                size,
+                self.args.fio_iodepth,
+            )?;
             eprintln!("fio write: {:.1} MB/s", r.mb_per_s());
             self.report.fio_write = Some(r);
         }
@@ -370,7 +387,12 @@ impl OneBackend<'_> {
 
         if self.with_fio {
             self.cache.drop_cache();
-            let r = fio::run(&self.work.path, Direction::Read, size)?;
+            let r = fio::run(
+                &self.work.path,
+                Direction::Read,
+                size,
+                self.args.fio_iodepth,
+            )?;
             eprintln!("fio read: {:.1} MB/s", r.mb_per_s());
             self.report.fio_read = Some(r);
             fio::remove_file(&self.work.path).map_err(|e| format!("removing fio's file: {e}"))?;
