@@ -1,0 +1,141 @@
+//! `gpusnap-bench`: gpusnap's benchmarks, each measured against the peer
+//! that sets its bar (see benches/README.md). Start it through `benches/run`.
+//!
+//! Logs and progress go to stderr; with `--json`, stdout holds exactly one
+//! JSON object.
+
+mod fio;
+mod mapping;
+mod report;
+mod store_bench;
+mod sys;
+mod tensors;
+mod units;
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::store_bench::{Backend, StoreBench};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "gpusnap-bench",
+    about = "gpusnap benchmarks, each against its peer"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The snapshot store's write and verified read, per I/O backend,
+    /// against fio (io_uring, O_DIRECT) on the same directory.
+    Store(StoreArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct StoreArgs {
+    /// Data section size (K, M, G suffixes are powers of 1024).
+    #[arg(long, default_value = "4G", value_parser = units::parse_size)]
+    size: u64,
+    /// Print one JSON object on stdout (the table goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// Run in DIR and leave the written snapshots there (DIR/<backend>/).
+    #[arg(long, value_name = "DIR", conflicts_with = "dir")]
+    keep: Option<PathBuf>,
+    /// Run in a fresh directory under DIR, removed afterwards [default:
+    /// the repository's target/gpusnap-bench/, or /var/tmp if that is tmpfs].
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Backends to measure, in order.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "io_uring,pwrite,buffered"
+    )]
+    backends: Vec<Backend>,
+    /// Transfers in flight per file (store.queue_depth).
+    #[arg(long, default_value_t = gpusnapd::store::StoreConfig::default().queue_depth)]
+    queue_depth: usize,
+    /// Size of one I/O buffer and chunk (store.io_buffer_bytes).
+    #[arg(long, default_value = "1M", value_parser = parse_usize_size)]
+    io_buffer: usize,
+    /// fio's --iodepth (the peer's transfers in flight; the store's are
+    /// --queue-depth).
+    #[arg(long, default_value_t = 16)]
+    fio_iodepth: usize,
+}
+
+fn parse_usize_size(text: &str) -> Result<usize, String> {
+    let bytes = units::parse_size(text)?;
+    usize::try_from(bytes).map_err(|_| format!("{text:?} does not fit in usize"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs();
+    match cli.command {
+        Command::Store(args) => store(args),
+    }
+}
+
+fn store(args: StoreArgs) -> ExitCode {
+    if args.backends.is_empty() {
+        eprintln!("gpusnap-bench: --backends names no backend");
+        return ExitCode::from(2);
+    }
+    let bench = StoreBench {
+        size_bytes: args.size,
+        keep: args.keep,
+        dir: args.dir,
+        backends: args.backends,
+        queue_depth: args.queue_depth,
+        io_buffer_bytes: args.io_buffer,
+        fio_iodepth: args.fio_iodepth,
+    };
+    let report = match store_bench::run(&bench) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("gpusnap-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let table = report.table();
+    let printed = if args.json {
+        eprint!("{table}");
+        serde_json::to_string_pretty(&report)
+            .map_err(std::io::Error::other)
+            .and_then(|json| writeln!(std::io::stdout(), "{json}"))
+    } else {
+        write!(std::io::stdout(), "{table}")
+    };
+    if let Err(e) = printed {
+        eprintln!("gpusnap-bench: writing the report: {e}");
+        return ExitCode::FAILURE;
+    }
+    if report.errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// The daemon library's tracing events (backend choice, warnings) on stderr;
+/// `RUST_LOG` overrides the default `warn`.
+#[cfg(feature = "logs")]
+fn init_logs() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+#[cfg(not(feature = "logs"))]
+fn init_logs() {}
