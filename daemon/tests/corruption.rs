@@ -26,21 +26,40 @@ fn flip_byte(path: &Path, at: u64) {
 }
 
 fn ctl(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_gpusnapctl")).args(args).output().expect("run gpusnapctl");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+    let out = Command::new(env!("CARGO_BIN_EXE_gpusnapctl"))
+        .args(args)
+        .output()
+        .expect("run gpusnapctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 #[test]
 fn a_flipped_data_byte_names_the_chunk_range_and_tensor() {
     let dir = scratch();
     let (store, snap_dir) = committed(dir.path());
-    let snap = store.open_dir(&snap_dir, None).expect("structure is intact");
-    let victim = snap.layout.tensors.iter().find(|t| t.name == "opt.m").expect("tensor");
+    let snap = store
+        .open_dir(&snap_dir, None)
+        .expect("structure is intact");
+    let victim = snap
+        .layout
+        .tensors
+        .iter()
+        .find(|t| t.name == "opt.m")
+        .expect("tensor");
     let at = snap.manifest.header_len + victim.offset + 1000;
     flip_byte(&snap.data_path(), at);
 
     let err = check_pattern(&store, &snap, 1).expect_err("the reader refuses the chunk");
-    let StoreError::ChunkCorrupt { start, end, tensors, .. } = &err else {
+    let StoreError::ChunkCorrupt {
+        start,
+        end,
+        tensors,
+        ..
+    } = &err
+    else {
         panic!("unexpected error {err}");
     };
     let data_at = victim.offset + 1000;
@@ -50,11 +69,19 @@ fn a_flipped_data_byte_names_the_chunk_range_and_tensor() {
 
     let report = store.verify(&snap_dir);
     assert!(!report.is_ok());
-    assert_eq!(report.problems.len(), 1, "exactly one corrupt chunk: {:?}", report.problems);
+    assert_eq!(
+        report.problems.len(),
+        1,
+        "exactly one corrupt chunk: {:?}",
+        report.problems
+    );
 
     let (code, stdout) = ctl(&["verify", snap_dir.to_str().expect("utf8")]);
     assert_eq!(code, 1, "{stdout}");
-    assert!(stdout.contains("CORRUPT") && stdout.contains("opt.m"), "{stdout}");
+    assert!(
+        stdout.contains("CORRUPT") && stdout.contains("opt.m"),
+        "{stdout}"
+    );
     let (code, stdout) = ctl(&["--json", "verify", snap_dir.to_str().expect("utf8")]);
     assert_eq!(code, 1);
     let json: serde_json::Value = serde_json::from_str(&stdout).expect("json");
@@ -66,7 +93,10 @@ fn a_flipped_header_byte_unlists_the_snapshot() {
     let dir = scratch();
     let (store, snap_dir) = committed(dir.path());
     flip_byte(&snap_dir.join("state.safetensors"), 20);
-    assert!(matches!(store.open_dir(&snap_dir, None), Err(StoreError::HeaderCorrupt { .. })));
+    assert!(matches!(
+        store.open_dir(&snap_dir, None),
+        Err(StoreError::HeaderCorrupt { .. })
+    ));
     let listing = store.list(None).expect("list");
     assert!(listing.snapshots.is_empty());
     assert_eq!(listing.invalid.len(), 1);
@@ -79,14 +109,24 @@ fn a_truncated_file_is_reported_with_both_lengths() {
     let (store, snap_dir) = committed(dir.path());
     let path = snap_dir.join("state.safetensors");
     let len = std::fs::metadata(&path).expect("stat").len();
-    std::fs::OpenOptions::new().write(true).open(&path).expect("open").set_len(len - 10).expect("truncate");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .expect("open")
+        .set_len(len - 10)
+        .expect("truncate");
     match store.open_dir(&snap_dir, None) {
-        Err(StoreError::LengthMismatch { expected, actual, .. }) => {
+        Err(StoreError::LengthMismatch {
+            expected, actual, ..
+        }) => {
             assert_eq!((expected, actual), (len, len - 10));
         }
         other => panic!("expected a length mismatch, got {other:?}"),
     }
-    assert!(store.find("job", 0, None).is_err(), "nothing valid to restore");
+    assert!(
+        store.find("job", 0, None).is_err(),
+        "nothing valid to restore"
+    );
     let (code, stdout) = ctl(&["verify", snap_dir.to_str().expect("utf8")]);
     assert_eq!(code, 1);
     assert!(stdout.contains(&format!("{}", len - 10)), "{stdout}");
@@ -100,7 +140,10 @@ fn a_missing_or_garbled_manifest_is_not_a_snapshot() {
     let good = std::fs::read(&manifest).expect("read");
 
     std::fs::write(&manifest, &good[..good.len() / 2]).expect("garble");
-    assert!(matches!(store.open_dir(&snap_dir, None), Err(StoreError::Manifest { .. })));
+    assert!(matches!(
+        store.open_dir(&snap_dir, None),
+        Err(StoreError::Manifest { .. })
+    ));
     assert!(store.list(None).expect("list").snapshots.is_empty());
 
     // A CRC changed in the manifest: the structure holds, the data does not.
@@ -109,10 +152,17 @@ fn a_missing_or_garbled_manifest_is_not_a_snapshot() {
     std::fs::write(&manifest, serde_json::to_vec(&m).expect("json")).expect("write");
     let report = store.verify(&snap_dir);
     assert!(!report.is_ok());
-    assert!(report.problems[0].to_string().contains("chunk 0"), "{:?}", report.problems);
+    assert!(
+        report.problems[0].to_string().contains("chunk 0"),
+        "{:?}",
+        report.problems
+    );
 
     std::fs::remove_file(&manifest).expect("remove");
-    assert!(matches!(store.open_dir(&snap_dir, None), Err(StoreError::ManifestMissing { .. })));
+    assert!(matches!(
+        store.open_dir(&snap_dir, None),
+        Err(StoreError::ManifestMissing { .. })
+    ));
     let (code, stdout) = ctl(&["verify", snap_dir.to_str().expect("utf8")]);
     assert_eq!(code, 1);
     assert!(stdout.contains("no manifest"), "{stdout}");
@@ -130,7 +180,10 @@ fn gpusnapctl_list_and_inspect_show_committed_snapshots() {
     assert_eq!(json["complete_steps"]["job"], serde_json::json!([1]));
     let (code, stdout) = ctl(&["inspect", snap_dir.to_str().expect("utf8")]);
     assert_eq!(code, 0);
-    assert!(stdout.contains("model.w") && stdout.contains("F32"), "{stdout}");
+    assert!(
+        stdout.contains("model.w") && stdout.contains("F32"),
+        "{stdout}"
+    );
     let (code, _) = ctl(&["verify", snap_dir.to_str().expect("utf8")]);
     assert_eq!(code, 0);
 }

@@ -36,10 +36,13 @@ fn tensors() -> Vec<TensorSpec> {
 #[ignore = "child process of the crash tests"]
 fn crash_child_writer() {
     let root = std::env::var(ENV_ROOT).expect("root");
-    let first: u64 = std::env::var(ENV_FIRST_STEP).expect("first").parse().expect("number");
-    let kill_at = std::env::var(ENV_KILL_AT).ok().and_then(|s| {
-        CommitStep::ALL.into_iter().find(|c| format!("{c:?}") == s)
-    });
+    let first: u64 = std::env::var(ENV_FIRST_STEP)
+        .expect("first")
+        .parse()
+        .expect("number");
+    let kill_at = std::env::var(ENV_KILL_AT)
+        .ok()
+        .and_then(|s| CommitStep::ALL.into_iter().find(|c| format!("{c:?}") == s));
     let mut store = Store::open(config(Path::new(&root), BackendChoice::Auto)).expect("open");
     if let Some(kill_at) = kill_at {
         store.set_stop_point(Arc::new(move |id, step| {
@@ -57,11 +60,17 @@ fn crash_child_writer() {
 
 fn spawn_writer(root: &Path, first: u64, kill_at: Option<CommitStep>) -> Child {
     let mut cmd = Command::new(std::env::current_exe().expect("test binary"));
-    cmd.args(["--ignored", "--exact", "crash_child_writer", "--nocapture", "--test-threads=1"])
-        .env(ENV_ROOT, root)
-        .env(ENV_FIRST_STEP, first.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+    cmd.args([
+        "--ignored",
+        "--exact",
+        "crash_child_writer",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(ENV_ROOT, root)
+    .env(ENV_FIRST_STEP, first.to_string())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
     if let Some(k) = kill_at {
         cmd.env(ENV_KILL_AT, format!("{k:?}"));
     }
@@ -74,7 +83,12 @@ fn committed_steps(child: &mut Child) -> Vec<u64> {
     BufReader::new(out)
         .lines()
         .map_while(Result::ok)
-        .filter_map(|l| l.strip_prefix("committed ").and_then(|s| s.parse().ok()))
+        // libtest may print "test crash_child_writer ... " before the first line.
+        .filter_map(|l| {
+            l.split("committed ")
+                .nth(1)
+                .and_then(|s| s.trim().parse().ok())
+        })
         .collect()
 }
 
@@ -85,21 +99,35 @@ fn check_after_crash(root: &Path, reported: &[u64]) -> Vec<u64> {
     let rank_dir = root.join("crash").join("0");
     if rank_dir.exists() {
         for entry in std::fs::read_dir(&rank_dir).expect("rank dir") {
-            let name = entry.expect("entry").file_name().to_string_lossy().into_owned();
-            assert!(!name.ends_with(".partial"), "partial left after recovery: {name}");
+            let name = entry
+                .expect("entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned();
+            assert!(
+                !name.ends_with(".partial"),
+                "partial left after recovery: {name}"
+            );
         }
     }
     let listing = store.list(None).expect("list");
     assert!(listing.invalid.is_empty(), "{:?}", listing.invalid);
     let listed: Vec<u64> = listing.snapshots.iter().map(|s| s.manifest.step).collect();
     for s in &listing.snapshots {
-        assert!(store.verify(&s.dir).is_ok(), "step {} does not verify", s.manifest.step);
+        assert!(
+            store.verify(&s.dir).is_ok(),
+            "step {} does not verify",
+            s.manifest.step
+        );
         check_pattern(&store, s, s.manifest.step).expect("exact bytes");
     }
     let keep = store.config().keep_snapshots;
     let newest_reported: Vec<u64> = reported.iter().rev().take(keep).copied().collect();
     for step in newest_reported.iter().take(1) {
-        assert!(listed.contains(step), "reported step {step} lost; listed {listed:?}");
+        assert!(
+            listed.contains(step),
+            "reported step {step} lost; listed {listed:?}"
+        );
     }
     listed
 }
@@ -112,12 +140,23 @@ fn killed_at_each_commit_step() {
         let reported = committed_steps(&mut child);
         let status = child.wait().expect("wait");
         assert!(!status.success(), "{kill_at:?}: the writer was killed");
-        assert_eq!(reported, [1], "{kill_at:?}: step 1 committed before the kill");
+        assert_eq!(
+            reported,
+            [1],
+            "{kill_at:?}: step 1 committed before the kill"
+        );
         let listed = check_after_crash(dir.path(), &reported);
         // Before the rename the new snapshot does not exist; after it, it does.
         let renamed = matches!(kill_at, CommitStep::Renamed | CommitStep::Committed);
-        assert_eq!(listed.contains(&2), renamed, "{kill_at:?}: listed {listed:?}");
-        assert!(listed.contains(&1), "{kill_at:?}: the previous snapshot survives");
+        assert_eq!(
+            listed.contains(&2),
+            renamed,
+            "{kill_at:?}: listed {listed:?}"
+        );
+        assert!(
+            listed.contains(&1),
+            "{kill_at:?}: the previous snapshot survives"
+        );
     }
 }
 
@@ -137,7 +176,12 @@ fn killed_at_random_moments() {
         let reported = committed_steps(&mut child);
         child.wait().expect("wait");
         let listed = check_after_crash(dir.path(), &reported);
-        next_step = listed.iter().chain(&reported).max().map_or(next_step, |m| m + 1).max(next_step + 1);
+        next_step = listed
+            .iter()
+            .chain(&reported)
+            .max()
+            .map_or(next_step, |m| m + 1)
+            .max(next_step + 1);
         kills += 1;
     }
     assert!(kills >= 5, "too few kills in the time allowed ({kills})");

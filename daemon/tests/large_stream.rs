@@ -22,5 +22,9 @@ fn snapshot_much_larger_than_the_pool_streams_through_it() {
     let snapshot = store.find("big", 0, None).expect("find");
     assert!(snapshot.layout.data_len > 200 * pool_bytes);
     check_pattern(&store, &snapshot, 5).expect("read back");
-    assert_eq!(store.pool().free_count(), store.pool().capacity(), "every buffer returned");
+    assert_eq!(
+        store.pool().free_count(),
+        store.pool().capacity(),
+        "every buffer returned"
+    );
 }

@@ -55,12 +55,17 @@ fn python_safetensors_loads_snapshots() {
     // Bool bytes must be 0 or 1 for numpy; write a pattern where they are.
     let (layout, mut mem) = staged(&tensors, 11);
     let mask = layout.tensors.iter().find(|t| t.name == "m").expect("mask");
-    for b in &mut mem.bytes_mut()[mask.offset as usize..mask.end() as usize] {
+    for b in &mut mem.bytes_mut()[byte_range(mask)] {
         *b &= 1;
     }
     let id = gpusnapd::store::SnapshotId::new("py", 0, 1).expect("id");
     store
-        .write_laid_out(&id, &layout, 1, gpusnapd::store::Source::Memory(mem.bytes()))
+        .write_laid_out(
+            &id,
+            &layout,
+            1,
+            gpusnapd::store::Source::Memory(mem.bytes()),
+        )
         .expect("write");
     let snapshot = store.find("py", 0, None).expect("find");
 
@@ -69,7 +74,11 @@ fn python_safetensors_loads_snapshots() {
         .arg(snapshot.data_path())
         .output()
         .expect("run python");
-    assert!(out.status.success(), "python failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let loaded: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let numpy_dtype = |d: Dtype| match d {
         Dtype::F32 => "float32",
@@ -86,7 +95,7 @@ fn python_safetensors_loads_snapshots() {
         let got = &loaded[&t.name];
         assert_eq!(got["dtype"], numpy_dtype(t.dtype), "{}", t.name);
         assert_eq!(got["shape"], serde_json::json!(t.shape), "{}", t.name);
-        let bytes = &mem.bytes()[t.offset as usize..t.end() as usize];
+        let bytes = &mem.bytes()[byte_range(t)];
         assert_eq!(got["crc32"], crc32fast::hash(bytes), "{}", t.name);
     }
 }

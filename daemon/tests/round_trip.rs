@@ -10,7 +10,10 @@ use gpusnapd::store::{SnapshotId, Store};
 use proptest::prelude::*;
 
 fn tensor_set() -> impl Strategy<Value = Vec<TensorSpec>> {
-    let one = (0usize..Dtype::ALL.len(), prop::collection::vec(0u64..40, 0..4));
+    let one = (
+        0usize..Dtype::ALL.len(),
+        prop::collection::vec(0u64..40, 0..4),
+    );
     let small = prop::collection::vec(one, 0..60);
     let large = prop::collection::vec((0usize..Dtype::ALL.len(), 1u64..400_000), 0..3);
     (small, large).prop_map(|(small, large)| {
@@ -34,12 +37,27 @@ fn check_with_safetensors(store: &Store, job: &str, step: u64, tensors: &[Tensor
     assert_eq!(st.len(), tensors.len());
     for spec in tensors {
         let view = st.tensor(&spec.name).expect("tensor present");
-        assert_eq!(format!("{:?}", view.dtype()), spec.dtype.name().replace('_', ""), "{}", spec.name);
+        assert_eq!(
+            format!("{:?}", view.dtype()),
+            spec.dtype.name().replace('_', ""),
+            "{}",
+            spec.name
+        );
         let shape: Vec<u64> = view.shape().iter().map(|&d| d as u64).collect();
         assert_eq!(shape, spec.shape, "{}", spec.name);
-        let entry = snapshot.layout.tensors.iter().find(|t| t.name == spec.name).expect("in table");
+        let entry = snapshot
+            .layout
+            .tensors
+            .iter()
+            .find(|t| t.name == spec.name)
+            .expect("in table");
         for (i, b) in view.data().iter().enumerate() {
-            assert_eq!(*b, pattern_byte(seed, entry.offset + i as u64), "{} byte {i}", spec.name);
+            assert_eq!(
+                *b,
+                pattern_byte(seed, entry.offset + i as u64),
+                "{} byte {i}",
+                spec.name
+            );
         }
     }
 }
@@ -104,10 +122,22 @@ fn every_backend_writes_identical_files() {
         let store = open(dir.path(), backend);
         write_memory(&store, "same", 9, &tensors, 42).expect("write");
         let snapshot = store.find("same", 0, None).expect("find");
-        assert_eq!(snapshot.manifest.io_backend.name(), serde_json::to_value(backend).expect("name").as_str().unwrap_or(""));
-        files.push((std::fs::read(snapshot.data_path()).expect("read"), snapshot.manifest.chunk_crc32.clone()));
+        assert_eq!(
+            snapshot.manifest.io_backend.name(),
+            serde_json::to_value(backend)
+                .expect("name")
+                .as_str()
+                .unwrap_or("")
+        );
+        files.push((
+            std::fs::read(snapshot.data_path()).expect("read"),
+            snapshot.manifest.chunk_crc32.clone(),
+        ));
     }
-    assert!(files.windows(2).all(|w| w[0] == w[1]), "identical bytes and CRCs");
+    assert!(
+        files.windows(2).all(|w| w[0] == w[1]),
+        "identical bytes and CRCs"
+    );
 }
 
 #[test]

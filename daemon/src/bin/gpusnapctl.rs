@@ -13,7 +13,11 @@ use gpusnapd::store::{Snapshot, Store, StoreConfig, StoreError};
 use serde::Serialize;
 
 #[derive(Parser, Debug)]
-#[command(name = "gpusnapctl", version, about = "Inspect and verify gpusnap snapshots")]
+#[command(
+    name = "gpusnapctl",
+    version,
+    about = "Inspect and verify gpusnap snapshots"
+)]
 struct Cli {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
@@ -70,7 +74,8 @@ fn run(cli: &Cli) -> Result<ExitCode, StoreError> {
 
 /// A read-only store rooted at `root` (only used to read snapshot dirs).
 fn reader(root: &Path) -> Result<Store, StoreError> {
-    let root = std::path::absolute(root).map_err(|e| StoreError::Config(format!("{}: {e}", root.display())))?;
+    let root = std::path::absolute(root)
+        .map_err(|e| StoreError::Config(format!("{}: {e}", root.display())))?;
     Store::open_read_only(StoreConfig {
         root,
         // Chunks of any size a daemon may have used.
@@ -82,7 +87,8 @@ fn reader(root: &Path) -> Result<Store, StoreError> {
 }
 
 fn snapshot_dir(path: &Path) -> Result<(Store, PathBuf), StoreError> {
-    let dir = std::path::absolute(path).map_err(|e| StoreError::Config(format!("{}: {e}", path.display())))?;
+    let dir = std::path::absolute(path)
+        .map_err(|e| StoreError::Config(format!("{}: {e}", path.display())))?;
     let store = reader(dir.parent().unwrap_or(&dir))?;
     Ok((store, dir))
 }
@@ -130,15 +136,25 @@ fn listed(s: &Snapshot) -> ListedSnapshot {
 
 fn list(root: &Path, job: Option<&str>, json: bool) -> Result<ExitCode, StoreError> {
     if !root.is_dir() {
-        return Err(StoreError::Config(format!("store root {} is not a directory", root.display())));
+        return Err(StoreError::Config(format!(
+            "store root {} is not a directory",
+            root.display()
+        )));
     }
     let store = reader(root)?;
     let listing = store.list(job)?;
-    let mut jobs: Vec<String> = listing.snapshots.iter().map(|s| s.manifest.job.clone()).collect();
+    let mut jobs: Vec<String> = listing
+        .snapshots
+        .iter()
+        .map(|s| s.manifest.job.clone())
+        .collect();
     jobs.dedup();
     let out = ListOutput {
         snapshots: listing.snapshots.iter().map(listed).collect(),
-        complete_steps: jobs.iter().map(|j| (j.clone(), listing.complete_steps(j))).collect(),
+        complete_steps: jobs
+            .iter()
+            .map(|j| (j.clone(), listing.complete_steps(j)))
+            .collect(),
         invalid: listing
             .invalid
             .iter()
@@ -151,11 +167,20 @@ fn list(root: &Path, job: Option<&str>, json: bool) -> Result<ExitCode, StoreErr
     if json {
         print_json(&out);
     } else {
-        println!("{:<24} {:>5} {:>10} {:>14} {:>8}  {:<9} PATH", "JOB", "RANK", "STEP", "BYTES", "TENSORS", "BACKEND");
+        println!(
+            "{:<24} {:>5} {:>10} {:>14} {:>8}  {:<9} PATH",
+            "JOB", "RANK", "STEP", "BYTES", "TENSORS", "BACKEND"
+        );
         for s in &out.snapshots {
             println!(
                 "{:<24} {:>5} {:>10} {:>14} {:>8}  {:<9} {}",
-                s.job, s.rank, s.step, s.bytes, s.tensors, s.io_backend, s.path.display()
+                s.job,
+                s.rank,
+                s.step,
+                s.bytes,
+                s.tensors,
+                s.io_backend,
+                s.path.display()
             );
         }
         for (job, steps) in &out.complete_steps {
@@ -176,17 +201,37 @@ fn inspect(path: &Path, json: bool) -> Result<ExitCode, StoreError> {
         print_json(m);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("snapshot    {}/{}/step-{} (world size {})", m.job, m.rank, m.step, m.world_size);
+    println!(
+        "snapshot    {}/{}/step-{} (world size {})",
+        m.job, m.rank, m.step, m.world_size
+    );
     println!("path        {}", snapshot.dir.display());
     println!("format      {} v{}", m.format, m.format_version);
     println!("created     {} ms since the epoch", m.created_unix_ms);
     println!("backend     {}", m.io_backend);
-    println!("file        {} ({} bytes: header {} + data {})", m.data_file, m.file_len, m.header_len, m.data_len);
-    println!("chunks      {} of {} bytes, CRC32 each", m.chunk_crc32.len(), m.chunk_bytes);
+    println!(
+        "file        {} ({} bytes: header {} + data {})",
+        m.data_file, m.file_len, m.header_len, m.data_len
+    );
+    println!(
+        "chunks      {} of {} bytes, CRC32 each",
+        m.chunk_crc32.len(),
+        m.chunk_bytes
+    );
     println!("tensors     {}", m.tensors.len());
-    println!("{:<48} {:<8} {:<24} {:>14} {:>14}", "NAME", "DTYPE", "SHAPE", "OFFSET", "BYTES");
+    println!(
+        "{:<48} {:<8} {:<24} {:>14} {:>14}",
+        "NAME", "DTYPE", "SHAPE", "OFFSET", "BYTES"
+    );
     for t in &m.tensors {
-        println!("{:<48} {:<8} {:<24} {:>14} {:>14}", t.name, t.dtype.name(), format!("{:?}", t.shape), t.offset, t.len);
+        println!(
+            "{:<48} {:<8} {:<24} {:>14} {:>14}",
+            t.name,
+            t.dtype.name(),
+            format!("{:?}", t.shape),
+            t.offset,
+            t.len
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -214,7 +259,11 @@ fn verify(paths: &[PathBuf], json: bool) -> Result<ExitCode, StoreError> {
         };
         if !json {
             if out.ok {
-                println!("OK       {} ({} chunks)", out.path.display(), out.chunks_checked);
+                println!(
+                    "OK       {} ({} chunks)",
+                    out.path.display(),
+                    out.chunks_checked
+                );
             } else {
                 println!("CORRUPT  {}", out.path.display());
                 for p in &out.problems {
@@ -227,7 +276,11 @@ fn verify(paths: &[PathBuf], json: bool) -> Result<ExitCode, StoreError> {
     if json {
         print_json(&outputs);
     }
-    Ok(if all_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn print_json<T: Serialize>(value: &T) {

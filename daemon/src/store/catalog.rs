@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use crate::store::Store;
 use crate::store::error::StoreError;
-use crate::store::paths::{self, PARTIAL_SUFFIX, SnapshotId};
+use crate::store::paths::{self, PARTIAL_SUFFIX, SnapshotId, TRASH_SUFFIX};
 use crate::store::read::Snapshot;
 
 /// A directory that looks like a snapshot but is not one.
@@ -100,7 +100,8 @@ impl Store {
     }
 
     /// Start-up recovery: removes every `*.partial` directory (never read,
-    /// never listed). Returns what was removed.
+    /// never listed) and every `*.trash` one (a removal cut short). Returns
+    /// what was removed.
     pub fn recover(&self) -> Result<Vec<PathBuf>, StoreError> {
         let storage = self.storage();
         let mut removed = Vec::new();
@@ -109,7 +110,7 @@ impl Store {
                 let rank_dir = self.root().join(&job).join(rank.to_string());
                 let mut changed = false;
                 for entry in storage.read_dir(&rank_dir)? {
-                    if entry.name.ends_with(PARTIAL_SUFFIX) {
+                    if entry.name.ends_with(PARTIAL_SUFFIX) || entry.name.ends_with(TRASH_SUFFIX) {
                         let dir = rank_dir.join(&entry.name);
                         storage.remove_dir_all(&dir)?;
                         tracing::warn!(dir = %dir.display(), "removed an unfinished snapshot left by a crash");
@@ -150,13 +151,36 @@ impl Store {
         if doomed.is_empty() {
             return Ok(doomed);
         }
-        let storage = self.storage();
         for dir in &doomed {
-            storage.remove_dir_all(dir)?;
+            self.discard_committed(dir)?;
             tracing::info!(dir = %dir.display(), "retention removed an old snapshot");
         }
-        storage.sync_dir(&self.root().join(job).join(rank.to_string()))?;
         Ok(doomed)
+    }
+
+    /// Removes a committed snapshot directory without ever exposing a
+    /// half-removed one under its committed name: rename to `*.trash`, fsync
+    /// the parent, then remove.
+    pub(crate) fn discard_committed(&self, dir: &Path) -> Result<(), StoreError> {
+        let storage = self.storage();
+        let Some(name) = dir.file_name().and_then(|n| n.to_str()) else {
+            return Err(StoreError::Config(format!(
+                "{} has no usable name",
+                dir.display()
+            )));
+        };
+        let trash = dir.with_file_name(format!("{name}{TRASH_SUFFIX}"));
+        match storage.remove_dir_all(&trash) {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+        storage.rename(dir, &trash)?;
+        if let Some(parent) = dir.parent() {
+            storage.sync_dir(parent)?;
+        }
+        storage.remove_dir_all(&trash)?;
+        Ok(())
     }
 
     fn jobs(&self) -> Result<Vec<String>, StoreError> {

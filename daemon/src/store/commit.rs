@@ -24,7 +24,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::buffer_pool::IO_ALIGN_BYTES;
 use crate::storage::{DataFile, IoBuf, OpKind, RawRegion, Storage};
-use crate::store::error::{SourceError, StoreError};
+use crate::store::error::{Fill, StoreError};
 use crate::store::layout::Layout;
 use crate::store::manifest::{self, FORMAT_NAME, FORMAT_VERSION, Manifest};
 use crate::store::paths::{self, SnapshotId};
@@ -39,7 +39,7 @@ pub enum Source<'a> {
     /// A producer that fills the data section piece by piece, in order:
     /// `fill(offset, buf)` writes data bytes `offset..offset + buf.len()`.
     /// Memory use stays at the I/O buffer pool's size whatever the snapshot's.
-    Stream(&'a mut dyn FnMut(u64, &mut [u8]) -> Result<(), SourceError>),
+    Stream(&'a mut Fill<'a>),
 }
 
 impl std::fmt::Debug for Source<'_> {
@@ -104,14 +104,18 @@ impl Store {
         let result = self.write_and_commit(id, layout, world_size, source, &partial, &final_dir);
         if let Err(e) = &result {
             tracing::error!(snapshot = %id, error = %e, "snapshot failed; removing its directory");
-            for dir in [&partial, &final_dir] {
-                match storage.remove_dir_all(dir) {
-                    Ok(()) => {}
-                    Err(r) if r.is_not_found() => {}
-                    Err(r) => {
-                        tracing::error!(dir = %dir.display(), error = %r, "could not remove a failed snapshot's directory; start-up recovery removes it")
-                    }
-                }
+            let removed = match storage.remove_dir_all(&partial) {
+                Err(r) if !r.is_not_found() => Err(StoreError::from(r)),
+                _ => Ok(()),
+            }
+            .and_then(|()| match storage.metadata(&final_dir) {
+                // Renamed, but the rename's fsync failed: not committed.
+                Ok(Some(_)) => self.discard_committed(&final_dir),
+                Ok(None) => Ok(()),
+                Err(r) => Err(r.into()),
+            });
+            if let Err(r) = removed {
+                tracing::error!(snapshot = %id, error = %r, "could not remove a failed snapshot's directory; start-up recovery or the next commit removes it");
             }
         }
         result

@@ -11,6 +11,13 @@ use crate::store::paths::{NameError, SnapshotId};
 /// An error from the source that fills a streamed snapshot.
 pub type SourceError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A streamed source: `fill(data_offset, buf)` writes data bytes
+/// `data_offset..data_offset + buf.len()` into `buf`, in order.
+pub type Fill<'a> = dyn FnMut(u64, &mut [u8]) -> Result<(), SourceError> + 'a;
+
+/// A consumer of verified chunks: `sink(data_offset, bytes)`, in order.
+pub type Sink<'a> = dyn FnMut(u64, &[u8]) -> Result<(), SourceError> + 'a;
+
 /// Everything that can go wrong in the store. Every variant says which
 /// snapshot, file or byte range it is about.
 #[derive(Debug, thiserror::Error)]

@@ -212,7 +212,7 @@ mod tests {
         let layout = Layout::plan(&specs()).expect("plan");
         let names: Vec<_> = layout.tensors.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(names, ["step", "w", "empty", "h", "mask"]);
-        assert_eq!(layout.data_len, 8 + 24 + 0 + 10 + 3);
+        assert_eq!(layout.data_len, 8 + 24 + 10 + 3);
         for t in &layout.tensors {
             assert_eq!(t.offset % t.dtype.size_bytes(), 0, "{}", t.name);
         }
@@ -250,7 +250,7 @@ mod tests {
         let header = layout.encode_header(&meta).expect("header");
         assert_eq!(header.len() % 4096, 0);
         let n = u64::from_le_bytes(header[..8].try_into().expect("8 bytes"));
-        assert_eq!(n as usize + 8, header.len());
+        assert_eq!(n + 8, header.len() as u64);
         assert_eq!(header.last(), Some(&b' '));
         let parsed: serde_json::Value =
             serde_json::from_slice(&header[8..]).expect("padded JSON parses");

@@ -230,7 +230,8 @@ mod tests {
 
     #[test]
     fn inconsistent_manifests_are_refused() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut Manifest)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut Manifest)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("crc count", Box::new(|m| m.chunk_crc32.push(1))),
             ("file len", Box::new(|m| m.file_len += 1)),
             ("header align", Box::new(|m| m.header_len = 4000)),

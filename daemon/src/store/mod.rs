@@ -38,7 +38,7 @@ use crate::storage::probe::BackendChoice;
 
 pub use catalog::{Invalid, Listing};
 pub use commit::{Committed, Source};
-pub use error::{SourceError, StoreError};
+pub use error::{Fill, Sink, SourceError, StoreError};
 pub use layout::{Layout, TensorEntry};
 pub use manifest::Manifest;
 pub use paths::SnapshotId;

@@ -5,6 +5,10 @@ use std::path::{Path, PathBuf};
 
 /// Suffix of a snapshot directory still being written.
 pub const PARTIAL_SUFFIX: &str = ".partial";
+/// Suffix of a committed snapshot directory being removed (retention, or a
+/// commit whose last fsync failed). Renamed first, so a crash mid-removal
+/// never leaves a half-deleted directory under a committed name.
+pub const TRASH_SUFFIX: &str = ".trash";
 /// Prefix of every snapshot directory.
 pub const STEP_PREFIX: &str = "step-";
 /// The safetensors data file inside a snapshot directory.

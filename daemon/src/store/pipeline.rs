@@ -168,10 +168,10 @@ impl<'f> Pipeline<'f> {
             }),
             Ok(_) => None,
         };
-        if let Some(e) = error {
-            if self.failed.is_none() {
-                self.failed = Some(e);
-            }
+        if let Some(e) = error
+            && self.failed.is_none()
+        {
+            self.failed = Some(e);
         }
         match op.kind {
             OpKind::Read if self.failed.is_none() => {

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use crate::buffer_pool::IO_ALIGN_BYTES;
 use crate::storage::{IoBuf, OpKind};
 use crate::store::Store;
-use crate::store::error::{SourceError, StoreError};
+use crate::store::error::{Sink, StoreError};
+
+/// Sees each chunk, unverified, in order: `(chunk_index, bytes)`.
+type ChunkVisitor<'a> = dyn FnMut(u64, &[u8]) -> Result<(), StoreError> + 'a;
 use crate::store::layout::Layout;
 use crate::store::manifest::{MANIFEST_LEN_MAX, Manifest};
 use crate::store::paths::{self, SnapshotId};
@@ -116,11 +119,7 @@ impl Store {
     /// `sink(data_offset, bytes)`. Each chunk's CRC32 is checked before its
     /// bytes are handed out; a mismatch stops the read with an error naming
     /// the chunk, its byte range and the tensors in it.
-    pub fn read(
-        &self,
-        snapshot: &Snapshot,
-        sink: &mut dyn FnMut(u64, &[u8]) -> Result<(), SourceError>,
-    ) -> Result<(), StoreError> {
+    pub fn read(&self, snapshot: &Snapshot, sink: &mut Sink<'_>) -> Result<(), StoreError> {
         let path = snapshot.data_path();
         let m = &snapshot.manifest;
         self.read_chunks(snapshot, &mut |index, bytes| {
@@ -204,7 +203,7 @@ impl Store {
     fn read_chunks(
         &self,
         snapshot: &Snapshot,
-        on_chunk: &mut dyn FnMut(u64, &[u8]) -> Result<(), StoreError>,
+        on_chunk: &mut ChunkVisitor<'_>,
     ) -> Result<(), StoreError> {
         let m = &snapshot.manifest;
         let path = snapshot.data_path();

@@ -161,7 +161,7 @@ fn recovery_removes_partial_directories() {
         .partial_dir(Path::new(ROOT));
     sim.create_dir(&partial).expect("mkdir");
     let removed = store.recover().expect("recover");
-    assert_eq!(removed, [partial.clone()]);
+    assert_eq!(removed, std::slice::from_ref(&partial));
     assert!(sim.metadata(&partial).expect("stat").is_none());
 }
 

@@ -9,14 +9,23 @@ use gpusnapd::buffer_pool::BufferPool;
 use gpusnapd::storage::Storage;
 use gpusnapd::storage::os::OsStorage;
 use gpusnapd::storage::probe::BackendChoice;
-use gpusnapd::store::{Layout, Snapshot, SnapshotId, Source, SourceError, Store, StoreConfig, StoreError};
+use gpusnapd::store::{
+    Layout, Snapshot, SnapshotId, Source, SourceError, Store, StoreConfig, StoreError,
+};
 
-pub const BACKENDS: [BackendChoice; 3] = [BackendChoice::IoUring, BackendChoice::Pwrite, BackendChoice::Buffered];
+pub const BACKENDS: [BackendChoice; 3] = [
+    BackendChoice::IoUring,
+    BackendChoice::Pwrite,
+    BackendChoice::Buffered,
+];
 
 /// A scratch directory on the real disk (not tmpfs: O_DIRECT must work).
 pub fn scratch() -> tempfile::TempDir {
     let base = std::env::var_os("CARGO_TARGET_TMPDIR").map_or_else(std::env::temp_dir, Into::into);
-    tempfile::Builder::new().prefix("gpusnap-test-").tempdir_in(base).expect("scratch dir")
+    tempfile::Builder::new()
+        .prefix("gpusnap-test-")
+        .tempdir_in(base)
+        .expect("scratch dir")
 }
 
 pub fn config(root: &Path, backend: BackendChoice) -> StoreConfig {
@@ -107,20 +116,36 @@ pub fn mixed_tensors() -> Vec<TensorSpec> {
 }
 
 /// Writes snapshot `step` of `tensors` from aligned memory with `seed`'s pattern.
-pub fn write_memory(store: &Store, job: &str, step: u64, tensors: &[TensorSpec], seed: u64) -> Result<(), StoreError> {
+pub fn write_memory(
+    store: &Store,
+    job: &str,
+    step: u64,
+    tensors: &[TensorSpec],
+    seed: u64,
+) -> Result<(), StoreError> {
     let (layout, mem) = staged(tensors, seed);
     let id = SnapshotId::new(job, 0, step).expect("id");
-    store.write_laid_out(&id, &layout, 1, Source::Memory(mem.bytes())).map(|_| ())
+    store
+        .write_laid_out(&id, &layout, 1, Source::Memory(mem.bytes()))
+        .map(|_| ())
 }
 
 /// Writes snapshot `step` through a streamed source with `seed`'s pattern.
-pub fn write_stream(store: &Store, job: &str, step: u64, tensors: &[TensorSpec], seed: u64) -> Result<(), StoreError> {
+pub fn write_stream(
+    store: &Store,
+    job: &str,
+    step: u64,
+    tensors: &[TensorSpec],
+    seed: u64,
+) -> Result<(), StoreError> {
     let mut fill = |offset: u64, dst: &mut [u8]| -> Result<(), SourceError> {
         fill_pattern(seed, offset, dst);
         Ok(())
     };
     let id = SnapshotId::new(job, 0, step).expect("id");
-    store.write_snapshot(&id, tensors, 1, Source::Stream(&mut fill)).map(|_| ())
+    store
+        .write_snapshot(&id, tensors, 1, Source::Stream(&mut fill))
+        .map(|_| ())
 }
 
 /// Reads a snapshot back and checks every byte against `seed`'s pattern.
@@ -139,4 +164,10 @@ pub fn check_pattern(store: &Store, snapshot: &Snapshot, seed: u64) -> Result<()
     })?;
     assert_eq!(next, snapshot.layout.data_len, "every byte read");
     Ok(())
+}
+
+/// The bytes of tensor `t` within a data section, as a slice range.
+pub fn byte_range(t: &gpusnapd::store::TensorEntry) -> std::ops::Range<usize> {
+    let start = usize::try_from(t.offset).expect("fits");
+    start..start + usize::try_from(t.len).expect("fits")
 }
