@@ -39,7 +39,7 @@ fn check_with_safetensors(store: &Store, job: &str, step: u64, tensors: &[Tensor
         let view = st.tensor(&spec.name).expect("tensor present");
         assert_eq!(
             format!("{:?}", view.dtype()),
-            spec.dtype.name().replace('_', ""),
+            spec.dtype.name(),
             "{}",
             spec.name
         );
