@@ -10,6 +10,8 @@
 //! many are free), so jobs never deadlock on each other while holding part
 //! of what they need; each [`PoolBuf`] returns to the pool when dropped.
 
+#![deny(clippy::unwrap_used, clippy::indexing_slicing)]
+
 use std::ptr::NonNull;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
@@ -279,6 +281,11 @@ impl Drop for PoolBuf {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    reason = "tests index and unwrap known data"
+)]
 mod tests {
     use super::*;
 

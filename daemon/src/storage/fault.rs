@@ -286,6 +286,11 @@ impl DataFile for FaultyDataFile {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    reason = "tests index and unwrap known data"
+)]
 mod tests {
     use super::*;
     use crate::buffer_pool::{BufferPool, PoolBuf};

@@ -19,6 +19,8 @@
 //! kernel may still touch it. A data file's `Drop` waits for everything in
 //! flight.
 
+#![deny(clippy::unwrap_used, clippy::indexing_slicing)]
+
 pub mod fault;
 pub mod os;
 pub mod probe;

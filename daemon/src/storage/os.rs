@@ -272,6 +272,11 @@ impl Storage for OsStorage {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    reason = "tests index and unwrap known data"
+)]
 pub(crate) mod tests {
     use std::alloc::Layout;
 

@@ -219,6 +219,11 @@ fn refuses_o_direct(e: &io::Error) -> bool {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    reason = "tests index and unwrap known data"
+)]
 mod tests {
     use super::*;
 

@@ -663,6 +663,11 @@ impl DataFile for SimDataFile {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    reason = "tests index and unwrap known data"
+)]
 mod tests {
     use super::*;
     use crate::buffer_pool::BufferPool;

@@ -209,6 +209,11 @@ impl Drop for ThreadedFile {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    reason = "tests index and unwrap known data"
+)]
 mod tests {
     use super::*;
     use crate::buffer_pool::BufferPool;

@@ -409,6 +409,11 @@ pub(crate) fn thread_has_ring() -> bool {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    reason = "tests index and unwrap known data"
+)]
 mod tests {
     use super::*;
     use crate::storage::Storage;

@@ -189,6 +189,11 @@ pub fn header_metadata(id: &SnapshotId, world_size: u32) -> BTreeMap<String, Str
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    reason = "tests index and unwrap known data"
+)]
 mod tests {
     use super::*;
     use gpusnap::{Dtype, TensorSpec};

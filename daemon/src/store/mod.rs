@@ -15,6 +15,8 @@
 //!   newest listed snapshot of a (job, rank).
 //! * Memory use is the I/O buffer pool, whatever the snapshot's size.
 
+#![deny(clippy::unwrap_used, clippy::indexing_slicing)]
+
 mod catalog;
 mod commit;
 pub mod error;
@@ -308,4 +310,9 @@ impl Drop for WritingGuard<'_> {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    reason = "tests index and unwrap known data"
+)]
 mod tests;

@@ -108,6 +108,11 @@ fn parse_canonical_u64(digits: &str) -> Option<u64> {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    reason = "tests index and unwrap known data"
+)]
 mod tests {
     use super::*;
 
