@@ -121,6 +121,23 @@ impl StorageError {
     }
 }
 
+/// ftruncate of an open data file, the error naming the path.
+pub(crate) fn set_file_len(
+    file: &std::fs::File,
+    path: &Path,
+    len: u64,
+) -> Result<(), StorageError> {
+    file.set_len(len)
+        .map_err(|e| StorageError::io("ftruncate", path, e))
+}
+
+/// fdatasync of an open data file, the error naming the path. Never retried:
+/// after a failure the caller treats the file as dead.
+pub(crate) fn sync_file_data(file: &std::fs::File, path: &Path) -> Result<(), StorageError> {
+    file.sync_data()
+        .map_err(|e| StorageError::io("fdatasync", path, e))
+}
+
 /// A directory entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirEntry {

@@ -183,15 +183,11 @@ impl DataFile for ThreadedFile {
     }
 
     fn set_len(&mut self, len: u64) -> Result<(), StorageError> {
-        self.file
-            .set_len(len)
-            .map_err(|e| StorageError::io("ftruncate", &self.path, e))
+        super::set_file_len(&self.file, &self.path, len)
     }
 
     fn sync_data(&mut self) -> Result<(), StorageError> {
-        self.file
-            .sync_data()
-            .map_err(|e| StorageError::io("fdatasync", &self.path, e))
+        super::sync_file_data(&self.file, &self.path)
     }
 }
 
