@@ -186,4 +186,9 @@ fn gpusnapctl_list_and_inspect_show_committed_snapshots() {
     );
     let (code, _) = ctl(&["verify", snap_dir.to_str().expect("utf8")]);
     assert_eq!(code, 0);
+    // A path that is not there is an error (exit 2), and nothing is created.
+    let missing = dir.path().join("nope").join("step-1");
+    let (code, _) = ctl(&["verify", missing.to_str().expect("utf8")]);
+    assert_eq!(code, 2);
+    assert!(!dir.path().join("nope").exists());
 }

@@ -89,6 +89,12 @@ fn reader(root: &Path) -> Result<Store, StoreError> {
 fn snapshot_dir(path: &Path) -> Result<(Store, PathBuf), StoreError> {
     let dir = std::path::absolute(path)
         .map_err(|e| StoreError::Config(format!("{}: {e}", path.display())))?;
+    if !dir.is_dir() {
+        return Err(StoreError::Config(format!(
+            "{} is not a snapshot directory",
+            dir.display()
+        )));
+    }
     let store = reader(dir.parent().unwrap_or(&dir))?;
     Ok((store, dir))
 }
