@@ -1,10 +1,10 @@
 //! gpusnap client library.
 //!
-//! Today this crate holds the tensor vocabulary that the trainer and the
-//! daemon share: [`Dtype`] and [`TensorSpec`]. The connection, registration,
-//! capture and restore API arrives with the daemon's control plane.
+//! * [`proto`]: the wire protocol the client and `gpusnapd` speak.
+//! * [`Dtype`], [`TensorSpec`]: the tensor vocabulary both sides share.
 
 mod dtype;
+pub mod proto;
 mod tensor;
 
 pub use dtype::{Dtype, UnknownDtype};
