@@ -1,0 +1,590 @@
+//! Prometheus metrics of the daemon and the HTTP endpoint that exports them.
+//!
+//! Every metric lives in one [`prometheus::Registry`] owned by [`Metrics`];
+//! the control plane and the persist engine update the public fields, and
+//! [`serve`] exports them as `GET /metrics` (Prometheus text format) beside
+//! `GET /healthz`.
+//!
+//! Conventions: every name starts with `gpusnap_` and ends with its unit
+//! (`_seconds`, `_bytes`) or `_total` for counters. Labels stay
+//! low-cardinality: a job name, a fixed outcome or source word, the I/O
+//! backend; never a step number or a rank.
+//!
+//! Histogram buckets: exponential, factor 2, starting at 100 µs
+//! ([`BUCKET_START_SECONDS`]), [`BUCKET_COUNT`] of them, so the last finite
+//! bound is 1e-4 × 2^23 ≈ 839 s. That covers a sub-millisecond
+//! device-to-device capture at the low end and a multi-minute persist of a
+//! large snapshot to a slow disk at the high end (10 min = 600 s falls inside
+//! the last finite bucket), with a relative resolution of 2x everywhere.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Upper bound of the first histogram bucket: 100 µs.
+pub const BUCKET_START_SECONDS: f64 = 1e-4;
+/// Each bucket's bound is this many times the previous one.
+pub const BUCKET_FACTOR: f64 = 2.0;
+/// Finite buckets per histogram; the last bound is 1e-4 × 2^23 ≈ 839 s.
+pub const BUCKET_COUNT: usize = 24;
+
+/// Errors of building the metric set.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The bucket layout was refused (only if the constants above are broken).
+    #[error("histogram buckets (start {start}, factor {factor}, count {count}): {source}")]
+    Buckets {
+        start: f64,
+        factor: f64,
+        count: usize,
+        #[source]
+        source: prometheus::Error,
+    },
+    /// A metric could not be built or registered (bad name, duplicate).
+    #[error("metric {name}: {source}")]
+    Metric {
+        name: &'static str,
+        #[source]
+        source: prometheus::Error,
+    },
+}
+
+/// Every metric the daemon exports.
+///
+/// Label values: `source` is `memory` or `disk` (and `none` for a restore
+/// that found nothing); snapshot `outcome` is `committed`, `failed`,
+/// `skipped` or `aborted`; restore `outcome` is `ok` or `failed`.
+#[derive(Debug)]
+pub struct Metrics {
+    /// `gpusnap_stall_seconds{job}`: how long the trainer was blocked per
+    /// snapshot, as measured and reported by the client.
+    pub stall_seconds: HistogramVec,
+    /// `gpusnap_capture_seconds{job}`: copy of the state into staging, as
+    /// measured and reported by the client.
+    pub capture_seconds: HistogramVec,
+    /// `gpusnap_persist_seconds{job}`: from captured in staging to committed
+    /// on disk.
+    pub persist_seconds: HistogramVec,
+    /// `gpusnap_restore_seconds{job,source}`: serving a restore.
+    pub restore_seconds: HistogramVec,
+    /// `gpusnap_bytes_written_total{job}`: snapshot bytes written to disk.
+    pub bytes_written_total: IntCounterVec,
+    /// `gpusnap_bytes_read_total{job,source}`: bytes served to restores.
+    pub bytes_read_total: IntCounterVec,
+    /// `gpusnap_snapshots_total{job,outcome}`: snapshots by outcome.
+    pub snapshots_total: IntCounterVec,
+    /// `gpusnap_restores_total{job,source,outcome}`: restores by source and
+    /// outcome.
+    pub restores_total: IntCounterVec,
+    /// `gpusnap_staging_bytes`: staging memory in use.
+    pub staging_bytes: IntGauge,
+    /// `gpusnap_staging_budget_bytes`: staging memory the daemon may use.
+    pub staging_budget_bytes: IntGauge,
+    /// `gpusnap_hot_tier_bytes`: memory holding committed snapshots for fast
+    /// restore.
+    pub hot_tier_bytes: IntGauge,
+    /// `gpusnap_hot_tier_budget_bytes`: memory the hot tier may use.
+    pub hot_tier_budget_bytes: IntGauge,
+    /// `gpusnap_clients_connected`: open control connections.
+    pub clients_connected: IntGauge,
+    /// `gpusnap_snapshots_in_flight`: captured, not yet committed or failed.
+    pub snapshots_in_flight: IntGauge,
+    /// `gpusnap_last_committed_step{job}`: newest step committed to disk.
+    pub last_committed_step: IntGaugeVec,
+    /// `gpusnap_io_backend_info{backend}`: 1 for the I/O backend in use (an
+    /// info-style metric; the backend's name is the label).
+    pub io_backend: IntGaugeVec,
+    registry: Registry,
+}
+
+impl Metrics {
+    /// Builds every metric and registers it in a fresh registry.
+    pub fn new() -> Result<Metrics, MetricsError> {
+        let registry = Registry::new();
+        let buckets =
+            prometheus::exponential_buckets(BUCKET_START_SECONDS, BUCKET_FACTOR, BUCKET_COUNT)
+                .map_err(|source| MetricsError::Buckets {
+                    start: BUCKET_START_SECONDS,
+                    factor: BUCKET_FACTOR,
+                    count: BUCKET_COUNT,
+                    source,
+                })?;
+        let r = Registrar {
+            registry: &registry,
+            buckets: &buckets,
+        };
+        Ok(Metrics {
+            stall_seconds: r.histogram(
+                "gpusnap_stall_seconds",
+                "Time the trainer was blocked per snapshot, measured by the client.",
+                &["job"],
+            )?,
+            capture_seconds: r.histogram(
+                "gpusnap_capture_seconds",
+                "Time to copy the trainer's state into staging memory, measured by the client.",
+                &["job"],
+            )?,
+            persist_seconds: r.histogram(
+                "gpusnap_persist_seconds",
+                "Time from a snapshot captured in staging to committed on disk.",
+                &["job"],
+            )?,
+            restore_seconds: r.histogram(
+                "gpusnap_restore_seconds",
+                "Time to serve a restore, by source (memory or disk).",
+                &["job", "source"],
+            )?,
+            bytes_written_total: r.int_counter(
+                "gpusnap_bytes_written_total",
+                "Snapshot bytes written to disk.",
+                &["job"],
+            )?,
+            bytes_read_total: r.int_counter(
+                "gpusnap_bytes_read_total",
+                "Snapshot bytes served to restores, by source (memory or disk).",
+                &["job", "source"],
+            )?,
+            snapshots_total: r.int_counter(
+                "gpusnap_snapshots_total",
+                "Snapshots by outcome (committed, failed, skipped, aborted).",
+                &["job", "outcome"],
+            )?,
+            restores_total: r.int_counter(
+                "gpusnap_restores_total",
+                "Restores by source (memory, disk, none) and outcome (ok, failed).",
+                &["job", "source", "outcome"],
+            )?,
+            staging_bytes: r.int_gauge("gpusnap_staging_bytes", "Staging memory in use.")?,
+            staging_budget_bytes: r.int_gauge(
+                "gpusnap_staging_budget_bytes",
+                "Staging memory the daemon may hand out.",
+            )?,
+            hot_tier_bytes: r.int_gauge(
+                "gpusnap_hot_tier_bytes",
+                "Memory holding committed snapshots for restore without disk reads.",
+            )?,
+            hot_tier_budget_bytes: r.int_gauge(
+                "gpusnap_hot_tier_budget_bytes",
+                "Memory the hot tier may use.",
+            )?,
+            clients_connected: r.int_gauge(
+                "gpusnap_clients_connected",
+                "Open control connections from clients.",
+            )?,
+            snapshots_in_flight: r.int_gauge(
+                "gpusnap_snapshots_in_flight",
+                "Snapshots captured in staging and not yet committed or failed.",
+            )?,
+            last_committed_step: r.int_gauge_vec(
+                "gpusnap_last_committed_step",
+                "Newest training step committed to disk, per job.",
+                &["job"],
+            )?,
+            io_backend: r.int_gauge_vec(
+                "gpusnap_io_backend_info",
+                "I/O backend in use for snapshot files (1 for the backend in use).",
+                &["backend"],
+            )?,
+            registry,
+        })
+    }
+
+    /// Every metric in the Prometheus text exposition format.
+    ///
+    /// A labelled metric appears once it has at least one series (first
+    /// `with_label_values`); unlabelled gauges always appear.
+    pub fn render(&self) -> String {
+        let families = self.registry.gather();
+        let mut text = String::new();
+        if let Err(error) = TextEncoder::new().encode_utf8(&families, &mut text) {
+            // Only reachable with a malformed family, which the registry
+            // refuses at registration; keep what was encoded and say why.
+            tracing::error!(%error, "encoding metrics");
+        }
+        text
+    }
+
+    /// The registry holding every metric (to gather or to add collectors).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+}
+
+/// Builds metrics and registers each in one registry.
+struct Registrar<'a> {
+    registry: &'a Registry,
+    buckets: &'a [f64],
+}
+
+impl Registrar<'_> {
+    fn register<M>(
+        &self,
+        name: &'static str,
+        built: prometheus::Result<M>,
+    ) -> Result<M, MetricsError>
+    where
+        M: prometheus::core::Collector + Clone + 'static,
+    {
+        let metric = built.map_err(|source| MetricsError::Metric { name, source })?;
+        self.registry
+            .register(Box::new(metric.clone()))
+            .map_err(|source| MetricsError::Metric { name, source })?;
+        Ok(metric)
+    }
+
+    fn histogram(
+        &self,
+        name: &'static str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<HistogramVec, MetricsError> {
+        let opts = HistogramOpts::new(name, help).buckets(self.buckets.to_vec());
+        self.register(name, HistogramVec::new(opts, labels))
+    }
+
+    fn int_counter(
+        &self,
+        name: &'static str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<IntCounterVec, MetricsError> {
+        self.register(name, IntCounterVec::new(Opts::new(name, help), labels))
+    }
+
+    fn int_gauge(&self, name: &'static str, help: &str) -> Result<IntGauge, MetricsError> {
+        self.register(name, IntGauge::with_opts(Opts::new(name, help)))
+    }
+
+    fn int_gauge_vec(
+        &self,
+        name: &'static str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<IntGaugeVec, MetricsError> {
+        self.register(name, IntGaugeVec::new(Opts::new(name, help), labels))
+    }
+}
+
+/// Shared state of the HTTP handlers.
+#[derive(Clone)]
+struct Endpoint {
+    metrics: Arc<Metrics>,
+    healthy: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+/// Serves GET /metrics (text format, correct content type) and GET /healthz
+/// (200 "ok" while `healthy()` is true, 503 otherwise) until `shutdown`
+/// resolves; then stops accepting, lets requests in progress finish, and
+/// returns.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    healthy: Arc<dyn Fn() -> bool + Send + Sync>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(get_metrics))
+        .route("/healthz", get(get_healthz))
+        .with_state(Endpoint { metrics, healthy });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn get_metrics(State(endpoint): State<Endpoint>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
+        endpoint.metrics.render(),
+    )
+}
+
+async fn get_healthz(State(endpoint): State<Endpoint>) -> impl IntoResponse {
+    if (endpoint.healthy)() {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "unhealthy\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// Gives every metric a series and returns the exported names, one per
+    /// field. The destructuring names every field, so a field added to
+    /// `Metrics` does not compile here until it is touched and listed.
+    fn touch_all(m: &Metrics) -> Vec<&'static str> {
+        let Metrics {
+            stall_seconds,
+            capture_seconds,
+            persist_seconds,
+            restore_seconds,
+            bytes_written_total,
+            bytes_read_total,
+            snapshots_total,
+            restores_total,
+            staging_bytes,
+            staging_budget_bytes,
+            hot_tier_bytes,
+            hot_tier_budget_bytes,
+            clients_connected,
+            snapshots_in_flight,
+            last_committed_step,
+            io_backend,
+            registry: _,
+        } = m;
+        stall_seconds.with_label_values(&["j"]).observe(0.002);
+        capture_seconds.with_label_values(&["j"]).observe(0.001);
+        persist_seconds.with_label_values(&["j"]).observe(1.5);
+        restore_seconds
+            .with_label_values(&["j", "disk"])
+            .observe(0.3);
+        bytes_written_total.with_label_values(&["j"]).inc_by(4096);
+        bytes_read_total
+            .with_label_values(&["j", "memory"])
+            .inc_by(8192);
+        snapshots_total.with_label_values(&["j", "committed"]).inc();
+        restores_total.with_label_values(&["j", "disk", "ok"]).inc();
+        staging_bytes.set(1 << 20);
+        staging_budget_bytes.set(1 << 30);
+        hot_tier_bytes.set(1 << 21);
+        hot_tier_budget_bytes.set(1 << 31);
+        clients_connected.set(2);
+        snapshots_in_flight.set(1);
+        last_committed_step.with_label_values(&["j"]).set(1200);
+        io_backend.with_label_values(&["io_uring"]).set(1);
+        vec![
+            "gpusnap_stall_seconds",
+            "gpusnap_capture_seconds",
+            "gpusnap_persist_seconds",
+            "gpusnap_restore_seconds",
+            "gpusnap_bytes_written_total",
+            "gpusnap_bytes_read_total",
+            "gpusnap_snapshots_total",
+            "gpusnap_restores_total",
+            "gpusnap_staging_bytes",
+            "gpusnap_staging_budget_bytes",
+            "gpusnap_hot_tier_bytes",
+            "gpusnap_hot_tier_budget_bytes",
+            "gpusnap_clients_connected",
+            "gpusnap_snapshots_in_flight",
+            "gpusnap_last_committed_step",
+            "gpusnap_io_backend_info",
+        ]
+    }
+
+    #[test]
+    fn every_metric_is_exported_after_it_is_touched() {
+        let m = Metrics::new().expect("metrics");
+        let names = touch_all(&m);
+        let text = m.render();
+        for name in &names {
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{name} missing from:\n{text}"
+            );
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "{name} has no help"
+            );
+        }
+        // Nothing is registered that the list does not name.
+        let mut gathered: Vec<String> = m
+            .registry()
+            .gather()
+            .iter()
+            .map(|f| f.name().to_owned())
+            .collect();
+        gathered.sort();
+        let mut expected: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        expected.sort();
+        assert_eq!(gathered, expected);
+    }
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        let m = Metrics::new().expect("metrics");
+        touch_all(&m);
+        for family in m.registry().gather() {
+            let name = family.name();
+            assert!(name.starts_with("gpusnap_"), "{name}");
+            match family.get_field_type() {
+                prometheus::proto::MetricType::COUNTER => {
+                    assert!(name.ends_with("_total"), "{name}");
+                }
+                prometheus::proto::MetricType::HISTOGRAM => {
+                    assert!(name.ends_with("_seconds"), "{name}");
+                }
+                _ => assert!(!name.ends_with("_total"), "{name}"),
+            }
+            for metric in family.get_metric() {
+                for label in metric.get_label() {
+                    assert!(
+                        ["job", "source", "outcome", "backend"].contains(&label.name()),
+                        "{name} has label {}",
+                        label.name()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unlabelled_gauges_are_exported_untouched() {
+        let m = Metrics::new().expect("metrics");
+        let text = m.render();
+        for name in [
+            "gpusnap_staging_bytes",
+            "gpusnap_staging_budget_bytes",
+            "gpusnap_hot_tier_bytes",
+            "gpusnap_hot_tier_budget_bytes",
+            "gpusnap_clients_connected",
+            "gpusnap_snapshots_in_flight",
+        ] {
+            assert!(text.contains(&format!("\n{name} 0\n")), "{name}:\n{text}");
+        }
+    }
+
+    #[test]
+    fn histogram_buckets_span_100us_to_10min() {
+        let m = Metrics::new().expect("metrics");
+        touch_all(&m);
+        let mut histograms = 0;
+        for family in m.registry().gather() {
+            if family.get_field_type() != prometheus::proto::MetricType::HISTOGRAM {
+                continue;
+            }
+            histograms += 1;
+            for metric in family.get_metric() {
+                let bounds: Vec<f64> = metric
+                    .get_histogram()
+                    .get_bucket()
+                    .iter()
+                    .map(|b| b.upper_bound())
+                    .collect();
+                let first = *bounds.first().expect("buckets");
+                let last = *bounds.last().expect("buckets");
+                assert!(
+                    first <= 1e-4 * (1.0 + 1e-9),
+                    "{}: first {first}",
+                    family.name()
+                );
+                assert!(last >= 600.0, "{}: last {last}", family.name());
+                assert!(
+                    bounds.windows(2).all(|w| w[1] > w[0]),
+                    "{}: bounds not increasing",
+                    family.name()
+                );
+            }
+        }
+        assert_eq!(histograms, 4);
+    }
+
+    #[test]
+    fn observations_land_in_the_right_bucket() {
+        let m = Metrics::new().expect("metrics");
+        let h = m.stall_seconds.with_label_values(&["j"]);
+        h.observe(0.00005); // below 100 µs: first bucket
+        h.observe(599.0); // 10 min: inside the finite range
+        let text = m.render();
+        assert!(
+            text.contains("gpusnap_stall_seconds_bucket{job=\"j\",le=\"0.0001\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gpusnap_stall_seconds_bucket{job=\"j\",le=\"838.8608\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gpusnap_stall_seconds_count{job=\"j\"} 2\n"),
+            "{text}"
+        );
+    }
+
+    /// One HTTP/1.1 request over a fresh connection; returns status and body.
+    async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String, String) {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.expect("read");
+        let response = String::from_utf8(response).expect("utf-8 response");
+        let (head, body) = response.split_once("\r\n\r\n").expect("header end");
+        let status: u16 = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("status line: {head}"));
+        (status, head.to_owned(), body.to_owned())
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_and_health_until_shutdown() {
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        metrics.clients_connected.set(3);
+        metrics
+            .snapshots_total
+            .with_label_values(&["llama", "committed"])
+            .inc();
+        let healthy = Arc::new(AtomicBool::new(true));
+        let health_flag = Arc::clone(&healthy);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            listener,
+            Arc::clone(&metrics),
+            Arc::new(move || health_flag.load(Ordering::SeqCst)),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+
+        let (status, head, body) = http_get(addr, "/metrics").await;
+        assert_eq!(status, 200, "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: text/plain; version=0.0.4"),
+            "{head}"
+        );
+        assert!(body.contains("\ngpusnap_clients_connected 3\n"), "{body}");
+        assert!(
+            body.contains("gpusnap_snapshots_total{job=\"llama\",outcome=\"committed\"} 1\n"),
+            "{body}"
+        );
+
+        let (status, _, body) = http_get(addr, "/healthz").await;
+        assert_eq!((status, body.as_str()), (200, "ok\n"));
+        healthy.store(false, Ordering::SeqCst);
+        let (status, _, _) = http_get(addr, "/healthz").await;
+        assert_eq!(status, 503);
+
+        let (status, _, _) = http_get(addr, "/nothing").await;
+        assert_eq!(status, 404);
+
+        stop.send(()).expect("server still running");
+        let result = tokio::time::timeout(std::time::Duration::from_secs(10), server)
+            .await
+            .expect("server stops after shutdown")
+            .expect("server task");
+        result.expect("serve returns Ok");
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "listener closed after shutdown"
+        );
+    }
+}
