@@ -7,5 +7,6 @@
 //!   recovery, retention, verified reads.
 
 pub mod buffer_pool;
+pub mod metrics;
 pub mod storage;
 pub mod store;
