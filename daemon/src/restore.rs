@@ -1,0 +1,226 @@
+//! Filling a client's staging slot from a snapshot: from the hot tier or the
+//! store, every chunk's CRC checked before its bytes are copied, tensors
+//! matched by name (a trainer may register in another order after a
+//! restart; the data then moves piece by piece).
+
+use std::collections::HashMap;
+
+use crate::hot_tier::HotSnapshot;
+use crate::store::{Layout, Snapshot, Store, StoreError};
+
+/// Why a snapshot cannot fill a registration.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(
+        "tensor {name:?}: registered as {registered}, the snapshot of step {step} has {stored}"
+    )]
+    TensorDiffers {
+        name: String,
+        step: u64,
+        registered: String,
+        stored: String,
+    },
+    #[error("tensor {name:?} is registered but not in the snapshot of step {step}")]
+    MissingInSnapshot { name: String, step: u64 },
+    #[error("tensor {name:?} is in the snapshot of step {step} but not registered")]
+    NotRegistered { name: String, step: u64 },
+    #[error(transparent)]
+    Hot(#[from] crate::hot_tier::HotError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A contiguous run copied from the snapshot's data section to the slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Run {
+    src: u64,
+    dst: u64,
+    len: u64,
+}
+
+/// How the snapshot's data section maps onto the registration's.
+#[derive(Debug)]
+pub struct Mapping {
+    /// Ascending by `src`, non-overlapping.
+    runs: Vec<Run>,
+    data_len: u64,
+}
+
+impl Mapping {
+    /// Checks that `stored` holds exactly the tensors of `registered` (names,
+    /// dtypes, shapes) and plans the copy. The error names the first tensor
+    /// that differs.
+    pub fn plan(stored: &Layout, registered: &Layout, step: u64) -> Result<Mapping, RestoreError> {
+        let by_name: HashMap<&str, &crate::store::TensorEntry> = registered
+            .tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t))
+            .collect();
+        let mut runs: Vec<Run> = Vec::with_capacity(stored.tensors.len());
+        for s in &stored.tensors {
+            let Some(r) = by_name.get(s.name.as_str()) else {
+                return Err(RestoreError::NotRegistered {
+                    name: s.name.clone(),
+                    step,
+                });
+            };
+            if r.dtype != s.dtype || r.shape != s.shape {
+                return Err(RestoreError::TensorDiffers {
+                    name: s.name.clone(),
+                    step,
+                    registered: format!("{} {:?}", r.dtype, r.shape),
+                    stored: format!("{} {:?}", s.dtype, s.shape),
+                });
+            }
+            assert_eq!(r.len, s.len, "same dtype and shape, same length");
+            if s.len == 0 {
+                continue;
+            }
+            match runs.last_mut() {
+                Some(last)
+                    if last.src + last.len == s.offset && last.dst + last.len == r.offset =>
+                {
+                    last.len += s.len;
+                }
+                _ => runs.push(Run {
+                    src: s.offset,
+                    dst: r.offset,
+                    len: s.len,
+                }),
+            }
+        }
+        if registered.tensors.len() != stored.tensors.len() {
+            let stored_names: std::collections::HashSet<&str> =
+                stored.tensors.iter().map(|t| t.name.as_str()).collect();
+            let missing = registered
+                .tensors
+                .iter()
+                .find(|t| !stored_names.contains(t.name.as_str()))
+                .map(|t| t.name.clone())
+                .unwrap_or_default();
+            return Err(RestoreError::MissingInSnapshot {
+                name: missing,
+                step,
+            });
+        }
+        assert_eq!(stored.data_len, registered.data_len);
+        Ok(Mapping {
+            runs,
+            data_len: registered.data_len,
+        })
+    }
+
+    /// Copies the verified bytes `src_start..` of the snapshot's data section
+    /// to their places in `slot`.
+    pub fn place(&self, src_start: u64, bytes: &[u8], slot: &mut [u8]) {
+        assert_eq!(slot.len() as u64, self.data_len, "slot of the wrong size");
+        let src_end = src_start + bytes.len() as u64;
+        let first = self.runs.partition_point(|r| r.src + r.len <= src_start);
+        for run in self.runs.iter().skip(first) {
+            if run.src >= src_end {
+                break;
+            }
+            let from = run.src.max(src_start);
+            let to = (run.src + run.len).min(src_end);
+            let len = usize::try_from(to - from).expect("a chunk fits in memory");
+            let src_off = usize::try_from(from - src_start).expect("within the chunk");
+            let dst_off = usize::try_from(run.dst + (from - run.src)).expect("within the slot");
+            slot[dst_off..dst_off + len].copy_from_slice(&bytes[src_off..src_off + len]);
+        }
+    }
+
+    /// Number of runs (1 when the layouts are identical).
+    pub fn run_count(&self) -> usize {
+        self.runs.len()
+    }
+}
+
+/// Fills `slot` from a hot snapshot, each chunk's CRC checked first.
+pub fn fill_from_hot(
+    hot: &HotSnapshot,
+    mapping: &Mapping,
+    slot: &mut [u8],
+) -> Result<u64, RestoreError> {
+    for index in 0..hot.chunk_count() {
+        let (start, bytes) = hot.verified_chunk(index)?;
+        mapping.place(start, bytes, slot);
+    }
+    Ok(hot.data.len() as u64)
+}
+
+/// Fills `slot` from a snapshot on disk through the store's verified reader.
+pub fn fill_from_disk(
+    store: &Store,
+    snapshot: &Snapshot,
+    mapping: &Mapping,
+    slot: &mut [u8],
+) -> Result<u64, RestoreError> {
+    store.read(snapshot, &mut |start, bytes| {
+        mapping.place(start, bytes, slot);
+        Ok(())
+    })?;
+    Ok(snapshot.manifest.data_len)
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "tests use small known sizes"
+)]
+mod tests {
+    use super::*;
+    use gpusnap::{Dtype, TensorSpec};
+
+    fn specs(order: &[usize]) -> Vec<TensorSpec> {
+        let all = [
+            TensorSpec::new("a", Dtype::F32, [3]),
+            TensorSpec::new("b", Dtype::F32, [2]),
+            TensorSpec::new("c", Dtype::U8, [5]),
+            TensorSpec::new("z", Dtype::F64, [0]),
+        ];
+        order.iter().map(|&i| all[i].clone()).collect()
+    }
+
+    fn fill(layout: &Layout) -> Vec<u8> {
+        // Each tensor's bytes carry its name's first letter and index.
+        let mut data = vec![0u8; layout.data_len as usize];
+        for t in &layout.tensors {
+            for i in 0..t.len {
+                data[(t.offset + i) as usize] = t.name.as_bytes()[0].wrapping_add(i as u8);
+            }
+        }
+        data
+    }
+
+    #[test]
+    fn same_layout_is_one_run_and_reordered_registration_moves_tensors_by_name() {
+        let stored = Layout::plan(&specs(&[0, 1, 2, 3])).expect("plan");
+        let same = Mapping::plan(&stored, &stored, 1).expect("match");
+        assert_eq!(same.run_count(), 1);
+        let registered = Layout::plan(&specs(&[2, 1, 3, 0])).expect("plan");
+        let moved = Mapping::plan(&stored, &registered, 1).expect("match");
+        assert!(moved.run_count() > 1);
+        let src = fill(&stored);
+        let mut slot = vec![0u8; registered.data_len as usize];
+        // Odd chunk boundaries, as the store's reader may cut them.
+        for (i, piece) in src.chunks(3).enumerate() {
+            moved.place((i * 3) as u64, piece, &mut slot);
+        }
+        assert_eq!(slot, fill(&registered));
+    }
+
+    #[test]
+    fn mismatches_name_the_tensor() {
+        let stored = Layout::plan(&specs(&[0, 1, 2])).expect("plan");
+        let fewer = Layout::plan(&specs(&[0, 1])).expect("plan");
+        let more = Layout::plan(&specs(&[0, 1, 2, 3])).expect("plan");
+        let mut reshaped = specs(&[0, 1, 2]);
+        reshaped[1].shape = vec![1, 2];
+        let reshaped = Layout::plan(&reshaped).expect("plan");
+        let err = |r: Result<Mapping, RestoreError>| r.expect_err("mismatch").to_string();
+        assert!(err(Mapping::plan(&stored, &fewer, 7)).contains("\"c\""));
+        assert!(err(Mapping::plan(&stored, &more, 7)).contains("\"z\""));
+        let e = err(Mapping::plan(&stored, &reshaped, 7));
+        assert!(e.contains("\"b\"") && e.contains("[1, 2]"), "{e}");
+    }
+}
