@@ -33,8 +33,11 @@
 //!   `Registered` said; the slot is lent to the client until `Release`) or
 //!   `NoSnapshot`.
 //! * A malformed, oversized, unknown or out-of-order request gets an `Error`
-//!   with kind `Protocol` (or `TooLarge`) and the connection is closed. Other
-//!   errors (a shape mismatch, a missing snapshot) leave it open.
+//!   with kind `Protocol` (or `TooLarge`) and the connection is closed; when
+//!   the request's `id` could not be read, that `Error` has `id` 0. Other
+//!   errors (a shape mismatch, a missing snapshot) leave it open. The daemon
+//!   may also close with an `id` 0 `Error` of kind `ShuttingDown` (it is
+//!   stopping) or `Busy` (too many connections).
 //! * A connection that closes during a capture leaves nothing written; one
 //!   that closes after `Captured` still has its snapshot committed.
 

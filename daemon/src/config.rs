@@ -359,6 +359,26 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_lists_every_key_with_its_default() {
+        let text = include_str!("../../systemd/gpusnapd.toml.example");
+        let example = Config::parse(text).expect("the example parses");
+        assert_eq!(example, Config::default(), "the example shows the defaults");
+        // Every key of the defaults appears in the example, uncommented or
+        // (for unset options) commented out.
+        let defaults = toml::Value::try_from(Config::default()).expect("serialize");
+        for (table, keys) in defaults.as_table().expect("table") {
+            assert!(text.contains(&format!("[{table}]")), "[{table}] missing");
+            for key in keys.as_table().expect("table").keys() {
+                assert!(
+                    text.contains(&format!("\n{key} = ")),
+                    "{table}.{key} missing"
+                );
+            }
+        }
+        assert!(text.contains("# socket_group = "));
+    }
+
+    #[test]
     fn byte_sizes_take_integers_and_units() {
         let c = Config::parse(
             "[staging]\nbudget_bytes = \"2GiB\"\nstream_ring_bytes = 8388608\n[hot_tier]\nbudget_bytes = \"0\"\n",
