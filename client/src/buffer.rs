@@ -1,0 +1,625 @@
+//! Buffers a trainer registers: [`HostTensor`] (host memory shared with the
+//! client), [`RawBuffer`] (memory someone else owns, for FFI), and
+//! [`Buffer`], either of them.
+//!
+//! A capture holds a read lock on every [`HostTensor`] from before `Begin`
+//! until the daemon accepted the capture, so a trainer's `write()` waits for
+//! the capture: that is what makes the overlapped mode safe. A restore holds
+//! the write lock while it copies. The lock is this module's own (a mutex and
+//! a condition variable) because a capture takes it on the trainer's thread
+//! and releases it on a copy worker, which `std`'s guards cannot do.
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::device::{Source, Target};
+use crate::error::{Error, Result};
+use crate::{Dtype, TensorSpec};
+
+/// Alignment of [`HostTensor`] storage, in bytes.
+pub const HOST_ALIGN_BYTES: usize = 64;
+
+#[derive(Clone, Copy, Pod, Zeroable)]
+#[repr(C, align(64))]
+struct Block([u8; HOST_ALIGN_BYTES]);
+
+/// Readers and writer of one tensor.
+#[derive(Debug, Default)]
+struct LockState {
+    readers: usize,
+    writer: bool,
+}
+
+struct Shared {
+    dtype: Dtype,
+    shape: Vec<u64>,
+    len: usize,
+    /// `blocks` 64-byte blocks from `Box<[Block]>::into_raw`, freed in `Drop`.
+    data: NonNull<Block>,
+    blocks: usize,
+    state: Mutex<LockState>,
+    changed: Condvar,
+}
+
+// SAFETY: the bytes behind `data` are only reached through the guards and
+// leases below, which follow the reader/writer protocol kept in `state`
+// (many readers or one writer), so sharing `Shared` across threads cannot
+// race; `Block` is plain bytes.
+unsafe impl Send for Shared {}
+// SAFETY: as above.
+unsafe impl Sync for Shared {}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let slice = std::ptr::slice_from_raw_parts_mut(self.data.as_ptr(), self.blocks);
+        // SAFETY: `data`/`blocks` came from `Box::into_raw` of a boxed slice of
+        // exactly `blocks` blocks, and this is the last owner (Arc dropped).
+        drop(unsafe { Box::from_raw(slice) });
+    }
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, LockState> {
+        // The state is two plain fields updated in one step each: a panic
+        // elsewhere cannot leave it half-written, so poison is ignored.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_read(&self) {
+        let mut state = self.state();
+        while state.writer {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        state.readers += 1;
+    }
+
+    fn unlock_read(&self) {
+        let mut state = self.state();
+        assert!(state.readers > 0, "read unlock without a reader");
+        state.readers -= 1;
+        if state.readers == 0 {
+            self.changed.notify_all();
+        }
+    }
+
+    fn lock_write(&self) {
+        let mut state = self.state();
+        while state.writer || state.readers > 0 {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        state.writer = true;
+    }
+
+    fn unlock_write(&self) {
+        let mut state = self.state();
+        assert!(state.writer, "write unlock without the writer");
+        state.writer = false;
+        self.changed.notify_all();
+    }
+
+    /// # Safety
+    /// The caller holds a read or write lock for the lifetime of the slice.
+    unsafe fn bytes(&self) -> &[u8] {
+        // SAFETY: `data` points at `blocks * 64 >= len` initialized bytes
+        // that live as long as `self`; the caller's lock excludes writers.
+        unsafe { std::slice::from_raw_parts(self.data.as_ptr().cast::<u8>(), self.len) }
+    }
+
+    /// # Safety
+    /// The caller holds the write lock for the lifetime of the slice.
+    #[expect(
+        clippy::mut_from_ref,
+        reason = "the write lock makes the access unique"
+    )]
+    unsafe fn bytes_mut(&self) -> &mut [u8] {
+        // SAFETY: as in `bytes`; the write lock excludes every other access.
+        unsafe { std::slice::from_raw_parts_mut(self.data.as_ptr().cast::<u8>(), self.len) }
+    }
+
+    fn check_element<T: Pod>(&self) {
+        assert_eq!(
+            std::mem::size_of::<T>() as u64,
+            self.dtype.size_bytes(),
+            "typed access to a {} tensor with a {}-byte element type",
+            self.dtype,
+            std::mem::size_of::<T>()
+        );
+    }
+}
+
+/// A host tensor the trainer and the client both hold: 64-byte-aligned,
+/// zero-initialized storage of a dtype and shape, behind a reader/writer
+/// lock. Clones share the storage.
+#[derive(Clone)]
+pub struct HostTensor {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for HostTensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostTensor")
+            .field("dtype", &self.shared.dtype)
+            .field("shape", &self.shared.shape)
+            .field("bytes", &self.shared.len)
+            .finish()
+    }
+}
+
+impl HostTensor {
+    /// A tensor of zeros. Fails with [`Error::Spec`] when the shape's byte
+    /// size overflows.
+    pub fn zeros(dtype: Dtype, shape: impl Into<Vec<u64>>) -> Result<HostTensor> {
+        let shape = shape.into();
+        let spec = TensorSpec::new("host tensor", dtype, shape);
+        let len = spec.validate()?;
+        let len = usize::try_from(len).map_err(|_| crate::TensorSpecError::SizeOverflow {
+            name: spec.name.clone(),
+            shape: spec.shape.clone(),
+        })?;
+        let blocks = len.div_ceil(HOST_ALIGN_BYTES);
+        let boxed: Box<[Block]> = vec![Block::zeroed(); blocks].into_boxed_slice();
+        let raw = Box::into_raw(boxed);
+        let data = NonNull::new(raw.cast::<Block>()).expect("Box::into_raw is never null");
+        Ok(HostTensor {
+            shared: Arc::new(Shared {
+                dtype,
+                shape: spec.shape,
+                len,
+                data,
+                blocks,
+                state: Mutex::new(LockState::default()),
+                changed: Condvar::new(),
+            }),
+        })
+    }
+
+    /// A tensor holding a copy of `values`. Fails when `values` is not
+    /// `dtype`/`shape` worth of bytes.
+    pub fn from_slice<T: Pod>(
+        dtype: Dtype,
+        shape: impl Into<Vec<u64>>,
+        values: &[T],
+    ) -> Result<HostTensor> {
+        let tensor = HostTensor::zeros(dtype, shape)?;
+        let bytes: &[u8] = bytemuck::cast_slice(values);
+        if bytes.len() != tensor.byte_len() {
+            return Err(Error::BufferLength {
+                name: "from_slice".into(),
+                expected: tensor.byte_len() as u64,
+                actual: bytes.len() as u64,
+            });
+        }
+        tensor.write().copy_from_slice(bytes);
+        Ok(tensor)
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> Dtype {
+        self.shared.dtype
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[u64] {
+        &self.shared.shape
+    }
+
+    /// Bytes of data.
+    pub fn byte_len(&self) -> usize {
+        self.shared.len
+    }
+
+    /// The spec this tensor has when registered as `name`.
+    pub fn spec(&self, name: impl Into<String>) -> TensorSpec {
+        TensorSpec::new(name, self.shared.dtype, self.shared.shape.clone())
+    }
+
+    /// Read access; waits while a restore writes.
+    pub fn read(&self) -> HostRead<'_> {
+        self.shared.lock_read();
+        HostRead {
+            shared: &self.shared,
+        }
+    }
+
+    /// Write access; waits while a capture or another reader holds the tensor.
+    pub fn write(&self) -> HostWrite<'_> {
+        self.shared.lock_write();
+        HostWrite {
+            shared: &self.shared,
+        }
+    }
+
+    /// Whether two handles share storage.
+    pub fn same_storage(&self, other: &HostTensor) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
+    pub(crate) fn lease_read(&self) -> HostReadLease {
+        self.shared.lock_read();
+        HostReadLease {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    pub(crate) fn lease_write(&self) -> HostWriteLease {
+        self.shared.lock_write();
+        HostWriteLease {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+/// Shared read access to a [`HostTensor`]'s bytes.
+pub struct HostRead<'a> {
+    shared: &'a Shared,
+}
+
+impl HostRead<'_> {
+    /// The data as elements of `T`.
+    ///
+    /// # Panics
+    /// When `size_of::<T>()` is not the tensor's dtype size.
+    pub fn as_slice<T: Pod>(&self) -> &[T] {
+        self.shared.check_element::<T>();
+        bytemuck::cast_slice(self)
+    }
+}
+
+impl Deref for HostRead<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: this guard holds a read lock for its lifetime.
+        unsafe { self.shared.bytes() }
+    }
+}
+
+impl Drop for HostRead<'_> {
+    fn drop(&mut self) {
+        self.shared.unlock_read();
+    }
+}
+
+impl fmt::Debug for HostRead<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HostRead({} bytes)", self.shared.len)
+    }
+}
+
+/// Exclusive write access to a [`HostTensor`]'s bytes.
+pub struct HostWrite<'a> {
+    shared: &'a Shared,
+}
+
+impl HostWrite<'_> {
+    /// The data as elements of `T`.
+    ///
+    /// # Panics
+    /// When `size_of::<T>()` is not the tensor's dtype size.
+    pub fn as_slice<T: Pod>(&self) -> &[T] {
+        self.shared.check_element::<T>();
+        bytemuck::cast_slice(self)
+    }
+
+    /// The data as mutable elements of `T`.
+    ///
+    /// # Panics
+    /// When `size_of::<T>()` is not the tensor's dtype size.
+    pub fn as_mut_slice<T: Pod>(&mut self) -> &mut [T] {
+        self.shared.check_element::<T>();
+        bytemuck::cast_slice_mut(self)
+    }
+}
+
+impl Deref for HostWrite<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: this guard holds the write lock for its lifetime.
+        unsafe { self.shared.bytes() }
+    }
+}
+
+impl DerefMut for HostWrite<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: this guard holds the write lock, and `&mut self` makes the
+        // slice the only one alive from this guard.
+        unsafe { self.shared.bytes_mut() }
+    }
+}
+
+impl Drop for HostWrite<'_> {
+    fn drop(&mut self) {
+        self.shared.unlock_write();
+    }
+}
+
+impl fmt::Debug for HostWrite<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HostWrite({} bytes)", self.shared.len)
+    }
+}
+
+/// A read lock that any thread may hold and release.
+pub(crate) struct HostReadLease {
+    shared: Arc<Shared>,
+}
+
+impl Drop for HostReadLease {
+    fn drop(&mut self) {
+        self.shared.unlock_read();
+    }
+}
+
+/// A write lock that any thread may hold and release.
+pub(crate) struct HostWriteLease {
+    shared: Arc<Shared>,
+}
+
+impl Drop for HostWriteLease {
+    fn drop(&mut self) {
+        self.shared.unlock_write();
+    }
+}
+
+/// Memory the client does not own, described by a pointer and a length:
+/// what the Python bindings register for a NumPy array or a pinned buffer.
+/// Clones describe the same memory.
+#[derive(Clone)]
+pub struct RawBuffer {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a RawBuffer is a description of memory; `RawBuffer::new`'s
+// contract makes its owner keep it valid and unraced while registered, from
+// whichever thread the client copies.
+unsafe impl Send for RawBuffer {}
+// SAFETY: as above.
+unsafe impl Sync for RawBuffer {}
+
+impl fmt::Debug for RawBuffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RawBuffer({:p}, {} bytes)", self.ptr, self.len)
+    }
+}
+
+impl RawBuffer {
+    /// Describes `len` bytes at `ptr` (`ptr` may be null only when `len` is 0).
+    ///
+    /// # Safety
+    /// For as long as this buffer (or a clone) is registered with a
+    /// [`Client`](crate::Client):
+    /// * `ptr..ptr + len` is valid for reads and writes and stays allocated;
+    /// * nothing writes it while a snapshot is being captured (from
+    ///   `snapshot`/`snapshot_begin` until the capture is waited for or its
+    ///   handle dropped), and nothing reads or writes it during `restore`;
+    /// * it does not overlap another registered buffer.
+    pub unsafe fn new(ptr: *mut u8, len: usize) -> RawBuffer {
+        let ptr = match NonNull::new(ptr) {
+            Some(p) => p,
+            None => {
+                assert_eq!(len, 0, "RawBuffer::new: null pointer with {len} bytes");
+                NonNull::dangling()
+            }
+        };
+        RawBuffer { ptr, len }
+    }
+
+    /// Bytes described.
+    pub fn byte_len(&self) -> usize {
+        self.len
+    }
+
+    /// The start address.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    fn overlaps(&self, other: &RawBuffer) -> bool {
+        let (a, b) = (self.ptr.as_ptr() as usize, other.ptr.as_ptr() as usize);
+        self.len > 0
+            && other.len > 0
+            && a < b.saturating_add(other.len)
+            && b < a.saturating_add(self.len)
+    }
+}
+
+/// A registered buffer: a [`HostTensor`] or a [`RawBuffer`].
+#[derive(Debug, Clone)]
+pub enum Buffer {
+    Host(HostTensor),
+    Raw(RawBuffer),
+}
+
+impl From<HostTensor> for Buffer {
+    fn from(t: HostTensor) -> Buffer {
+        Buffer::Host(t)
+    }
+}
+
+impl From<&HostTensor> for Buffer {
+    fn from(t: &HostTensor) -> Buffer {
+        Buffer::Host(t.clone())
+    }
+}
+
+impl From<RawBuffer> for Buffer {
+    fn from(b: RawBuffer) -> Buffer {
+        Buffer::Raw(b)
+    }
+}
+
+impl Buffer {
+    /// Bytes of the buffer.
+    pub fn byte_len(&self) -> usize {
+        match self {
+            Buffer::Host(t) => t.byte_len(),
+            Buffer::Raw(r) => r.byte_len(),
+        }
+    }
+
+    /// Whether registering both would alias memory (a restore would then
+    /// write one place twice, or wait on itself).
+    pub(crate) fn aliases(&self, other: &Buffer) -> bool {
+        match (self, other) {
+            (Buffer::Host(a), Buffer::Host(b)) => a.same_storage(b),
+            (Buffer::Raw(a), Buffer::Raw(b)) => a.overlaps(b),
+            _ => false,
+        }
+    }
+
+    pub(crate) fn lease_read(&self) -> ReadLease {
+        match self {
+            Buffer::Host(t) => ReadLease::Host(t.lease_read()),
+            Buffer::Raw(r) => ReadLease::Raw(r.clone()),
+        }
+    }
+
+    pub(crate) fn lease_write(&self) -> WriteLease {
+        match self {
+            Buffer::Host(t) => WriteLease::Host(t.lease_write()),
+            Buffer::Raw(r) => WriteLease::Raw(r.clone()),
+        }
+    }
+}
+
+/// What a capture holds on one buffer while it copies.
+pub(crate) enum ReadLease {
+    Host(HostReadLease),
+    Raw(RawBuffer),
+}
+
+impl ReadLease {
+    pub(crate) fn source(&self) -> Source<'_> {
+        Source::Host(self.bytes())
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        match self {
+            // SAFETY: the lease holds the read lock while it lives.
+            ReadLease::Host(l) => unsafe { l.shared.bytes() },
+            // SAFETY: `RawBuffer::new`'s contract: valid for `len` bytes and
+            // not written during a capture.
+            ReadLease::Raw(r) => unsafe { std::slice::from_raw_parts(r.ptr.as_ptr(), r.len) },
+        }
+    }
+}
+
+/// What a restore holds on one buffer while it copies.
+pub(crate) enum WriteLease {
+    Host(HostWriteLease),
+    Raw(RawBuffer),
+}
+
+impl WriteLease {
+    pub(crate) fn target(&mut self) -> Target<'_> {
+        match self {
+            // SAFETY: the lease holds the write lock while it lives and
+            // `&mut self` keeps this the only slice from it.
+            WriteLease::Host(l) => Target::Host(unsafe { l.shared.bytes_mut() }),
+            WriteLease::Raw(r) => {
+                // SAFETY: `RawBuffer::new`'s contract: valid for `len` bytes,
+                // untouched by others during a restore, overlapping no other
+                // registered buffer (which registration also checks).
+                let bytes = unsafe { std::slice::from_raw_parts_mut(r.ptr.as_ptr(), r.len) };
+                Target::Host(bytes)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    #[test]
+    fn host_tensor_is_aligned_zeroed_and_typed() {
+        let t = HostTensor::zeros(Dtype::F32, [3, 5]).expect("zeros");
+        assert_eq!(t.byte_len(), 60);
+        assert_eq!(t.read().as_ptr() as usize % HOST_ALIGN_BYTES, 0);
+        assert!(t.read().iter().all(|&b| b == 0));
+        t.write().as_mut_slice::<f32>()[7] = 1.5;
+        assert_eq!(t.read().as_slice::<f32>()[7], 1.5);
+        assert_eq!(t.spec("w"), TensorSpec::new("w", Dtype::F32, [3, 5]));
+        let u = HostTensor::from_slice(Dtype::U16, [2], &[7u16, 9]).expect("from_slice");
+        assert_eq!(u.read().as_slice::<u16>(), &[7, 9]);
+        assert!(matches!(
+            HostTensor::from_slice(Dtype::U16, [3], &[7u16, 9]),
+            Err(Error::BufferLength {
+                expected: 6,
+                actual: 4,
+                ..
+            })
+        ));
+        assert!(matches!(
+            HostTensor::zeros(Dtype::F64, [u64::MAX, 4]),
+            Err(Error::Spec(_))
+        ));
+        let empty = HostTensor::zeros(Dtype::F32, [0]).expect("empty");
+        assert!(empty.read().is_empty());
+    }
+
+    #[test]
+    #[should_panic(expected = "typed access to a F32 tensor with a 8-byte element type")]
+    fn typed_access_with_the_wrong_element_size_panics() {
+        let t = HostTensor::zeros(Dtype::F32, [2]).expect("zeros");
+        let _ = t.read().as_slice::<f64>().len();
+    }
+
+    #[test]
+    fn a_lease_taken_on_one_thread_and_dropped_on_another_holds_writers_off() {
+        let t = HostTensor::zeros(Dtype::U8, [16]).expect("zeros");
+        let lease = t.lease_read();
+        let wrote = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (t, wrote) = (t.clone(), Arc::clone(&wrote));
+            std::thread::spawn(move || {
+                t.write().fill(1);
+                wrote.store(true, Ordering::SeqCst);
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !wrote.load(Ordering::SeqCst),
+            "writer ran under a read lease"
+        );
+        // A second reader still gets in while the writer waits.
+        assert_eq!(t.read().len(), 16);
+        std::thread::spawn(move || drop(lease))
+            .join()
+            .expect("drop lease");
+        writer.join().expect("writer");
+        assert!(t.read().iter().all(|&b| b == 1));
+    }
+
+    #[test]
+    fn aliasing_buffers_are_detected() {
+        let t = HostTensor::zeros(Dtype::U8, [4]).expect("zeros");
+        let other = HostTensor::zeros(Dtype::U8, [4]).expect("zeros");
+        assert!(Buffer::from(&t).aliases(&Buffer::from(t.clone())));
+        assert!(!Buffer::from(&t).aliases(&Buffer::from(&other)));
+        let mut mem = vec![0u8; 32];
+        let p = mem.as_mut_ptr();
+        // SAFETY: `mem` outlives the buffers, which are never copied through.
+        let (a, b, c) = unsafe {
+            (
+                RawBuffer::new(p, 16),
+                RawBuffer::new(p.add(8), 16),
+                RawBuffer::new(p.add(16), 16),
+            )
+        };
+        assert!(Buffer::from(a.clone()).aliases(&Buffer::from(b)));
+        assert!(!Buffer::from(a).aliases(&Buffer::from(c)));
+    }
+}

@@ -1,0 +1,589 @@
+//! The trainer-facing client: configuration, registration, restore, list,
+//! status, commit waits and reconnection. Capture lives in `handle.rs`.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::buffer::{Buffer, HostTensor};
+use crate::conn::Deadline;
+use crate::device::{Device, HostDevice, RestoreCopy};
+use crate::error::{Error, Result};
+use crate::proto::{self, ReplyBody, RequestBody, RestoreSource, StagingInfo};
+use crate::session::{Events, Outcome, Session};
+use crate::staging::Staging;
+use crate::{Dtype, TensorSpec};
+
+pub use crate::handle::SnapshotHandle;
+
+/// How a [`Client`] connects and how long it waits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// The daemon's socket.
+    pub socket: PathBuf,
+    /// The job name snapshots are filed under.
+    pub job: String,
+    /// This process's rank in the job.
+    pub rank: u32,
+    /// Ranks in the job.
+    pub world_size: u32,
+    /// How long to keep retrying a missing or refusing socket (10 s).
+    pub connect_timeout: Duration,
+    /// Bound on every wait for a reply (60 s).
+    pub call_timeout: Duration,
+    /// Bound on waiting for a commit, for a slot under the `block` policy,
+    /// and for a restore's data (600 s).
+    pub commit_timeout: Duration,
+    /// When the connection breaks, reconnect, register again and retry the
+    /// interrupted operation once (true). When false the operation fails
+    /// with [`Error::Disconnected`] and the next call opens a new connection.
+    pub reconnect: bool,
+    /// Threads the host copy backend uses (min(4, available parallelism)).
+    pub copy_threads: usize,
+}
+
+impl ClientConfig {
+    /// Defaults for `job`, rank 0 of 1, socket from `GPUSNAP_SOCKET` or
+    /// [`proto::DEFAULT_SOCKET`].
+    pub fn new(job: impl Into<String>) -> ClientConfig {
+        let socket = std::env::var_os("GPUSNAP_SOCKET")
+            .filter(|s| !s.is_empty())
+            .map_or_else(|| PathBuf::from(proto::DEFAULT_SOCKET), PathBuf::from);
+        ClientConfig {
+            socket,
+            job: job.into(),
+            rank: 0,
+            world_size: 1,
+            connect_timeout: Duration::from_secs(10),
+            call_timeout: Duration::from_secs(60),
+            commit_timeout: Duration::from_secs(600),
+            reconnect: true,
+            copy_threads: crate::device::host_default_threads(),
+        }
+    }
+}
+
+/// Which snapshot to restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The newest committed step of this (job, rank).
+    Latest,
+    /// That step.
+    At(u64),
+}
+
+/// What a snapshot request came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotOutcome {
+    /// The data is in the daemon's staging; it persists in the background.
+    Captured(CaptureInfo),
+    /// The daemon's staging was busy and its policy is `skip`.
+    Skipped { step: u64, reason: String },
+}
+
+/// A captured snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureInfo {
+    pub step: u64,
+    /// Tensor bytes copied.
+    pub bytes: u64,
+    /// Time the copies took.
+    pub capture: Duration,
+    /// Time the trainer was blocked by the snapshot.
+    pub stall: Duration,
+}
+
+/// A committed snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitInfo {
+    pub step: u64,
+    pub bytes: u64,
+    /// Time the daemon took to persist it (zero when only a listing, not
+    /// the commit event, told us it is committed).
+    pub persist: Duration,
+}
+
+/// A finished restore.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreInfo {
+    pub step: u64,
+    pub source: RestoreSource,
+    /// Bytes the daemon reported for the snapshot.
+    pub bytes: u64,
+    /// Time the daemon took to fill its staging slot.
+    pub daemon_fill: Duration,
+    /// Time the copies into the registered buffers took.
+    pub copy: Duration,
+}
+
+/// Committed snapshots, as the daemon lists them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing {
+    pub snapshots: Vec<proto::SnapshotInfo>,
+    /// Per job: steps every rank has committed.
+    pub complete: Vec<proto::JobSteps>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Registration {
+    pub spec: TensorSpec,
+    pub buffer: Buffer,
+}
+
+/// A connection to `gpusnapd` and the buffers registered on it.
+///
+/// Calls block; each wait for the daemon is bounded by the configured
+/// timeouts. Registration is sent lazily with the first snapshot or restore.
+#[derive(Debug)]
+pub struct Client {
+    pub(crate) config: ClientConfig,
+    pub(crate) device: Arc<dyn Device>,
+    pub(crate) tensors: Vec<Registration>,
+    pub(crate) session: Option<Session>,
+    pub(crate) events: Events,
+    /// Steps accepted on a connection that broke before their event came.
+    pub(crate) orphaned: BTreeSet<u64>,
+    uid: u32,
+}
+
+impl Client {
+    /// Connects to `socket` as rank 0 of a one-rank `job`.
+    pub fn connect(socket: impl AsRef<Path>, job: impl Into<String>) -> Result<Client> {
+        let mut config = ClientConfig::new(job);
+        config.socket = socket.as_ref().to_path_buf();
+        Client::with_config(config)
+    }
+
+    /// Connects with `config`, copying with the host backend.
+    pub fn with_config(config: ClientConfig) -> Result<Client> {
+        let device = Arc::new(HostDevice::new(config.copy_threads));
+        Client::with_device(config, device)
+    }
+
+    /// Connects with `config`, copying with `device`.
+    pub fn with_device(config: ClientConfig, device: Arc<dyn Device>) -> Result<Client> {
+        let mut client = Client {
+            config,
+            device,
+            tensors: Vec::new(),
+            session: None,
+            events: Events::default(),
+            orphaned: BTreeSet::new(),
+            uid: 0,
+        };
+        client.live()?;
+        Ok(client)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// The uid the daemon authenticated this client as.
+    pub fn uid(&self) -> u32 {
+        self.uid
+    }
+
+    /// The staging layout of the current registration, once sent.
+    pub fn staging(&self) -> Option<&StagingInfo> {
+        self.session.as_ref()?.staging.as_deref().map(Staging::info)
+    }
+
+    /// Registers a buffer as tensor `name`. Checked here (spec, byte length,
+    /// unique name, no aliasing); sent to the daemon with the whole set on
+    /// the next snapshot or restore. Registering after the set was sent
+    /// makes the next call register again on a fresh connection.
+    pub fn register(
+        &mut self,
+        name: impl Into<String>,
+        dtype: Dtype,
+        shape: impl Into<Vec<u64>>,
+        buffer: impl Into<Buffer>,
+    ) -> Result<()> {
+        let spec = TensorSpec::new(name, dtype, shape);
+        let buffer = buffer.into();
+        let expected = spec.validate()?;
+        if self.tensors.iter().any(|r| r.spec.name == spec.name) {
+            return Err(Error::DuplicateName { name: spec.name });
+        }
+        let actual = buffer.byte_len() as u64;
+        if actual != expected {
+            return Err(Error::BufferLength {
+                name: spec.name,
+                expected,
+                actual,
+            });
+        }
+        if let Some(other) = self.tensors.iter().find(|r| r.buffer.aliases(&buffer)) {
+            return Err(Error::InvalidRegistration(format!(
+                "the buffer of {:?} shares memory with the one of {:?}",
+                spec.name, other.spec.name
+            )));
+        }
+        self.tensors.push(Registration { spec, buffer });
+        Ok(())
+    }
+
+    /// Registers a host tensor under `name` with its own dtype and shape.
+    pub fn register_host(&mut self, name: impl Into<String>, tensor: &HostTensor) -> Result<()> {
+        self.register(name, tensor.dtype(), tensor.shape().to_vec(), tensor)
+    }
+
+    /// Tensors registered so far, in registration order.
+    pub fn tensors(&self) -> impl Iterator<Item = &TensorSpec> {
+        self.tensors.iter().map(|r| &r.spec)
+    }
+
+    /// Sends the registration now (if it is not current) and returns the
+    /// staging layout the daemon chose.
+    pub fn sync_registration(&mut self) -> Result<&StagingInfo> {
+        self.retry("register", |c| c.registered().map(drop))?;
+        self.staging()
+            .ok_or_else(|| Error::Internal("registration has no staging".into()))
+    }
+
+    /// Restores `step` into every registered buffer. `Ok(None)`: there is
+    /// no snapshot. On an error nothing has been written into the buffers.
+    pub fn restore(&mut self, step: Step) -> Result<Option<RestoreInfo>> {
+        self.retry("restore", |c| c.restore_once(step))
+    }
+
+    fn restore_once(&mut self, step: Step) -> Result<Option<RestoreInfo>> {
+        let staging = self.registered()?;
+        let wanted = match step {
+            Step::Latest => None,
+            Step::At(s) => Some(s),
+        };
+        let reply = self.call(
+            RequestBody::Restore { step: wanted },
+            self.config.commit_timeout,
+        )?;
+        let (got, slot, source, bytes, elapsed_ns) = match reply {
+            ReplyBody::NoSnapshot => return Ok(None),
+            ReplyBody::Restored {
+                step,
+                slot,
+                source,
+                bytes,
+                elapsed_ns,
+            } => (step, slot, source, bytes, elapsed_ns),
+            other => return Err(self.unexpected("restore", &other)),
+        };
+        if wanted.is_some_and(|w| w != got) {
+            return Err(self.protocol(format!("asked to restore step {wanted:?}, got step {got}")));
+        }
+        let started = Instant::now();
+        let copied = self.copy_out(&staging, slot);
+        let copy = started.elapsed();
+        let released = self.call(RequestBody::Release { slot }, self.config.call_timeout);
+        copied?;
+        match released {
+            Ok(ReplyBody::Released) => {}
+            Ok(other) => return Err(self.unexpected("release", &other)),
+            // The daemon frees what a closed connection had lent.
+            Err(Error::Disconnected(m)) => tracing::warn!(slot, "release after restore: {m}"),
+            Err(e) => return Err(e),
+        }
+        Ok(Some(RestoreInfo {
+            step: got,
+            source,
+            bytes,
+            daemon_fill: Duration::from_nanos(elapsed_ns),
+            copy,
+        }))
+    }
+
+    /// Copies slot `slot` into every registered buffer, under write locks.
+    fn copy_out(&mut self, staging: &Staging, slot: u32) -> Result<()> {
+        let mut leases: Vec<_> = self
+            .tensors
+            .iter()
+            .map(|r| r.buffer.lease_write())
+            .collect();
+        // SAFETY: the daemon lent `slot` to this restore, and `&mut self`
+        // keeps every other capture or restore of this client away.
+        let spans = unsafe { staging.slot_spans(slot) }?;
+        let copies = spans
+            .into_iter()
+            .zip(leases.iter_mut())
+            .map(|(src, lease)| RestoreCopy {
+                src,
+                dst: lease.target(),
+            })
+            .collect();
+        self.device.restore(copies)
+    }
+
+    /// Committed snapshots of this job.
+    pub fn list(&mut self) -> Result<Listing> {
+        let job = self.config.job.clone();
+        self.list_job(Some(&job))
+    }
+
+    /// Committed snapshots of `job`, or of every job this user may see.
+    pub fn list_job(&mut self, job: Option<&str>) -> Result<Listing> {
+        let job = job.map(str::to_owned);
+        self.retry("list", |c| {
+            c.live()?;
+            match c.call(
+                RequestBody::List { job: job.clone() },
+                c.config.call_timeout,
+            )? {
+                ReplyBody::Listing {
+                    snapshots,
+                    complete,
+                } => Ok(Listing {
+                    snapshots,
+                    complete,
+                }),
+                other => Err(c.unexpected("list", &other)),
+            }
+        })
+    }
+
+    /// The daemon's status (needs no registration).
+    pub fn status(&mut self) -> Result<proto::StatusInfo> {
+        self.retry("status", |c| {
+            c.live()?;
+            match c.call(RequestBody::Status, c.config.call_timeout)? {
+                ReplyBody::Status(status) => Ok(*status),
+                other => Err(c.unexpected("status", &other)),
+            }
+        })
+    }
+
+    /// Waits until the snapshot of `step` is committed (bounded by
+    /// `commit_timeout`). Works for any step this client captured, also
+    /// after its handle is gone. A step whose connection broke before its
+    /// commit was reported is looked up in the listing: committed → `Ok`,
+    /// otherwise [`Error::Lost`].
+    pub fn wait_committed(&mut self, step: u64) -> Result<CommitInfo> {
+        let deadline = Deadline::after(self.config.commit_timeout);
+        loop {
+            self.reap_broken();
+            if let Some(outcome) = self.events.take(step) {
+                return outcome_result(step, outcome);
+            }
+            if self.orphaned.remove(&step) {
+                return match self.committed_in_listing(step) {
+                    Ok(Some(info)) => Ok(info),
+                    Ok(None) => Err(Error::Lost { step }),
+                    Err(e) => {
+                        self.orphaned.insert(step);
+                        Err(e)
+                    }
+                };
+            }
+            let Some(session) = self
+                .session
+                .as_mut()
+                .filter(|s| s.in_flight.contains(&step))
+            else {
+                return self.committed_in_listing(step)?.ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "step {step} is neither in flight on this client nor committed"
+                    ))
+                });
+            };
+            match session.await_event(step, deadline, &mut self.events) {
+                Ok(()) => {}
+                Err(Error::Disconnected(m)) if self.config.reconnect => {
+                    tracing::warn!(step, "connection broke while awaiting a commit: {m}");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn committed_in_listing(&mut self, step: u64) -> Result<Option<CommitInfo>> {
+        let listing = self.list()?;
+        let (job, rank) = (&self.config.job, self.config.rank);
+        Ok(listing
+            .snapshots
+            .iter()
+            .find(|s| &s.job == job && s.rank == rank && s.step == step)
+            .map(|s| CommitInfo {
+                step,
+                bytes: s.bytes,
+                persist: Duration::ZERO,
+            }))
+    }
+
+    // ---- connection management ----
+
+    /// Drops a broken session; its in-flight steps become orphans.
+    pub(crate) fn reap_broken(&mut self) {
+        if self.session.as_ref().is_some_and(Session::is_broken) {
+            self.close_session();
+        }
+    }
+
+    pub(crate) fn close_session(&mut self) {
+        if let Some(session) = self.session.take() {
+            self.orphaned.extend(session.in_flight);
+        }
+    }
+
+    /// Makes sure a handshaken session exists.
+    pub(crate) fn live(&mut self) -> Result<()> {
+        self.reap_broken();
+        if self.session.is_none() {
+            let session = Session::open(
+                &self.config.socket,
+                self.config.connect_timeout,
+                self.config.call_timeout,
+            )?;
+            self.uid = session.uid;
+            self.session = Some(session);
+        }
+        Ok(())
+    }
+
+    /// Makes sure the current tensor set is registered; returns its staging.
+    pub(crate) fn registered(&mut self) -> Result<Arc<Staging>> {
+        if self.tensors.is_empty() {
+            return Err(Error::NotRegistered("no tensors are registered".into()));
+        }
+        self.live()?;
+        let current = self
+            .session
+            .as_ref()
+            .and_then(|s| s.staging.as_ref().map(|st| (Arc::clone(st), s.registered)));
+        match current {
+            Some((staging, n)) if n == self.tensors.len() => return Ok(staging),
+            Some(_) => {
+                // Register once per connection: a new set needs a new one.
+                // Let the old one report its commits first.
+                self.drain_in_flight();
+                self.close_session();
+                self.live()?;
+            }
+            None => {}
+        }
+        let tensors: Vec<TensorSpec> = self.tensors.iter().map(|r| r.spec.clone()).collect();
+        let lens: Vec<u64> = self
+            .tensors
+            .iter()
+            .map(|r| r.buffer.byte_len() as u64)
+            .collect();
+        let body = RequestBody::Register {
+            job: self.config.job.clone(),
+            rank: self.config.rank,
+            world_size: self.config.world_size,
+            tensors,
+        };
+        let deadline = Deadline::after(self.config.call_timeout);
+        let session = self
+            .session
+            .as_mut()
+            .ok_or_else(|| Error::Disconnected("no connection to gpusnapd".into()))?;
+        let id = session.send(body, deadline)?;
+        let (reply, mut fds) = session.recv(id, "register", deadline, &mut self.events, true)?;
+        let ReplyBody::Registered(info) = reply else {
+            return Err(self.unexpected("register", &reply));
+        };
+        let fd = match (fds.pop(), fds.is_empty()) {
+            (Some(fd), true) => fd,
+            (None, _) => return Err(self.protocol("registered without a staging memfd".into())),
+            (Some(_), false) => {
+                return Err(self.protocol(format!(
+                    "registered with {} file descriptors",
+                    fds.len() + 1
+                )));
+            }
+        };
+        let staging = match Staging::map(fd, info, lens) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                self.session_mut()?.unexpected_broken();
+                return Err(e);
+            }
+        };
+        let count = self.tensors.len();
+        let session = self.session_mut()?;
+        session.staging = Some(Arc::clone(&staging));
+        session.registered = count;
+        tracing::debug!(tensors = count, info = ?staging.info(), "registered");
+        Ok(staging)
+    }
+
+    /// Awaits the events of steps in flight on the current connection.
+    fn drain_in_flight(&mut self) {
+        let deadline = Deadline::after(self.config.commit_timeout);
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        while let Some(&step) = session.in_flight.first() {
+            if let Err(e) = session.await_event(step, deadline, &mut self.events) {
+                tracing::warn!(step, error = %e, "commit not reported before re-registering");
+                return;
+            }
+        }
+    }
+
+    pub(crate) fn session_mut(&mut self) -> Result<&mut Session> {
+        self.session
+            .as_mut()
+            .ok_or_else(|| Error::Disconnected("no connection to gpusnapd".into()))
+    }
+
+    /// One request, one reply, within `timeout`.
+    pub(crate) fn call(&mut self, body: RequestBody, timeout: Duration) -> Result<ReplyBody> {
+        let deadline = Deadline::after(timeout);
+        let session = self
+            .session
+            .as_mut()
+            .ok_or_else(|| Error::Disconnected("no connection to gpusnapd".into()))?;
+        session.call(body, deadline, &mut self.events)
+    }
+
+    pub(crate) fn unexpected(&mut self, what: &str, body: &ReplyBody) -> Error {
+        match self.session.as_mut() {
+            Some(s) => s.unexpected(what, body),
+            None => Error::Protocol(format!("unexpected reply to {what}")),
+        }
+    }
+
+    /// A protocol error: the connection is done.
+    pub(crate) fn protocol(&mut self, message: String) -> Error {
+        if let Some(s) = self.session.as_mut() {
+            s.unexpected_broken();
+        }
+        Error::Protocol(message)
+    }
+
+    /// Runs `op`; when the connection broke and `reconnect` is set, runs it
+    /// once more on a new connection.
+    pub(crate) fn retry<T>(
+        &mut self,
+        what: &str,
+        mut op: impl FnMut(&mut Client) -> Result<T>,
+    ) -> Result<T> {
+        match op(self) {
+            Err(Error::Disconnected(m)) if self.config.reconnect => {
+                tracing::warn!("{what}: connection to gpusnapd broke ({m}); reconnecting");
+                self.close_session();
+                op(self)
+            }
+            r => r,
+        }
+    }
+}
+
+fn outcome_result(step: u64, outcome: Outcome) -> Result<CommitInfo> {
+    match outcome {
+        Outcome::Committed { bytes, persist } => Ok(CommitInfo {
+            step,
+            bytes,
+            persist,
+        }),
+        Outcome::Failed { kind, message } => Err(Error::SnapshotFailed {
+            step,
+            kind,
+            message,
+        }),
+        Outcome::Skipped { reason } => Err(Error::Skipped { step, reason }),
+    }
+}

@@ -1,0 +1,232 @@
+//! The one error type of the client library.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::TensorSpecError;
+use crate::proto::ErrorKind;
+
+/// Everything that can go wrong in the client.
+///
+/// Errors the daemon reports keep its message; [`Error::from_daemon`] maps
+/// each [`ErrorKind`] to exactly one variant and [`Error::daemon_kind`] maps
+/// it back.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No daemon answers on the socket (it does not exist, refuses, or the
+    /// connect timeout ran out).
+    #[error("gpusnapd is not reachable at {}: {source}", socket.display())]
+    DaemonUnavailable {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The daemon speaks another protocol version.
+    #[error("protocol version mismatch: client speaks {client}, {message}")]
+    VersionMismatch { client: u32, message: String },
+    /// A malformed, oversized or out-of-order message, in either direction.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The daemon refused a frame as over its size limit.
+    #[error("message too large: {0}")]
+    TooLarge(String),
+    /// The connection broke and could not be (or was not to be) re-established.
+    #[error("disconnected from gpusnapd: {0}")]
+    Disconnected(String),
+    /// `Begin` or `Restore` reached the daemon before a registration.
+    #[error("not registered: {0}")]
+    NotRegistered(String),
+    /// The daemon refused the tensor specs, job name, rank or world size.
+    #[error("invalid registration: {0}")]
+    InvalidRegistration(String),
+    /// Another connection holds this (job, rank).
+    #[error("busy: {0}")]
+    Busy(String),
+    /// The job belongs to another user.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// The registration does not fit the daemon's staging budget.
+    #[error("staging full: {0}")]
+    StagingFull(String),
+    /// A restore's snapshot does not hold exactly the registered tensors.
+    #[error("snapshot does not match the registered tensors: {0}")]
+    Mismatch(String),
+    /// The requested step does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// A checksum or structure check failed.
+    #[error("corrupt snapshot: {0}")]
+    Corrupt(String),
+    /// The daemon's disk refused.
+    #[error("storage error: {0}")]
+    Storage(String),
+    /// The daemon is stopping.
+    #[error("gpusnapd is shutting down: {0}")]
+    ShuttingDown(String),
+    /// A wait ran past its bound (`after`; zero when the daemon reported it).
+    #[error("timed out after {after:?} waiting for {what}")]
+    Timeout { what: String, after: Duration },
+    /// A bug or an unexpected condition in the daemon.
+    #[error("internal daemon error: {0}")]
+    Internal(String),
+    /// The daemon refused this snapshot because staging was busy (policy `skip`).
+    #[error("snapshot of step {step} was skipped: {reason}")]
+    Skipped { step: u64, reason: String },
+    /// The snapshot was captured but the daemon could not commit it.
+    #[error("snapshot of step {step} failed ({kind:?}): {message}")]
+    SnapshotFailed {
+        step: u64,
+        kind: ErrorKind,
+        message: String,
+    },
+    /// The connection that carried this step broke before its commit was
+    /// reported, and the daemon does not list it: it is gone.
+    #[error(
+        "snapshot of step {step} was lost: the daemon did not commit it before the connection broke"
+    )]
+    Lost { step: u64 },
+    /// A buffer's length is not the byte length of its dtype and shape.
+    #[error("buffer of tensor {name:?} holds {actual} bytes, its spec needs {expected}")]
+    BufferLength {
+        name: String,
+        expected: u64,
+        actual: u64,
+    },
+    /// A tensor of that name is already registered.
+    #[error("tensor {name:?} is already registered")]
+    DuplicateName { name: String },
+    /// A tensor spec that cannot be stored.
+    #[error(transparent)]
+    Spec(#[from] TensorSpecError),
+    /// The copy backend a buffer needs is not usable on this machine.
+    #[error("backend {backend} unavailable: {reason}")]
+    BackendUnavailable {
+        backend: &'static str,
+        reason: String,
+    },
+    /// A local I/O error (socket options, mapping the staging memfd).
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The variant for an error the daemon reported.
+    pub fn from_daemon(kind: ErrorKind, message: String) -> Error {
+        match kind {
+            ErrorKind::Protocol => Error::Protocol(message),
+            ErrorKind::TooLarge => Error::TooLarge(message),
+            ErrorKind::VersionMismatch => Error::VersionMismatch {
+                client: crate::proto::PROTOCOL_VERSION,
+                message,
+            },
+            ErrorKind::NotRegistered => Error::NotRegistered(message),
+            ErrorKind::InvalidRegistration => Error::InvalidRegistration(message),
+            ErrorKind::Busy => Error::Busy(message),
+            ErrorKind::PermissionDenied => Error::PermissionDenied(message),
+            ErrorKind::StagingFull => Error::StagingFull(message),
+            ErrorKind::Mismatch => Error::Mismatch(message),
+            ErrorKind::NotFound => Error::NotFound(message),
+            ErrorKind::Corrupt => Error::Corrupt(message),
+            ErrorKind::Storage => Error::Storage(message),
+            ErrorKind::ShuttingDown => Error::ShuttingDown(message),
+            ErrorKind::Timeout => Error::Timeout {
+                what: message,
+                after: Duration::ZERO,
+            },
+            ErrorKind::Internal => Error::Internal(message),
+        }
+    }
+
+    /// The daemon error kind this error corresponds to, if any (local
+    /// protocol errors and timeouts report `Protocol` and `Timeout` too).
+    pub fn daemon_kind(&self) -> Option<ErrorKind> {
+        Some(match self {
+            Error::Protocol(_) => ErrorKind::Protocol,
+            Error::TooLarge(_) => ErrorKind::TooLarge,
+            Error::VersionMismatch { .. } => ErrorKind::VersionMismatch,
+            Error::NotRegistered(_) => ErrorKind::NotRegistered,
+            Error::InvalidRegistration(_) => ErrorKind::InvalidRegistration,
+            Error::Busy(_) => ErrorKind::Busy,
+            Error::PermissionDenied(_) => ErrorKind::PermissionDenied,
+            Error::StagingFull(_) => ErrorKind::StagingFull,
+            Error::Mismatch(_) => ErrorKind::Mismatch,
+            Error::NotFound(_) => ErrorKind::NotFound,
+            Error::Corrupt(_) => ErrorKind::Corrupt,
+            Error::Storage(_) => ErrorKind::Storage,
+            Error::ShuttingDown(_) => ErrorKind::ShuttingDown,
+            Error::Timeout { .. } => ErrorKind::Timeout,
+            Error::Internal(_) => ErrorKind::Internal,
+            Error::SnapshotFailed { kind, .. } => *kind,
+            Error::DaemonUnavailable { .. }
+            | Error::Disconnected(_)
+            | Error::Skipped { .. }
+            | Error::Lost { .. }
+            | Error::BufferLength { .. }
+            | Error::DuplicateName { .. }
+            | Error::Spec(_)
+            | Error::BackendUnavailable { .. }
+            | Error::Io(_) => return None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kind, written as a match so a new kind fails to compile here.
+    fn all_kinds() -> Vec<ErrorKind> {
+        let probe = ErrorKind::Protocol;
+        match probe {
+            ErrorKind::Protocol
+            | ErrorKind::TooLarge
+            | ErrorKind::VersionMismatch
+            | ErrorKind::NotRegistered
+            | ErrorKind::InvalidRegistration
+            | ErrorKind::Busy
+            | ErrorKind::PermissionDenied
+            | ErrorKind::StagingFull
+            | ErrorKind::Mismatch
+            | ErrorKind::NotFound
+            | ErrorKind::Corrupt
+            | ErrorKind::Storage
+            | ErrorKind::ShuttingDown
+            | ErrorKind::Timeout
+            | ErrorKind::Internal => {}
+        }
+        vec![
+            ErrorKind::Protocol,
+            ErrorKind::TooLarge,
+            ErrorKind::VersionMismatch,
+            ErrorKind::NotRegistered,
+            ErrorKind::InvalidRegistration,
+            ErrorKind::Busy,
+            ErrorKind::PermissionDenied,
+            ErrorKind::StagingFull,
+            ErrorKind::Mismatch,
+            ErrorKind::NotFound,
+            ErrorKind::Corrupt,
+            ErrorKind::Storage,
+            ErrorKind::ShuttingDown,
+            ErrorKind::Timeout,
+            ErrorKind::Internal,
+        ]
+    }
+
+    #[test]
+    fn every_daemon_kind_maps_to_its_own_variant_and_back() {
+        let kinds = all_kinds();
+        let mut variants = std::collections::HashSet::new();
+        for kind in &kinds {
+            let err = Error::from_daemon(*kind, format!("msg-{kind:?}"));
+            assert_eq!(err.daemon_kind(), Some(*kind), "{err}");
+            assert!(err.to_string().contains(&format!("msg-{kind:?}")), "{err}");
+            variants.insert(std::mem::discriminant(&err));
+        }
+        assert_eq!(variants.len(), kinds.len(), "two kinds share a variant");
+    }
+}

@@ -1,0 +1,274 @@
+//! One live conversation with `gpusnapd`: request ids, replies matched to
+//! them in order, events recorded whenever they arrive, the handshake and
+//! the registration's staging.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::conn::{Conn, Deadline};
+use crate::error::{Error, Result};
+use crate::proto::{ErrorKind, PROTOCOL_VERSION, Reply, ReplyBody, Request, RequestBody};
+use crate::staging::Staging;
+
+/// Events kept for steps nobody waited for yet; the oldest go first.
+const EVENTS_MAX: usize = 1024;
+
+/// What became of one step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Committed { bytes: u64, persist: Duration },
+    Failed { kind: ErrorKind, message: String },
+    Skipped { reason: String },
+}
+
+/// Outcomes recorded per step, across connections.
+#[derive(Debug, Default)]
+pub(crate) struct Events {
+    by_step: BTreeMap<u64, Outcome>,
+}
+
+impl Events {
+    pub(crate) fn record(&mut self, step: u64, outcome: Outcome) {
+        self.by_step.insert(step, outcome);
+        while self.by_step.len() > EVENTS_MAX {
+            self.by_step.pop_first();
+        }
+    }
+
+    pub(crate) fn take(&mut self, step: u64) -> Option<Outcome> {
+        self.by_step.remove(&step)
+    }
+
+    pub(crate) fn contains(&self, step: u64) -> bool {
+        self.by_step.contains_key(&step)
+    }
+}
+
+/// A connection after a successful handshake.
+#[derive(Debug)]
+pub(crate) struct Session {
+    conn: Conn,
+    next_id: u64,
+    pub uid: u32,
+    /// The registration made on this connection.
+    pub staging: Option<Arc<Staging>>,
+    /// Tensors in that registration.
+    pub registered: usize,
+    /// Steps accepted on this connection whose event has not come yet.
+    pub in_flight: BTreeSet<u64>,
+    broken: bool,
+}
+
+impl Session {
+    /// Connects (retrying until `connect_timeout`) and says Hello.
+    pub(crate) fn open(
+        socket: &Path,
+        connect_timeout: Duration,
+        call_timeout: Duration,
+    ) -> Result<Session> {
+        let conn = Conn::connect(socket, connect_timeout)?;
+        let mut session = Session {
+            conn,
+            next_id: 1,
+            uid: 0,
+            staging: None,
+            registered: 0,
+            in_flight: BTreeSet::new(),
+            broken: false,
+        };
+        let hello = RequestBody::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            client: format!("gpusnap-rs {}", env!("CARGO_PKG_VERSION")),
+        };
+        let mut events = Events::default();
+        match session.call(hello, Deadline::after(call_timeout), &mut events)? {
+            ReplyBody::Welcome {
+                protocol_version,
+                daemon_version,
+                uid,
+            } => {
+                if protocol_version != PROTOCOL_VERSION {
+                    return Err(Error::VersionMismatch {
+                        client: PROTOCOL_VERSION,
+                        message: format!("gpusnapd {daemon_version} speaks {protocol_version}"),
+                    });
+                }
+                tracing::debug!(%daemon_version, uid, "connected to gpusnapd");
+                session.uid = uid;
+                Ok(session)
+            }
+            other => Err(session.unexpected("hello", &other)),
+        }
+    }
+
+    /// Whether the connection is unusable (a local error, a timeout, a
+    /// closing daemon error).
+    pub(crate) fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// Marks the connection unusable.
+    pub(crate) fn unexpected_broken(&mut self) {
+        self.broken = true;
+    }
+
+    fn mark<T>(&mut self, r: Result<T>) -> Result<T> {
+        if r.is_err() {
+            self.broken = true;
+        }
+        r
+    }
+
+    /// Sends a request; returns its id.
+    pub(crate) fn send(&mut self, body: RequestBody, deadline: Deadline) -> Result<u64> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let r = self.conn.send(&Request { id, body }, deadline);
+        self.mark(r).map(|()| id)
+    }
+
+    /// The reply to request `id` (the next reply that is not an event);
+    /// daemon errors come back as `Err`. Descriptors are refused unless
+    /// `fds_allowed`.
+    pub(crate) fn recv(
+        &mut self,
+        id: u64,
+        what: &str,
+        deadline: Deadline,
+        events: &mut Events,
+        fds_allowed: bool,
+    ) -> Result<(ReplyBody, Vec<OwnedFd>)> {
+        loop {
+            let frame = self.conn.recv(deadline, what);
+            let frame = self.mark(frame)?;
+            let Reply { id: got, body } = frame.reply;
+            if got == 0 {
+                if !frame.fds.is_empty() {
+                    return self.mark(Err(Error::Protocol(
+                        "an event carried file descriptors".into(),
+                    )));
+                }
+                self.record_event(body, events)?;
+                continue;
+            }
+            if got != id {
+                return self.mark(Err(Error::Protocol(format!(
+                    "reply id {got} while awaiting {what} (id {id})"
+                ))));
+            }
+            if !fds_allowed && !frame.fds.is_empty() {
+                return self.mark(Err(Error::Protocol(format!(
+                    "{} file descriptors on a reply to {what}",
+                    frame.fds.len()
+                ))));
+            }
+            if let ReplyBody::Error { kind, message } = body {
+                if kind.closes_connection() {
+                    self.broken = true;
+                }
+                return Err(Error::from_daemon(kind, message));
+            }
+            return Ok((body, frame.fds));
+        }
+    }
+
+    /// Sends `body` and returns its reply (no descriptors allowed).
+    pub(crate) fn call(
+        &mut self,
+        body: RequestBody,
+        deadline: Deadline,
+        events: &mut Events,
+    ) -> Result<ReplyBody> {
+        let what = body.name();
+        let id = self.send(body, deadline)?;
+        self.recv(id, what, deadline, events, false).map(|(b, _)| b)
+    }
+
+    /// Reads events until one for `step` is recorded.
+    pub(crate) fn await_event(
+        &mut self,
+        step: u64,
+        deadline: Deadline,
+        events: &mut Events,
+    ) -> Result<()> {
+        let what = format!("the commit of step {step}");
+        while !events.contains(step) {
+            let frame = self.conn.recv(deadline, &what);
+            let frame = self.mark(frame)?;
+            if frame.reply.id != 0 || !frame.fds.is_empty() {
+                return self.mark(Err(Error::Protocol(format!(
+                    "unsolicited reply id {} while awaiting {what}",
+                    frame.reply.id
+                ))));
+            }
+            self.record_event(frame.reply.body, events)?;
+        }
+        Ok(())
+    }
+
+    fn record_event(&mut self, body: ReplyBody, events: &mut Events) -> Result<()> {
+        let (step, outcome) = match body {
+            ReplyBody::Committed {
+                step,
+                bytes,
+                persist_ns,
+            } => (
+                step,
+                Outcome::Committed {
+                    bytes,
+                    persist: Duration::from_nanos(persist_ns),
+                },
+            ),
+            ReplyBody::Failed {
+                step,
+                kind,
+                message,
+            } => (step, Outcome::Failed { kind, message }),
+            other => return Err(self.unexpected("an event", &other)),
+        };
+        tracing::debug!(step, ?outcome, "snapshot event");
+        self.in_flight.remove(&step);
+        events.record(step, outcome);
+        Ok(())
+    }
+
+    /// A reply of the wrong type: a protocol error; the connection is done.
+    pub(crate) fn unexpected(&mut self, what: &str, body: &ReplyBody) -> Error {
+        self.broken = true;
+        let name = serde_json::to_value(body)
+            .ok()
+            .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned))
+            .unwrap_or_else(|| "?".into());
+        Error::Protocol(format!("unexpected reply {name:?} to {what}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_bounded_and_taken_once() {
+        let mut events = Events::default();
+        for step in 0..(EVENTS_MAX as u64 + 10) {
+            events.record(
+                step,
+                Outcome::Skipped {
+                    reason: "busy".into(),
+                },
+            );
+        }
+        assert!(!events.contains(9), "oldest dropped");
+        assert!(events.contains(10));
+        assert_eq!(
+            events.take(10),
+            Some(Outcome::Skipped {
+                reason: "busy".into()
+            })
+        );
+        assert_eq!(events.take(10), None);
+    }
+}
