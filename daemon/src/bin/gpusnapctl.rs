@@ -2,8 +2,11 @@
 //!
 //! `list` shows what the store would offer for restore, `inspect` one
 //! snapshot's manifest and tensor table, `verify` re-reads every chunk and
-//! exits 0 only if every CRC matches. Human output by default, `--json` for
-//! scripts. Nothing here writes to the store.
+//! exits 0 only if every CRC matches; none of these write to the store.
+//! `status` asks the running daemon (clients, jobs, staging and hot-tier
+//! use, snapshots in flight); `probe` checks a node end to end through the
+//! daemon: register, snapshot, commit, restore, compare. Human output by
+//! default, `--json` for scripts.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -44,6 +47,36 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Ask the running daemon what it is doing.
+    Status {
+        /// The daemon's socket (default: $GPUSNAP_SOCKET, else /run/gpusnap/gpusnapd.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// Snapshot a few tensors through the daemon, wait for the commit,
+    /// restore and compare; exit 0 only if the bytes come back exactly.
+    Probe {
+        /// The daemon's socket (default: $GPUSNAP_SOCKET, else /run/gpusnap/gpusnapd.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Job the probe's snapshots are filed under.
+        #[arg(long, default_value = "gpusnap-probe")]
+        job: String,
+        /// Size of the probe's state in MiB.
+        #[arg(long, default_value_t = 8)]
+        mib: u64,
+    },
+}
+
+/// What can go wrong in a command.
+#[derive(Debug, thiserror::Error)]
+enum CtlError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Client(#[from] gpusnap::Error),
+    #[error("{0}")]
+    Check(String),
 }
 
 fn main() -> ExitCode {
@@ -64,12 +97,163 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: &Cli) -> Result<ExitCode, StoreError> {
+fn run(cli: &Cli) -> Result<ExitCode, CtlError> {
     match &cli.command {
-        Command::List { root, job } => list(root, job.as_deref(), cli.json),
-        Command::Inspect { path } => inspect(path, cli.json),
-        Command::Verify { paths } => verify(paths, cli.json),
+        Command::List { root, job } => Ok(list(root, job.as_deref(), cli.json)?),
+        Command::Inspect { path } => Ok(inspect(path, cli.json)?),
+        Command::Verify { paths } => Ok(verify(paths, cli.json)?),
+        Command::Status { socket } => status(socket.as_deref(), cli.json),
+        Command::Probe { socket, job, mib } => probe(socket.as_deref(), job, *mib, cli.json),
     }
+}
+
+fn client_config(socket: Option<&Path>, job: &str) -> gpusnap::ClientConfig {
+    let mut config = gpusnap::ClientConfig::new(job);
+    if let Some(s) = socket {
+        config.socket = s.to_path_buf();
+    }
+    config.connect_timeout = std::time::Duration::from_secs(5);
+    config.reconnect = false;
+    config
+}
+
+fn status(socket: Option<&Path>, json: bool) -> Result<ExitCode, CtlError> {
+    let mut client = gpusnap::Client::with_config(client_config(socket, "gpusnapctl"))?;
+    let s = client.status()?;
+    if json {
+        print_json(&s);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "gpusnapd {} up {} s, I/O backend {}",
+        s.daemon_version, s.uptime_s, s.io_backend
+    );
+    println!("clients   {}", s.clients_connected);
+    println!(
+        "staging   {} of {} bytes in use",
+        s.staging_bytes_used, s.staging_budget_bytes
+    );
+    println!(
+        "hot tier  {} of {} bytes",
+        s.hot_tier_bytes, s.hot_tier_budget_bytes
+    );
+    println!(
+        "in flight {} snapshot(s) captured, not yet committed",
+        s.snapshots_in_flight
+    );
+    println!();
+    println!(
+        "{:<24} {:>5} {:>7} {:>8} {:>8} {:>14} {:>11}",
+        "SESSION JOB", "RANK", "UID", "PID", "TENSORS", "STAGING", "SLOTS BUSY"
+    );
+    for c in &s.sessions {
+        println!(
+            "{:<24} {:>5} {:>7} {:>8} {:>8} {:>14} {:>6}/{}",
+            c.job, c.rank, c.uid, c.pid, c.tensors, c.staging_bytes, c.slots_busy, c.slots
+        );
+    }
+    println!();
+    println!(
+        "{:<24} {:>7} {:>14} {:>10} {:>10}",
+        "JOB", "UID", "LAST COMMITTED", "IN FLIGHT", "HOT STEP"
+    );
+    let dash = || "-".to_owned();
+    for j in &s.jobs {
+        println!(
+            "{:<24} {:>7} {:>14} {:>10} {:>10}",
+            j.job,
+            j.uid,
+            j.last_committed_step.map_or_else(dash, |v| v.to_string()),
+            j.in_flight,
+            j.hot_step.map_or_else(dash, |v| v.to_string())
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Serialize)]
+struct ProbeOutput {
+    ok: bool,
+    job: String,
+    step: u64,
+    bytes: u64,
+    stall_s: f64,
+    persist_s: f64,
+    restore_s: f64,
+    restore_source: String,
+}
+
+fn probe(socket: Option<&Path>, job: &str, mib: u64, json: bool) -> Result<ExitCode, CtlError> {
+    use gpusnap::{Dtype, HostTensor, SnapshotOutcome, Step};
+    let mut client = gpusnap::Client::with_config(client_config(socket, job))?;
+    let step = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let words = (mib.max(1) << 20) / 4;
+    let tensors = [
+        ("probe.weights", HostTensor::zeros(Dtype::F32, [words])?),
+        ("probe.step", HostTensor::zeros(Dtype::I64, [])?),
+        ("probe.bytes", HostTensor::zeros(Dtype::U8, [4097])?),
+    ];
+    // A pattern that depends on the step, so a stale snapshot cannot pass.
+    let pattern = |i: usize| {
+        let mixed = step
+            .wrapping_mul(2_654_435_761)
+            .wrapping_add((i as u64).wrapping_mul(40_503));
+        mixed.to_le_bytes()[(i >> 3) % 8]
+    };
+    for (name, t) in &tensors {
+        for (i, b) in t.write().iter_mut().enumerate() {
+            *b = pattern(i);
+        }
+        client.register_host(*name, t)?;
+    }
+    let stall = match client.snapshot(step)? {
+        SnapshotOutcome::Captured(c) => c.stall,
+        SnapshotOutcome::Skipped { reason, .. } => {
+            return Err(CtlError::Check(format!(
+                "the daemon skipped the probe snapshot: {reason}"
+            )));
+        }
+    };
+    let committed = client.wait_committed(step)?;
+    for (_, t) in &tensors {
+        t.write().fill(0);
+    }
+    let restored = client.restore(Step::At(step))?.ok_or_else(|| {
+        CtlError::Check(format!("step {step} was committed but cannot be restored"))
+    })?;
+    for (name, t) in &tensors {
+        let read = t.read();
+        if let Some(i) = read.iter().enumerate().position(|(i, b)| *b != pattern(i)) {
+            return Err(CtlError::Check(format!(
+                "tensor {name} came back different at byte {i}"
+            )));
+        }
+    }
+    let out = ProbeOutput {
+        ok: true,
+        job: job.to_owned(),
+        step,
+        bytes: committed.bytes,
+        stall_s: stall.as_secs_f64(),
+        persist_s: committed.persist.as_secs_f64(),
+        restore_s: (restored.daemon_fill + restored.copy).as_secs_f64(),
+        restore_source: restored.source.name().to_owned(),
+    };
+    if json {
+        print_json(&out);
+    } else {
+        println!(
+            "OK  probe of job {job} step {step}: {} bytes, stall {:.3} ms, committed in {:.3} ms, restored from {} in {:.3} ms, bytes identical",
+            out.bytes,
+            out.stall_s * 1e3,
+            out.persist_s * 1e3,
+            out.restore_source,
+            out.restore_s * 1e3
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A read-only store rooted at `root` (only used to read snapshot dirs).
