@@ -480,6 +480,13 @@ impl Conn {
                         Refusal::new(ErrorKind::Internal, format!("stream thread: {e}"))
                     })?;
                 let chunks = staging.info().chunk_count();
+                tracing::info!(
+                    conn = self.id,
+                    job,
+                    step,
+                    chunks,
+                    "every slot busy; streaming the capture through the ring"
+                );
                 self.capture = Some(Capture::Stream {
                     step,
                     feed,

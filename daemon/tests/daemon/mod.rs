@@ -271,3 +271,132 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// A trainer's state for tests: named host tensors of mixed dtypes and
+/// sizes, filled from `seed` so different steps hold different bytes.
+pub struct State {
+    pub tensors: Vec<(String, gpusnap::HostTensor)>,
+}
+
+impl State {
+    /// `total_bytes` spread over `count` tensors (the first one takes the
+    /// remainder), plus a scalar step counter.
+    pub fn new(count: usize, total_bytes: u64) -> State {
+        use gpusnap::{Dtype, HostTensor};
+        let dtypes = [Dtype::F32, Dtype::BF16, Dtype::U8, Dtype::I64, Dtype::F16];
+        let count = count.max(1);
+        let per = total_bytes / count as u64;
+        let mut tensors = Vec::with_capacity(count + 1);
+        for i in 0..count {
+            let dtype = dtypes[i % dtypes.len()];
+            let mut bytes = if i == 0 {
+                total_bytes - per * (count as u64 - 1)
+            } else {
+                per
+            };
+            bytes -= bytes % dtype.size_bytes();
+            let elements = bytes / dtype.size_bytes();
+            let shape: Vec<u64> = if i % 3 == 0 && elements % 4 == 0 && elements > 0 {
+                vec![4, elements / 4]
+            } else {
+                vec![elements]
+            };
+            tensors.push((
+                format!("layer{i}.{}", dtype.name().to_lowercase()),
+                HostTensor::zeros(dtype, shape).expect("tensor"),
+            ));
+        }
+        tensors.push((
+            "step".to_owned(),
+            HostTensor::zeros(Dtype::I64, []).expect("scalar"),
+        ));
+        State { tensors }
+    }
+
+    /// Registers every tensor with `client`.
+    pub fn register(&self, client: &mut gpusnap::Client) {
+        for (name, t) in &self.tensors {
+            client.register_host(name.as_str(), t).expect("register");
+        }
+    }
+
+    /// Fills every byte from `seed`.
+    pub fn fill(&self, seed: u64) {
+        for (index, (_, t)) in self.tensors.iter().enumerate() {
+            let mut w = t.write();
+            for (i, b) in w.iter_mut().enumerate() {
+                *b = pattern(seed, index, i);
+            }
+        }
+    }
+
+    pub fn zero(&self) {
+        for (_, t) in &self.tensors {
+            t.write().fill(0);
+        }
+    }
+
+    /// The first tensor whose bytes differ from `fill(seed)`, if any.
+    pub fn differs_from(&self, seed: u64) -> Option<String> {
+        for (index, (name, t)) in self.tensors.iter().enumerate() {
+            let r = t.read();
+            if r.iter()
+                .enumerate()
+                .any(|(i, b)| *b != pattern(seed, index, i))
+            {
+                return Some(name.clone());
+            }
+        }
+        None
+    }
+
+    pub fn byte_len(&self) -> u64 {
+        self.tensors.iter().map(|(_, t)| t.byte_len() as u64).sum()
+    }
+}
+
+/// Byte `i` of tensor `tensor` for `seed`.
+pub fn pattern(seed: u64, tensor: usize, i: usize) -> u8 {
+    let x = seed
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add((tensor as u64) << 40)
+        .wrapping_add(i as u64);
+    let x = (x ^ (x >> 29)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    (x ^ (x >> 32)).to_le_bytes()[0]
+}
+
+/// A client of `daemon` for `job`/`rank` of `world`.
+pub fn client(daemon: &Daemon, job: &str, rank: u32, world: u32) -> gpusnap::Client {
+    let mut config = gpusnap::ClientConfig::new(job);
+    config.socket = daemon.socket.clone();
+    config.rank = rank;
+    config.world_size = world;
+    config.call_timeout = Duration::from_secs(60);
+    config.commit_timeout = Duration::from_secs(120);
+    config.connect_timeout = Duration::from_secs(10);
+    gpusnap::Client::with_config(config).expect("connect")
+}
+
+/// Snapshots `step` and waits for its commit.
+pub fn snapshot_committed(client: &mut gpusnap::Client, step: u64) -> gpusnap::CommitInfo {
+    match client.snapshot(step).expect("snapshot") {
+        gpusnap::SnapshotOutcome::Captured(_) => {}
+        other => panic!("step {step} not captured: {other:?}"),
+    }
+    client.wait_committed(step).expect("commit")
+}
+
+/// Every listed snapshot under `root` re-read and verified.
+pub fn verify_all(root: &Path) -> usize {
+    let store = gpusnapd::store::Store::open_read_only(gpusnapd::store::StoreConfig {
+        root: root.to_path_buf(),
+        ..gpusnapd::store::StoreConfig::default()
+    })
+    .expect("open store");
+    let listing = store.list(None).expect("list");
+    for s in &listing.snapshots {
+        let report = store.verify(&s.dir);
+        assert!(report.is_ok(), "{}: {:?}", s.dir.display(), report.problems);
+    }
+    listing.snapshots.len()
+}
