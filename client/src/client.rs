@@ -389,8 +389,8 @@ impl Client {
             };
             match session.await_event(step, deadline, &mut self.events) {
                 Ok(()) => {}
-                Err(Error::Disconnected(m)) if self.config.reconnect => {
-                    tracing::warn!(step, "connection broke while awaiting a commit: {m}");
+                Err(e) if self.broke(&e) => {
+                    tracing::warn!(step, "connection broke while awaiting a commit: {e}");
                 }
                 Err(e) => return Err(e),
             }
@@ -554,6 +554,18 @@ impl Client {
         Error::Protocol(message)
     }
 
+    /// Whether `e` means the connection broke and a retry on a new one is
+    /// due: an I/O-level break, or the daemon closing because it stops.
+    pub(crate) fn broke(&self, e: &Error) -> bool {
+        let closed = self.session.as_ref().is_none_or(Session::is_broken);
+        self.config.reconnect
+            && match e {
+                Error::Disconnected(_) => true,
+                Error::ShuttingDown(_) => closed,
+                _ => false,
+            }
+    }
+
     /// Runs `op`; when the connection broke and `reconnect` is set, runs it
     /// once more on a new connection.
     pub(crate) fn retry<T>(
@@ -562,8 +574,8 @@ impl Client {
         mut op: impl FnMut(&mut Client) -> Result<T>,
     ) -> Result<T> {
         match op(self) {
-            Err(Error::Disconnected(m)) if self.config.reconnect => {
-                tracing::warn!("{what}: connection to gpusnapd broke ({m}); reconnecting");
+            Err(e) if self.broke(&e) => {
+                tracing::warn!("{what}: connection to gpusnapd broke ({e}); reconnecting");
                 self.close_session();
                 op(self)
             }

@@ -87,8 +87,8 @@ impl Client {
         let leases: Vec<ReadLease> = self.tensors.iter().map(|r| r.buffer.lease_read()).collect();
         let bytes = staging.tensor_bytes_total();
         let begun = match self.begin(step, &staging) {
-            Err(Error::Disconnected(m)) if self.config.reconnect => {
-                tracing::warn!(step, "begin: connection broke ({m}); reconnecting");
+            Err(e) if self.broke(&e) => {
+                tracing::warn!(step, "begin: connection broke ({e}); reconnecting");
                 self.close_session();
                 let outcome = self.capture_again(step, &leases, started);
                 return Ok(self.handle_done(step, bytes, started, outcome?));
@@ -116,8 +116,8 @@ impl Client {
             }
             Begun::Stream(chunks) => match self.stream(step, chunks, &staging, &leases) {
                 Ok(capture) => State::Copied { leases, capture },
-                Err(Error::Disconnected(m)) if self.config.reconnect => {
-                    tracing::warn!(step, "stream: connection broke ({m}); reconnecting");
+                Err(e) if self.broke(&e) => {
+                    tracing::warn!(step, "stream: connection broke ({e}); reconnecting");
                     self.close_session();
                     let outcome = self.capture_again(step, &leases, started);
                     return Ok(self.handle_done(step, bytes, started, outcome?));
@@ -188,9 +188,29 @@ impl Client {
         staging: &Staging,
         leases: &[ReadLease],
     ) -> Result<Duration> {
+        let mut outstanding: VecDeque<(u64, u64)> = VecDeque::new();
+        let result = self.stream_chunks(step, chunks, staging, leases, &mut outstanding);
+        if result.is_err()
+            && !outstanding.is_empty()
+            && let Some(session) = self.session.as_mut()
+        {
+            // Replies to chunks still in flight would be read as replies
+            // to later requests: this conversation is over.
+            session.unexpected_broken();
+        }
+        result
+    }
+
+    fn stream_chunks(
+        &mut self,
+        step: u64,
+        chunks: u64,
+        staging: &Staging,
+        leases: &[ReadLease],
+        outstanding: &mut VecDeque<(u64, u64)>,
+    ) -> Result<Duration> {
         let started = Instant::now();
         let ring = u64::from(staging.info().ring_chunks);
-        let mut outstanding: VecDeque<(u64, u64)> = VecDeque::new();
         for seq in 0..chunks {
             if outstanding.len() as u64 >= ring
                 && let Some((free, id)) = outstanding.pop_front()
@@ -198,7 +218,7 @@ impl Client {
                 self.chunk_free(step, free, id)?;
             }
             if let Err(e) = copy_chunk(&*self.device, staging, seq, leases) {
-                let ids: Vec<u64> = outstanding.iter().map(|&(_, id)| id).collect();
+                let ids: Vec<u64> = outstanding.drain(..).map(|(_, id)| id).collect();
                 self.abort(step, &ids, &e);
                 return Err(e);
             }
@@ -289,12 +309,9 @@ impl Client {
         let staging = self.registered()?;
         let capture = match self.begin(step, &staging)? {
             Begun::Skipped(reason) => {
-                self.events.record(
-                    step,
-                    Outcome::Skipped {
-                        reason: reason.clone(),
-                    },
-                );
+                // The first try may have reached the daemon (it refuses a
+                // step it already has): let the listing decide.
+                self.orphaned.insert(step);
                 return Ok(SnapshotOutcome::Skipped { step, reason });
             }
             Begun::Slot(slot) => {
@@ -361,8 +378,8 @@ impl SnapshotHandle<'_> {
                             capture,
                             stall: self.stall,
                         }),
-                        Err(Error::Disconnected(m)) if self.client.config.reconnect => {
-                            tracing::warn!(step, "captured: connection broke ({m}); reconnecting");
+                        Err(e) if self.client.broke(&e) => {
+                            tracing::warn!(step, "captured: connection broke ({e}); reconnecting");
                             self.client.close_session();
                             let started = Instant::now() - self.stall;
                             self.client.capture_again(step, &leases, started)?

@@ -19,8 +19,12 @@ mod error;
 mod handle;
 pub mod proto;
 mod session;
+
 mod staging;
 mod tensor;
+
+#[cfg(test)]
+mod tests;
 
 pub use buffer::{Buffer, HOST_ALIGN_BYTES, HostRead, HostTensor, HostWrite, RawBuffer};
 pub use client::{

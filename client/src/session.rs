@@ -227,6 +227,12 @@ impl Session {
                 kind,
                 message,
             } => (step, Outcome::Failed { kind, message }),
+            // The daemon closes with an id-0 error (it is stopping, has too
+            // many connections, or could not read a request's id).
+            ReplyBody::Error { kind, message } => {
+                self.broken = true;
+                return Err(Error::from_daemon(kind, message));
+            }
             other => return Err(self.unexpected("an event", &other)),
         };
         tracing::debug!(step, ?outcome, "snapshot event");

@@ -1,0 +1,226 @@
+use std::time::{Duration, Instant};
+
+use super::fake::{self, Fake, conn};
+use crate::proto::{PROTOCOL_VERSION, ReplyBody, StatusInfo};
+use crate::{Buffer, Client, Dtype, Error, HostTensor, RawBuffer, TensorSpecError};
+
+fn status_info() -> StatusInfo {
+    StatusInfo {
+        daemon_version: "fake".into(),
+        uptime_s: 3,
+        io_backend: "pwrite".into(),
+        clients_connected: 1,
+        staging_bytes_used: 0,
+        staging_budget_bytes: 1 << 30,
+        hot_tier_bytes: 0,
+        hot_tier_budget_bytes: 0,
+        snapshots_in_flight: 0,
+        sessions: vec![],
+        jobs: vec![],
+    }
+}
+
+#[test]
+fn handshake_reports_the_uid_and_status_needs_no_registration() {
+    let (_dir, path) = fake::socket_dir();
+    let fake = Fake::start(
+        &path,
+        vec![conn(|c| {
+            c.hello();
+            let r = c.expect("status");
+            c.reply(r.id, ReplyBody::Status(Box::new(status_info())));
+            c.until_closed();
+        })],
+    );
+    let mut client = Client::with_config(fake::config(&path)).expect("connect");
+    assert_eq!(client.uid(), fake::UID);
+    assert!(client.staging().is_none());
+    assert_eq!(client.status().expect("status"), status_info());
+    drop(client);
+    fake.join();
+}
+
+#[test]
+fn a_daemon_of_another_protocol_version_is_refused() {
+    let (_dir, path) = fake::socket_dir();
+    let fake = Fake::start(
+        &path,
+        vec![
+            conn(|c| {
+                let r = c.expect("hello");
+                c.reply(
+                    r.id,
+                    ReplyBody::Welcome {
+                        protocol_version: PROTOCOL_VERSION + 1,
+                        daemon_version: "future".into(),
+                        uid: 1,
+                    },
+                );
+            }),
+            conn(|c| {
+                let r = c.expect("hello");
+                c.reply(
+                    r.id,
+                    ReplyBody::Error {
+                        kind: crate::proto::ErrorKind::VersionMismatch,
+                        message: "speak 7".into(),
+                    },
+                );
+            }),
+        ],
+    );
+    let err = Client::with_config(fake::config(&path)).unwrap_err();
+    assert!(
+        matches!(&err, Error::VersionMismatch { message, .. } if message.contains("future")),
+        "{err}"
+    );
+    let err = Client::with_config(fake::config(&path)).unwrap_err();
+    assert!(
+        matches!(&err, Error::VersionMismatch { message, .. } if message.contains("speak 7")),
+        "{err}"
+    );
+    fake.join();
+}
+
+#[test]
+fn a_missing_socket_is_daemon_unavailable_after_the_connect_timeout() {
+    let (_dir, path) = fake::socket_dir();
+    let mut config = fake::config(&path);
+    config.connect_timeout = Duration::from_millis(300);
+    let started = Instant::now();
+    let err = Client::with_config(config).unwrap_err();
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "gave up early"
+    );
+    assert!(
+        matches!(&err, Error::DaemonUnavailable { socket, .. } if socket == &path),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_daemon_that_starts_late_is_waited_for() {
+    let (_dir, path) = fake::socket_dir();
+    let late = {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            Fake::start(
+                &path,
+                vec![conn(|c| {
+                    c.hello();
+                    c.until_closed();
+                })],
+            )
+        })
+    };
+    let client = Client::with_config(fake::config(&path)).expect("connect once the daemon is up");
+    drop(client);
+    late.join().expect("late fake").join();
+}
+
+#[test]
+fn registration_is_validated_locally() {
+    let (_dir, path) = fake::socket_dir();
+    let fake = Fake::start(
+        &path,
+        vec![conn(|c| {
+            c.hello();
+            c.until_closed();
+        })],
+    );
+    let mut client = Client::with_config(fake::config(&path)).expect("connect");
+    let w = HostTensor::zeros(Dtype::F32, [4, 4]).expect("w");
+    client
+        .register("w", Dtype::F32, [4, 4], &w)
+        .expect("register w");
+    let err = client
+        .register(
+            "w",
+            Dtype::F32,
+            [4, 4],
+            HostTensor::zeros(Dtype::F32, [4, 4]).expect("t"),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::DuplicateName { name } if name == "w"),
+        "{err}"
+    );
+    let err = client
+        .register(
+            "b",
+            Dtype::F32,
+            [5],
+            HostTensor::zeros(Dtype::F32, [4]).expect("t"),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::BufferLength {
+                expected: 20,
+                actual: 16,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = client
+        .register(
+            "__meta__",
+            Dtype::U8,
+            [1],
+            HostTensor::zeros(Dtype::U8, [1]).expect("t"),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Spec(TensorSpecError::ReservedName { .. })),
+        "{err}"
+    );
+    let err = client.register("w2", Dtype::F32, [4, 4], &w).unwrap_err();
+    assert!(matches!(err, Error::InvalidRegistration(_)), "{err}");
+    let mut mem = vec![0u8; 64];
+    // SAFETY: `mem` outlives the client, and nothing else touches it.
+    let (a, b) = unsafe {
+        (
+            RawBuffer::new(mem.as_mut_ptr(), 32),
+            RawBuffer::new(mem.as_mut_ptr().add(16), 32),
+        )
+    };
+    client
+        .register("a", Dtype::U8, [32], Buffer::Raw(a))
+        .expect("raw a");
+    let err = client.register("b", Dtype::U8, [32], b).unwrap_err();
+    assert!(matches!(err, Error::InvalidRegistration(_)), "{err}");
+    assert_eq!(
+        client
+            .tensors()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>(),
+        ["w", "a"]
+    );
+    drop(client);
+    drop(mem);
+    fake.join();
+}
+
+#[test]
+fn snapshot_with_nothing_registered_is_refused_locally() {
+    let (_dir, path) = fake::socket_dir();
+    let fake = Fake::start(
+        &path,
+        vec![conn(|c| {
+            c.hello();
+            c.until_closed();
+        })],
+    );
+    let mut client = Client::with_config(fake::config(&path)).expect("connect");
+    assert!(matches!(client.snapshot(1), Err(Error::NotRegistered(_))));
+    assert!(matches!(
+        client.restore(crate::Step::Latest),
+        Err(Error::NotRegistered(_))
+    ));
+    drop(client);
+    fake.join();
+}

@@ -1,0 +1,10 @@
+//! Client tests against a fake daemon.
+
+mod fake;
+
+mod faults;
+mod handshake;
+mod reconnect;
+mod restore;
+mod snapshot;
+mod stream;
