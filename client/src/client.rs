@@ -246,6 +246,10 @@ impl Client {
 
     /// Restores `step` into every registered buffer. `Ok(None)`: there is
     /// no snapshot. On an error nothing has been written into the buffers.
+    ///
+    /// The copies take each host tensor's write lock: a `read()` or
+    /// `write()` guard held by the calling thread across this call would
+    /// wait forever.
     pub fn restore(&mut self, step: Step) -> Result<Option<RestoreInfo>> {
         self.retry("restore", |c| c.restore_once(step))
     }

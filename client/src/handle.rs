@@ -80,7 +80,8 @@ impl Client {
     /// background threads and this returns at once; with a stream (staging
     /// busy, policy `stream`) the copy goes through the ring before this
     /// returns. Either way the registered host tensors are read-locked
-    /// until the handle is waited for or dropped.
+    /// until the handle is waited for or dropped (so a `write()` guard held
+    /// by the calling thread across this call would wait forever).
     pub fn snapshot_begin(&mut self, step: u64) -> Result<SnapshotHandle<'_>> {
         let started = Instant::now();
         let staging = self.retry("register", |c| c.registered())?;
@@ -360,8 +361,11 @@ impl SnapshotHandle<'_> {
                     let waited = Instant::now();
                     let joined = worker.join();
                     self.stall += waited.elapsed();
-                    let (leases, copied) = joined
-                        .map_err(|_| Error::Internal("a capture copy worker panicked".into()))?;
+                    let Ok((leases, copied)) = joined else {
+                        let e = Error::Internal("a capture copy worker panicked".into());
+                        self.client.abort(step, &[], &e);
+                        return Err(e);
+                    };
                     match copied {
                         Ok(capture) => self.state = State::Copied { leases, capture },
                         Err(e) => {
