@@ -4,13 +4,18 @@
 //! Logs and progress go to stderr; with `--json`, stdout holds exactly one
 //! JSON object.
 
+mod daemon_proc;
+mod e2e_bench;
+mod e2e_report;
 mod fio;
 mod mapping;
 mod report;
+mod state;
 mod store_bench;
 mod sys;
 mod tensors;
 mod units;
+mod workdir;
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -18,6 +23,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::e2e_bench::E2eBench;
 use crate::store_bench::{Backend, StoreBench};
 
 #[derive(Debug, Parser)]
@@ -35,6 +41,40 @@ enum Command {
     /// The snapshot store's write and verified read, per I/O backend,
     /// against fio (io_uring, O_DIRECT) on the same directory.
     Store(StoreArgs),
+    /// A trainer's snapshots, commits and restores through the real
+    /// gpusnapd (host backend): stall against memcpy, persist and restore
+    /// against fio, and a naive write + fsync baseline.
+    E2e(E2eArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct E2eArgs {
+    /// State size: the registered tensors' bytes (K, M, G suffixes are
+    /// powers of 1024).
+    #[arg(long, default_value = "4G", value_parser = units::parse_size)]
+    size: u64,
+    /// Snapshots timed on the first daemon (stall, persist).
+    #[arg(long, default_value_t = 5)]
+    snapshots: usize,
+    /// Print one JSON object on stdout (the table goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// Run in DIR and leave the store, daemon configs and logs there.
+    #[arg(long, value_name = "DIR", conflicts_with = "dir")]
+    keep: Option<PathBuf>,
+    /// Run in a fresh directory under DIR, removed afterwards [default:
+    /// the repository's target/gpusnap-bench/, or /var/tmp if that is tmpfs].
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// The gpusnapd binary [default: the one beside gpusnap-bench].
+    #[arg(long, value_name = "PATH")]
+    gpusnapd: Option<PathBuf>,
+    /// fio's --iodepth.
+    #[arg(long, default_value_t = 16)]
+    fio_iodepth: usize,
+    /// Run even when four copies of the state do not fit in MemAvailable.
+    #[arg(long)]
+    ignore_memory: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -81,7 +121,29 @@ fn main() -> ExitCode {
     init_logs();
     match cli.command {
         Command::Store(args) => store(args),
+        Command::E2e(args) => e2e(args),
     }
+}
+
+fn e2e(args: E2eArgs) -> ExitCode {
+    let bench = E2eBench {
+        size_bytes: args.size,
+        snapshots: args.snapshots,
+        keep: args.keep,
+        dir: args.dir,
+        gpusnapd: args.gpusnapd,
+        fio_iodepth: args.fio_iodepth,
+        ignore_memory: args.ignore_memory,
+    };
+    let report = match e2e_bench::run(&bench) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("gpusnap-bench e2e: FAILED: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let failed = !report.errors.is_empty();
+    print_report(&report, &report.table(), args.json, failed)
 }
 
 fn store(args: StoreArgs) -> ExitCode {
@@ -105,10 +167,16 @@ fn store(args: StoreArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let table = report.table();
-    let printed = if args.json {
+    let failed = !report.errors.is_empty();
+    print_report(&report, &report.table(), args.json, failed)
+}
+
+/// The table on stdout, or the table on stderr and the JSON on stdout;
+/// failure when printing fails or `failed`.
+fn print_report(report: &impl serde::Serialize, table: &str, json: bool, failed: bool) -> ExitCode {
+    let printed = if json {
         eprint!("{table}");
-        serde_json::to_string_pretty(&report)
+        serde_json::to_string_pretty(report)
             .map_err(std::io::Error::other)
             .and_then(|json| writeln!(std::io::stdout(), "{json}"))
     } else {
@@ -118,10 +186,10 @@ fn store(args: StoreArgs) -> ExitCode {
         eprintln!("gpusnap-bench: writing the report: {e}");
         return ExitCode::FAILURE;
     }
-    if report.errors.is_empty() {
-        ExitCode::SUCCESS
-    } else {
+    if failed {
         ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

@@ -55,8 +55,18 @@ impl DataMapping {
 
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: `ptr..ptr+len` lies inside the live mapping this value owns;
-        // it is only ever read after `filled` returns.
+        // writes go only through `as_mut_slice`, whose `&mut self` cannot
+        // coexist with this borrow.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl DataMapping {
+    /// The mapping's bytes, writable (the memcpy peer's destination).
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr..ptr+len` lies inside the live mapping this value owns,
+        // and `&mut self` makes this the only slice of it alive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 }
 

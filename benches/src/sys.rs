@@ -53,6 +53,27 @@ pub fn is_tmpfs(dir: &Path) -> io::Result<bool> {
     Ok(f_type == TMPFS_MAGIC)
 }
 
+/// `MemAvailable` from /proc/meminfo, in bytes.
+pub fn mem_available_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo.lines().find_map(|line| {
+        let kib = line
+            .strip_prefix("MemAvailable:")?
+            .trim()
+            .strip_suffix("kB")?;
+        kib.trim().parse::<u64>().ok()?.checked_mul(1024)
+    })
+}
+
+/// The bracketed choice of a /sys/kernel/mm/transparent_hugepage file
+/// (`madvise` from `always [madvise] never`), or `unknown`.
+pub fn thp_setting(file: &str) -> String {
+    let text = proc_line(&format!("/sys/kernel/mm/transparent_hugepage/{file}"));
+    text.split_once('[')
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .map_or(text.clone(), |(choice, _)| choice.to_owned())
+}
+
 /// `uname -n`.
 pub fn host() -> String {
     proc_line("/proc/sys/kernel/hostname")

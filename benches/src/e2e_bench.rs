@@ -1,0 +1,439 @@
+//! `gpusnap-bench e2e`: a trainer's snapshots, commits and restores through
+//! the real `gpusnapd` (host backend), each figure beside its peer in the
+//! same run (see benches/README.md).
+//!
+//! Order (each peer runs next to the figure it is compared with):
+//!
+//! ```text
+//! fill the state (untimed); map and fault the memcpy destination
+//! drop cache, fio write (its file stays for the read)
+//! start gpusnapd #1 (hot tier on); connect, register
+//! for step in 1..=N:
+//!     memcpy peer (client's copy threads), memcpy peer (one thread)
+//!     stamp step into the state (untimed)
+//!     snapshot(step)        -> stall
+//!     wait_committed(step)  -> persist (captured to committed)
+//! free the memcpy destination
+//! drop cache, naive: write(2) every tensor into one file, fsync  -> naive stall
+//! 3 x: scribble the state, restore(latest) from the hot tier, verify
+//! scrape /metrics; SIGTERM gpusnapd #1
+//! drop cache, fio read; remove fio's file
+//! start gpusnapd #2 on the same root (hot tier off); connect, register
+//! scribble, drop cache, restore(latest) from disk, verify
+//! 2 more snapshots on #2: persist with no hot-tier copy
+//! SIGTERM gpusnapd #2
+//! ```
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use gpusnap::proto::{BusyPolicy, RestoreSource};
+use gpusnap::{Client, ClientConfig, RestoreInfo, SnapshotOutcome, Step};
+use gpusnapd::config::{ByteSize, Config};
+use gpusnapd::store::Layout;
+
+use crate::daemon_proc::{self, DaemonProc};
+use crate::e2e_report::{E2eReport, NaiveRun, RestoreRun, SnapshotRun, Targets};
+use crate::fio::{self, Direction};
+use crate::mapping::DataMapping;
+use crate::state::TrainerState;
+use crate::sys;
+use crate::tensors::tensor_set;
+use crate::units::human_bytes;
+use crate::workdir::{CacheDropper, WorkDir};
+
+/// The job name of the benchmark's snapshots.
+const JOB: &str = "bench";
+/// Restores from the hot tier, each after a scribble.
+const MEMORY_RESTORES: usize = 3;
+/// Snapshots on the restarted daemon (hot tier off), at most.
+const NO_HOT_SNAPSHOTS_MAX: usize = 2;
+/// Slack above the exact need in the staging and hot-tier budgets.
+const BUDGET_SLACK_BYTES: u64 = 1 << 20;
+/// Memory the run needs besides four copies of the state.
+const MEMORY_MARGIN_BYTES: u64 = 1 << 30;
+
+/// What `e2e` was asked to do.
+#[derive(Debug, Clone)]
+pub struct E2eBench {
+    pub size_bytes: u64,
+    pub snapshots: usize,
+    pub keep: Option<PathBuf>,
+    pub dir: Option<PathBuf>,
+    pub gpusnapd: Option<PathBuf>,
+    pub fio_iodepth: usize,
+    /// Skip the check that four copies of the state fit in MemAvailable.
+    pub ignore_memory: bool,
+}
+
+/// Runs the benchmark. Any failure of gpusnap (a snapshot not captured, a
+/// commit or restore failing, restored bytes that differ) is an `Err`;
+/// a failed fio run is recorded in the report's `errors`.
+pub fn run(args: &E2eBench) -> Result<E2eReport, String> {
+    if args.snapshots == 0 {
+        return Err("--snapshots must be at least 1".into());
+    }
+    let fio_version = fio::version()?;
+    let binary = daemon_proc::binary(args.gpusnapd.as_deref())?;
+    let size_usize =
+        usize::try_from(args.size_bytes).map_err(|_| "size does not fit in memory".to_owned())?;
+    check_memory(args.size_bytes, args.ignore_memory)?;
+    let work = WorkDir::choose(args.keep.as_deref(), args.dir.as_deref())?;
+    let root = work.path.join("store");
+    if root.exists() {
+        return Err(format!(
+            "{} already exists; give --keep an empty directory",
+            root.display()
+        ));
+    }
+
+    let specs = tensor_set(args.size_bytes);
+    let layout = Layout::plan(&specs).map_err(|e| format!("laying out the tensor set: {e}"))?;
+    assert_eq!(
+        layout.data_len, args.size_bytes,
+        "the tensor set totals --size"
+    );
+    eprintln!(
+        "e2e bench: {} in {} tensors, host backend, in {}",
+        human_bytes(args.size_bytes),
+        specs.len(),
+        work.path.display()
+    );
+    let started = Instant::now();
+    let state = TrainerState::new(specs)?;
+    assert_eq!(state.bytes, args.size_bytes, "the state is --size bytes");
+    state.fill(0);
+    let mut memcpy_dst = DataMapping::filled(size_usize)
+        .map_err(|e| format!("mmap of the memcpy destination ({size_usize} bytes): {e}"))?;
+    eprintln!(
+        "state filled and memcpy destination faulted in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let cache = CacheDropper::new();
+    let config = daemon_config(&work.path, &root, args.size_bytes)?;
+    let mut restart_config = config.clone();
+    restart_config.hot_tier.budget_bytes = ByteSize(0);
+    let copy_threads = ClientConfig::new(JOB).copy_threads;
+
+    let mut report = E2eReport::new(args, &work.path, &binary, fio_version, &cache);
+    report.tensors = state.tensors.len();
+    report.client_copy_threads = copy_threads;
+    report.memcpy_threads = copy_threads;
+    report.config = serde_json::to_value(&config).map_err(|e| e.to_string())?;
+    report.config_restart = serde_json::to_value(&restart_config).map_err(|e| e.to_string())?;
+
+    // The peer of persist: the disk streaming the same bytes, O_DIRECT.
+    cache.drop_cache();
+    match fio::run(
+        &work.path,
+        Direction::Write,
+        args.size_bytes,
+        args.fio_iodepth,
+    ) {
+        Ok(r) => {
+            eprintln!("fio write: {:.1} MB/s", r.mb_per_s());
+            report.fio_write = Some(r);
+        }
+        Err(e) => report.errors.push(format!("fio write: {e}")),
+    }
+
+    // ---- gpusnapd #1: snapshots, naive baseline, restores from memory ----
+    let mut daemon = DaemonProc::start(&binary, &work.path, "gpusnapd", config)?;
+    let mut client = connect(&daemon, copy_threads)?;
+    state.register(&mut client)?;
+    let t = Instant::now();
+    let staging = client
+        .sync_registration()
+        .map_err(|e| format!("registering with gpusnapd: {e}"))?;
+    report.register_s = t.elapsed().as_secs_f64();
+    report.staging_slots = staging.slots;
+    if staging.slots != 1 {
+        return Err(format!(
+            "staging has {} slots; the config asked for one",
+            staging.slots
+        ));
+    }
+    let status = client
+        .status()
+        .map_err(|e| format!("gpusnapd status: {e}"))?;
+    report.io_backend = status.io_backend;
+    eprintln!(
+        "gpusnapd #1 up (store I/O backend {}), registered in {:.2} s",
+        report.io_backend, report.register_s
+    );
+
+    for step in 1..=args.snapshots as u64 {
+        let t = Instant::now();
+        state.memcpy_into(memcpy_dst.as_mut_slice(), copy_threads);
+        let memcpy_s = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        state.memcpy_into(memcpy_dst.as_mut_slice(), 1);
+        let memcpy_1thread_s = t.elapsed().as_secs_f64();
+        let run = snapshot_and_commit(&mut client, &state, step, args.size_bytes)
+            .map_err(|e| with_log(&e, &daemon))?;
+        let run = SnapshotRun {
+            memcpy_s: Some(memcpy_s),
+            memcpy_1thread_s: Some(memcpy_1thread_s),
+            ..run
+        };
+        eprintln!(
+            "step {step}: stall {:.3} s (memcpy {:.3} s, one thread {:.3} s), persist {:.2} s = {:.1} MB/s",
+            run.stall_s, memcpy_s, memcpy_1thread_s, run.persist_s, run.persist_mb_per_s
+        );
+        report.snapshots.push(run);
+    }
+    let last_step = args.snapshots as u64;
+    drop(memcpy_dst);
+
+    cache.drop_cache();
+    let naive = naive_write(&state, &work.path)?;
+    eprintln!(
+        "naive write + fsync: {:.2} s (write {:.2} s, fsync {:.2} s)",
+        naive.total_s, naive.write_s, naive.fsync_s
+    );
+    report.naive = Some(naive);
+    cache.drop_cache();
+
+    for _ in 0..MEMORY_RESTORES {
+        let run = restore_checked(&mut client, &state, last_step, RestoreSource::Memory)
+            .map_err(|e| with_log(&e, &daemon))?;
+        eprintln!(
+            "restore from memory: {:.3} s (daemon fill {:.3} s, copy {:.3} s), verified",
+            run.wall_s, run.daemon_fill_s, run.copy_s
+        );
+        report.restores_memory.push(run);
+    }
+    match daemon.metrics() {
+        Ok(body) => report.read_daemon_metrics(&body, JOB),
+        Err(e) => report.errors.push(format!("scraping /metrics: {e}")),
+    }
+    drop(client);
+    daemon.stop()?;
+    drop(daemon);
+
+    // ---- the disk: fio read, then gpusnapd #2 restoring from it ----
+    cache.drop_cache();
+    if report.fio_write.is_some() {
+        match fio::run(
+            &work.path,
+            Direction::Read,
+            args.size_bytes,
+            args.fio_iodepth,
+        ) {
+            Ok(r) => {
+                eprintln!("fio read: {:.1} MB/s", r.mb_per_s());
+                report.fio_read = Some(r);
+            }
+            Err(e) => report.errors.push(format!("fio read: {e}")),
+        }
+    }
+    if let Err(e) = fio::remove_file(&work.path) {
+        report.errors.push(format!("removing fio's file: {e}"));
+    }
+
+    let mut daemon = DaemonProc::start(&binary, &work.path, "gpusnapd-restart", restart_config)?;
+    let mut client = connect(&daemon, copy_threads)?;
+    state.register(&mut client)?;
+    client
+        .sync_registration()
+        .map_err(|e| format!("registering with the restarted gpusnapd: {e}"))?;
+    cache.drop_cache();
+    let run = restore_checked(&mut client, &state, last_step, RestoreSource::Disk)
+        .map_err(|e| with_log(&e, &daemon))?;
+    eprintln!(
+        "restore from disk after a restart: {:.3} s = {:.1} MB/s (daemon fill {:.3} s, copy {:.3} s), verified",
+        run.wall_s, run.mb_per_s, run.daemon_fill_s, run.copy_s
+    );
+    report.restore_disk = Some(run);
+
+    let no_hot = args.snapshots.min(NO_HOT_SNAPSHOTS_MAX) as u64;
+    for step in last_step + 1..=last_step + no_hot {
+        let run = snapshot_and_commit(&mut client, &state, step, args.size_bytes)
+            .map_err(|e| with_log(&e, &daemon))?;
+        eprintln!(
+            "step {step} (hot tier off): stall {:.3} s, persist {:.2} s = {:.1} MB/s",
+            run.stall_s, run.persist_s, run.persist_mb_per_s
+        );
+        report.snapshots_no_hot.push(run);
+    }
+    drop(client);
+    daemon.stop()?;
+    drop(daemon);
+
+    report.summarize(&Targets::default());
+    Ok(report)
+}
+
+/// Refuses a size whose four copies (the state, the memcpy destination,
+/// one staging slot, the hot tier) do not fit in MemAvailable.
+fn check_memory(size_bytes: u64, ignore: bool) -> Result<(), String> {
+    let need = size_bytes
+        .saturating_mul(4)
+        .saturating_add(MEMORY_MARGIN_BYTES);
+    let Some(available) = sys::mem_available_bytes() else {
+        eprintln!("warning: cannot read MemAvailable; not checking that the run fits");
+        return Ok(());
+    };
+    if need > available && !ignore {
+        return Err(format!(
+            "the run holds four copies of the state (trainer, memcpy peer, one staging slot, \
+             hot tier): {} plus a {} margin, but only {} is available; pass a smaller --size \
+             (at most {}) or --ignore-memory",
+            human_bytes(size_bytes.saturating_mul(4)),
+            human_bytes(MEMORY_MARGIN_BYTES),
+            human_bytes(available),
+            human_bytes(available.saturating_sub(MEMORY_MARGIN_BYTES) / 4 / (1 << 20) * (1 << 20)),
+        ));
+    }
+    Ok(())
+}
+
+/// The daemon's config: one staging slot and a hot tier each just above
+/// the state's size, in `dir`, metrics on a free loopback port.
+fn daemon_config(dir: &Path, root: &Path, size_bytes: u64) -> Result<Config, String> {
+    let budget = size_bytes
+        .next_multiple_of(BUDGET_SLACK_BYTES)
+        .saturating_add(BUDGET_SLACK_BYTES);
+    let mut config = Config::default();
+    config.daemon.socket = daemon_proc::socket_path(dir)?;
+    config.daemon.log_level = "info".into();
+    config.daemon.shutdown_deadline_s = 120;
+    config.staging.budget_bytes = ByteSize(budget);
+    config.staging.double = false;
+    config.staging.policy = BusyPolicy::Block;
+    config.hot_tier.budget_bytes = ByteSize(budget);
+    config.metrics.listen = format!("127.0.0.1:{}", daemon_proc::free_port()?);
+    config.store.root = root.to_path_buf();
+    config.store.keep_snapshots = 1;
+    Ok(config)
+}
+
+fn connect(daemon: &DaemonProc, copy_threads: usize) -> Result<Client, String> {
+    let mut config = ClientConfig::new(JOB);
+    config.socket = daemon.socket().to_path_buf();
+    config.copy_threads = copy_threads;
+    config.connect_timeout = Duration::from_secs(30);
+    config.call_timeout = Duration::from_secs(300);
+    config.commit_timeout = Duration::from_secs(1200);
+    Client::with_config(config).map_err(|e| with_log(&format!("connecting: {e}"), daemon))
+}
+
+fn with_log(error: &str, daemon: &DaemonProc) -> String {
+    format!(
+        "{error}\n--- gpusnapd log ({}), last lines ---\n{}",
+        daemon.log_path.display(),
+        daemon.log_tail()
+    )
+}
+
+/// Stamps `step`, snapshots it (the stall) and waits for its commit
+/// (persist: from `snapshot` returning to `wait_committed` returning).
+fn snapshot_and_commit(
+    client: &mut Client,
+    state: &TrainerState,
+    step: u64,
+    size_bytes: u64,
+) -> Result<SnapshotRun, String> {
+    state.stamp(step);
+    let t = Instant::now();
+    let outcome = client
+        .snapshot(step)
+        .map_err(|e| format!("snapshot of step {step}: {e}"))?;
+    let stall_s = t.elapsed().as_secs_f64();
+    let captured = match outcome {
+        SnapshotOutcome::Captured(info) => info,
+        SnapshotOutcome::Skipped { reason, .. } => {
+            return Err(format!("step {step} was skipped: {reason}"));
+        }
+    };
+    if captured.bytes != size_bytes {
+        return Err(format!(
+            "step {step}: captured {} bytes of a {size_bytes}-byte state",
+            captured.bytes
+        ));
+    }
+    let t = Instant::now();
+    let commit = client
+        .wait_committed(step)
+        .map_err(|e| format!("commit of step {step}: {e}"))?;
+    let persist_s = t.elapsed().as_secs_f64();
+    Ok(SnapshotRun {
+        step,
+        stall_s,
+        client_stall_s: captured.stall.as_secs_f64(),
+        capture_s: captured.capture.as_secs_f64(),
+        memcpy_s: None,
+        memcpy_1thread_s: None,
+        persist_s,
+        persist_mb_per_s: size_bytes as f64 / 1e6 / persist_s,
+        daemon_persist_s: commit.persist.as_secs_f64(),
+        commit_bytes: commit.bytes,
+    })
+}
+
+/// Scribbles the state, restores the latest step, checks where it came
+/// from, which step it is and every byte.
+fn restore_checked(
+    client: &mut Client,
+    state: &TrainerState,
+    step: u64,
+    expected: RestoreSource,
+) -> Result<RestoreRun, String> {
+    state.scribble();
+    let t = Instant::now();
+    let info: Option<RestoreInfo> = client
+        .restore(Step::Latest)
+        .map_err(|e| format!("restore: {e}"))?;
+    let wall_s = t.elapsed().as_secs_f64();
+    let info = info.ok_or("restore: gpusnapd has no snapshot")?;
+    if info.source != expected {
+        return Err(format!(
+            "restore came from {:?}, not {expected:?} as this figure requires",
+            info.source
+        ));
+    }
+    if info.step != step {
+        return Err(format!(
+            "restore of the latest step gave step {}, not {step}",
+            info.step
+        ));
+    }
+    state.verify(step)?;
+    Ok(RestoreRun {
+        source: info.source.name().to_owned(),
+        step,
+        wall_s,
+        mb_per_s: state.bytes as f64 / 1e6 / wall_s,
+        daemon_fill_s: info.daemon_fill.as_secs_f64(),
+        copy_s: info.copy.as_secs_f64(),
+        bytes: info.bytes,
+    })
+}
+
+/// The naive baseline: the trainer writes every tensor into one file with
+/// buffered `write(2)` and waits for `fsync` (a `torch.save` to local disk,
+/// without the serialization).
+fn naive_write(state: &TrainerState, dir: &Path) -> Result<NaiveRun, String> {
+    let path = dir.join("naive-state.bin");
+    let t = Instant::now();
+    let mut file =
+        std::fs::File::create(&path).map_err(|e| format!("naive: {}: {e}", path.display()))?;
+    for (spec, tensor) in &state.tensors {
+        file.write_all(&tensor.read())
+            .map_err(|e| format!("naive: writing {:?}: {e}", spec.name))?;
+    }
+    let write_s = t.elapsed().as_secs_f64();
+    file.sync_all()
+        .map_err(|e| format!("naive: fsync {}: {e}", path.display()))?;
+    drop(file);
+    let total_s = t.elapsed().as_secs_f64();
+    std::fs::remove_file(&path).map_err(|e| format!("naive: removing {}: {e}", path.display()))?;
+    Ok(NaiveRun {
+        write_s,
+        fsync_s: total_s - write_s,
+        total_s,
+        mb_per_s: state.bytes as f64 / 1e6 / total_s,
+    })
+}
