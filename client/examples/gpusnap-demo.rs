@@ -486,10 +486,8 @@ fn connect(opts: &Opts, job: &str) -> Res<Client> {
     if let Some(s) = &opts.socket {
         config.socket = s.clone();
     }
-    let socket = config.socket.display().to_string();
-    Client::with_config(config).map_err(|e| {
-        format!("cannot reach gpusnapd at {socket}: {e} (start one, or pass --socket)")
-    })
+    Client::with_config(config)
+        .map_err(|e| format!("{e} (is gpusnapd running? --socket names its socket)"))
 }
 
 fn kill_self() -> Res<()> {
@@ -929,13 +927,22 @@ fn run(opts: &Opts) -> Res<()> {
     }
     rates.sort_by(f64::total_cmp);
     let skipped = first.of("skipped").count() + second.of("skipped").count();
-    let list = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(" ");
-    let kill_note = if uncommitted == newest.to_string() {
+    let list = |v: &[u64]| {
+        if v.is_empty() {
+            return "none".to_owned();
+        }
+        v.iter().map(u64::to_string).collect::<Vec<_>>().join(" ")
+    };
+    let kill_note = if uncommitted != newest.to_string() {
+        format!("at step {kill_at}, after its last snapshot (step {newest}) committed")
+    } else if kill_at == newest {
         format!(
             "right after the daemon accepted step {newest}'s capture, before its commit was reported"
         )
     } else {
-        format!("at step {kill_at}")
+        format!(
+            "at step {kill_at}, before the commit of its last snapshot (step {newest}) was reported"
+        )
     };
     say(format!(
         "trainer 1 (pid {}): steps 1..{kill_at}, snapshots {}; SIGKILLed {kill_note}",
