@@ -13,13 +13,15 @@
 //!     stamp step into the state (untimed)
 //!     snapshot(step)        -> stall
 //!     wait_committed(step)  -> persist (captured to committed)
+//!     [after step 1 and after the loop: scrape /metrics]
 //! free the memcpy destination
 //! drop cache, naive: write(2) every tensor into one file, fsync  -> naive stall
 //! 3 x: scribble the state, restore(latest) from the hot tier, verify
-//! scrape /metrics; SIGTERM gpusnapd #1
+//! SIGTERM gpusnapd #1
 //! drop cache, fio read; remove fio's file
 //! start gpusnapd #2 on the same root (hot tier off); connect, register
 //! scribble, drop cache, restore(latest) from disk, verify
+//! again, the staging slot now faulted in (hot tier off: disk again)
 //! 2 more snapshots on #2: persist with no hot-tier copy
 //! SIGTERM gpusnapd #2
 //! ```
@@ -34,7 +36,7 @@ use gpusnapd::config::{ByteSize, Config};
 use gpusnapd::store::Layout;
 
 use crate::daemon_proc::{self, DaemonProc};
-use crate::e2e_report::{E2eReport, NaiveRun, RestoreRun, SnapshotRun, Targets};
+use crate::e2e_report::{DaemonSums, E2eReport, NaiveRun, RestoreRun, SnapshotRun, Targets};
 use crate::fio::{self, Direction};
 use crate::mapping::DataMapping;
 use crate::state::TrainerState;
@@ -164,6 +166,7 @@ pub fn run(args: &E2eBench) -> Result<E2eReport, String> {
         report.io_backend, report.register_s
     );
 
+    let mut after_first = None;
     for step in 1..=args.snapshots as u64 {
         let t = Instant::now();
         state.memcpy_into(memcpy_dst.as_mut_slice(), copy_threads);
@@ -183,6 +186,21 @@ pub fn run(args: &E2eBench) -> Result<E2eReport, String> {
             run.stall_s, memcpy_s, memcpy_1thread_s, run.persist_s, run.persist_mb_per_s
         );
         report.snapshots.push(run);
+        if step == 1 {
+            after_first = scrape(&daemon, &mut report);
+        }
+    }
+    if let Some(all) = scrape(&daemon, &mut report) {
+        (report.daemon_stall_mean_s, report.daemon_persist_mean_s) =
+            all.means_since(&DaemonSums::default());
+        if let Some(first) = after_first
+            && args.snapshots > 1
+        {
+            (
+                report.daemon_stall_mean_after_first_s,
+                report.daemon_persist_mean_after_first_s,
+            ) = all.means_since(&first);
+        }
     }
     let last_step = args.snapshots as u64;
     drop(memcpy_dst);
@@ -204,10 +222,6 @@ pub fn run(args: &E2eBench) -> Result<E2eReport, String> {
             run.wall_s, run.daemon_fill_s, run.copy_s
         );
         report.restores_memory.push(run);
-    }
-    match daemon.metrics() {
-        Ok(body) => report.read_daemon_metrics(&body, JOB),
-        Err(e) => report.errors.push(format!("scraping /metrics: {e}")),
     }
     drop(client);
     daemon.stop()?;
@@ -247,6 +261,14 @@ pub fn run(args: &E2eBench) -> Result<E2eReport, String> {
         run.wall_s, run.mb_per_s, run.daemon_fill_s, run.copy_s
     );
     report.restore_disk = Some(run);
+    cache.drop_cache();
+    let run = restore_checked(&mut client, &state, last_step, RestoreSource::Disk)
+        .map_err(|e| with_log(&e, &daemon))?;
+    eprintln!(
+        "restore from disk again (staging slot faulted in): {:.3} s = {:.1} MB/s (daemon fill {:.3} s, copy {:.3} s), verified",
+        run.wall_s, run.mb_per_s, run.daemon_fill_s, run.copy_s
+    );
+    report.restore_disk_warm = Some(run);
 
     let no_hot = args.snapshots.min(NO_HOT_SNAPSHOTS_MAX) as u64;
     for step in last_step + 1..=last_step + no_hot {
@@ -308,6 +330,26 @@ fn daemon_config(dir: &Path, root: &Path, size_bytes: u64) -> Result<Config, Str
     config.store.root = root.to_path_buf();
     config.store.keep_snapshots = 1;
     Ok(config)
+}
+
+/// The daemon's stall and persist histogram sums for the job; a failed
+/// scrape is recorded in `errors`.
+fn scrape(daemon: &DaemonProc, report: &mut E2eReport) -> Option<DaemonSums> {
+    match daemon.metrics() {
+        Ok(body) => {
+            let sums = DaemonSums::parse(&body, JOB);
+            if sums.is_none() {
+                report.errors.push(format!(
+                    "/metrics has no gpusnap_stall_seconds for job {JOB:?}"
+                ));
+            }
+            sums
+        }
+        Err(e) => {
+            report.errors.push(format!("scraping /metrics: {e}"));
+            None
+        }
+    }
 }
 
 fn connect(daemon: &DaemonProc, copy_threads: usize) -> Result<Client, String> {
