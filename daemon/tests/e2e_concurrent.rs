@@ -55,7 +55,7 @@ fn trainers(count: usize) {
         if entry.file_name().and_then(|n| n.to_str()) == Some("state.safetensors") {
             let bytes = std::fs::read(&entry).expect("read");
             let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors loads it");
-            assert!(st.names().iter().any(|n| *n == "step"));
+            assert!(st.names().contains(&"step"));
         }
     }
     let mut c = client(&daemon, "job0", 0, if count == 1 { 1 } else { 2 });

@@ -296,7 +296,7 @@ impl State {
             };
             bytes -= bytes % dtype.size_bytes();
             let elements = bytes / dtype.size_bytes();
-            let shape: Vec<u64> = if i % 3 == 0 && elements % 4 == 0 && elements > 0 {
+            let shape: Vec<u64> = if i % 3 == 0 && elements.is_multiple_of(4) && elements > 0 {
                 vec![4, elements / 4]
             } else {
                 vec![elements]
