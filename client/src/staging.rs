@@ -90,7 +90,10 @@ impl Staging {
                         None,
                         len,
                         ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                        MapFlags::MAP_SHARED,
+                        // The daemon allocated every page at registration;
+                        // populating the page tables now keeps the first
+                        // capture from paying a fault per page.
+                        MapFlags::MAP_SHARED | MapFlags::MAP_POPULATE,
                         &fd,
                         0,
                     )

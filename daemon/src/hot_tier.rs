@@ -284,24 +284,20 @@ mod tests {
         let snap = hot.get(&key, Some(1)).expect("hot");
         assert_eq!(snap.chunk_count(), 3);
         assert_eq!(snap.verified_chunk(2).expect("ok"), (8, &data[8..]));
-        let mut bad = Arc::try_unwrap(snap).ok();
-        if bad.is_none() {
-            // The tier still holds it: corrupt a private copy instead.
-            let s = hot.get(&key, Some(1)).expect("hot");
-            bad = Some(HotSnapshot {
-                step: s.step,
-                world_size: s.world_size,
-                layout: s.layout.clone(),
-                chunk_bytes: s.chunk_bytes,
-                chunk_crc32: s.chunk_crc32.clone(),
-                data: s.data.clone(),
-            });
-        }
-        let mut bad = bad.expect("copy");
+        let mut bad = HotSnapshot {
+            step: snap.step,
+            world_size: snap.world_size,
+            layout: snap.layout.clone(),
+            chunk_bytes: snap.chunk_bytes,
+            chunk_crc32: snap.chunk_crc32.clone(),
+            data: snap.data.clone(),
+        };
         bad.data[5] ^= 1;
         assert!(matches!(
             bad.verified_chunk(1),
             Err(HotError::Corrupt { chunk: 1, .. })
         ));
+        hot.discard(&key);
+        assert_eq!(hot.bytes(), 0);
     }
 }

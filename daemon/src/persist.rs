@@ -240,13 +240,15 @@ impl Engine {
                 )
             })
         };
-        if let Ok(committed) = &result {
-            // SAFETY: still `Persisting`; nobody writes the slot.
+        // The commit is reported first: the hot copy is not part of it. The
+        // step stays in flight until the copy is hot, so a restore waiting
+        // for it finds it in memory.
+        let hot = result.as_ref().ok().map(|c| c.manifest.clone());
+        let committed = self.report(core, job.step, started, result, false);
+        if let Some(manifest) = hot {
+            // SAFETY: still `Persisting` (freed below); nobody writes the slot.
             let data = unsafe { staging.slot_data(job.slot) };
-            if self
-                .hot
-                .offer(&core.key, &committed.manifest, staging.layout(), data)
-            {
+            if self.hot.offer(&core.key, &manifest, staging.layout(), data) {
                 tracing::debug!(job = %core.key.0, rank = core.key.1, step = job.step, "kept hot");
             }
         }
@@ -256,7 +258,7 @@ impl Engine {
             SlotState::Free,
         );
         assert!(freed, "a persisting slot changed state under its lane");
-        self.finish(core, job.step, started, result, false);
+        self.untrack(&core.key, job.step, committed);
     }
 
     /// Starts a streamed capture of `step` through the ring; the caller has
@@ -279,7 +281,8 @@ impl Engine {
                 let started = Instant::now();
                 let result = engine.write_stream(&core, step, &filled_rx, &taken_tx);
                 let aborted = abort_flag.load(std::sync::atomic::Ordering::SeqCst);
-                engine.finish(&core, step, started, result, aborted);
+                let committed = engine.report(&core, step, started, result, aborted);
+                engine.untrack(&core.key, step, committed);
             })?;
         Ok(StreamFeed {
             filled: filled_tx,
@@ -341,14 +344,15 @@ impl Engine {
         )
     }
 
-    fn finish(
+    /// Counts the outcome and tells the client; whether it committed.
+    fn report(
         &self,
         core: &SessionCore,
         step: u64,
         started: Instant,
         result: Result<Committed, StoreError>,
         aborted: bool,
-    ) {
+    ) -> bool {
         let job = core.key.0.as_str();
         let elapsed = started.elapsed();
         match result {
@@ -368,12 +372,12 @@ impl Engine {
                     .inc();
                 let gauge_step = self.metrics.last_committed_step.with_label_values(&[job]);
                 gauge_step.set(gauge_step.get().max(gauge(step)));
-                self.untrack(&core.key, step, true);
                 core.tell(ReplyBody::Committed {
                     step,
                     bytes,
                     persist_ns: u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
                 });
+                true
             }
             Err(e) => {
                 let outcome = if aborted { "aborted" } else { "failed" };
@@ -391,12 +395,12 @@ impl Engine {
                     .snapshots_total
                     .with_label_values(&[job, outcome])
                     .inc();
-                self.untrack(&core.key, step, false);
                 core.tell(ReplyBody::Failed {
                     step,
                     kind: store_error_kind(&e),
                     message: e.to_string(),
                 });
+                false
             }
         }
     }

@@ -113,7 +113,15 @@ impl Mapping {
     /// Copies the verified bytes `src_start..` of the snapshot's data section
     /// to their places in `slot`.
     pub fn place(&self, src_start: u64, bytes: &[u8], slot: &mut [u8]) {
-        assert_eq!(slot.len() as u64, self.data_len, "slot of the wrong size");
+        let writer = SlotWriter::new(slot);
+        self.place_through(src_start, bytes, &writer);
+    }
+
+    /// As [`Mapping::place`], through a writer several threads share: each
+    /// source byte has exactly one destination, so threads placing disjoint
+    /// source ranges write disjoint bytes of the slot.
+    fn place_through(&self, src_start: u64, bytes: &[u8], slot: &SlotWriter<'_>) {
+        assert_eq!(slot.len as u64, self.data_len, "slot of the wrong size");
         let src_end = src_start + bytes.len() as u64;
         let first = self.runs.partition_point(|r| r.src + r.len <= src_start);
         for run in self.runs.iter().skip(first) {
@@ -125,7 +133,7 @@ impl Mapping {
             let len = usize::try_from(to - from).expect("a chunk fits in memory");
             let src_off = usize::try_from(from - src_start).expect("within the chunk");
             let dst_off = usize::try_from(run.dst + (from - run.src)).expect("within the slot");
-            slot[dst_off..dst_off + len].copy_from_slice(&bytes[src_off..src_off + len]);
+            slot.write(dst_off, &bytes[src_off..src_off + len]);
         }
     }
 
@@ -135,16 +143,77 @@ impl Mapping {
     }
 }
 
-/// Fills `slot` from a hot snapshot, each chunk's CRC checked first.
+/// A slot that several threads write disjoint ranges of.
+struct SlotWriter<'a> {
+    ptr: *mut u8,
+    len: usize,
+    _slot: std::marker::PhantomData<&'a mut [u8]>,
+}
+
+// SAFETY: the writer only copies into `ptr..ptr + len`, borrowed mutably for
+// 'a; its users write disjoint ranges (see `Mapping::place_through`).
+unsafe impl Sync for SlotWriter<'_> {}
+
+impl<'a> SlotWriter<'a> {
+    fn new(slot: &'a mut [u8]) -> SlotWriter<'a> {
+        SlotWriter {
+            ptr: slot.as_mut_ptr(),
+            len: slot.len(),
+            _slot: std::marker::PhantomData,
+        }
+    }
+
+    fn write(&self, offset: usize, bytes: &[u8]) {
+        assert!(
+            offset
+                .checked_add(bytes.len())
+                .is_some_and(|end| end <= self.len),
+            "write of {} bytes at {offset} past a {}-byte slot",
+            bytes.len(),
+            self.len
+        );
+        // SAFETY: in bounds (asserted); no other thread writes these bytes
+        // (disjoint ranges) and nobody reads the slot while it is filled.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(offset), bytes.len());
+        }
+    }
+}
+
+/// Threads a hot restore verifies and copies with.
+fn restore_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+}
+
+/// Fills `slot` from a hot snapshot, each chunk's CRC checked before its
+/// bytes are copied; chunks are spread over a few threads.
 pub fn fill_from_hot(
     hot: &HotSnapshot,
     mapping: &Mapping,
     slot: &mut [u8],
 ) -> Result<u64, RestoreError> {
-    for index in 0..hot.chunk_count() {
-        let (start, bytes) = hot.verified_chunk(index)?;
-        mapping.place(start, bytes, slot);
-    }
+    let chunks = hot.chunk_count();
+    let threads = restore_threads().min(chunks.max(1));
+    let per_thread = chunks.div_ceil(threads.max(1));
+    let writer = SlotWriter::new(slot);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let writer = &writer;
+                scope.spawn(move || -> Result<(), RestoreError> {
+                    let first = t * per_thread;
+                    for index in first..(first + per_thread).min(chunks) {
+                        let (start, bytes) = hot.verified_chunk(index)?;
+                        mapping.place_through(start, bytes, writer);
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().expect("a restore worker panicked"))
+    })?;
     Ok(hot.data.len() as u64)
 }
 
@@ -207,6 +276,36 @@ mod tests {
             moved.place((i * 3) as u64, piece, &mut slot);
         }
         assert_eq!(slot, fill(&registered));
+    }
+
+    #[test]
+    fn hot_fill_checks_every_chunk_on_several_threads() {
+        let stored = Layout::plan(&specs(&[0, 1, 2, 3])).expect("plan");
+        let registered = Layout::plan(&specs(&[3, 2, 0, 1])).expect("plan");
+        let mapping = Mapping::plan(&stored, &registered, 9).expect("match");
+        let data = fill(&stored);
+        let mut hot = HotSnapshot {
+            step: 9,
+            world_size: 1,
+            layout: stored.clone(),
+            chunk_bytes: 2,
+            chunk_crc32: gpusnap_kernels::reference::chunk_crc32s(&data, 2),
+            data,
+        };
+        let mut slot = vec![0u8; registered.data_len as usize];
+        assert_eq!(
+            fill_from_hot(&hot, &mapping, &mut slot).expect("fill"),
+            stored.data_len
+        );
+        assert_eq!(slot, fill(&registered));
+        hot.data[7] ^= 0x40;
+        assert!(matches!(
+            fill_from_hot(&hot, &mapping, &mut slot),
+            Err(RestoreError::Hot(crate::hot_tier::HotError::Corrupt {
+                chunk: 3,
+                ..
+            }))
+        ));
     }
 
     #[test]

@@ -247,6 +247,15 @@ impl StagingArea {
             ])
             .map_err(|e| StagingError::Memfd(format!("sealing: {e}")))?;
         let memfd = memfd.into_file();
+        // Allocate every page now: the budget is real memory from the start
+        // (a shortage fails the registration, never a capture with SIGBUS),
+        // and no capture or restore pays for first-touch faults.
+        if memfd_bytes > 0 {
+            let len = i64::try_from(memfd_bytes)
+                .map_err(|_| StagingError::Memfd(format!("{memfd_bytes} bytes overflow off_t")))?;
+            nix::fcntl::fallocate(&memfd, nix::fcntl::FallocateFlags::empty(), 0, len)
+                .map_err(|e| StagingError::Memfd(format!("allocating {memfd_bytes} bytes: {e}")))?;
+        }
         let map_len = usize::try_from(memfd_bytes).map_err(|_| StagingError::Map {
             len: memfd_bytes,
             source: nix::Error::EOVERFLOW,
@@ -421,7 +430,8 @@ fn map_shared(file: &std::fs::File, len: usize) -> Result<NonNull<u8>, nix::Erro
             None,
             len_nz,
             ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-            MapFlags::MAP_SHARED,
+            // Page tables filled now, not one fault at a time in a capture.
+            MapFlags::MAP_SHARED | MapFlags::MAP_POPULATE,
             file,
             0,
         )
