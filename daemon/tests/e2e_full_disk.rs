@@ -1,0 +1,86 @@
+//! A full disk under the real daemon: a small tmpfs as the store root. The
+//! snapshot that does not fit fails cleanly (the trainer is told, nothing of
+//! it is left), the older one stays listed, verified and restorable, and the
+//! daemon goes on serving.
+
+mod daemon;
+
+use std::process::Command;
+
+use daemon::{Daemon, State, client, snapshot_committed, verify_all};
+use gpusnap::{Error, SnapshotOutcome, Step};
+
+/// Unmounts the tmpfs when the test ends, however it ends.
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_that_snapshot_and_keeps_the_older_one() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: mounting a small tmpfs needs root (CI runs as root)");
+        return;
+    }
+    let dir = daemon::scratch();
+    let root = dir.path().join("small-disk");
+    std::fs::create_dir(&root).expect("mkdir");
+    let mounted = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=12m",
+            "gpusnap-test",
+            root.to_str().expect("utf-8"),
+        ])
+        .status()
+        .expect("run mount");
+    assert!(mounted.success(), "mount -t tmpfs failed");
+    let _mount = Mount(root.clone());
+
+    let daemon = Daemon::start_with_root(dir, root.clone(), &[]);
+    let state = State::new(6, 7 << 20);
+    let mut c = client(&daemon, "full", 0, 1);
+    state.register(&mut c);
+    state.fill(1);
+    snapshot_committed(&mut c, 1);
+
+    // Step 2 needs another 7 MiB of the 12: the reservation fails.
+    state.fill(2);
+    assert!(matches!(
+        c.snapshot(2).expect("captured"),
+        SnapshotOutcome::Captured(_)
+    ));
+    match c.wait_committed(2) {
+        Err(Error::SnapshotFailed {
+            step: 2, message, ..
+        }) => {
+            assert!(
+                message.contains("No space left") || message.contains("ENOSPC"),
+                "{message}"
+            );
+        }
+        other => panic!("step 2 on a full disk: {other:?}"),
+    }
+    let rank_dir = root.join("full").join("0");
+    let left: Vec<String> = std::fs::read_dir(&rank_dir)
+        .expect("rank dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["step-1"], "nothing of the failed step is left");
+    assert_eq!(verify_all(&root), 1);
+    assert!(daemon.metric("gpusnap_snapshots_total{job=\"full\",outcome=\"failed\"}") >= 1.0);
+
+    // The trainer was told; it goes on, and the older snapshot restores.
+    state.zero();
+    let r = c.restore(Step::Latest).expect("restore").expect("step 1");
+    assert_eq!(r.step, 1);
+    assert_eq!(state.differs_from(1), None);
+    assert!(c.status().expect("status").snapshots_in_flight == 0);
+}

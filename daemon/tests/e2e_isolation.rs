@@ -1,0 +1,145 @@
+//! Isolation between uids on one daemon: a trainer of another uid cannot
+//! list, restore or register on a job it does not own, and a process outside
+//! the socket's group cannot connect at all. Root sees everything.
+//!
+//! The trainers are this test binary run again as other users (`--ignored
+//! --exact isolation_child`), with their part in environment variables.
+
+mod daemon;
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::time::Duration;
+
+use daemon::{Daemon, State};
+use gpusnap::{ClientConfig, Error, Step};
+
+const ENV_SOCKET: &str = "GPUSNAP_E2E_SOCKET";
+const ENV_ROLE: &str = "GPUSNAP_E2E_ROLE";
+/// The socket's group; trainers "in the group" get it as their gid.
+const TRAINERS_GID: u32 = 4242;
+const OWNER_UID: u32 = 1000;
+const NOBODY: u32 = 65534;
+
+fn config(job: &str) -> ClientConfig {
+    let mut c = ClientConfig::new(job);
+    c.socket = std::env::var(ENV_SOCKET).expect("socket").into();
+    c.connect_timeout = Duration::from_millis(500);
+    c
+}
+
+/// One trainer's part, run as another uid.
+#[test]
+#[ignore = "child process of the isolation tests"]
+fn isolation_child() {
+    let role = std::env::var(ENV_ROLE).expect("role");
+    let state = State::new(3, 64 << 10);
+    match role.as_str() {
+        "owner" => {
+            let mut c = gpusnap::Client::with_config(config("alpha")).expect("connect");
+            assert_eq!(c.uid(), OWNER_UID);
+            state.register(&mut c);
+            state.fill(7);
+            daemon::snapshot_committed(&mut c, 1);
+            let listing = c.list().expect("list");
+            assert_eq!(listing.snapshots.len(), 1, "the owner sees its snapshot");
+        }
+        "intruder" => {
+            let mut c = gpusnap::Client::with_config(config("alpha")).expect("connect");
+            assert_eq!(c.uid(), NOBODY);
+            let everything = c.list_job(None).expect("list");
+            assert!(
+                everything.snapshots.iter().all(|s| s.job != "alpha"),
+                "another uid's snapshots are listed: {everything:?}"
+            );
+            let alpha = c.list_job(Some("alpha")).expect("list alpha");
+            assert!(
+                alpha.snapshots.is_empty() && alpha.complete.is_empty(),
+                "{alpha:?}"
+            );
+            let status = c.status().expect("status");
+            assert!(status.jobs.iter().all(|j| j.job != "alpha"), "{status:?}");
+            assert!(
+                status.sessions.iter().all(|s| s.job != "alpha"),
+                "{status:?}"
+            );
+            state.register(&mut c);
+            match c.restore(Step::Latest) {
+                Err(Error::PermissionDenied(message)) => {
+                    assert!(message.contains("alpha"), "{message}");
+                }
+                other => panic!("restore of another uid's job: {other:?}"),
+            }
+            match c.snapshot(2) {
+                Err(Error::PermissionDenied(_)) => {}
+                other => panic!("snapshot into another uid's job: {other:?}"),
+            }
+            // Its own job works.
+            let mut own = gpusnap::Client::with_config(config("beta")).expect("connect");
+            state.register(&mut own);
+            daemon::snapshot_committed(&mut own, 1);
+        }
+        "outsider" => match gpusnap::Client::with_config(config("gamma")) {
+            Err(Error::DaemonUnavailable { source, .. }) => {
+                assert_eq!(
+                    source.kind(),
+                    std::io::ErrorKind::PermissionDenied,
+                    "{source}"
+                );
+            }
+            Err(other) => panic!("expected permission denied, got {other}"),
+            Ok(_) => panic!("a process outside the socket's group connected"),
+        },
+        other => panic!("unknown role {other}"),
+    }
+}
+
+fn run_as(daemon: &Daemon, role: &str, uid: u32, gid: u32) {
+    let out = Command::new(std::env::current_exe().expect("exe"))
+        .args(["--ignored", "--exact", "isolation_child", "--nocapture"])
+        .env(ENV_SOCKET, &daemon.socket)
+        .env(ENV_ROLE, role)
+        .uid(uid)
+        .gid(gid)
+        .output()
+        .expect("spawn");
+    assert!(
+        out.status.success(),
+        "{role} (uid {uid}, gid {gid}) failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn another_uid_cannot_list_restore_or_register_and_outsiders_cannot_connect() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: switching to other uids needs root (CI runs as root)");
+        return;
+    }
+    let daemon = Daemon::start(&[
+        ("daemon", "socket_group", &format!("\"{TRAINERS_GID}\"")),
+        ("daemon", "socket_mode", "\"0660\""),
+    ]);
+    // The trainers must reach the socket through the scratch directory.
+    std::fs::set_permissions(daemon.dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod scratch");
+    run_as(&daemon, "owner", OWNER_UID, TRAINERS_GID);
+    run_as(&daemon, "intruder", NOBODY, TRAINERS_GID);
+    run_as(&daemon, "outsider", NOBODY, NOBODY);
+
+    // Root sees both jobs; ownership is on disk for the next daemon.
+    let mut root = daemon::client(&daemon, "root-observer", 0, 1);
+    let jobs: Vec<String> = root
+        .list_job(None)
+        .expect("list")
+        .snapshots
+        .into_iter()
+        .map(|s| s.job)
+        .collect();
+    assert_eq!(jobs, ["alpha", "beta"]);
+    let owner = std::fs::read_to_string(daemon.root.join("alpha").join("OWNER")).expect("OWNER");
+    assert_eq!(owner, format!("{OWNER_UID}\n"));
+}
