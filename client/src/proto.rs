@@ -277,6 +277,21 @@ impl StagingInfo {
         if self.chunk_bytes == 0 {
             return Err("chunk_bytes is 0".into());
         }
+        // No two tensors share a byte: parallel copies must never race.
+        let mut spans: Vec<(u64, u64)> = self
+            .offsets
+            .iter()
+            .zip(tensor_bytes)
+            .filter(|(_, len)| **len > 0)
+            .map(|(&off, &len)| (off, off + len))
+            .collect();
+        spans.sort_unstable();
+        if let Some(w) = spans.windows(2).find(|w| w[1].0 < w[0].1) {
+            return Err(format!(
+                "tensors at {}..{} and {}..{} overlap",
+                w[0].0, w[0].1, w[1].0, w[1].1
+            ));
+        }
         Ok(())
     }
 
@@ -473,18 +488,21 @@ pub fn frame_len(header: [u8; FRAME_HEADER_BYTES]) -> Result<usize, FrameError> 
     usize::try_from(len).map_err(|_| FrameError::TooLarge { len })
 }
 
-/// Header and body of one message.
-pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
-    let body = serde_json::to_vec(message).expect("protocol messages always serialize");
-    let len = u32::try_from(body.len()).expect("a message is under 4 GiB");
-    assert!(
-        len > 0 && len <= FRAME_BYTES_MAX,
-        "message of {len} bytes breaks the frame limit"
-    );
+/// Header and body of one message; a message over the frame limit is an
+/// error, never a frame the other side must refuse.
+pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
+    let body = serde_json::to_vec(message)?;
+    let len = u32::try_from(body.len())
+        .ok()
+        .filter(|&l| l <= FRAME_BYTES_MAX)
+        .ok_or(FrameError::TooLarge {
+            len: u32::try_from(body.len()).unwrap_or(u32::MAX),
+        })?;
+    assert!(len > 0, "JSON is never empty");
     let mut frame = Vec::with_capacity(FRAME_HEADER_BYTES + body.len());
     frame.extend_from_slice(&len.to_le_bytes());
     frame.extend_from_slice(&body);
-    frame
+    Ok(frame)
 }
 
 /// Parses one frame body.
@@ -508,7 +526,7 @@ mod tests {
                 tensors: vec![TensorSpec::new("w", Dtype::F32, [2, 3])],
             },
         };
-        let frame = encode(&req);
+        let frame = encode(&req).expect("small");
         let len = frame_len(frame[..4].try_into().expect("4 bytes")).expect("len");
         assert_eq!(len, frame.len() - 4);
         assert_eq!(decode::<Request>(&frame[4..]).expect("decode"), req);
@@ -537,6 +555,14 @@ mod tests {
         good.check(&[64, 36]).expect("consistent");
         assert!(good.check(&[64, 37]).is_err(), "tensor past data section");
         assert!(good.check(&[64]).is_err(), "offset count");
+        let mut overlapping = good.clone();
+        overlapping.offsets = vec![0, 60];
+        assert!(
+            overlapping
+                .check(&[64, 36])
+                .unwrap_err()
+                .contains("overlap")
+        );
         let mut ring_past_end = good.clone();
         ring_past_end.ring_chunks = 3;
         assert!(ring_past_end.check(&[64, 36]).is_err());

@@ -63,8 +63,30 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    /// Connects (retrying until `connect_timeout`) and says Hello.
+    /// Connects and says Hello, retrying until `connect_timeout`: a missing
+    /// or refusing socket, and a connection reset before the Welcome (a
+    /// daemon that is stopping or restarting still had it in its backlog).
     pub(crate) fn open(
+        socket: &Path,
+        connect_timeout: Duration,
+        call_timeout: Duration,
+    ) -> Result<Session> {
+        let deadline = std::time::Instant::now() + connect_timeout;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match Session::open_once(socket, left, call_timeout) {
+                Err(Error::Disconnected(why)) if std::time::Instant::now() + backoff < deadline => {
+                    tracing::debug!(%why, "gpusnapd closed the connection before its welcome; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn open_once(
         socket: &Path,
         connect_timeout: Duration,
         call_timeout: Duration,

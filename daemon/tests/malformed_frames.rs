@@ -30,7 +30,7 @@ impl Raw {
     }
 
     fn request(&mut self, id: u64, body: RequestBody) {
-        self.send_bytes(&proto::encode(&Request { id, body }));
+        self.send_bytes(&proto::encode(&Request { id, body }).expect("encode"));
     }
 
     /// The next reply, or `None` when the daemon closed the connection.

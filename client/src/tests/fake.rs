@@ -230,7 +230,7 @@ impl FakeConn {
     }
 
     pub fn reply(&mut self, id: u64, body: ReplyBody) {
-        self.raw(&proto::encode(&Reply { id, body }));
+        self.raw(&proto::encode(&Reply { id, body }).expect("encode"));
     }
 
     pub fn event(&mut self, body: ReplyBody) {
@@ -286,7 +286,8 @@ impl FakeConn {
         let frame = proto::encode(&Reply {
             id,
             body: ReplyBody::Registered(info.clone()),
-        });
+        })
+        .expect("encode");
         let raw = vec![fd.as_raw_fd(); fds];
         let cmsg = [ControlMessage::ScmRights(&raw)];
         let cmsgs: &[ControlMessage] = if fds == 0 { &[] } else { &cmsg };

@@ -196,7 +196,8 @@ fn a_descriptor_on_a_reply_that_carries_none_is_refused() {
         let frame = crate::proto::encode(&crate::proto::Reply {
             id: r.id,
             body: ReplyBody::Slot { step: 1, slot: 0 },
-        });
+        })
+        .expect("encode");
         let fd = nix::sys::memfd::memfd_create("stray", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
             .expect("memfd");
         let raw = [std::os::fd::AsRawFd::as_raw_fd(&fd)];

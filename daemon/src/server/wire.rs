@@ -7,7 +7,7 @@ use std::io::IoSlice;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::Duration;
 
-use gpusnap::proto::{self, ErrorKind, FRAME_HEADER_BYTES, Reply, Request};
+use gpusnap::proto::{self, ErrorKind, FRAME_HEADER_BYTES, Reply, ReplyBody, Request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -83,9 +83,26 @@ pub async fn read_request(
     Ok(Some(request))
 }
 
-/// Writes one reply.
+/// Writes one reply. A reply over the frame limit goes out as an error
+/// saying so, for the same request.
 pub async fn write_reply(wr: &mut OwnedWriteHalf, reply: &Reply) -> std::io::Result<()> {
-    wr.write_all(&proto::encode(reply)).await
+    wr.write_all(&encode_reply(reply)).await
+}
+
+fn encode_reply(reply: &Reply) -> Vec<u8> {
+    match proto::encode(reply) {
+        Ok(frame) => frame,
+        Err(e) => {
+            let refusal = Reply {
+                id: reply.id,
+                body: ReplyBody::Error {
+                    kind: ErrorKind::TooLarge,
+                    message: format!("the reply cannot be sent: {e}; ask for less (a job filter)"),
+                },
+            };
+            proto::encode(&refusal).expect("a short error reply always encodes")
+        }
+    }
 }
 
 /// Writes one reply with `fd` attached to its first byte.
@@ -95,7 +112,7 @@ pub async fn write_reply_with_fd(
     fd: BorrowedFd<'_>,
 ) -> std::io::Result<()> {
     use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
-    let frame = proto::encode(reply);
+    let frame = encode_reply(reply);
     let raw = [fd.as_raw_fd()];
     let stream = wr.as_ref();
     let sent = stream
