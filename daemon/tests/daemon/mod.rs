@@ -400,3 +400,100 @@ pub fn verify_all(root: &Path) -> usize {
     }
     listing.snapshots.len()
 }
+
+/// Polls `done` every 10 ms until it holds; panics naming `what` after
+/// `limit`.
+pub fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until no connection holds `job`/`rank` (a dropped client's
+/// connection is closed by the daemon shortly after).
+pub fn wait_rank_free(daemon: &Daemon, job: &str, rank: u32) {
+    let mut observer = client(daemon, "observer", 0, 1);
+    wait_for(
+        &format!("job {job} rank {rank} released"),
+        Duration::from_secs(30),
+        || {
+            let status = observer.status().expect("status");
+            !status
+                .sessions
+                .iter()
+                .any(|s| s.job == job && s.rank == rank)
+        },
+    );
+}
+
+/// Waits until nothing is in flight and the staging memory in use is
+/// exactly what the live registrations hold; returns that status.
+pub fn staging_settled(daemon: &Daemon) -> gpusnap::proto::StatusInfo {
+    let mut observer = client(daemon, "observer", 0, 1);
+    let mut last = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = observer.status().expect("status");
+        let held: u64 = status.sessions.iter().map(|s| s.staging_bytes).sum();
+        if status.snapshots_in_flight == 0 && status.staging_bytes_used == held {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "staging never settled to what live clients hold: {last:#?}"
+        );
+        last = Some(status);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Names of the entries of `dir` (sorted; empty if it does not exist).
+pub fn dir_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// A copy of every tensor's bytes of a [`State`], to load back with a
+/// plain copy (filling a large state from a seed is slow in debug builds,
+/// slower than the persist a test races against).
+pub struct Image(Vec<Vec<u8>>);
+
+impl Image {
+    /// The bytes `state.fill(seed)` gives (leaves `state` filled so).
+    pub fn of(state: &State, seed: u64) -> Image {
+        state.fill(seed);
+        Image(
+            state
+                .tensors
+                .iter()
+                .map(|(_, t)| t.read().to_vec())
+                .collect(),
+        )
+    }
+
+    /// Copies the image into `state`.
+    pub fn load(&self, state: &State) {
+        for ((_, t), bytes) in state.tensors.iter().zip(&self.0) {
+            t.write().copy_from_slice(bytes);
+        }
+    }
+
+    /// The first tensor of `state` whose bytes differ from the image.
+    pub fn differs(&self, state: &State) -> Option<String> {
+        state
+            .tensors
+            .iter()
+            .zip(&self.0)
+            .find(|((_, t), bytes)| t.read()[..] != bytes[..])
+            .map(|((name, _), _)| name.clone())
+    }
+}
