@@ -95,8 +95,19 @@ fn isolation_child() {
     }
 }
 
+/// A copy of this test binary that other users can run (the build tree may
+/// sit under a directory only root can enter, such as /root).
+fn child_exe(daemon: &Daemon) -> std::path::PathBuf {
+    let exe = daemon.dir.path().join("isolation-child");
+    if !exe.exists() {
+        std::fs::copy(std::env::current_exe().expect("exe"), &exe).expect("copy test binary");
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    exe
+}
+
 fn run_as(daemon: &Daemon, role: &str, uid: u32, gid: u32) {
-    let out = Command::new(std::env::current_exe().expect("exe"))
+    let out = Command::new(child_exe(daemon))
         .args(["--ignored", "--exact", "isolation_child", "--nocapture"])
         .env(ENV_SOCKET, &daemon.socket)
         .env(ENV_ROLE, role)
