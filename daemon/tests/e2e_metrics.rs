@@ -41,6 +41,23 @@ const METRICS: [&str; 16] = [
     "gpusnap_stall_seconds",
 ];
 
+/// Every `"gpusnap_..."` name the daemon's metric definitions register (the
+/// source outside its tests), so a new metric is noticed even before any
+/// scenario gives it a series.
+fn defined_in_source() -> BTreeSet<String> {
+    let source = include_str!("../src/metrics.rs");
+    let definitions = source.split("#[cfg(test)]").next().expect("source");
+    definitions
+        .split("\"gpusnap_")
+        .skip(1)
+        .filter_map(|rest| {
+            let name = rest.split('"').next()?;
+            (!name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+                .then(|| format!("gpusnap_{name}"))
+        })
+        .collect()
+}
+
 /// One read of `/metrics`.
 struct Scrape {
     samples: HashMap<String, f64>,
@@ -354,6 +371,11 @@ fn every_metric_moves() {
     let families = Scrape::of(&daemon).families;
     let listed: BTreeSet<String> = METRICS.iter().map(|&f| f.to_owned()).collect();
     assert_eq!(families, listed, "the exported families are METRICS");
+    assert_eq!(
+        defined_in_source(),
+        listed,
+        "daemon/src/metrics.rs defines METRICS"
+    );
     let all: BTreeSet<&str> = METRICS.into_iter().collect();
     assert_eq!(moved.0, all, "every metric moved");
 
