@@ -188,6 +188,7 @@ fn policy_skip_refuses_a_snapshot_while_the_only_slot_persists() {
                     Err(Error::Skipped { step, .. }) => assert_eq!(step, b),
                     other => panic!("a skipped step does not commit: {other:?}"),
                 }
+                eprintln!("skip seen in pair {}", attempt + 1);
                 skipped = Some(a);
                 c.wait_committed(a).expect("the persisting step commits");
                 break;
@@ -276,6 +277,7 @@ fn policy_stream_goes_through_the_ring_while_the_slot_persists() {
         c.wait_committed(b).expect("commit");
         committed += 2;
         if daemon.log().matches(STREAM_LOG).count() > before {
+            eprintln!("stream seen in pair {}", attempt + 1);
             streamed = Some((a, b));
             break;
         }
