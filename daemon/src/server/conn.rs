@@ -299,12 +299,7 @@ impl Conn {
                 "this connection is already registered; connect again to register another set",
             ));
         }
-        if *self.daemon.shutdown.borrow() {
-            return Err(Refusal::new(
-                ErrorKind::ShuttingDown,
-                "the daemon is stopping",
-            ));
-        }
+        self.refuse_if_stopping()?;
         let invalid = |m: String| Refusal::new(ErrorKind::InvalidRegistration, m);
         SnapshotId::new(job.clone(), rank, 0).map_err(|e| invalid(e.to_string()))?;
         if world_size == 0 || rank >= world_size {
@@ -431,15 +426,10 @@ impl Conn {
                 "begin while a restored slot is not released",
             ));
         }
-        if *self.daemon.shutdown.borrow() {
-            return Err(Refusal::new(
-                ErrorKind::ShuttingDown,
-                "the daemon is stopping",
-            ));
-        }
+        self.refuse_if_stopping()?;
         let job = core.key.0.clone();
         if let Some(reason) = self.already_have(&core, step).await {
-            self.count_skip(&job);
+            self.count_outcome(&job, "skipped");
             return Ok(ReplyBody::Skipped { step, reason });
         }
         let staging = Arc::clone(&core.staging);
@@ -450,7 +440,7 @@ impl Conn {
         }
         match staging.info().policy {
             BusyPolicy::Skip => {
-                self.count_skip(&job);
+                self.count_outcome(&job, "skipped");
                 Ok(ReplyBody::Skipped {
                     step,
                     reason: format!(
@@ -466,7 +456,7 @@ impl Conn {
             }
             BusyPolicy::Stream => {
                 if !self.daemon.engine.track(&core.key, step) {
-                    self.count_skip(&job);
+                    self.count_outcome(&job, "skipped");
                     return Ok(ReplyBody::Skipped {
                         step,
                         reason: format!("step {step} is already being persisted"),
@@ -519,12 +509,23 @@ impl Conn {
         }
     }
 
-    fn count_skip(&self, job: &str) {
+    /// Counts a snapshot that ended here, without a persist.
+    fn count_outcome(&self, job: &str, outcome: &str) {
         self.daemon
             .metrics
             .snapshots_total
-            .with_label_values(&[job, "skipped"])
+            .with_label_values(&[job, outcome])
             .inc();
+    }
+
+    fn refuse_if_stopping(&self) -> Result<(), Refusal> {
+        if self.daemon.is_stopping() {
+            return Err(Refusal::new(
+                ErrorKind::ShuttingDown,
+                "the daemon is stopping",
+            ));
+        }
+        Ok(())
     }
 
     /// Waits for a free slot under policy block, delivering events (commits
@@ -665,11 +666,7 @@ impl Conn {
             Some(Capture::Slot { step: s, slot }) if s == step => {
                 core.staging
                     .transition(slot, SlotState::Capturing { step }, SlotState::Free);
-                self.daemon
-                    .metrics
-                    .snapshots_total
-                    .with_label_values(&[core.key.0.as_str(), "aborted"])
-                    .inc();
+                self.count_outcome(&core.key.0, "aborted");
             }
             Some(Capture::Stream { step: s, feed, .. }) if s == step => {
                 feed.aborted
@@ -805,11 +802,7 @@ impl Conn {
             Some(Capture::Slot { step, slot }) => {
                 core.staging
                     .transition(slot, SlotState::Capturing { step }, SlotState::Free);
-                self.daemon
-                    .metrics
-                    .snapshots_total
-                    .with_label_values(&[core.key.0.as_str(), "aborted"])
-                    .inc();
+                self.count_outcome(&core.key.0, "aborted");
                 tracing::warn!(conn = self.id, job = %core.key.0, rank = core.key.1, step, "client left mid-capture; nothing of that step is written");
             }
             Some(Capture::Stream { feed, step, .. }) => {
