@@ -60,7 +60,8 @@ pub enum MetricsError {
 /// Every metric the daemon exports.
 ///
 /// Label values: `source` is `memory` or `disk` (and `none` for a restore
-/// that found nothing); snapshot `outcome` is `committed`, `failed`,
+/// that failed before any source delivered its bytes: a mismatch, a missing
+/// step, a corrupt snapshot); snapshot `outcome` is `committed`, `failed`,
 /// `skipped` or `aborted`; restore `outcome` is `ok` or `failed`.
 #[derive(Debug)]
 pub struct Metrics {

@@ -262,7 +262,7 @@ impl Engine {
     }
 
     /// Starts a streamed capture of `step` through the ring; the caller has
-    /// tracked it.
+    /// tracked it (and on an error here it is untracked again).
     pub fn start_stream(
         self: &Arc<Self>,
         core: Arc<SessionCore>,
@@ -275,7 +275,8 @@ impl Engine {
         let aborted = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let engine = Arc::clone(self);
         let abort_flag = Arc::clone(&aborted);
-        std::thread::Builder::new()
+        let key = core.key.clone();
+        let spawned = std::thread::Builder::new()
             .name(format!("stream-{}", core.conn_id))
             .spawn(move || {
                 let started = Instant::now();
@@ -283,7 +284,12 @@ impl Engine {
                 let aborted = abort_flag.load(std::sync::atomic::Ordering::SeqCst);
                 let committed = engine.report(&core, step, started, result, aborted);
                 engine.untrack(&core.key, step, committed);
-            })?;
+            });
+        if let Err(e) = spawned {
+            // The caller tracked the step; nothing will persist it now.
+            self.untrack(&key, step, false);
+            return Err(e);
+        }
         Ok(StreamFeed {
             filled: filled_tx,
             taken: taken_rx,
