@@ -8,8 +8,6 @@
 
 mod daemon;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use daemon::{Daemon, State, client, snapshot_committed, verify_all};
@@ -68,23 +66,15 @@ fn park() -> ! {
 
 /// Runs the trainer until it prints `line`, then SIGKILLs it.
 fn kill_trainer_at(daemon: &Daemon, role: &str, line: &str) {
-    let mut child: Child = Command::new(std::env::current_exe().expect("exe"))
-        .args([
-            "--ignored",
-            "--exact",
-            "child_trainer",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(ENV_SOCKET, &daemon.socket)
-        .env(ENV_ROLE, role)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn trainer");
-    let stdout = child.stdout.take().expect("stdout");
+    let (mut child, lines) = daemon::spawn_child_test(
+        "child_trainer",
+        &[
+            (ENV_SOCKET, daemon.socket.as_os_str()),
+            (ENV_ROLE, role.as_ref()),
+        ],
+    );
     let mut seen = Vec::new();
-    for l in BufReader::new(stdout).lines() {
+    for l in lines {
         let l = l.expect("line");
         seen.push(l.clone());
         // libtest prints "test child_trainer ... " before the first line.

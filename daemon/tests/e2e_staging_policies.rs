@@ -14,8 +14,7 @@
 
 mod daemon;
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -138,6 +137,8 @@ fn over_budget_is_refused_naming_the_sizes_and_one_slot_when_two_do_not_fit() {
     staging_is_what(&daemon, &s);
     drop(s);
     wait_rank_free(&daemon, "small", 0);
+    // Its lane may still be copying the last commit into the hot tier.
+    staging_settled(&daemon);
 
     // 5 MiB: one slot fits, two do not.
     let one = State::new(2, 5 << 20);
@@ -368,25 +369,17 @@ fn child_stream_trainer() {
 /// Runs the child until it parks mid-stream, SIGKILLs it; the step it was
 /// streaming.
 fn kill_child_mid_stream(daemon: &Daemon, job: &str) -> u64 {
-    let mut child: Child = Command::new(std::env::current_exe().expect("exe"))
-        .args([
-            "--ignored",
-            "--exact",
-            "child_stream_trainer",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(ENV_SOCKET, &daemon.socket)
-        .env(ENV_JOB, job)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn trainer");
-    let stdout = child.stdout.take().expect("stdout");
+    let (mut child, lines) = daemon::spawn_child_test(
+        "child_stream_trainer",
+        &[
+            (ENV_SOCKET, daemon.socket.as_os_str()),
+            (ENV_JOB, job.as_ref()),
+        ],
+    );
     let mut seen = Vec::new();
     let mut streaming = None;
     let mut begun = None;
-    for l in BufReader::new(stdout).lines() {
+    for l in lines {
         let l = l.expect("line");
         seen.push(l.clone());
         if let Some(step) = l.rsplit_once("begin ").and_then(|(_, s)| s.parse().ok()) {

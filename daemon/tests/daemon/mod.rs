@@ -497,3 +497,34 @@ impl Image {
             .map(|((name, _), _)| name.clone())
     }
 }
+
+/// Runs the `#[ignore]`d test `name` of this test binary as a child process
+/// (a trainer that can be SIGKILLed), with `env`; its stdout comes back line
+/// by line. libtest prints "test NAME ... " before the child's first line,
+/// so match lines with `ends_with`.
+pub fn spawn_child_test(
+    name: &str,
+    env: &[(&str, &std::ffi::OsStr)],
+) -> (
+    Child,
+    std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+) {
+    use std::io::BufRead;
+    let mut command = Command::new(std::env::current_exe().expect("exe"));
+    command
+        .args([
+            "--ignored",
+            "--exact",
+            name,
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().expect("spawn child test");
+    let stdout = child.stdout.take().expect("stdout");
+    (child, std::io::BufReader::new(stdout).lines())
+}
