@@ -149,8 +149,26 @@ impl HotTier {
                 .map(|s| s.data)
                 .filter(|d| d.len() == data.len())
         };
-        let mut buf = reuse.unwrap_or_else(|| vec![0u8; data.len()]);
-        buf.copy_from_slice(data);
+        let buf = match reuse {
+            Some(mut buf) => {
+                buf.copy_from_slice(data);
+                buf
+            }
+            None => {
+                let mut buf = Vec::new();
+                if buf.try_reserve_exact(data.len()).is_err() {
+                    // No memory for it: the snapshot is on disk all the same.
+                    self.release_reserved(len);
+                    tracing::warn!(
+                        bytes = len,
+                        "no memory for a hot copy; restores of this rank read from disk"
+                    );
+                    return false;
+                }
+                buf.extend_from_slice(data);
+                buf
+            }
+        };
         let snapshot = Arc::new(HotSnapshot {
             step: manifest.step,
             world_size: manifest.world_size,
@@ -174,6 +192,12 @@ impl HotTier {
         }
         self.publish(&state);
         true
+    }
+
+    fn release_reserved(&self, len: u64) {
+        let mut state = self.lock();
+        state.bytes -= len;
+        self.publish(&state);
     }
 
     /// The hot snapshot of `key`, if it is `step` (or any step when `None`).
