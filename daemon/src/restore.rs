@@ -137,6 +137,15 @@ impl Mapping {
         }
     }
 
+    /// Whether every byte stays at its offset (the layouts are identical).
+    pub fn is_identity(&self) -> bool {
+        match self.runs.as_slice() {
+            [] => true,
+            [run] => run.src == 0 && run.dst == 0 && run.len == self.data_len,
+            _ => false,
+        }
+    }
+
     /// Number of runs (1 when the layouts are identical).
     pub fn run_count(&self) -> usize {
         self.runs.len()
@@ -217,15 +226,29 @@ pub fn fill_from_hot(
     Ok(hot.data.len() as u64)
 }
 
-/// Fills `slot` from a snapshot on disk through the store's verified reader.
+/// Fills a slot from a snapshot on disk, every chunk's CRC checked. `slot`
+/// is the whole slot (the data section and its padding). When the snapshot
+/// is laid out exactly as the registration (the usual case) the store reads
+/// straight into the slot; otherwise through its buffers, piece by piece.
 pub fn fill_from_disk(
     store: &Store,
     snapshot: &Snapshot,
     mapping: &Mapping,
     slot: &mut [u8],
 ) -> Result<u64, RestoreError> {
+    let data_len = usize::try_from(mapping.data_len).expect("a slot fits in memory");
+    if mapping.is_identity() && data_len > 0 {
+        match store.read_into(snapshot, slot) {
+            Ok(()) => return Ok(snapshot.manifest.data_len),
+            Err(StoreError::Config(why)) => {
+                tracing::debug!(%why, "direct read not possible; reading through the store's buffers");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let data = &mut slot[..data_len];
     store.read(snapshot, &mut |start, bytes| {
-        mapping.place(start, bytes, slot);
+        mapping.place(start, bytes, data);
         Ok(())
     })?;
     Ok(snapshot.manifest.data_len)
@@ -266,9 +289,10 @@ mod tests {
         let stored = Layout::plan(&specs(&[0, 1, 2, 3])).expect("plan");
         let same = Mapping::plan(&stored, &stored, 1).expect("match");
         assert_eq!(same.run_count(), 1);
+        assert!(same.is_identity());
         let registered = Layout::plan(&specs(&[2, 1, 3, 0])).expect("plan");
         let moved = Mapping::plan(&stored, &registered, 1).expect("match");
-        assert!(moved.run_count() > 1);
+        assert!(moved.run_count() > 1 && !moved.is_identity());
         let src = fill(&stored);
         let mut slot = vec![0u8; registered.data_len as usize];
         // Odd chunk boundaries, as the store's reader may cut them.

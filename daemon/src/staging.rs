@@ -358,7 +358,8 @@ impl StagingArea {
         unsafe { std::slice::from_raw_parts(ptr, len) }
     }
 
-    /// The data section in slot `slot`, for a restore to fill.
+    /// The whole of slot `slot` (`slot_bytes`: the data section and its
+    /// padding to 4096), for a restore that reads straight into it.
     ///
     /// # Safety
     /// The slot must be `Lent` and not yet reported to the client (nobody
@@ -367,10 +368,16 @@ impl StagingArea {
         clippy::mut_from_ref,
         reason = "shared memory arbitrated by the slot table"
     )]
-    pub unsafe fn slot_data_mut(&self, slot: u32) -> &mut [u8] {
-        let (ptr, len) = self.slot_range(slot);
-        // SAFETY: inside the live mapping; the caller guarantees exclusive
-        // access for the slice's life.
+    pub unsafe fn slot_whole_mut(&self, slot: u32) -> &mut [u8] {
+        let (ptr, _) = self.slot_range(slot);
+        let len = usize::try_from(self.info.slot_bytes).unwrap_or(usize::MAX);
+        let start = u64::from(slot) * self.info.slot_bytes;
+        assert!(
+            start + self.info.slot_bytes <= self.map_len as u64,
+            "slot past the mapping"
+        );
+        // SAFETY: inside the live mapping (asserted); the caller guarantees
+        // exclusive access for the slice's life.
         unsafe { std::slice::from_raw_parts_mut(ptr, len) }
     }
 

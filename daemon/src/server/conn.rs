@@ -848,11 +848,12 @@ fn fill_slot(
     let found = snapshot.manifest.step;
     // SAFETY: the slot is `Lent` to this connection and not yet reported to
     // the client, so nobody else touches it until this returns.
-    let dst = unsafe { core.staging.slot_data_mut(slot) };
+    let whole = unsafe { core.staging.slot_whole_mut(slot) };
+    let data_len = usize::try_from(core.staging.info().data_bytes).unwrap_or(usize::MAX);
     if let Some(hot) = daemon.hot.get(&core.key, Some(found)) {
         let mapping =
             Mapping::plan(&hot.layout, core.staging.layout(), found).map_err(restore_refusal)?;
-        match restore::fill_from_hot(&hot, &mapping, dst) {
+        match restore::fill_from_hot(&hot, &mapping, &mut whole[..data_len]) {
             Ok(bytes) => return Ok(Some((found, RestoreSource::Memory, bytes))),
             Err(e) => {
                 tracing::error!(job, rank, step = found, error = %e, "hot copy failed verification; dropping it and reading from disk");
@@ -862,7 +863,7 @@ fn fill_slot(
     }
     let mapping =
         Mapping::plan(&snapshot.layout, core.staging.layout(), found).map_err(restore_refusal)?;
-    let bytes = restore::fill_from_disk(&daemon.store, &snapshot, &mapping, dst)
+    let bytes = restore::fill_from_disk(&daemon.store, &snapshot, &mapping, whole)
         .map_err(restore_refusal)?;
     Ok(Some((found, RestoreSource::Disk, bytes)))
 }

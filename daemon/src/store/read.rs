@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::buffer_pool::IO_ALIGN_BYTES;
-use crate::storage::{IoBuf, OpKind};
+use crate::storage::{IoBuf, OpKind, RawRegion};
 use crate::store::Store;
 use crate::store::error::{Sink, StoreError};
 
@@ -145,6 +145,112 @@ impl Store {
                 source,
             })
         })
+    }
+
+    /// Reads the data section straight into `dst` (no copy through pool
+    /// buffers: O_DIRECT into the caller's memory), then checks every
+    /// chunk's CRC32; `dst` holds nothing the caller may use unless this
+    /// returns Ok. `dst` must start 4096-aligned and hold the data section
+    /// rounded up to 4096 bytes (the last transfer is padded); the chunks
+    /// must be 4096-byte multiples. Otherwise, or for an empty section,
+    /// [`StoreError::Config`] says why and [`Store::read`] is the way.
+    pub fn read_into(&self, snapshot: &Snapshot, dst: &mut [u8]) -> Result<(), StoreError> {
+        let m = &snapshot.manifest;
+        let path = snapshot.data_path();
+        let align = IO_ALIGN_BYTES as u64;
+        let padded_len = m.data_len.next_multiple_of(align);
+        if !(dst.as_ptr() as usize).is_multiple_of(IO_ALIGN_BYTES)
+            || (dst.len() as u64) < padded_len
+            || m.chunk_bytes == 0
+            || !m.chunk_bytes.is_multiple_of(align)
+            || m.data_len == 0
+        {
+            return Err(StoreError::Config(format!(
+                "{}: a direct read needs an aligned destination of {padded_len} bytes (got {} at {:#x}) and aligned chunks (chunk {})",
+                path.display(),
+                dst.len(),
+                dst.as_ptr() as usize,
+                m.chunk_bytes
+            )));
+        }
+        let chunk_count = u64::try_from(m.chunk_crc32.len()).unwrap_or(0);
+        let qd = self.config().queue_depth;
+        let mut file = self.storage().open_data_file(&path, qd)?;
+        let lease = self.pool().lease(1)?;
+        let base = dst.as_mut_ptr();
+        {
+            let mut pipe = Pipeline::new(&mut *file, lease, &path);
+            let mut submitted = 0u64;
+            let mut finished = 0u64;
+            while finished < chunk_count {
+                while submitted < chunk_count && pipe.in_flight() < qd {
+                    let (start, end) = m.chunk_range(submitted);
+                    let len = usize::try_from(end - start).unwrap_or(usize::MAX);
+                    let padded = len.next_multiple_of(IO_ALIGN_BYTES);
+                    let begin = usize::try_from(start).unwrap_or(usize::MAX);
+                    assert!(
+                        begin + padded <= dst.len(),
+                        "direct read past its destination"
+                    );
+                    // SAFETY: `begin..begin + padded` lies inside `dst`
+                    // (asserted), which is borrowed mutably for this whole
+                    // call; the pipeline drains every read before this block
+                    // ends (or its Drop does), so the kernel writes it only
+                    // while the borrow lives, and nothing else touches it.
+                    let region = unsafe { RawRegion::new(base.add(begin), padded) };
+                    pipe.submit(
+                        OpKind::Read,
+                        m.header_len + start,
+                        padded,
+                        IoBuf::Borrowed(region),
+                        submitted,
+                    )?;
+                    submitted += 1;
+                }
+                for c in pipe.next_reads()? {
+                    let (start, end) = m.chunk_range(c.op.tag);
+                    let want = usize::try_from(end - start).unwrap_or(usize::MAX);
+                    let got = c.result.as_ref().map_or(0, |n| *n);
+                    if got < want {
+                        return Err(StoreError::ShortTransfer {
+                            op: "read",
+                            path,
+                            offset: c.op.offset,
+                            expected: want,
+                            done: got,
+                        });
+                    }
+                    // Checked while later reads are in flight; the caller
+                    // sees none of `dst` before every chunk is checked.
+                    let begin = usize::try_from(start).unwrap_or(usize::MAX);
+                    // SAFETY: this chunk's read has completed, so the kernel
+                    // no longer writes `begin..begin + want` (inside `dst`,
+                    // asserted at submission); reads in flight cover other
+                    // chunks.
+                    let bytes = unsafe { std::slice::from_raw_parts(base.add(begin), want) };
+                    let expected = m
+                        .chunk_crc32
+                        .get(usize::try_from(c.op.tag).unwrap_or(usize::MAX))
+                        .copied()
+                        .unwrap_or(0);
+                    let found = gpusnap_kernels::reference::chunk_crc32(bytes);
+                    if expected != found {
+                        return Err(StoreError::ChunkCorrupt {
+                            path,
+                            chunk: c.op.tag,
+                            start,
+                            end,
+                            expected,
+                            found,
+                            tensors: snapshot.layout.tensors_in(start, end),
+                        });
+                    }
+                    finished += 1;
+                }
+            }
+            pipe.drain()?;
+        }
+        Ok(())
     }
 
     /// Re-reads every chunk of the snapshot in `dir` and reports every
