@@ -23,7 +23,7 @@ pub struct HotSnapshot {
     pub layout: Layout,
     pub chunk_bytes: u64,
     pub chunk_crc32: Vec<u32>,
-    pub data: Vec<u8>,
+    pub data: HotBuffer,
 }
 
 impl HotSnapshot {
@@ -60,6 +60,90 @@ impl HotSnapshot {
 pub enum HotError {
     #[error("hot copy of step {step}: chunk {chunk} fails its CRC32")]
     Corrupt { step: u64, chunk: usize },
+}
+
+/// The memory of one hot copy: an anonymous private mapping, on huge pages
+/// where the kernel gives them, populated when it is made, so the first copy
+/// into it does not take a page fault per 4 KiB (on a VM that costs more
+/// than the copy itself).
+#[derive(Debug)]
+pub struct HotBuffer {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value alone and only reached through
+// `&self`/`&mut self`, like a `Vec<u8>`.
+unsafe impl Send for HotBuffer {}
+// SAFETY: as for Send; shared access is read-only.
+unsafe impl Sync for HotBuffer {}
+
+impl HotBuffer {
+    pub fn new(len: usize) -> Result<HotBuffer, nix::Error> {
+        use nix::sys::mman::{MapFlags, MmapAdvise, ProtFlags, madvise, mmap_anonymous};
+        let Some(len_nz) = std::num::NonZeroUsize::new(len) else {
+            return Ok(HotBuffer {
+                ptr: std::ptr::NonNull::dangling(),
+                len: 0,
+            });
+        };
+        // SAFETY: a fresh anonymous mapping at an address the kernel picks;
+        // it aliases nothing.
+        let ptr = unsafe {
+            mmap_anonymous(
+                None,
+                len_nz,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_PRIVATE,
+            )
+        }?;
+        // SAFETY: advice on the mapping just made, `len` bytes long; neither
+        // call changes what it holds (fresh zero pages). Both are best
+        // effort: without them the copy faults the pages in as it goes.
+        unsafe {
+            let _ = madvise(ptr, len, MmapAdvise::MADV_HUGEPAGE);
+            libc::madvise(ptr.as_ptr(), len, libc::MADV_POPULATE_WRITE);
+        }
+        Ok(HotBuffer {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    /// A buffer holding a copy of `bytes`.
+    pub fn from_slice(bytes: &[u8]) -> Result<HotBuffer, nix::Error> {
+        let mut buf = HotBuffer::new(bytes.len())?;
+        buf.copy_from_slice(bytes);
+        Ok(buf)
+    }
+}
+
+impl std::ops::Deref for HotBuffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr` is a live mapping of `len` bytes (or dangling with
+        // len 0), owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for HotBuffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, borrowed exclusively.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for HotBuffer {
+    fn drop(&mut self) {
+        if self.len == 0 {
+            return;
+        }
+        // SAFETY: exactly the mapping made in `new`, unmapped only here.
+        if let Err(e) = unsafe { nix::sys::mman::munmap(self.ptr.cast(), self.len) } {
+            tracing::error!(error = %e, "munmap of a hot copy failed");
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -149,26 +233,19 @@ impl HotTier {
                 .map(|s| s.data)
                 .filter(|d| d.len() == data.len())
         };
-        let buf = match reuse {
-            Some(mut buf) => {
-                buf.copy_from_slice(data);
-                buf
-            }
-            None => {
-                let mut buf = Vec::new();
-                if buf.try_reserve_exact(data.len()).is_err() {
+        let mut buf = match reuse {
+            Some(buf) => buf,
+            None => match HotBuffer::new(data.len()) {
+                Ok(buf) => buf,
+                Err(e) => {
                     // No memory for it: the snapshot is on disk all the same.
                     self.release_reserved(len);
-                    tracing::warn!(
-                        bytes = len,
-                        "no memory for a hot copy; restores of this rank read from disk"
-                    );
+                    tracing::warn!(bytes = len, error = %e, "no memory for a hot copy; restores of this rank read from disk");
                     return false;
                 }
-                buf.extend_from_slice(data);
-                buf
-            }
+            },
         };
+        buf.copy_from_slice(data);
         let snapshot = Arc::new(HotSnapshot {
             step: manifest.step,
             world_size: manifest.world_size,
@@ -314,7 +391,7 @@ mod tests {
             layout: snap.layout.clone(),
             chunk_bytes: snap.chunk_bytes,
             chunk_crc32: snap.chunk_crc32.clone(),
-            data: snap.data.clone(),
+            data: HotBuffer::from_slice(&snap.data).expect("buffer"),
         };
         bad.data[5] ^= 1;
         assert!(matches!(

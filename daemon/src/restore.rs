@@ -314,7 +314,7 @@ mod tests {
             layout: stored.clone(),
             chunk_bytes: 2,
             chunk_crc32: gpusnap_kernels::reference::chunk_crc32s(&data, 2),
-            data,
+            data: crate::hot_tier::HotBuffer::from_slice(&data).expect("buffer"),
         };
         let mut slot = vec![0u8; registered.data_len as usize];
         assert_eq!(
