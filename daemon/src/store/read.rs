@@ -35,6 +35,32 @@ impl Snapshot {
     }
 }
 
+impl Snapshot {
+    /// Checks chunk `index`'s bytes against its CRC32 in the manifest; the
+    /// error names the chunk, its byte range and the tensors in it.
+    fn check_chunk(&self, index: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        let m = &self.manifest;
+        let expected = m
+            .chunk_crc32
+            .get(usize::try_from(index).unwrap_or(usize::MAX))
+            .copied();
+        let found = gpusnap_kernels::reference::chunk_crc32(bytes);
+        if expected == Some(found) {
+            return Ok(());
+        }
+        let (start, end) = m.chunk_range(index);
+        Err(StoreError::ChunkCorrupt {
+            path: self.data_path(),
+            chunk: index,
+            start,
+            end,
+            expected: expected.unwrap_or(0),
+            found,
+            tensors: self.layout.tensors_in(start, end),
+        })
+    }
+}
+
 /// What [`Store::verify`] found.
 #[derive(Debug)]
 pub struct VerifyReport {
@@ -123,23 +149,8 @@ impl Store {
         let path = snapshot.data_path();
         let m = &snapshot.manifest;
         self.read_chunks(snapshot, &mut |index, bytes| {
-            let (start, end) = m.chunk_range(index);
-            let expected = m
-                .chunk_crc32
-                .get(usize::try_from(index).unwrap_or(usize::MAX))
-                .copied();
-            let found = gpusnap_kernels::reference::chunk_crc32(bytes);
-            if expected != Some(found) {
-                return Err(StoreError::ChunkCorrupt {
-                    path: path.clone(),
-                    chunk: index,
-                    start,
-                    end,
-                    expected: expected.unwrap_or(0),
-                    found,
-                    tensors: snapshot.layout.tensors_in(start, end),
-                });
-            }
+            snapshot.check_chunk(index, bytes)?;
+            let (start, _) = m.chunk_range(index);
             sink(start, bytes).map_err(|source| StoreError::Sink {
                 path: path.clone(),
                 source,
@@ -228,23 +239,7 @@ impl Store {
                     // asserted at submission); reads in flight cover other
                     // chunks.
                     let bytes = unsafe { std::slice::from_raw_parts(base.add(begin), want) };
-                    let expected = m
-                        .chunk_crc32
-                        .get(usize::try_from(c.op.tag).unwrap_or(usize::MAX))
-                        .copied()
-                        .unwrap_or(0);
-                    let found = gpusnap_kernels::reference::chunk_crc32(bytes);
-                    if expected != found {
-                        return Err(StoreError::ChunkCorrupt {
-                            path,
-                            chunk: c.op.tag,
-                            start,
-                            end,
-                            expected,
-                            found,
-                            tensors: snapshot.layout.tensors_in(start, end),
-                        });
-                    }
+                    snapshot.check_chunk(c.op.tag, bytes)?;
                     finished += 1;
                 }
             }
@@ -269,29 +264,12 @@ impl Store {
                 return report;
             }
         };
-        let path = snapshot.data_path();
-        let m = &snapshot.manifest;
         let mut corrupt = Vec::new();
         let mut checked = 0u64;
         let result = self.read_chunks(&snapshot, &mut |index, bytes| {
             checked += 1;
-            let (start, end) = m.chunk_range(index);
-            let expected = m
-                .chunk_crc32
-                .get(usize::try_from(index).unwrap_or(usize::MAX))
-                .copied()
-                .unwrap_or(0);
-            let found = gpusnap_kernels::reference::chunk_crc32(bytes);
-            if expected != found {
-                corrupt.push(StoreError::ChunkCorrupt {
-                    path: path.clone(),
-                    chunk: index,
-                    start,
-                    end,
-                    expected,
-                    found,
-                    tensors: snapshot.layout.tensors_in(start, end),
-                });
+            if let Err(e) = snapshot.check_chunk(index, bytes) {
+                corrupt.push(e);
             }
             Ok(())
         });
