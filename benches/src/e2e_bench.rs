@@ -33,7 +33,6 @@ use std::time::{Duration, Instant};
 use gpusnap::proto::{BusyPolicy, RestoreSource};
 use gpusnap::{Client, ClientConfig, RestoreInfo, SnapshotOutcome, Step};
 use gpusnapd::config::{ByteSize, Config};
-use gpusnapd::store::Layout;
 
 use crate::daemon_proc::{self, DaemonProc};
 use crate::e2e_report::{DaemonSums, E2eReport, NaiveRun, RestoreRun, SnapshotRun, Targets};
@@ -41,7 +40,6 @@ use crate::fio::{self, Direction};
 use crate::mapping::DataMapping;
 use crate::state::TrainerState;
 use crate::sys;
-use crate::tensors::tensor_set;
 use crate::units::human_bytes;
 use crate::workdir::{CacheDropper, WorkDir};
 
@@ -83,19 +81,9 @@ pub fn run(args: &E2eBench) -> Result<E2eReport, String> {
     check_memory(args.size_bytes, args.ignore_memory)?;
     let work = WorkDir::choose(args.keep.as_deref(), args.dir.as_deref())?;
     let root = work.path.join("store");
-    if root.exists() {
-        return Err(format!(
-            "{} already exists; give --keep an empty directory",
-            root.display()
-        ));
-    }
+    crate::workdir::refuse_existing(&root)?;
 
-    let specs = tensor_set(args.size_bytes);
-    let layout = Layout::plan(&specs).map_err(|e| format!("laying out the tensor set: {e}"))?;
-    assert_eq!(
-        layout.data_len, args.size_bytes,
-        "the tensor set totals --size"
-    );
+    let (specs, _) = crate::tensors::planned_tensor_set(args.size_bytes)?;
     eprintln!(
         "e2e bench: {} in {} tensors, host backend, in {}",
         human_bytes(args.size_bytes),

@@ -144,7 +144,7 @@ pub struct E2eReport {
     pub restore_disk_warm_vs_fio: Option<f64>,
     /// From the daemon's /metrics (histogram sum / count): mean stall and
     /// persist it observed over all N snapshots, and over steps 2..N
-    /// (the first one faults the staging memory in).
+    /// (the first one may pay for first-touch memory the daemon had not populated yet).
     pub daemon_stall_mean_s: Option<f64>,
     pub daemon_stall_mean_after_first_s: Option<f64>,
     pub daemon_persist_mean_s: Option<f64>,
@@ -428,7 +428,7 @@ impl E2eReport {
         if let Some(first) = self.snapshots.first() {
             let _ = writeln!(
                 s,
-                "first snapshot (faults the staging memory in): stall {:.3} s, persist {:.2} s; \
+                "first snapshot: stall {:.3} s, persist {:.2} s; \
                  every restore verified byte for byte",
                 first.stall_s, first.persist_s
             );

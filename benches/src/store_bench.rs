@@ -23,7 +23,6 @@ use crate::fio::{self, Direction};
 use crate::mapping::DataMapping;
 use crate::report::{BackendRun, Report};
 use crate::sys;
-use crate::tensors::tensor_set;
 use crate::units::human_bytes;
 use crate::workdir::{CacheDropper, WorkDir};
 
@@ -93,19 +92,9 @@ pub fn run(args: &StoreBench) -> Result<Report, String> {
     let work = WorkDir::choose(args.keep.as_deref(), args.dir.as_deref())?;
     for backend in &args.backends {
         let root = work.path.join(backend.name());
-        if root.exists() {
-            return Err(format!(
-                "{} already exists; give --keep an empty directory",
-                root.display()
-            ));
-        }
+        crate::workdir::refuse_existing(&root)?;
     }
-    let specs = tensor_set(args.size_bytes);
-    let layout = Layout::plan(&specs).map_err(|e| format!("laying out the tensor set: {e}"))?;
-    assert_eq!(
-        layout.data_len, args.size_bytes,
-        "the tensor set totals --size"
-    );
+    let (specs, layout) = crate::tensors::planned_tensor_set(args.size_bytes)?;
     eprintln!(
         "store bench: {} in {} tensors, in {}",
         human_bytes(args.size_bytes),
@@ -246,12 +235,7 @@ impl OneBackend<'_> {
     fn run(&mut self, backend: Backend) -> Result<BackendRun, String> {
         let size = self.args.size_bytes;
         let root = self.work.path.join(backend.name());
-        if root.exists() {
-            return Err(format!(
-                "{} already exists; give --keep an empty directory",
-                root.display()
-            ));
-        }
+        crate::workdir::refuse_existing(&root)?;
         let store = Store::open(StoreConfig {
             root: root.clone(),
             io_backend: backend.choice(),

@@ -143,6 +143,18 @@ pub fn tensor_set(total_bytes: u64) -> Vec<TensorSpec> {
     specs
 }
 
+/// [`tensor_set`] of `total_bytes` and its store layout, checked to total
+/// exactly `total_bytes`.
+pub fn planned_tensor_set(
+    total_bytes: u64,
+) -> Result<(Vec<TensorSpec>, gpusnapd::store::Layout), String> {
+    let specs = tensor_set(total_bytes);
+    let layout = gpusnapd::store::Layout::plan(&specs)
+        .map_err(|e| format!("laying out the tensor set: {e}"))?;
+    assert_eq!(layout.data_len, total_bytes, "the tensor set totals --size");
+    Ok((specs, layout))
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;

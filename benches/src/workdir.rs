@@ -101,3 +101,15 @@ impl CacheDropper {
         }
     }
 }
+
+/// An error when `root` exists: a `--keep` directory must not hold an
+/// earlier run's files.
+pub fn refuse_existing(root: &Path) -> Result<(), String> {
+    if root.exists() {
+        return Err(format!(
+            "{} already exists; give --keep an empty directory",
+            root.display()
+        ));
+    }
+    Ok(())
+}

@@ -219,18 +219,8 @@ impl Store {
                     submitted += 1;
                 }
                 for c in pipe.next_reads()? {
-                    let (start, end) = m.chunk_range(c.op.tag);
-                    let want = usize::try_from(end - start).unwrap_or(usize::MAX);
-                    let got = c.result.as_ref().map_or(0, |n| *n);
-                    if got < want {
-                        return Err(StoreError::ShortTransfer {
-                            op: "read",
-                            path,
-                            offset: c.op.offset,
-                            expected: want,
-                            done: got,
-                        });
-                    }
+                    let (start, _) = m.chunk_range(c.op.tag);
+                    let want = chunk_read_len(m, &c, &path)?;
                     // Checked while later reads are in flight; the caller
                     // sees none of `dst` before every chunk is checked.
                     let begin = usize::try_from(start).unwrap_or(usize::MAX);
@@ -330,22 +320,17 @@ impl Store {
                 next_submit += 1;
             }
             for c in pipe.next_reads()? {
-                let (start, end) = m.chunk_range(c.op.tag);
-                let want = usize::try_from(end - start).unwrap_or(usize::MAX);
-                let got = c.result.as_ref().map_or(0, |n| *n);
+                let read = chunk_read_len(m, &c, &path);
                 let IoBuf::Pooled(mut buf) = c.op.buf else {
                     unreachable!("reads here use pool buffers only");
                 };
-                if got < want {
-                    pipe.put_back(buf);
-                    return Err(StoreError::ShortTransfer {
-                        op: "read",
-                        path,
-                        offset: c.op.offset,
-                        expected: want,
-                        done: got,
-                    });
-                }
+                let want = match read {
+                    Ok(want) => want,
+                    Err(e) => {
+                        pipe.put_back(buf);
+                        return Err(e);
+                    }
+                };
                 buf.set_filled(want);
                 ready.insert(c.op.tag, (buf, want));
             }
@@ -362,4 +347,26 @@ impl Store {
         }
         pipe.drain()
     }
+}
+
+/// The length of the chunk a finished read was for, or the error when the
+/// read moved fewer bytes (the file ends early).
+fn chunk_read_len(
+    m: &Manifest,
+    c: &crate::storage::Completion,
+    path: &Path,
+) -> Result<usize, StoreError> {
+    let (start, end) = m.chunk_range(c.op.tag);
+    let want = usize::try_from(end - start).unwrap_or(usize::MAX);
+    let got = c.result.as_ref().map_or(0, |n| *n);
+    if got < want {
+        return Err(StoreError::ShortTransfer {
+            op: "read",
+            path: path.to_path_buf(),
+            offset: c.op.offset,
+            expected: want,
+            done: got,
+        });
+    }
+    Ok(want)
 }
