@@ -15,6 +15,7 @@ use crate::session::{Events, Outcome, Session};
 use crate::staging::Staging;
 use crate::{Dtype, TensorSpec};
 
+use crate::handle::OpenCapture;
 pub use crate::handle::SnapshotHandle;
 
 /// How a [`Client`] connects and how long it waits.
@@ -144,6 +145,8 @@ pub struct Client {
     pub(crate) events: Events,
     /// Steps accepted on a connection that broke before their event came.
     pub(crate) orphaned: BTreeSet<u64>,
+    /// The capture started by `begin_snapshot`, until it is finished.
+    pub(crate) capture: Option<OpenCapture>,
     uid: u32,
 }
 
@@ -170,6 +173,7 @@ impl Client {
             session: None,
             events: Events::default(),
             orphaned: BTreeSet::new(),
+            capture: None,
             uid: 0,
         };
         client.live()?;
@@ -202,6 +206,7 @@ impl Client {
         shape: impl Into<Vec<u64>>,
         buffer: impl Into<Buffer>,
     ) -> Result<()> {
+        self.refuse_open_capture()?;
         let spec = TensorSpec::new(name, dtype, shape);
         let buffer = buffer.into();
         let expected = spec.validate()?;
@@ -239,6 +244,7 @@ impl Client {
     /// Sends the registration now (if it is not current) and returns the
     /// staging layout the daemon chose.
     pub fn sync_registration(&mut self) -> Result<&StagingInfo> {
+        self.refuse_open_capture()?;
         self.retry("register", |c| c.registered().map(drop))?;
         self.staging()
             .ok_or_else(|| Error::Internal("registration has no staging".into()))
@@ -251,6 +257,7 @@ impl Client {
     /// `write()` guard held by the calling thread across this call would
     /// wait forever.
     pub fn restore(&mut self, step: Step) -> Result<Option<RestoreInfo>> {
+        self.refuse_open_capture()?;
         self.retry("restore", |c| c.restore_once(step))
     }
 
@@ -364,6 +371,9 @@ impl Client {
     /// commit was reported is looked up in the listing: committed → `Ok`,
     /// otherwise [`Error::Lost`].
     pub fn wait_committed(&mut self, step: u64) -> Result<CommitInfo> {
+        if self.open_capture() == Some(step) {
+            return Err(Error::CaptureInProgress { step });
+        }
         let deadline = Deadline::after(self.config.commit_timeout);
         loop {
             self.reap_broken();

@@ -105,6 +105,10 @@ pub enum Error {
         backend: &'static str,
         reason: String,
     },
+    /// A capture is open on this client (started by `begin_snapshot`):
+    /// finish it before restoring, registering or snapshotting again.
+    #[error("the capture of step {step} is still open: finish it first")]
+    CaptureInProgress { step: u64 },
     /// A local I/O error (socket options, mapping the staging memfd).
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
@@ -169,6 +173,7 @@ impl Error {
             | Error::DuplicateName { .. }
             | Error::Spec(_)
             | Error::BackendUnavailable { .. }
+            | Error::CaptureInProgress { .. }
             | Error::Io(_) => return None,
         })
     }

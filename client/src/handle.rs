@@ -32,6 +32,33 @@ enum State {
     Failed,
 }
 
+/// The capture a client has open: started by [`Client::snapshot_begin`] or
+/// [`Client::begin_snapshot`], finished by waiting for it. A client has at
+/// most one; restores, registrations and other snapshots are refused while
+/// it is open ([`Error::CaptureInProgress`]).
+pub(crate) struct OpenCapture {
+    step: u64,
+    state: State,
+    /// Time the trainer was blocked so far.
+    stall: Duration,
+    bytes: u64,
+}
+
+impl std::fmt::Debug for OpenCapture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.state {
+            State::Copying(_) => "copying",
+            State::Copied { .. } => "copied",
+            State::Done(_) => "done",
+            State::Failed => "failed",
+        };
+        f.debug_struct("OpenCapture")
+            .field("step", &self.step)
+            .field("state", &state)
+            .finish()
+    }
+}
+
 /// A snapshot whose capture was started by [`Client::snapshot_begin`].
 ///
 /// The registered host tensors stay read-locked until the capture is
@@ -40,23 +67,16 @@ enum State {
 pub struct SnapshotHandle<'a> {
     client: &'a mut Client,
     step: u64,
-    state: State,
-    /// Time the trainer was blocked so far.
-    stall: Duration,
-    bytes: u64,
+    /// What waiting came to, once it did (`Err(())`: it failed and the
+    /// error was returned).
+    finished: Option<Result<SnapshotOutcome, ()>>,
 }
 
 impl std::fmt::Debug for SnapshotHandle<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let state = match &self.state {
-            State::Copying(_) => "copying",
-            State::Copied { .. } => "copied",
-            State::Done(_) => "done",
-            State::Failed => "failed",
-        };
         f.debug_struct("SnapshotHandle")
             .field("step", &self.step)
-            .field("state", &state)
+            .field("finished", &self.finished)
             .finish()
     }
 }
@@ -83,16 +103,66 @@ impl Client {
     /// until the handle is waited for or dropped (so a `write()` guard held
     /// by the calling thread across this call would wait forever).
     pub fn snapshot_begin(&mut self, step: u64) -> Result<SnapshotHandle<'_>> {
+        self.begin_snapshot(step)?;
+        Ok(SnapshotHandle {
+            client: self,
+            step,
+            finished: None,
+        })
+    }
+
+    /// [`snapshot_begin`](Client::snapshot_begin) without a handle, for
+    /// callers that cannot hold a borrow (the Python bindings): the capture
+    /// stays open on the client until [`finish_snapshot`](Client::finish_snapshot).
+    /// Buffers must not be written until then.
+    pub fn begin_snapshot(&mut self, step: u64) -> Result<()> {
+        self.refuse_open_capture()?;
+        let open = self.start_capture(step)?;
+        self.capture = Some(open);
+        Ok(())
+    }
+
+    /// The step of the open capture, if one is open.
+    pub fn open_capture(&self) -> Option<u64> {
+        self.capture.as_ref().map(|c| c.step)
+    }
+
+    /// Finishes the open capture: waits for the copies, tells the daemon
+    /// the capture is complete and waits for it to accept. The capture is
+    /// closed whatever the result. [`Error::NotFound`] when none is open.
+    pub fn finish_snapshot(&mut self) -> Result<SnapshotOutcome> {
+        let open = self
+            .capture
+            .take()
+            .ok_or_else(|| Error::NotFound("no snapshot capture is open".into()))?;
+        self.drive_capture(open)
+    }
+
+    /// [`Error::CaptureInProgress`] while a capture is open.
+    pub(crate) fn refuse_open_capture(&self) -> Result<()> {
+        match self.open_capture() {
+            Some(step) => Err(Error::CaptureInProgress { step }),
+            None => Ok(()),
+        }
+    }
+
+    fn start_capture(&mut self, step: u64) -> Result<OpenCapture> {
         let started = Instant::now();
         let staging = self.retry("register", |c| c.registered())?;
         let leases: Vec<ReadLease> = self.tensors.iter().map(|r| r.buffer.lease_read()).collect();
         let bytes = staging.tensor_bytes_total();
+        let done = |outcome: SnapshotOutcome| OpenCapture {
+            step,
+            state: State::Done(outcome),
+            stall: started.elapsed(),
+            bytes,
+        };
         let begun = match self.begin(step, &staging) {
             Err(e) if self.broke(&e) => {
                 tracing::warn!(step, "begin: connection broke ({e}); reconnecting");
                 self.close_session();
                 let outcome = self.capture_again(step, &leases, started);
-                return Ok(self.handle_done(step, bytes, started, outcome?));
+                return Ok(done(outcome?));
             }
             other => other?,
         };
@@ -121,13 +191,12 @@ impl Client {
                     tracing::warn!(step, "stream: connection broke ({e}); reconnecting");
                     self.close_session();
                     let outcome = self.capture_again(step, &leases, started);
-                    return Ok(self.handle_done(step, bytes, started, outcome?));
+                    return Ok(done(outcome?));
                 }
                 Err(e) => return Err(e),
             },
         };
-        Ok(SnapshotHandle {
-            client: self,
+        Ok(OpenCapture {
             step,
             state,
             stall: started.elapsed(),
@@ -135,19 +204,54 @@ impl Client {
         })
     }
 
-    fn handle_done(
-        &mut self,
-        step: u64,
-        bytes: u64,
-        started: Instant,
-        outcome: SnapshotOutcome,
-    ) -> SnapshotHandle<'_> {
-        SnapshotHandle {
-            client: self,
-            step,
-            state: State::Done(outcome),
-            stall: started.elapsed(),
-            bytes,
+    /// Runs an open capture to its end.
+    fn drive_capture(&mut self, mut open: OpenCapture) -> Result<SnapshotOutcome> {
+        let step = open.step;
+        loop {
+            match std::mem::replace(&mut open.state, State::Failed) {
+                State::Done(outcome) => return Ok(outcome),
+                State::Failed => {
+                    return Err(Error::Internal(format!(
+                        "the capture of step {step} already failed"
+                    )));
+                }
+                State::Copying(worker) => {
+                    let waited = Instant::now();
+                    let joined = worker.join();
+                    open.stall += waited.elapsed();
+                    let Ok((leases, copied)) = joined else {
+                        let e = Error::Internal("a capture copy worker panicked".into());
+                        self.abort(step, &[], &e);
+                        return Err(e);
+                    };
+                    match copied {
+                        Ok(capture) => open.state = State::Copied { leases, capture },
+                        Err(e) => {
+                            self.abort(step, &[], &e);
+                            return Err(e);
+                        }
+                    }
+                }
+                State::Copied { leases, capture } => {
+                    let outcome = match self.captured(step, capture, open.stall) {
+                        Ok(()) => SnapshotOutcome::Captured(CaptureInfo {
+                            step,
+                            bytes: open.bytes,
+                            capture,
+                            stall: open.stall,
+                        }),
+                        Err(e) if self.broke(&e) => {
+                            tracing::warn!(step, "captured: connection broke ({e}); reconnecting");
+                            self.close_session();
+                            let started = Instant::now() - open.stall;
+                            self.capture_again(step, &leases, started)?
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    drop(leases);
+                    return Ok(outcome);
+                }
+            }
         }
     }
 
@@ -346,56 +450,18 @@ impl SnapshotHandle<'_> {
     /// waits for it to accept; the host tensors are unlocked after this.
     pub fn wait_captured(&mut self) -> Result<SnapshotOutcome> {
         let step = self.step;
-        loop {
-            match std::mem::replace(&mut self.state, State::Failed) {
-                State::Done(outcome) => {
-                    self.state = State::Done(outcome.clone());
-                    return Ok(outcome);
-                }
-                State::Failed => {
-                    return Err(Error::Internal(format!(
-                        "the capture of step {step} already failed"
-                    )));
-                }
-                State::Copying(worker) => {
-                    let waited = Instant::now();
-                    let joined = worker.join();
-                    self.stall += waited.elapsed();
-                    let Ok((leases, copied)) = joined else {
-                        let e = Error::Internal("a capture copy worker panicked".into());
-                        self.client.abort(step, &[], &e);
-                        return Err(e);
-                    };
-                    match copied {
-                        Ok(capture) => self.state = State::Copied { leases, capture },
-                        Err(e) => {
-                            self.client.abort(step, &[], &e);
-                            return Err(e);
-                        }
-                    }
-                }
-                State::Copied { leases, capture } => {
-                    let outcome = match self.client.captured(step, capture, self.stall) {
-                        Ok(()) => SnapshotOutcome::Captured(CaptureInfo {
-                            step,
-                            bytes: self.bytes,
-                            capture,
-                            stall: self.stall,
-                        }),
-                        Err(e) if self.client.broke(&e) => {
-                            tracing::warn!(step, "captured: connection broke ({e}); reconnecting");
-                            self.client.close_session();
-                            let started = Instant::now() - self.stall;
-                            self.client.capture_again(step, &leases, started)?
-                        }
-                        Err(e) => return Err(e),
-                    };
-                    drop(leases);
-                    self.state = State::Done(outcome.clone());
-                    return Ok(outcome);
-                }
+        match &self.finished {
+            Some(Ok(outcome)) => return Ok(outcome.clone()),
+            Some(Err(())) => {
+                return Err(Error::Internal(format!(
+                    "the capture of step {step} already failed"
+                )));
             }
+            None => {}
         }
+        let result = self.client.finish_snapshot();
+        self.finished = Some(result.as_ref().map(Clone::clone).map_err(drop));
+        result
     }
 
     /// Finishes the capture and waits for the commit.
@@ -412,7 +478,7 @@ impl SnapshotHandle<'_> {
 
 impl Drop for SnapshotHandle<'_> {
     fn drop(&mut self) {
-        if matches!(self.state, State::Copying(_) | State::Copied { .. })
+        if self.finished.is_none()
             && let Err(e) = self.wait_captured()
         {
             tracing::error!(step = self.step, error = %e, "snapshot handle dropped: finishing the capture failed");

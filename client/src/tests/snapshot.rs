@@ -5,7 +5,7 @@ use std::time::Duration;
 use super::fake::{self, Fake, Layout, conn, expected_data, pattern};
 use crate::device::{CaptureCopy, Device, HostDevice, RestoreCopy};
 use crate::proto::{ErrorKind, ReplyBody, RequestBody};
-use crate::{Client, Dtype, Error, HostTensor, Result, SnapshotOutcome};
+use crate::{Client, Dtype, Error, HostTensor, Result, SnapshotOutcome, Step};
 
 /// Two host tensors (with the byte patterns they hold).
 fn tensors() -> Vec<(String, HostTensor, Vec<u8>)> {
@@ -221,6 +221,53 @@ fn a_dropped_handle_still_finishes_the_capture() {
     // The tensors are writable again, and the commit is reported.
     ts[0].1.write().fill(1);
     assert_eq!(client.wait_committed(11).expect("committed").step, 11);
+    drop(client);
+    fake.join();
+}
+
+#[test]
+fn an_open_capture_without_a_handle_refuses_other_calls_until_finished() {
+    let (_dir, path) = fake::socket_dir();
+    let ts = tensors();
+    let fake = Fake::start(
+        &path,
+        vec![conn(move |c| {
+            c.open(&Layout::default());
+            c.begin_slot(0);
+            let (step, _, _) = c.accept_captured();
+            assert_eq!(step, 5);
+            c.event(ReplyBody::Committed {
+                step,
+                bytes: 1,
+                persist_ns: 1,
+            });
+            c.until_closed();
+        })],
+    );
+    let mut client = Client::with_config(fake::config(&path)).expect("connect");
+    register_all(&mut client, &ts);
+    assert!(matches!(client.finish_snapshot(), Err(Error::NotFound(_))));
+    client.begin_snapshot(5).expect("begin");
+    assert_eq!(client.open_capture(), Some(5));
+    for refused in [
+        client.begin_snapshot(6).map(drop),
+        client.restore(Step::Latest).map(drop),
+        client.sync_registration().map(drop),
+        client.wait_committed(5).map(drop),
+        client.register_host("late", &HostTensor::zeros(Dtype::U8, [1]).expect("zeros")),
+    ] {
+        assert!(
+            matches!(refused, Err(Error::CaptureInProgress { step: 5 })),
+            "{refused:?}"
+        );
+    }
+    let outcome = client.finish_snapshot().expect("finish");
+    assert!(
+        matches!(&outcome, SnapshotOutcome::Captured(info) if info.step == 5),
+        "{outcome:?}"
+    );
+    assert_eq!(client.open_capture(), None);
+    assert_eq!(client.wait_committed(5).expect("committed").step, 5);
     drop(client);
     fake.join();
 }

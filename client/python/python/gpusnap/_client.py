@@ -1,0 +1,536 @@
+"""`gpusnap.Client`: what a PyTorch (or numpy) trainer uses.
+
+It registers tensors, modules, optimizers and small blobs with the native
+client (`gpusnap._native.Client`, the Rust `gpusnap` crate), checks before
+every snapshot and restore that no registered memory moved, refreshes the
+blobs and the RNG state, and turns a failed snapshot into an error that is
+raised only where the caller waits for it (and logged and counted).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from gpusnap import _agree, _blob, _optim, _rng
+from gpusnap import _native
+from gpusnap._memory import Entry, describe
+from gpusnap._native import (
+    CaptureInProgress,
+    DuplicateName,
+    Error,
+    InvalidRegistration,
+    NotRegistered,
+    Skipped,
+)
+
+log = logging.getLogger("gpusnap")
+
+
+@dataclass(frozen=True)
+class CaptureInfo:
+    """What a snapshot's capture came to."""
+
+    step: int
+    skipped: bool
+    bytes: int
+    capture_s: float
+    stall_s: float
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    """A committed snapshot."""
+
+    step: int
+    bytes: int
+    persist_s: float
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One committed snapshot of one rank, as the daemon lists it."""
+
+    job: str
+    rank: int
+    world_size: int
+    step: int
+    bytes: int
+    tensors: int
+    created_unix_ms: int
+
+
+@dataclass
+class Stats:
+    """Counts of this client's snapshots, by what they came to."""
+
+    begun: int = 0
+    captured: int = 0
+    skipped: int = 0
+    failed: int = 0
+    last_error: str | None = None
+
+
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    torch = sys.modules.get("torch")
+    dist = getattr(torch, "distributed", None) if torch is not None else None
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        default_rank, default_world = dist.get_rank(), dist.get_world_size()
+    else:
+        default_rank = int(os.environ.get("RANK", "0"))
+        default_world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = default_rank if rank is None else rank
+    world_size = default_world if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise InvalidRegistration(f"rank {rank} is outside a world of {world_size} ranks")
+    return rank, world_size
+
+
+@dataclass
+class _Blob:
+    buffer: _blob.BlobBuffer
+    get: Callable[[], Any]
+    put: Callable[[Any], None]
+    restored: Any = None
+
+
+@dataclass
+class _Pending:
+    """A handle's result, once its capture finished."""
+
+    info: CaptureInfo | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+class Client:
+    """A trainer's connection to gpusnapd.
+
+    ``job`` names the snapshots; ``socket`` defaults to ``$GPUSNAP_SOCKET``
+    or the daemon's default; ``rank``/``world_size`` default to
+    torch.distributed's, else ``$RANK``/``$WORLD_SIZE``, else 0 of 1.
+    ``rng=False`` leaves the random generators out of snapshots.
+    """
+
+    def __init__(
+        self,
+        job: str,
+        *,
+        socket: str | os.PathLike[str] | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        rng: bool = True,
+        connect_timeout: float = 10.0,
+        call_timeout: float = 60.0,
+        commit_timeout: float = 600.0,
+        reconnect: bool = True,
+        copy_threads: int | None = None,
+    ) -> None:
+        rank, world_size = _rank_and_world(rank, world_size)
+        self._native = _native.Client(
+            job,
+            socket=None if socket is None else os.fspath(socket),
+            rank=rank,
+            world_size=world_size,
+            connect_timeout=connect_timeout,
+            call_timeout=call_timeout,
+            commit_timeout=commit_timeout,
+            reconnect=reconnect,
+            copy_threads=copy_threads,
+        )
+        self._entries: list[Entry] = []
+        self._names: set[str] = set()
+        self._addresses: dict[tuple[int, int], str] = {}
+        self._blobs: dict[str, _Blob] = {}
+        self._optimizers: list[_optim.OptimizerState] = []
+        self._pending: dict[int, _Pending] = {}
+        self._open: int | None = None
+        self.stats = Stats()
+        if rng:
+            self._register_blob(
+                _rng.NAME, "json", _rng.CAPACITY, get=_rng.capture, put=_rng.restore
+            )
+
+    # ---- properties ----
+
+    @property
+    def job(self) -> str:
+        return self._native.job
+
+    @property
+    def rank(self) -> int:
+        return self._native.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._native.world_size
+
+    @property
+    def tensor_names(self) -> list[str]:
+        """Every registered tensor name, in registration order."""
+        return [name for name, _, _ in self._native.tensors()]
+
+    # ---- registration ----
+
+    def register(
+        self,
+        name: str,
+        tensor: Any = None,
+        *,
+        blob: Any = None,
+        encoding: str | None = None,
+        capacity: int | None = None,
+    ) -> None:
+        """Registers a CPU tensor or numpy array as ``name``, or with
+        ``blob=`` a small non-tensor value: a dict (saved as JSON, or
+        msgpack with ``encoding="msgpack"``; restored in place), bytes or a
+        bytearray (raw; a bytearray is restored in place), or an object
+        with ``state_dict()``/``load_state_dict()`` (a stateful data
+        loader). ``capacity`` bounds the encoded size (default: 4x the
+        first encoding, at least 64 KiB)."""
+        if (tensor is None) == (blob is None):
+            raise InvalidRegistration(f"register({name!r}): pass a tensor or blob=, not both")
+        if tensor is not None:
+            self._register_tensor(name, tensor, lambda t=tensor: t)
+            return
+        get, put, default_encoding = _blob_accessors(name, blob)
+        encoding = encoding or default_encoding
+        if capacity is None:
+            first = len(_blob.encode(get(), encoding))
+            capacity = max(_blob.DEFAULT_MIN_CAPACITY, 4 * first)
+        self._register_blob(name, encoding, capacity, get=get, put=put)
+
+    def register_module(self, module: Any, prefix: str = "model") -> None:
+        """Registers every parameter and persistent buffer of ``module``
+        under ``prefix.<state_dict name>``. Tied weights (one storage under
+        two names) are registered once."""
+        for key, value in module.state_dict(keep_vars=True).items():
+            if not _is_tensor(value):
+                raise InvalidRegistration(
+                    f"{prefix}.{key}: module state {type(value).__name__} is not a tensor"
+                )
+            self._register_tensor(
+                f"{prefix}.{key}", value, _module_resolver(module, key), dedup=True
+            )
+
+    def register_optimizer(self, optimizer: Any, prefix: str = "optimizer") -> None:
+        """Registers the optimizer's state tensors and its scalars
+        (param_groups' hyperparameters, non-tensor state). State that does
+        not exist yet (before the first ``step()``) is registered at the
+        first snapshot; a restore creates it first (as
+        torch.distributed.checkpoint does) so it can be filled."""
+        state = _optim.OptimizerState(optimizer, prefix)
+        self._optimizers.append(state)
+        self._register_blob(
+            state.scalars_name,
+            "json",
+            max(_blob.DEFAULT_MIN_CAPACITY, 4 * len(_blob.encode(state.scalars(), "json"))),
+            get=state.scalars,
+            put=state.load_scalars,
+        )
+        self._register_optimizer_tensors(state)
+
+    def _register_optimizer_tensors(self, state: _optim.OptimizerState) -> None:
+        if state.registered or not state.has_state():
+            return
+        for name, tensor, resolve in state.tensors():
+            self._register_tensor(name, tensor, resolve)
+        state.registered = True
+
+    def _register_tensor(
+        self, name: str, tensor: Any, resolve: Callable[[], Any], dedup: bool = False
+    ) -> None:
+        self._finish_open()
+        if name in self._names:
+            raise DuplicateName(f"tensor {name!r} is already registered")
+        memory = describe(name, tensor)
+        key = (memory.address, memory.nbytes)
+        if dedup and memory.nbytes > 0 and key in self._addresses:
+            log.debug("%s shares its storage with %s: registered once", name, self._addresses[key])
+            return
+        self._native.register(
+            name, memory.dtype, list(memory.shape), memory.address, memory.nbytes, memory.owner
+        )
+        self._names.add(name)
+        self._addresses[key] = name
+        self._entries.append(Entry(name, memory, resolve))
+
+    def _register_blob(
+        self,
+        name: str,
+        encoding: str,
+        capacity: int,
+        get: Callable[[], Any],
+        put: Callable[[Any], None],
+    ) -> None:
+        self._finish_open()
+        if name in self._names:
+            raise DuplicateName(f"blob {name!r} is already registered")
+        buffer = _blob.BlobBuffer(name, encoding, capacity)
+        buffer.store(get())
+        self._native.register(name, "U8", [buffer.nbytes], buffer.address, buffer.nbytes, buffer)
+        self._names.add(name)
+        self._blobs[name] = _Blob(buffer, get, put)
+
+    def blob(self, name: str) -> Any:
+        """The value a restore brought back for blob ``name`` (None before)."""
+        try:
+            return self._blobs[name].restored
+        except KeyError:
+            raise NotRegistered(f"no blob {name!r} is registered") from None
+
+    # ---- snapshots ----
+
+    def snapshot_begin(self, step: int) -> SnapshotHandle:
+        """Starts the snapshot of ``step``: checks every tensor, refreshes
+        blobs and RNG state, and starts the copies, which overlap whatever
+        the trainer does next until ``wait_captured()``. Never raises: a
+        failure is logged, counted, and raised by the handle's waits."""
+        handle = SnapshotHandle(self, step)
+        self.stats.begun += 1
+        try:
+            self._finish_open()
+            self._prepare()
+            self._native.begin(step)
+        except Exception as e:  # noqa: BLE001 - a snapshot must not kill training
+            self._failed(step, e)
+            handle._pending = _Pending(error=e, done=True)
+            return handle
+        self._open = step
+        self._pending[step] = handle._pending
+        return handle
+
+    def snapshot(self, step: int) -> CaptureInfo:
+        """Snapshots ``step`` and waits until it is captured (it persists
+        in the background; see ``wait_committed``)."""
+        return self.snapshot_begin(step).wait_captured()
+
+    def wait_committed(self, step: int) -> CommitInfo:
+        """Waits until the snapshot of ``step`` is durable."""
+        if self._open == step:
+            self._finish_open()
+        info = self._native.wait_committed(step)
+        return CommitInfo(**info)
+
+    def _prepare(self) -> None:
+        """Everything a capture or restore checks and refreshes first."""
+        for state in self._optimizers:
+            self._register_optimizer_tensors(state)
+        for entry in self._entries:
+            entry.check()
+        for b in self._blobs.values():
+            b.buffer.store(b.get())
+
+    def _finish_open(self) -> None:
+        """Finishes the open capture, recording its result for its handle."""
+        step = self._open
+        if step is None:
+            return
+        self._open = None
+        pending = self._pending.pop(step, _Pending())
+        try:
+            info = CaptureInfo(**self._native.finish())
+        except Exception as e:  # noqa: BLE001 - reported where the caller waits
+            self._failed(step, e)
+            pending.error = e
+        else:
+            if info.skipped:
+                self.stats.skipped += 1
+                log.warning("snapshot of step %d skipped: %s", step, info.reason)
+            else:
+                self.stats.captured += 1
+            pending.info = info
+        pending.done = True
+
+    def _failed(self, step: int, e: BaseException) -> None:
+        self.stats.failed += 1
+        self.stats.last_error = f"step {step}: {e}"
+        log.error("snapshot of step %d failed: %s", step, e)
+
+    # ---- restore ----
+
+    def latest(self) -> int | None:
+        """The newest step every rank of the job has committed, or None."""
+        self._finish_open()
+        listing = self._native.list()
+        own = [
+            s["step"]
+            for s in listing["snapshots"]
+            if s["job"] == self.job and s["rank"] == self.rank
+        ]
+        complete = next((j["steps"] for j in listing["complete"] if j["job"] == self.job), [])
+        return _agree.newest_common_step(own, complete)
+
+    def restore(self, step: int | None = None) -> int | None:
+        """Restores ``step`` (default: the newest step every rank of the job
+        has committed) into every registered tensor in place, and the
+        blobs, optimizer scalars and RNG state; returns the step, or None
+        when there is nothing to restore. On an error no tensor was
+        written."""
+        self._finish_open()
+        if step is None:
+            step = self.latest()
+            if step is None:
+                return None
+        for state in self._optimizers:
+            if not state.registered:
+                state.materialize()
+        self._prepare()
+        info = self._native.restore(step)
+        if info is None:
+            return None
+        for name, b in self._blobs.items():
+            value = b.buffer.load()
+            b.restored = value
+            b.put(value)
+        log.info(
+            "restored step %d from %s (%d bytes) in %.3f s",
+            info["step"],
+            info["source"],
+            info["bytes"],
+            info["daemon_fill_s"] + info["copy_s"],
+        )
+        return int(info["step"])
+
+    # ---- listing ----
+
+    def list(self, all_jobs: bool = False) -> list[Snapshot]:
+        """Committed snapshots of this job (of every job this user may see
+        with ``all_jobs``), oldest first."""
+        listing = self._native.list(all_jobs)
+        return [Snapshot(**s) for s in listing["snapshots"]]
+
+    def status(self) -> dict[str, Any]:
+        """The daemon's status."""
+        return self._native.status()
+
+    # ---- lifetime ----
+
+    def close(self) -> None:
+        """Finishes an open capture and closes the connection."""
+        try:
+            self._finish_open()
+        finally:
+            self._native.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"gpusnap.Client(job={self.job!r}, rank={self.rank}, "
+            f"world_size={self.world_size}, tensors={len(self._entries)}, "
+            f"blobs={len(self._blobs)})"
+        )
+
+
+class SnapshotHandle:
+    """A snapshot whose capture is under way. Use it as a context manager
+    (the capture is waited for on exit) or call ``wait_captured()`` before
+    anything mutates the registered tensors again."""
+
+    def __init__(self, client: Client, step: int) -> None:
+        self._client = client
+        self.step = step
+        self._pending = _Pending()
+
+    def wait_captured(self) -> CaptureInfo:
+        """Waits until the data is in the daemon's staging memory; raises
+        the snapshot's error if it failed. Reports a skip (policy ``skip``)
+        in the result's ``skipped``."""
+        if not self._pending.done:
+            client = self._client
+            if client._open == self.step:
+                client._finish_open()
+        if self._pending.error is not None:
+            raise self._pending.error
+        if self._pending.info is None:
+            raise CaptureInProgress(f"the capture of step {self.step} did not finish")
+        return self._pending.info
+
+    def wait_committed(self) -> CommitInfo:
+        """Waits until the snapshot is durable; raises ``Skipped`` for a
+        skipped one."""
+        info = self.wait_captured()
+        if info.skipped:
+            e = Skipped(f"snapshot of step {self.step} was skipped: {info.reason}")
+            e.step = self.step  # type: ignore[attr-defined]
+            raise e
+        return self._client.wait_committed(self.step)
+
+    @property
+    def done(self) -> bool:
+        """Whether the capture finished (either way)."""
+        return self._pending.done
+
+    def __enter__(self) -> SnapshotHandle:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.wait_captured()
+            return
+        # The body failed: finish the capture (the tensors must be
+        # released) but let the body's exception through.
+        try:
+            self.wait_captured()
+        except Error as e:
+            log.error("snapshot of step %d failed too: %s", self.step, e)
+
+    def __repr__(self) -> str:
+        return f"gpusnap.SnapshotHandle(step={self.step}, done={self.done})"
+
+
+def _is_tensor(value: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _module_resolver(module: Any, key: str) -> Callable[[], Any]:
+    """Finds state_dict entry ``key`` of ``module`` again (the live
+    parameter or buffer, which may have been replaced)."""
+    owner_path, _, attr = key.rpartition(".")
+
+    def resolve() -> Any:
+        owner = module.get_submodule(owner_path) if owner_path else module
+        return getattr(owner, attr)
+
+    return resolve
+
+
+def _blob_accessors(name: str, blob: Any) -> tuple[Callable[[], Any], Callable[[Any], None], str]:
+    """How to read and restore a blob source, and its default encoding."""
+    if isinstance(blob, dict):
+
+        def put_dict(value: Any) -> None:
+            blob.clear()
+            blob.update(value)
+
+        return (lambda: blob), put_dict, "json"
+    if isinstance(blob, bytearray):
+
+        def put_bytearray(value: Any) -> None:
+            blob[:] = value
+
+        return (lambda: bytes(blob)), put_bytearray, "raw"
+    if isinstance(blob, (bytes, memoryview)):
+        frozen = bytes(blob)
+        return (lambda: frozen), (lambda value: None), "raw"
+    if callable(getattr(blob, "state_dict", None)) and callable(
+        getattr(blob, "load_state_dict", None)
+    ):
+        return blob.state_dict, blob.load_state_dict, "json"
+    raise InvalidRegistration(
+        f"blob {name!r}: a {type(blob).__name__} is not a dict, bytes, bytearray or an "
+        "object with state_dict()/load_state_dict()"
+    )
+
+
+__all__ = ["Client", "SnapshotHandle", "CaptureInfo", "CommitInfo", "Snapshot", "Stats"]

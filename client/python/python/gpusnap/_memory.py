@@ -1,0 +1,173 @@
+"""What a registered tensor or array is to gpusnap: a dtype name, a shape, an
+address and a byte length in host memory, plus the object that keeps that
+memory alive. Also the check, before every snapshot and restore, that the
+memory has not moved since registration.
+
+torch and numpy are optional: each is imported only when an object of its
+kind is seen.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from gpusnap._native import (
+    BackendUnavailable,
+    NotContiguous,
+    TensorReallocated,
+    UnsupportedTensor,
+)
+
+# numpy dtype.str (byte order stripped) -> safetensors dtype name.
+_NUMPY_DTYPES = {
+    "b1": "BOOL",
+    "u1": "U8",
+    "i1": "I8",
+    "i2": "I16",
+    "u2": "U16",
+    "f2": "F16",
+    "i4": "I32",
+    "u4": "U32",
+    "f4": "F32",
+    "f8": "F64",
+    "i8": "I64",
+    "u8": "U64",
+}
+
+# torch dtype attribute name -> safetensors dtype name.
+_TORCH_DTYPES = {
+    "bool": "BOOL",
+    "uint8": "U8",
+    "int8": "I8",
+    "float8_e5m2": "F8_E5M2",
+    "float8_e4m3fn": "F8_E4M3",
+    "int16": "I16",
+    "uint16": "U16",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int32": "I32",
+    "uint32": "U32",
+    "float32": "F32",
+    "float64": "F64",
+    "int64": "I64",
+    "uint64": "U64",
+}
+
+
+@dataclass(frozen=True)
+class Memory:
+    """One registrable piece of host memory."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    address: int
+    nbytes: int
+    owner: Any
+
+
+def _is_torch_tensor(obj: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
+
+
+def _is_numpy_array(obj: Any) -> bool:
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(obj, np.ndarray)
+
+
+def describe(name: str, obj: Any) -> Memory:
+    """The memory of a torch tensor or numpy array registered as `name`.
+
+    Raises BackendUnavailable for device tensors, NotContiguous for
+    strided views, UnsupportedTensor for anything else gpusnap cannot
+    store byte for byte.
+    """
+    if _is_torch_tensor(obj):
+        return _torch_memory(name, obj)
+    if _is_numpy_array(obj):
+        return _numpy_memory(name, obj)
+    raise UnsupportedTensor(
+        f"tensor {name!r}: a {type(obj).__module__}.{type(obj).__qualname__} is "
+        "neither a torch.Tensor nor a numpy.ndarray"
+    )
+
+
+def _torch_memory(name: str, t: Any) -> Memory:
+    import torch
+
+    if t.device.type != "cpu":
+        raise BackendUnavailable(
+            f"tensor {name!r} is on {t.device}: the CUDA backend is not built yet, "
+            "so only CPU tensors can be registered (gpusnap never copies a device "
+            "tensor to the CPU behind your back)"
+        )
+    if t.layout != torch.strided or t.is_quantized or t.is_nested:
+        raise UnsupportedTensor(f"tensor {name!r}: layout {t.layout} cannot be stored")
+    if getattr(t, "is_meta", False):
+        raise UnsupportedTensor(f"tensor {name!r} is a meta tensor: it has no data")
+    dtype = _TORCH_DTYPES.get(str(t.dtype).removeprefix("torch."))
+    if dtype is None:
+        raise UnsupportedTensor(f"tensor {name!r}: dtype {t.dtype} cannot be stored")
+    if not t.is_contiguous():
+        raise NotContiguous(
+            f"tensor {name!r} (shape {tuple(t.shape)}, strides {t.stride()}) is not "
+            "contiguous: register a contiguous tensor (the one the model keeps), "
+            "not a view of it"
+        )
+    nbytes = t.numel() * t.element_size()
+    # The storage object keeps the memory alive even if the tensor is later
+    # pointed at other storage (param.data = ...), which the pointer check
+    # then reports.
+    return Memory(dtype, tuple(t.shape), t.data_ptr(), nbytes, t.untyped_storage())
+
+
+def _numpy_memory(name: str, a: Any) -> Memory:
+    if not a.flags.c_contiguous:
+        raise NotContiguous(
+            f"array {name!r} (shape {a.shape}, strides {a.strides}) is not C-contiguous"
+        )
+    if not a.flags.writeable:
+        raise UnsupportedTensor(f"array {name!r} is read-only: a restore could not fill it")
+    dtype = _NUMPY_DTYPES.get(a.dtype.str[1:]) if a.dtype.isnative or a.dtype.itemsize == 1 else None
+    if dtype is None:
+        raise UnsupportedTensor(f"array {name!r}: dtype {a.dtype} cannot be stored")
+    return Memory(dtype, tuple(int(d) for d in a.shape), int(a.ctypes.data), int(a.nbytes), a)
+
+
+def current_address(obj: Any) -> int:
+    """Where the object's data is now."""
+    if _is_torch_tensor(obj):
+        return int(obj.data_ptr())
+    return int(obj.ctypes.data)
+
+
+@dataclass
+class Entry:
+    """A registered tensor: how to find the live object again, and where
+    its memory was when it was registered."""
+
+    name: str
+    memory: Memory
+    resolve: Callable[[], Any]
+
+    def check(self) -> None:
+        """Raises TensorReallocated when the live object's data moved."""
+        try:
+            live = self.resolve()
+        except (AttributeError, KeyError, IndexError) as e:
+            raise TensorReallocated(
+                f"tensor {self.name!r} is gone from the object it was registered from ({e})"
+            ) from None
+        if live is None:
+            raise TensorReallocated(f"tensor {self.name!r} is now None")
+        address = current_address(live)
+        shape = tuple(int(d) for d in live.shape)
+        if address != self.memory.address or shape != self.memory.shape:
+            raise TensorReallocated(
+                f"tensor {self.name!r} was reallocated since it was registered "
+                f"(data at {address:#x}, shape {shape}; registered at "
+                f"{self.memory.address:#x}, shape {self.memory.shape}): gpusnap refuses "
+                "to capture the stale copy; register it again on a new Client"
+            )

@@ -1,0 +1,373 @@
+//! `gpusnap._native.Client`: a [`gpusnap::Client`] behind a mutex, every
+//! call made with the GIL released and with panics turned into
+//! `gpusnap.InternalError`.
+//!
+//! The Python layer (`gpusnap/_client.py`) does everything that knows about
+//! torch and numpy; this class only sees names, dtypes, shapes, addresses
+//! and the objects that own the memory.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use gpusnap::{ClientConfig, Dtype, RawBuffer, SnapshotOutcome, Step};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use serde_json::{Value, json};
+
+use crate::convert::to_python;
+use crate::errors::{self, InternalError};
+
+/// What the mutex guards.
+#[derive(Debug)]
+struct Inner {
+    /// `None` once closed.
+    client: Option<gpusnap::Client>,
+    /// The objects owning every registered buffer, kept alive for as long
+    /// as the client may copy into or out of their memory.
+    owners: Vec<Py<PyAny>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // A capture's copies may still read the owners' memory: finish it
+        // before the owners go.
+        if let Some(client) = self.client.as_mut()
+            && client.open_capture().is_some()
+            && let Err(e) = client.finish_snapshot()
+        {
+            tracing::warn!(error = %e, "client dropped: finishing the open capture failed");
+        }
+    }
+}
+
+/// A connection to gpusnapd and the buffers registered on it (private: use
+/// `gpusnap.Client`).
+#[pyclass(name = "Client", module = "gpusnap._native", frozen)]
+#[derive(Debug)]
+pub struct NativeClient {
+    inner: Mutex<Inner>,
+    job: String,
+    rank: u32,
+    world_size: u32,
+    socket: PathBuf,
+}
+
+fn seconds(what: &str, value: f64) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(value).map_err(|_| {
+        PyValueError::new_err(format!(
+            "{what} must be a finite number of seconds >= 0, not {value}"
+        ))
+    })
+}
+
+/// Why a call panicked, for the InternalError it becomes.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// Runs `f` with no Python attached and turns a panic into an error.
+fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> PyResult<T> + Send) -> PyResult<T> {
+    py.detach(|| {
+        catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+            Err(InternalError::new_err(format!(
+                "gpusnap panicked (please report this): {}",
+                panic_message(&*payload)
+            )))
+        })
+    })
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+fn outcome_json(outcome: &SnapshotOutcome) -> Value {
+    match outcome {
+        SnapshotOutcome::Captured(info) => json!({
+            "step": info.step,
+            "skipped": false,
+            "bytes": info.bytes,
+            "capture_s": secs(info.capture),
+            "stall_s": secs(info.stall),
+            "reason": null,
+        }),
+        SnapshotOutcome::Skipped { step, reason } => json!({
+            "step": step,
+            "skipped": true,
+            "bytes": 0,
+            "capture_s": 0.0,
+            "stall_s": 0.0,
+            "reason": reason,
+        }),
+    }
+}
+
+impl NativeClient {
+    fn lock(&self) -> PyResult<MutexGuard<'_, Inner>> {
+        self.inner.lock().map_err(|_| {
+            InternalError::new_err(
+                "an earlier call on this gpusnap client panicked; create a new Client",
+            )
+        })
+    }
+
+    /// Runs `f` on the client, detached from Python.
+    fn call<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut gpusnap::Client) -> gpusnap::Result<T> + Send,
+    ) -> PyResult<T> {
+        detached(py, || {
+            let mut inner = self.lock()?;
+            let client = inner
+                .client
+                .as_mut()
+                .ok_or_else(|| errors::Disconnected::new_err("this gpusnap client is closed"))?;
+            f(client).map_err(errors::to_py)
+        })
+    }
+}
+
+#[pymethods]
+impl NativeClient {
+    #[new]
+    #[pyo3(signature = (job, *, socket=None, rank=0, world_size=1, connect_timeout=10.0, call_timeout=60.0, commit_timeout=600.0, reconnect=true, copy_threads=None))]
+    #[expect(clippy::too_many_arguments, reason = "Python keyword arguments")]
+    fn new(
+        py: Python<'_>,
+        job: String,
+        socket: Option<PathBuf>,
+        rank: u32,
+        world_size: u32,
+        connect_timeout: f64,
+        call_timeout: f64,
+        commit_timeout: f64,
+        reconnect: bool,
+        copy_threads: Option<usize>,
+    ) -> PyResult<NativeClient> {
+        let mut config = ClientConfig::new(job.clone());
+        if let Some(socket) = socket {
+            config.socket = socket;
+        }
+        config.rank = rank;
+        config.world_size = world_size;
+        config.connect_timeout = seconds("connect_timeout", connect_timeout)?;
+        config.call_timeout = seconds("call_timeout", call_timeout)?;
+        config.commit_timeout = seconds("commit_timeout", commit_timeout)?;
+        config.reconnect = reconnect;
+        if let Some(threads) = copy_threads {
+            if threads == 0 {
+                return Err(PyValueError::new_err("copy_threads must be at least 1"));
+            }
+            config.copy_threads = threads;
+        }
+        let socket = config.socket.clone();
+        let client = detached(py, || {
+            gpusnap::Client::with_config(config).map_err(errors::to_py)
+        })?;
+        Ok(NativeClient {
+            inner: Mutex::new(Inner {
+                client: Some(client),
+                owners: Vec::new(),
+            }),
+            job,
+            rank,
+            world_size,
+            socket,
+        })
+    }
+
+    #[getter]
+    fn job(&self) -> &str {
+        &self.job
+    }
+
+    #[getter]
+    fn rank(&self) -> u32 {
+        self.rank
+    }
+
+    #[getter]
+    fn world_size(&self) -> u32 {
+        self.world_size
+    }
+
+    #[getter]
+    fn socket(&self) -> PathBuf {
+        self.socket.clone()
+    }
+
+    /// The uid the daemon authenticated this process as.
+    #[getter]
+    fn uid(&self, py: Python<'_>) -> PyResult<u32> {
+        self.call(py, |c| Ok(c.uid()))
+    }
+
+    /// The step of the open capture, or None.
+    #[getter]
+    fn open_capture(&self, py: Python<'_>) -> PyResult<Option<u64>> {
+        self.call(py, |c| Ok(c.open_capture()))
+    }
+
+    /// Registers `nbytes` bytes at `address` as tensor `name`. `owner` is
+    /// kept alive while this client lives; the caller guarantees it owns
+    /// exactly that memory (the public `gpusnap.Client` derives both from
+    /// the tensor or array itself).
+    #[pyo3(signature = (name, dtype, shape, address, nbytes, owner))]
+    #[expect(clippy::too_many_arguments, reason = "Python arguments")]
+    fn register(
+        &self,
+        py: Python<'_>,
+        name: String,
+        dtype: &str,
+        shape: Vec<u64>,
+        address: usize,
+        nbytes: usize,
+        owner: Py<PyAny>,
+    ) -> PyResult<()> {
+        let dtype: Dtype = dtype
+            .parse()
+            .map_err(|e: gpusnap::UnknownDtype| errors::InvalidSpec::new_err(e.to_string()))?;
+        if address == 0 && nbytes != 0 {
+            return Err(errors::InvalidSpec::new_err(format!(
+                "tensor {name:?}: a null address for {nbytes} bytes"
+            )));
+        }
+        detached(py, || {
+            let mut inner = self.lock()?;
+            let client = inner
+                .client
+                .as_mut()
+                .ok_or_else(|| errors::Disconnected::new_err("this gpusnap client is closed"))?;
+            // SAFETY: the Python layer derives `address`/`nbytes` from the
+            // tensor or array `owner` (its data pointer and byte size, after
+            // checking it is contiguous and in host memory), and `owner` is
+            // kept alive in `owners` for as long as the client exists, so
+            // the memory stays allocated while registered. Not writing it
+            // during a capture, nor touching it during a restore, is the
+            // documented contract of `snapshot_begin`/`restore`.
+            let buffer = unsafe { RawBuffer::new(address as *mut u8, nbytes) };
+            client
+                .register(name, dtype, shape, buffer)
+                .map_err(errors::to_py)?;
+            inner.owners.push(owner);
+            Ok(())
+        })
+    }
+
+    /// (name, dtype, shape) of every registered tensor, in order.
+    fn tensors(&self, py: Python<'_>) -> PyResult<Vec<(String, String, Vec<u64>)>> {
+        self.call(py, |c| {
+            Ok(c.tensors()
+                .map(|t| (t.name.clone(), t.dtype.to_string(), t.shape.clone()))
+                .collect())
+        })
+    }
+
+    /// Sends the registration now; returns the staging layout as a dict.
+    fn sync_registration(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let info = self.call(py, |c| {
+            let info = c.sync_registration()?;
+            serde_json::to_value(info).map_err(|e| gpusnap::Error::Internal(e.to_string()))
+        })?;
+        to_python(py, &info)
+    }
+
+    /// Starts the capture of `step` (the copies run in the background).
+    fn begin(&self, py: Python<'_>, step: u64) -> PyResult<()> {
+        self.call(py, |c| c.begin_snapshot(step))
+    }
+
+    /// Finishes the open capture; returns what it came to as a dict.
+    fn finish(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let outcome = self.call(py, |c| c.finish_snapshot())?;
+        to_python(py, &outcome_json(&outcome))
+    }
+
+    /// Waits until `step` is committed.
+    fn wait_committed(&self, py: Python<'_>, step: u64) -> PyResult<Py<PyAny>> {
+        let info = self.call(py, |c| c.wait_committed(step))?;
+        let value = json!({
+            "step": info.step,
+            "bytes": info.bytes,
+            "persist_s": secs(info.persist),
+        });
+        to_python(py, &value)
+    }
+
+    /// Restores `step` (the newest when None) into every registered buffer;
+    /// None when there is no snapshot.
+    #[pyo3(signature = (step=None))]
+    fn restore(&self, py: Python<'_>, step: Option<u64>) -> PyResult<Py<PyAny>> {
+        let which = step.map_or(Step::Latest, Step::At);
+        let restored = self.call(py, |c| c.restore(which))?;
+        let value = match restored {
+            None => Value::Null,
+            Some(info) => json!({
+                "step": info.step,
+                "source": info.source,
+                "bytes": info.bytes,
+                "daemon_fill_s": secs(info.daemon_fill),
+                "copy_s": secs(info.copy),
+            }),
+        };
+        to_python(py, &value)
+    }
+
+    /// Committed snapshots of this job (or of every job this user may see
+    /// when `all_jobs`): {"snapshots": [...], "complete": [...]}.
+    #[pyo3(signature = (all_jobs=false))]
+    fn list(&self, py: Python<'_>, all_jobs: bool) -> PyResult<Py<PyAny>> {
+        let value = self.call(py, |c| {
+            let listing = if all_jobs {
+                c.list_job(None)?
+            } else {
+                c.list()?
+            };
+            Ok(json!({"snapshots": listing.snapshots, "complete": listing.complete}))
+        })?;
+        to_python(py, &value)
+    }
+
+    /// The daemon's status, as `gpusnapctl status --json` shows it.
+    fn status(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let value = self.call(py, |c| {
+            let status = c.status()?;
+            serde_json::to_value(status).map_err(|e| gpusnap::Error::Internal(e.to_string()))
+        })?;
+        to_python(py, &value)
+    }
+
+    /// Finishes an open capture, closes the connection and lets go of the
+    /// registered buffers. Further calls raise `Disconnected`.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let owners = detached(py, || {
+            let mut inner = self.lock()?;
+            if let Some(mut client) = inner.client.take()
+                && client.open_capture().is_some()
+                && let Err(e) = client.finish_snapshot()
+            {
+                tracing::warn!(error = %e, "close: finishing the open capture failed");
+            }
+            Ok(std::mem::take(&mut inner.owners))
+        })?;
+        drop(owners);
+        Ok(())
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "gpusnap._native.Client(job={:?}, rank={}, world_size={}, socket={:?})",
+            self.job,
+            self.rank,
+            self.world_size,
+            self.socket.display().to_string()
+        )
+    }
+}
