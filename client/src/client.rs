@@ -126,6 +126,19 @@ pub struct Listing {
     pub complete: Vec<proto::JobSteps>,
 }
 
+/// What a committed snapshot holds, as [`Client::describe`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Description {
+    pub job: String,
+    pub rank: u32,
+    pub step: u64,
+    /// Ranks in the job when the snapshot was taken.
+    pub world_size: u32,
+    /// The snapshot's tensors in the order of its data file (packed by
+    /// element size, largest first), not necessarily registration order.
+    pub tensors: Vec<TensorSpec>,
+}
+
 #[derive(Debug)]
 pub(crate) struct Registration {
     pub spec: TensorSpec,
@@ -350,6 +363,48 @@ impl Client {
                     complete,
                 }),
                 other => Err(c.unexpected("list", &other)),
+            }
+        })
+    }
+
+    /// What the committed snapshot of `step` of (`job`, `rank`) holds (job
+    /// `None`: this client's job), read from its manifest without restoring
+    /// it. Needs no registration and works while a capture is open, so one
+    /// rank can learn another rank's tensor table.
+    /// [`Error::NotFound`] when that step is not committed,
+    /// [`Error::PermissionDenied`] for a job of another user,
+    /// [`Error::Corrupt`] when the snapshot's manifest does not check.
+    pub fn describe(&mut self, job: Option<&str>, rank: u32, step: u64) -> Result<Description> {
+        let job = job.unwrap_or(&self.config.job).to_owned();
+        self.retry("describe", |c| {
+            c.live()?;
+            let body = RequestBody::Describe {
+                job: job.clone(),
+                rank,
+                step,
+            };
+            match c.call(body, c.config.call_timeout)? {
+                ReplyBody::Described {
+                    job: got_job,
+                    rank: got_rank,
+                    step: got_step,
+                    world_size,
+                    tensors,
+                } => {
+                    if (got_job.as_str(), got_rank, got_step) != (job.as_str(), rank, step) {
+                        return Err(c.protocol(format!(
+                            "asked to describe job {job:?} rank {rank} step {step}, got job {got_job:?} rank {got_rank} step {got_step}"
+                        )));
+                    }
+                    Ok(Description {
+                        job: got_job,
+                        rank: got_rank,
+                        step: got_step,
+                        world_size,
+                        tensors,
+                    })
+                }
+                other => Err(c.unexpected("describe", &other)),
             }
         })
     }

@@ -4,7 +4,8 @@
 //! * [`Client`]: connect, [`register`](Client::register) buffers,
 //!   [`snapshot`](Client::snapshot) (or [`snapshot_begin`](Client::snapshot_begin)
 //!   to overlap the copies with training), [`wait_committed`](Client::wait_committed),
-//!   [`restore`](Client::restore), [`list`](Client::list), [`status`](Client::status).
+//!   [`restore`](Client::restore), [`list`](Client::list),
+//!   [`describe`](Client::describe), [`status`](Client::status).
 //! * [`HostTensor`], [`RawBuffer`], [`Buffer`]: what can be registered.
 //! * [`Device`], [`HostDevice`]: what copies between buffers and staging.
 //! * [`proto`]: the wire protocol the client and `gpusnapd` speak.
@@ -28,8 +29,8 @@ mod tests;
 
 pub use buffer::{Buffer, HOST_ALIGN_BYTES, HostRead, HostTensor, HostWrite, RawBuffer};
 pub use client::{
-    CaptureInfo, Client, ClientConfig, CommitInfo, Listing, RestoreInfo, SnapshotHandle,
-    SnapshotOutcome, Step,
+    CaptureInfo, Client, ClientConfig, CommitInfo, Description, Listing, RestoreInfo,
+    SnapshotHandle, SnapshotOutcome, Step,
 };
 pub use device::{Device, HostDevice};
 pub use dtype::{Dtype, UnknownDtype};

@@ -32,6 +32,16 @@
 //! * `Restore` is answered with `Restored` (the data is in `slot`, laid out as
 //!   `Registered` said; the slot is lent to the client until `Release`) or
 //!   `NoSnapshot`.
+//! * `List`, `Status` and `Describe { job, rank, step }` need no
+//!   registration and may be sent at any point after `Hello`, also while a
+//!   capture or a restore is open (they touch no slot). `Describe` is
+//!   answered with `Described`: the committed snapshot's world size and
+//!   tensor table, in the order of its data file, read from its manifest
+//!   alone (the data file is not read). A job of another uid is refused
+//!   with `PermissionDenied` (root may describe any), a step that is not
+//!   committed with `NotFound`, a manifest that does not check with
+//!   `Corrupt`. An older daemon that does not know `Describe` answers it
+//!   as an unknown request (`Protocol`, and closes).
 //! * A malformed, oversized, unknown or out-of-order request gets an `Error`
 //!   with kind `Protocol` (or `TooLarge`) and the connection is closed; when
 //!   the request's `id` could not be read, that `Error` has `id` 0. Other
@@ -111,6 +121,12 @@ pub enum RequestBody {
         job: Option<String>,
     },
     Status,
+    /// What the committed snapshot of (job, rank, step) holds.
+    Describe {
+        job: String,
+        rank: u32,
+        step: u64,
+    },
 }
 
 impl RequestBody {
@@ -127,6 +143,7 @@ impl RequestBody {
             RequestBody::Release { .. } => "release",
             RequestBody::List { .. } => "list",
             RequestBody::Status => "status",
+            RequestBody::Describe { .. } => "describe",
         }
     }
 }
@@ -190,6 +207,16 @@ pub enum ReplyBody {
         complete: Vec<JobSteps>,
     },
     Status(Box<StatusInfo>),
+    /// The answer to `Describe`.
+    Described {
+        job: String,
+        rank: u32,
+        step: u64,
+        world_size: u32,
+        /// The snapshot's tensors in the order of its data file (packed by
+        /// element size, largest first; not necessarily registration order).
+        tensors: Vec<TensorSpec>,
+    },
     Error {
         kind: ErrorKind,
         message: String,
@@ -537,6 +564,68 @@ mod tests {
         ));
         assert!(decode::<Request>(br#"{"id":1,"body":{"type":"nope"}}"#).is_err());
         assert!(decode::<Request>(br#"{"id":1,"body":{"type":"status"},"x":1}"#).is_err());
+    }
+
+    #[test]
+    fn describe_and_described_round_trip() {
+        let req = Request {
+            id: 9,
+            body: RequestBody::Describe {
+                job: "j".into(),
+                rank: 3,
+                step: 40,
+            },
+        };
+        assert_eq!(req.body.name(), "describe");
+        let frame = encode(&req).expect("small");
+        assert_eq!(decode::<Request>(&frame[4..]).expect("decode"), req);
+        assert_eq!(
+            decode::<Request>(
+                br#"{"id":2,"body":{"type":"describe","job":"j","rank":1,"step":5}}"#
+            )
+            .expect("decode"),
+            Request {
+                id: 2,
+                body: RequestBody::Describe {
+                    job: "j".into(),
+                    rank: 1,
+                    step: 5
+                }
+            }
+        );
+        assert!(
+            decode::<Request>(br#"{"id":2,"body":{"type":"describe","job":"j","rank":1}}"#)
+                .is_err(),
+            "step is required"
+        );
+        assert!(
+            decode::<Request>(
+                br#"{"id":2,"body":{"type":"describe","job":"j","rank":1,"step":5,"x":0}}"#
+            )
+            .is_err(),
+            "unknown fields are refused"
+        );
+
+        let reply = Reply {
+            id: 9,
+            body: ReplyBody::Described {
+                job: "j".into(),
+                rank: 3,
+                step: 40,
+                world_size: 8,
+                tensors: vec![
+                    TensorSpec::new("w", Dtype::F32, [2, 3]),
+                    TensorSpec::new("step", Dtype::I64, []),
+                    TensorSpec::new("emb", Dtype::BF16, [4, 0]),
+                ],
+            },
+        };
+        assert!(!reply.body.is_event());
+        let frame = encode(&reply).expect("small");
+        assert_eq!(decode::<Reply>(&frame[4..]).expect("decode"), reply);
+        let text = std::str::from_utf8(&frame[4..]).expect("JSON");
+        assert!(text.contains(r#""type":"described""#), "{text}");
+        assert!(text.contains(r#""dtype":"BF16""#), "{text}");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Isolation between uids on one daemon: a trainer of another uid cannot
-//! list, restore or register on a job it does not own, and a process outside
+//! list, describe, restore or register on a job it does not own, and a process outside
 //! the socket's group cannot connect at all. Root sees everything.
 //!
 //! The trainers are this test binary run again as other users (`--ignored
@@ -44,6 +44,8 @@ fn isolation_child() {
             daemon::snapshot_committed(&mut c, 1);
             let listing = c.list().expect("list");
             assert_eq!(listing.snapshots.len(), 1, "the owner sees its snapshot");
+            let described = c.describe(None, 0, 1).expect("describe own snapshot");
+            assert_eq!(described.tensors.len(), state.tensors.len());
         }
         "intruder" => {
             let mut c = gpusnap::Client::with_config(config("alpha")).expect("connect");
@@ -58,6 +60,12 @@ fn isolation_child() {
                 alpha.snapshots.is_empty() && alpha.complete.is_empty(),
                 "{alpha:?}"
             );
+            match c.describe(Some("alpha"), 0, 1) {
+                Err(Error::PermissionDenied(message)) => {
+                    assert!(message.contains("alpha"), "{message}");
+                }
+                other => panic!("describe of another uid's snapshot: {other:?}"),
+            }
             let status = c.status().expect("status");
             assert!(status.jobs.iter().all(|j| j.job != "alpha"), "{status:?}");
             assert!(
@@ -124,7 +132,7 @@ fn run_as(daemon: &Daemon, role: &str, uid: u32, gid: u32) {
 }
 
 #[test]
-fn another_uid_cannot_list_restore_or_register_and_outsiders_cannot_connect() {
+fn another_uid_cannot_list_describe_restore_or_register_and_outsiders_cannot_connect() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("skipped: switching to other uids needs root (CI runs as root)");
@@ -151,6 +159,10 @@ fn another_uid_cannot_list_restore_or_register_and_outsiders_cannot_connect() {
         .map(|s| s.job)
         .collect();
     assert_eq!(jobs, ["alpha", "beta"]);
+    let described = root
+        .describe(Some("alpha"), 0, 1)
+        .expect("root describes any job");
+    assert_eq!((described.job.as_str(), described.step), ("alpha", 1));
     let owner = std::fs::read_to_string(daemon.root.join("alpha").join("OWNER")).expect("OWNER");
     assert_eq!(owner, format!("{OWNER_UID}\n"));
 }

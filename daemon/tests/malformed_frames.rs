@@ -93,6 +93,8 @@ fn any_request() -> impl Strategy<Value = RequestBody> {
         any::<u32>().prop_map(|slot| RequestBody::Release { slot }),
         Just(RequestBody::Status),
         Just(RequestBody::List { job: None }),
+        ("[a-z./]{0,12}", any::<u32>(), any::<u64>())
+            .prop_map(|(job, rank, step)| RequestBody::Describe { job, rank, step }),
         ("[a-z./]{0,12}", 0u32..4, 0u32..4).prop_map(|(job, rank, world_size)| {
             RequestBody::Register {
                 job,

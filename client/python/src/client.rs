@@ -335,6 +335,38 @@ impl NativeClient {
         to_python(py, &value)
     }
 
+    /// What the committed snapshot of `step` of (`job`, `rank`) holds, read
+    /// from its manifest (nothing is restored; `rank` and `job` default to
+    /// this client's): {"job", "rank", "step", "world_size", "tensors":
+    /// [{"name", "dtype", "shape"}, ...]}, tensors in data-file order. Needs
+    /// no registration and works while a capture is open.
+    #[pyo3(signature = (step, rank=None, job=None))]
+    fn describe(
+        &self,
+        py: Python<'_>,
+        step: u64,
+        rank: Option<u32>,
+        job: Option<String>,
+    ) -> PyResult<Py<PyAny>> {
+        let rank = rank.unwrap_or(self.rank);
+        let value = self.call(py, |c| {
+            let d = c.describe(job.as_deref(), rank, step)?;
+            let tensors: Vec<Value> = d
+                .tensors
+                .iter()
+                .map(|t| json!({"name": t.name, "dtype": t.dtype.name(), "shape": t.shape}))
+                .collect();
+            Ok(json!({
+                "job": d.job,
+                "rank": d.rank,
+                "step": d.step,
+                "world_size": d.world_size,
+                "tensors": tensors,
+            }))
+        })?;
+        to_python(py, &value)
+    }
+
     /// The daemon's status, as `gpusnapctl status --json` shows it.
     fn status(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let value = self.call(py, |c| {

@@ -2,6 +2,7 @@
 
 mod fake;
 
+mod describe;
 mod faults;
 mod handshake;
 mod reconnect;

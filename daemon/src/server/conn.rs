@@ -283,6 +283,9 @@ impl Conn {
             RequestBody::Release { slot } => self.release(slot).map(Some),
             RequestBody::List { job } => self.list(job).await.map(Some),
             RequestBody::Status => Ok(Some(self.status())),
+            RequestBody::Describe { job, rank, step } => {
+                self.describe(job, rank, step).await.map(Some)
+            }
         }
     }
 
@@ -791,6 +794,16 @@ impl Conn {
         ReplyBody::Status(Box::new(status(&self.daemon, self.peer.uid)))
     }
 
+    /// Needs no registration and touches no slot, so it is answered in any
+    /// state after the handshake, a capture or a restore open or not.
+    async fn describe(&mut self, job: String, rank: u32, step: u64) -> Handled {
+        let daemon = Arc::clone(&self.daemon);
+        let uid = self.peer.uid;
+        tokio::task::spawn_blocking(move || describe(&daemon, uid, job, rank, step))
+            .await
+            .map_err(|e| Refusal::new(ErrorKind::Internal, e.to_string()))?
+    }
+
     /// Gives back what this connection held: a capture in progress leaves
     /// nothing written; a lent slot is freed; captured snapshots go on.
     fn close(&mut self) {
@@ -916,6 +929,43 @@ fn list(daemon: &Daemon, uid: u32, job: Option<&str>) -> Handled {
     Ok(ReplyBody::Listing {
         snapshots,
         complete,
+    })
+}
+
+/// The tensor table of the committed snapshot (job, rank, step), from its
+/// manifest alone, for a uid that owns the job (root: any job).
+fn describe(daemon: &Daemon, uid: u32, job: String, rank: u32, step: u64) -> Handled {
+    let id = SnapshotId::new(job, rank, step)
+        .map_err(|e| Refusal::new(ErrorKind::InvalidRegistration, e.to_string()))?;
+    let owner = daemon
+        .owners
+        .owner(&daemon.store, &id.job)
+        .map_err(|e| Refusal::new(ErrorKind::Storage, e.to_string()))?;
+    match owner {
+        None => {
+            return Err(Refusal::new(
+                ErrorKind::NotFound,
+                format!("snapshot {id} not found: job {:?} has none", id.job),
+            ));
+        }
+        Some(owner) if uid != 0 && owner != uid => {
+            return Err(Refusal::new(
+                ErrorKind::PermissionDenied,
+                format!("job {:?} belongs to uid {owner}, not {uid}", id.job),
+            ));
+        }
+        Some(_) => {}
+    }
+    let (manifest, layout) = daemon
+        .store
+        .committed_manifest(&id)
+        .map_err(|e| Refusal::new(crate::persist::store_error_kind(&e), e.to_string()))?;
+    Ok(ReplyBody::Described {
+        job: manifest.job,
+        rank: manifest.rank,
+        step: manifest.step,
+        world_size: manifest.world_size,
+        tensors: layout.tensors.iter().map(|t| t.spec()).collect(),
     })
 }
 

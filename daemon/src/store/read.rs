@@ -88,24 +88,7 @@ impl Store {
         expected: Option<&SnapshotId>,
     ) -> Result<Snapshot, StoreError> {
         let storage = self.storage();
-        let manifest_path = dir.join(paths::MANIFEST_FILE);
-        let bytes = match storage.read_file_limited(&manifest_path, MANIFEST_LEN_MAX) {
-            Ok(b) => b,
-            Err(e) if e.is_not_found() => {
-                return Err(StoreError::ManifestMissing {
-                    dir: dir.to_path_buf(),
-                });
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let manifest_err = |source| StoreError::Manifest {
-            dir: dir.to_path_buf(),
-            source,
-        };
-        let (manifest, layout) = Manifest::parse(&bytes).map_err(manifest_err)?;
-        if let Some(id) = expected {
-            manifest.check_place(id).map_err(manifest_err)?;
-        }
+        let (manifest, layout) = self.read_manifest(dir, expected)?;
         let data_path = dir.join(paths::DATA_FILE);
         let actual = storage
             .metadata(&data_path)?
@@ -139,6 +122,54 @@ impl Store {
             manifest,
             layout,
         })
+    }
+
+    /// The manifest in `dir`, parsed and checked against every rule (and
+    /// against `expected`, the snapshot the directory's place names). The
+    /// data file is not touched: [`Store::open_dir`] checks it on top.
+    pub fn read_manifest(
+        &self,
+        dir: &Path,
+        expected: Option<&SnapshotId>,
+    ) -> Result<(Manifest, Layout), StoreError> {
+        let manifest_path = dir.join(paths::MANIFEST_FILE);
+        let bytes = match self
+            .storage()
+            .read_file_limited(&manifest_path, MANIFEST_LEN_MAX)
+        {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => {
+                return Err(StoreError::ManifestMissing {
+                    dir: dir.to_path_buf(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let manifest_err = |source| StoreError::Manifest {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        let (manifest, layout) = Manifest::parse(&bytes).map_err(manifest_err)?;
+        if let Some(id) = expected {
+            manifest.check_place(id).map_err(manifest_err)?;
+        }
+        Ok((manifest, layout))
+    }
+
+    /// The checked manifest of the committed snapshot `id`, read without
+    /// touching its data file (what a client may learn of a snapshot
+    /// before reading it). [`StoreError::NotFound`] when `id` is not
+    /// committed; a committed directory whose manifest is missing or does
+    /// not check is an error of the manifest.
+    pub fn committed_manifest(&self, id: &SnapshotId) -> Result<(Manifest, Layout), StoreError> {
+        paths::validate_job(&id.job)?;
+        let dir = id.dir(self.root());
+        match self.read_manifest(&dir, Some(id)) {
+            Err(StoreError::ManifestMissing { .. }) if self.storage().metadata(&dir)?.is_none() => {
+                Err(StoreError::NotFound { id: id.clone() })
+            }
+            other => other,
+        }
     }
 
     /// Streams the data section to `sink` in order, one chunk at a time:

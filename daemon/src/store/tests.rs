@@ -246,3 +246,85 @@ fn power_loss_at_every_operation_keeps_old_or_new_snapshot() {
     }
     assert!(outcomes[0] > 0 && outcomes[1] > 0, "{outcomes:?}");
 }
+
+/// A committed snapshot's manifest is read without its data file; a step
+/// that is not committed (absent, or only `.partial`) is `NotFound`; a
+/// committed directory whose manifest is missing, garbled or misplaced is
+/// an error of the manifest.
+#[test]
+fn committed_manifest_reads_only_the_manifest_and_tells_missing_from_broken() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = StoreConfig {
+        root: dir.path().to_path_buf(),
+        io_backend: BackendChoice::Buffered,
+        ..config()
+    };
+    let store = Store::open(cfg).expect("store");
+    for step in [1, 2] {
+        write(&store, step, 3).expect("commit");
+    }
+    let id = |step| SnapshotId::new("job", 0, step).expect("id");
+    let (manifest, layout) = store.committed_manifest(&id(2)).expect("described");
+    assert_eq!((manifest.step, manifest.world_size), (2, 1));
+    let names: Vec<&str> = layout.tensors.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["step", "w", "empty", "b"], "data file order");
+    let mut specs: Vec<TensorSpec> = layout.tensors.iter().map(TensorEntry::spec).collect();
+    let mut registered = tensors();
+    specs.sort_by(|a, b| a.name.cmp(&b.name));
+    registered.sort_by(|a, b| a.name.cmp(&b.name));
+    assert_eq!(specs, registered);
+
+    // The data file plays no part.
+    let step_dir = id(2).dir(dir.path());
+    std::fs::remove_file(step_dir.join(paths::DATA_FILE)).expect("rm data");
+    assert!(store.committed_manifest(&id(2)).is_ok());
+
+    for missing in [
+        id(3),
+        SnapshotId::new("job", 1, 1).expect("id"),
+        SnapshotId::new("nojob", 0, 1).expect("id"),
+    ] {
+        assert!(
+            matches!(
+                store.committed_manifest(&missing),
+                Err(StoreError::NotFound { .. })
+            ),
+            "{missing}"
+        );
+    }
+    std::fs::create_dir_all(id(4).partial_dir(dir.path())).expect("mkdir partial");
+    assert!(matches!(
+        store.committed_manifest(&id(4)),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        store.committed_manifest(&SnapshotId {
+            job: "../x".into(),
+            rank: 0,
+            step: 1
+        }),
+        Err(StoreError::Name(_))
+    ));
+
+    let manifest_path = id(1).dir(dir.path()).join(paths::MANIFEST_FILE);
+    let good = std::fs::read(&manifest_path).expect("read manifest");
+    std::fs::write(&manifest_path, &good[..good.len() / 2]).expect("truncate");
+    assert!(matches!(
+        store.committed_manifest(&id(1)),
+        Err(StoreError::Manifest { .. })
+    ));
+    std::fs::remove_file(&manifest_path).expect("rm manifest");
+    assert!(matches!(
+        store.committed_manifest(&id(1)),
+        Err(StoreError::ManifestMissing { .. })
+    ));
+    // A manifest of another step in step 1's place.
+    std::fs::copy(step_dir.join(paths::MANIFEST_FILE), &manifest_path).expect("copy");
+    assert!(matches!(
+        store.committed_manifest(&id(1)),
+        Err(StoreError::Manifest {
+            source: manifest::ManifestError::WrongPlace { .. },
+            ..
+        })
+    ));
+}
