@@ -372,6 +372,8 @@ class Client:
         when there is nothing to restore. On an error no tensor was
         written."""
         self._finish_open()
+        for entry in self._entries:
+            entry.check()
         if step is None:
             step = self.latest()
             if step is None:
