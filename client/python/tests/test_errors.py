@@ -75,7 +75,7 @@ def test_bad_registrations_are_refused_with_clear_errors(daemon):
             snap.register("both", a, blob={})
         with pytest.raises(gpusnap.InvalidRegistration, match="JSON"):
             snap.register("set", blob={"s": {1, 2}})
-        with pytest.raises(gpusnap.InvalidRegistration, match="unknown blob encoding"):
+        with pytest.raises(gpusnap.InvalidRegistration, match="unknown encoding .pickle."):
             snap.register("enc", blob={}, encoding="pickle")
         # After all that the client still works.
         assert snap.snapshot(1).step == 1

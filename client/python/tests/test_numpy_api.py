@@ -70,3 +70,53 @@ def test_rng_state_comes_back(daemon):
         np.random.seed(9)
         assert snap.restore() == 1
     assert (random.random(), np.random.rand()) == want
+
+
+class Counter:
+    """A stateful object, as a data loader with state_dict() would be."""
+
+    def __init__(self) -> None:
+        self.position = 0
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+
+def test_every_kind_of_blob_round_trips(daemon):
+    # Large at the first registration, small at the second: the capacity
+    # must not depend on it, or the restore would not match.
+    packed = {"k": b"\x00\x01binary", "n": 7, "big": "x" * 300_000}
+    raw = bytearray(b"raw state")
+    frozen = b"set once"
+    counter = Counter()
+    with client(daemon, job="blobs") as snap:
+        snap.register("packed", blob=packed, encoding="msgpack")
+        snap.register("raw", blob=raw)
+        snap.register("frozen", blob=frozen)
+        snap.register("counter", blob=counter)
+        assert snap.blob("raw") is None
+        with pytest.raises(gpusnap.BlobTooLarge, match="capacity"):
+            snap.register("huge", blob={"x": "y" * (2 << 20)})
+        counter.position = 41
+        raw[:] = b"newer raw state"
+        snap.snapshot(1)
+        snap.wait_committed(1)
+    want_packed = dict(packed)
+    packed.clear()
+    raw[:] = b"x"
+    counter.position = 0
+    with client(daemon, job="blobs") as snap:
+        snap.register("packed", blob=packed, encoding="msgpack")
+        snap.register("raw", blob=raw)
+        snap.register("frozen", blob=b"")
+        snap.register("counter", blob=counter)
+        assert snap.restore() == 1
+        assert snap.blob("frozen") == b"set once"
+        with pytest.raises(gpusnap.NotRegistered):
+            snap.blob("nope")
+    assert packed == want_packed
+    assert raw == bytearray(b"newer raw state")
+    assert counter.position == 41

@@ -20,7 +20,10 @@ MAGIC = b"GSB1"
 HEADER = struct.Struct("<4sB3xQ")
 ENCODINGS = {"raw": 0, "json": 1, "msgpack": 2}
 _NAMES = {v: k for k, v in ENCODINGS.items()}
-DEFAULT_MIN_CAPACITY = 64 * 1024
+# A fixed default, not one derived from the first value: a restarted trainer
+# must register the same size as the run that saved, whatever its state
+# holds at registration.
+DEFAULT_CAPACITY = 1024 * 1024
 
 
 def _msgpack() -> Any:

@@ -190,8 +190,8 @@ class Client:
         msgpack with ``encoding="msgpack"``; restored in place), bytes or a
         bytearray (raw; a bytearray is restored in place), or an object
         with ``state_dict()``/``load_state_dict()`` (a stateful data
-        loader). ``capacity`` bounds the encoded size (default: 4x the
-        first encoding, at least 64 KiB)."""
+        loader). ``capacity`` bounds the encoded size (default 1 MiB); it
+        must be the same in the run that saved and the one that restores."""
         if (tensor is None) == (blob is None):
             raise InvalidRegistration(f"register({name!r}): pass a tensor or blob=, not both")
         if tensor is not None:
@@ -200,8 +200,7 @@ class Client:
         get, put, default_encoding = _blob_accessors(name, blob)
         encoding = encoding or default_encoding
         if capacity is None:
-            first = len(_blob.encode(get(), encoding))
-            capacity = max(_blob.DEFAULT_MIN_CAPACITY, 4 * first)
+            capacity = _blob.DEFAULT_CAPACITY
         self._register_blob(name, encoding, capacity, get=get, put=put)
 
     def register_module(self, module: Any, prefix: str = "model") -> None:
@@ -228,7 +227,7 @@ class Client:
         self._register_blob(
             state.scalars_name,
             "json",
-            max(_blob.DEFAULT_MIN_CAPACITY, 4 * len(_blob.encode(state.scalars(), "json"))),
+            state.scalars_capacity(),
             get=state.scalars,
             put=state.load_scalars,
         )

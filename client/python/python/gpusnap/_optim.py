@@ -65,6 +65,12 @@ class OptimizerState:
         self.scalars_name = f"{prefix}.scalars"
         self.registered = False
 
+    def scalars_capacity(self) -> int:
+        """Bytes for the hyperparameters blob: fixed by the optimizer's
+        shape (groups and parameters), never by its values, so a restarted
+        run registers the same size as the one that saved."""
+        return 64 * 1024 + 4096 * len(self.optimizer.param_groups) + 512 * len(self.params())
+
     def params(self) -> list[Any]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
