@@ -674,6 +674,9 @@ class Gpusnap:
         try:
             for name, t in self.state.items():
                 self.client.register(name, t)
+            # What a trainer's restore() does on a fresh start: the daemon
+            # sets up staging now, not inside the first snapshot.
+            self.client.prepare()
         except gpusnap.BackendUnavailable as e:
             raise Unavailable(f"{type(e).__name__}: {e}") from e
         self.register_s = time.monotonic() - t0

@@ -120,3 +120,21 @@ def test_every_kind_of_blob_round_trips(daemon):
     assert packed == want_packed
     assert raw == bytearray(b"newer raw state")
     assert counter.position == 41
+
+
+def test_prepare_and_a_fresh_restore_set_up_staging_before_the_first_snapshot(make_daemon):
+    d = make_daemon({"staging": {"budget_bytes": '"64MiB"'}})
+    with gpusnap.Client("prep", socket=d.socket) as snap:
+        snap.register("a", np.zeros(1 << 20, dtype=np.float32))
+        assert snap.status()["staging_bytes_used"] == 0
+        assert snap.restore() is None
+        assert snap.status()["staging_bytes_used"] >= 4 << 20
+    with gpusnap.Client("prep2", socket=d.socket) as snap:
+        snap.register("a", np.zeros(1 << 20, dtype=np.float32))
+        snap.prepare()
+        assert snap.status()["staging_bytes_used"] >= 4 << 20
+    # Too big for the budget: said at set-up, before training starts.
+    with gpusnap.Client("prep3", socket=d.socket) as snap:
+        snap.register("a", np.zeros(64 << 20, dtype=np.uint8))
+        with pytest.raises(gpusnap.StagingFull):
+            snap.restore()

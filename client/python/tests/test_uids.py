@@ -52,9 +52,9 @@ def test_two_jobs_of_two_uids_stay_apart():
             assert report["uid"] == NOBODY
             assert report["own_commit"] == 1
             assert report["visible_jobs"] == ["nobody-job"]
-            # The other job's snapshots are invisible: nothing to restore...
-            assert report["restore_other"] == "returned None"
-            # ...and asking for one by step is refused.
+            # The other job's snapshots are invisible, and registering as it
+            # (which a restore with nothing to restore does) is refused.
+            assert report["restore_other"] == "PermissionDenied"
             assert report["restore_other_step"] == "PermissionDenied"
             assert report["snapshot_other"] == "PermissionDenied"
             assert report["target_untouched"]

@@ -275,6 +275,16 @@ class Client:
         self._names.add(name)
         self._blobs[name] = _Blob(buffer, get, put)
 
+    def prepare(self) -> None:
+        """Sends the registration to the daemon now, so that the first
+        snapshot does not pay for setting up its staging memory (which
+        the daemon allocates and populates at registration). ``restore()``
+        does this too. Raises what registering raises (``StagingFull``,
+        ``Busy``, ``PermissionDenied``, ...)."""
+        self._finish_open()
+        self._prepare()
+        self._native.sync_registration()
+
     def blob(self, name: str) -> Any:
         """The value a restore brought back for blob ``name`` (None before)."""
         try:
@@ -368,14 +378,16 @@ class Client:
         """Restores ``step`` (default: the newest step every rank of the job
         has committed) into every registered tensor in place, and the
         blobs, optimizer scalars and RNG state; returns the step, or None
-        when there is nothing to restore. On an error no tensor was
-        written."""
+        when there is nothing to restore (the registration is then sent,
+        as ``prepare()`` does). On an error no tensor was written."""
         self._finish_open()
         for entry in self._entries:
             entry.check()
         if step is None:
             step = self.latest()
             if step is None:
+                # A fresh start: have staging ready for the first snapshot.
+                self._native.sync_registration()
                 return None
         for state in self._optimizers:
             if not state.registered:
