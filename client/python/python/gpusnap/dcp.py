@@ -1,0 +1,1022 @@
+"""torch.distributed.checkpoint storage through gpusnapd.
+
+    import torch.distributed.checkpoint as dcp
+    import gpusnap.dcp
+
+    dcp.save(state_dict, storage_writer=gpusnap.dcp.StorageWriter("run-7"))
+    dcp.load(state_dict, storage_reader=gpusnap.dcp.StorageReader("run-7"))
+
+A checkpoint is one step of a gpusnap job: every rank's ``write_data``
+saves the items DCP's plan gives that rank as one gpusnap snapshot of
+(job, rank, step), through the same store, commit protocol and
+verification as ``gpusnap.Client``, and waits until it is committed. A
+step is a complete checkpoint once every rank committed it. Nothing else is
+written: the global ``Metadata`` is rebuilt at load time from the
+snapshots' tensor tables (``describe``), so every piece of it lives in the
+tensor names:
+
+    t/<key>/<offsets>/<size>/<flags>   one chunk of a tensor; its dtype and
+                                       shape (the chunk's sizes) are the
+                                       stored tensor's own
+    b/<key>/<flags>                    a non-tensor item (the bytes DCP's
+                                       planner serialized), as U8 [n]
+    dcp/1                              each rank's marker (format 1), U8 JSON
+                                       {"format", "rank", "world_size", "items"}
+
+``<key>`` is the item's object path in the state dict (DCP's flatten
+mapping): its components joined by ``.``, an int component (a list index)
+in decimal, a string component with ``%``, ``.`` and ``/`` percent-escaped
+(and its first character too when it reads as an int), so that the key of
+``{"model": {"fc.weight": t}}`` is ``model.fc%2Eweight`` and DCP's fqn is the
+components joined by ``.``. ``<offsets>`` and ``<size>`` (the chunk's
+offsets in the tensor and the tensor's global size) are comma-separated
+decimals, empty for a 0-d tensor. ``<flags>``: ``g`` requires_grad, ``p``
+pin_memory, ``l`` channels_last, ``r`` preserve_format, ``n`` no flatten
+mapping (the key is the fqn split at ``.``, and the load gets no
+planner_data for it).
+
+The step: ``StorageWriter(job, step=None)`` saves one step past the newest
+step any rank of the job has on the daemon; the coordinator takes the
+largest of the ranks' proposals and hands it to every rank in the plan, so
+all ranks use the same step (with ``use_collectives=False`` every rank
+plans alone: pass the step). ``StorageReader(job, step=None)`` loads the
+newest step the daemon lists as complete for the job; the ranks' load plans
+check that they all resolved the same one. ``latest_step(job)`` says which
+that is, without loading.
+
+Errors are gpusnap's (``NotFound`` for a missing or incomplete step,
+``Busy`` when another connection keeps a (job, rank) past ``busy_timeout``,
+``Skipped`` for a step that is already committed, ...); ``dcp.save`` and
+``dcp.load`` raise them inside DCP's ``CheckpointException`` (its
+``failures``: rank -> (exception, traceback)), as DCP does with every error.
+
+Limits: CPU tensors only (a device tensor raises ``BackendUnavailable``,
+as everywhere in gpusnap; the CUDA backend is not built yet), for saving
+and as load targets; every rank's snapshot must be on this node's daemon
+to load (read_metadata describes every rank, and a rank's items may live
+in another rank's snapshot); reading a rank's items restores that rank's
+whole snapshot into scratch memory (the daemon restores exactly the
+registered set), one source rank at a time; dtypes are those gpusnap
+stores (no complex); a custom planner's ``planner_data`` other than DCP's
+flatten mapping is not kept; ``enable_plan_caching`` is refused (a cached
+plan would carry an earlier save's step). Non-tensor items are whatever
+DCP's planner serialized (``torch.save``; its load planner unpickles them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    LoadPlanner,
+    ReadItem,
+    SavePlan,
+    SavePlanner,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.storage import StorageReader as _StorageReader
+from torch.distributed.checkpoint.storage import StorageWriter as _StorageWriter
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
+
+from gpusnap import _native
+from gpusnap._memory import _TORCH_DTYPES, describe
+from gpusnap._native import (
+    BackendUnavailable,
+    Busy,
+    Corrupt,
+    InvalidSpec,
+    NotFound,
+    Skipped,
+    UnsupportedTensor,
+)
+
+log = logging.getLogger("gpusnap")
+
+FORMAT = 1
+MARKER = f"dcp/{FORMAT}"
+SCHEME = "gpusnap://"
+# The version DCP's own FileSystemWriter records (torch 2.4 to 2.11).
+DCP_VERSION = "1.0.0"
+NAME_LEN_MAX = 1024
+
+# safetensors dtype name -> torch dtype (those this torch has).
+_DTYPES: dict[str, torch.dtype] = {
+    st: getattr(torch, attr) for attr, st in _TORCH_DTYPES.items() if hasattr(torch, attr)
+}
+
+_INT = re.compile(r"-?[0-9]+")
+
+
+# ---- names ----
+
+
+def _escape(component: str) -> str:
+    text = component.replace("%", "%25").replace(".", "%2E").replace("/", "%2F")
+    if _INT.fullmatch(text):
+        text = f"%{ord(text[0]):02X}{text[1:]}"
+    return text
+
+
+def _unescape(text: str) -> str:
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == "%":
+            code = text[i + 1 : i + 3]
+            if len(code) != 2 or not all(h in "0123456789ABCDEFabcdef" for h in code):
+                raise ValueError(f"bad escape {text[i:i + 3]!r}")
+            out.append(chr(int(code, 16)))
+            i += 3
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _encode_key(path: Sequence[str | int]) -> str:
+    return ".".join(str(c) if isinstance(c, int) else _escape(c) for c in path)
+
+
+def _decode_key(key: str) -> tuple[str | int, ...]:
+    return tuple(int(c) if _INT.fullmatch(c) else _unescape(c) for c in key.split("."))
+
+
+def _fqn(path: Sequence[str | int]) -> str:
+    return ".".join(map(str, path))
+
+
+def _ints(values: Iterable[int]) -> str:
+    return ",".join(str(int(v)) for v in values)
+
+
+def _parse_ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",")) if text else ()
+
+
+def _valid_path(path: Any, fqn: str) -> bool:
+    return (
+        isinstance(path, (tuple, list))
+        and len(path) > 0
+        and all(
+            isinstance(c, str) or (isinstance(c, int) and not isinstance(c, bool)) for c in path
+        )
+        and _fqn(path) == fqn
+    )
+
+
+def _key_and_flags(fqn: str, mappings: Any) -> tuple[str, str]:
+    """The name's key for `fqn`, and "n" when DCP gave no flatten mapping
+    for it."""
+    path = mappings.get(fqn) if isinstance(mappings, dict) else None
+    if path is not None and _valid_path(path, fqn):
+        return _encode_key(path), ""
+    return _encode_key(fqn.split(".")), "n"
+
+
+def _tensor_flags(props: TensorProperties) -> str:
+    flags = ""
+    if props.requires_grad:
+        flags += "g"
+    if props.pin_memory:
+        flags += "p"
+    if props.memory_format == torch.channels_last:
+        flags += "l"
+    elif props.memory_format == torch.preserve_format:
+        flags += "r"
+    elif props.memory_format != torch.contiguous_format:
+        raise UnsupportedTensor(f"memory format {props.memory_format} cannot be recorded")
+    return flags
+
+
+def item_name(item: WriteItem, mappings: Any = None) -> str:
+    """The gpusnap tensor name of a DCP write item (see the module doc)."""
+    fqn = item.index.fqn
+    key, flags = _key_and_flags(fqn, mappings)
+    if item.type == WriteItemType.BYTE_IO:
+        name = f"b/{key}/{flags}"
+    else:
+        td = item.tensor_data
+        if td is None or td.chunk is None:
+            raise InvalidSpec(f"{fqn}: a tensor write item without its chunk")
+        if td.properties.layout != torch.strided:
+            raise UnsupportedTensor(f"{fqn}: layout {td.properties.layout} cannot be stored")
+        flags += _tensor_flags(td.properties)
+        name = f"t/{key}/{_ints(td.chunk.offsets)}/{_ints(td.size)}/{flags}"
+    if len(name.encode()) > NAME_LEN_MAX:
+        raise InvalidSpec(
+            f"{fqn}: its gpusnap name is {len(name.encode())} bytes, over the "
+            f"{NAME_LEN_MAX} a tensor name may have"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    """What a stored tensor's name says about its DCP item."""
+
+    fqn: str
+    path: tuple[str | int, ...] | None  # None: no flatten mapping
+    is_bytes: bool
+    offsets: tuple[int, ...] = ()
+    size: tuple[int, ...] = ()
+    flags: str = ""
+
+
+def _parse_name(name: str) -> _Parsed | None:
+    """None for the marker; raises ValueError for a name that is not a
+    gpusnap.dcp item."""
+    if name == MARKER:
+        return None
+    parts = name.split("/")
+    if parts[0] == "t" and len(parts) == 5:
+        _, key, offsets, size, flags = parts
+    elif parts[0] == "b" and len(parts) == 3:
+        _, key, flags = parts
+        offsets = size = ""
+    else:
+        raise ValueError("not a gpusnap.dcp item name")
+    if set(flags) - set("gplrn"):
+        raise ValueError(f"unknown flags {flags!r}")
+    path = _decode_key(key)
+    return _Parsed(
+        fqn=_fqn(path),
+        path=None if "n" in flags else path,
+        is_bytes=parts[0] == "b",
+        offsets=_parse_ints(offsets),
+        size=_parse_ints(size),
+        flags=flags,
+    )
+
+
+def _properties(dtype: torch.dtype, flags: str) -> TensorProperties:
+    memory_format = torch.contiguous_format
+    if "l" in flags:
+        memory_format = torch.channels_last
+    elif "r" in flags:
+        memory_format = torch.preserve_format
+    return TensorProperties(
+        dtype=dtype,
+        layout=torch.strided,
+        requires_grad="g" in flags,
+        memory_format=memory_format,
+        pin_memory="p" in flags,
+    )
+
+
+# ---- plan and storage data (they travel between ranks pickled) ----
+
+
+@dataclass(frozen=True)
+class _Proposal:
+    """A rank's local save plan's storage data: the step it would save."""
+
+    step: int
+    explicit: bool
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """A rank's global save plan's storage data: where its snapshot goes."""
+
+    step: int
+    rank: int
+    world_size: int
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a DCP item lives: the tensor ``name`` in the snapshot of
+    ``rank`` (at the checkpoint's step)."""
+
+    rank: int
+    name: str
+
+
+@dataclass(frozen=True)
+class _ReadStep:
+    """A rank's load plan's storage data: the step it resolved."""
+
+    step: int
+
+
+# ---- helpers ----
+
+
+def parse_checkpoint_id(checkpoint_id: str | os.PathLike[str]) -> tuple[str, int | None]:
+    """``gpusnap://<job>`` or ``gpusnap://<job>/<step>`` -> (job, step)."""
+    text = os.fspath(checkpoint_id)
+    if not isinstance(text, str) or not text.startswith(SCHEME):
+        raise ValueError(f"{text!r} is not a gpusnap checkpoint id ({SCHEME}<job>[/<step>])")
+    rest = text[len(SCHEME) :]
+    job, sep, step = rest.rpartition("/")
+    if not sep:
+        job, step = rest, ""
+    elif not _INT.fullmatch(step) or step.startswith("-"):
+        job, step = rest, ""
+    if not job:
+        raise ValueError(f"{text!r} names no job")
+    return job, int(step) if step else None
+
+
+def _checkpoint_id(job: str, step: int | None) -> str:
+    return f"{SCHEME}{job}" if step is None else f"{SCHEME}{job}/{step}"
+
+
+def _dist_world_size() -> int:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_world_size())
+    return 1
+
+
+def _cpu_tensor(data: Any, item: WriteItem) -> torch.Tensor:
+    fqn = item.index.fqn
+    if not isinstance(data, torch.Tensor):
+        raise UnsupportedTensor(
+            f"{fqn}: the planner resolved a {type(data).__name__} for a tensor item"
+        )
+    if data.device.type != "cpu":
+        raise BackendUnavailable(
+            f"{fqn} is on {data.device}: the CUDA backend is not built yet, so "
+            "gpusnap.dcp saves only CPU tensors (it never copies a device tensor to "
+            "the CPU behind your back); move the state dict to the CPU first"
+        )
+    t = data.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    td = item.tensor_data
+    assert td is not None and td.chunk is not None
+    if tuple(t.shape) != tuple(td.chunk.sizes) or t.dtype != td.properties.dtype:
+        raise InvalidSpec(
+            f"{fqn}: the planner resolved a {t.dtype} tensor of shape {tuple(t.shape)}; "
+            f"the plan says {td.properties.dtype} {tuple(td.chunk.sizes)}"
+        )
+    return t
+
+
+def _bytes_tensor(data: Any, item: WriteItem) -> torch.Tensor:
+    if not isinstance(data, io.BytesIO):
+        raise UnsupportedTensor(
+            f"{item.index.fqn}: the planner resolved a {type(data).__name__} for a "
+            "bytes item (io.BytesIO expected)"
+        )
+    payload = data.getvalue()
+    if not payload:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+
+
+def _narrow(t: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:
+    for dim, (offset, length) in enumerate(zip(offsets, lengths)):
+        if offset != 0 or length != t.size(dim):
+            t = t.narrow(dim, offset, length)
+    return t
+
+
+def _register(client: Any, name: str, t: torch.Tensor) -> int:
+    memory = describe(name, t)
+    client.register(
+        name, memory.dtype, list(memory.shape), memory.address, memory.nbytes, memory.owner
+    )
+    return memory.nbytes
+
+
+def _retry_busy(what: str, call: Any, timeout: float) -> Any:
+    """Calls `call()`, again with backoff while another connection holds
+    the (job, rank) (gpusnap.Busy), up to `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while True:
+        try:
+            return call()
+        except Busy as e:
+            now = time.monotonic()
+            if now >= deadline:
+                raise Busy(f"{what}: still busy after {timeout:g} s: {e}") from e
+            log.debug("%s: busy (%s); retrying in %.2f s", what, e, delay)
+            time.sleep(min(delay, deadline - now))
+            delay = min(delay * 2, 1.0)
+
+
+@dataclass(frozen=True)
+class _Connection:
+    socket: str | None
+    connect_timeout: float
+    call_timeout: float
+    commit_timeout: float
+
+    def open(self, job: str, rank: int = 0, world_size: int = 1) -> Any:
+        return _native.Client(
+            job,
+            socket=self.socket,
+            rank=rank,
+            world_size=world_size,
+            connect_timeout=self.connect_timeout,
+            call_timeout=self.call_timeout,
+            commit_timeout=self.commit_timeout,
+        )
+
+
+def _listing(conn: _Connection, job: str) -> dict[str, Any]:
+    client = conn.open(job)
+    try:
+        listing: dict[str, Any] = client.list()
+        return listing
+    finally:
+        client.close()
+
+
+def _complete_steps(listing: dict[str, Any], job: str) -> list[int]:
+    return sorted(
+        s for j in listing.get("complete", []) if j["job"] == job for s in j["steps"]
+    )
+
+
+def latest_step(
+    job: str, *, socket: str | os.PathLike[str] | None = None, connect_timeout: float = 10.0
+) -> int | None:
+    """The newest step of ``job`` every rank committed (what
+    ``StorageReader(job)`` loads), or None when there is none."""
+    conn = _Connection(
+        None if socket is None else os.fspath(socket), connect_timeout, 60.0, 600.0
+    )
+    steps = _complete_steps(_listing(conn, job), job)
+    return steps[-1] if steps else None
+
+
+# ---- the writer ----
+
+
+class StorageWriter(_StorageWriter):
+    """Saves a DCP checkpoint as step ``step`` of gpusnap job ``job`` (one
+    snapshot per rank; ``step=None``: one past the newest step of the job).
+
+    ``socket`` defaults to ``$GPUSNAP_SOCKET`` or the daemon's default;
+    ``busy_timeout`` bounds how long a rank waits for another connection to
+    let go of its (job, rank): use a job of its own for DCP checkpoints,
+    not the job a ``gpusnap.Client`` of the same process registers.
+    """
+
+    def __init__(
+        self,
+        job: str,
+        step: int | None = None,
+        *,
+        socket: str | os.PathLike[str] | None = None,
+        connect_timeout: float = 10.0,
+        call_timeout: float = 60.0,
+        commit_timeout: float = 600.0,
+        busy_timeout: float = 60.0,
+    ) -> None:
+        super().__init__()
+        if step is not None and step < 0:
+            raise ValueError(f"step must be >= 0, not {step}")
+        self.job = job
+        self.step = step
+        self.busy_timeout = busy_timeout
+        self._conn = _Connection(
+            None if socket is None else os.fspath(socket),
+            connect_timeout,
+            call_timeout,
+            commit_timeout,
+        )
+        self.save_id = uuid.uuid4().hex
+        self.is_coordinator = True
+        self.rank: int | None = None
+        self.use_collectives = True
+        self.last_step: int | None = None
+        """The step this writer's last ``write_data`` committed."""
+
+    @property
+    def checkpoint_id(self) -> str:
+        return _checkpoint_id(self.job, self.step)
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id:
+            self.job, self.step = parse_checkpoint_id(checkpoint_id)
+        self.save_id = uuid.uuid4().hex
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        try:
+            parse_checkpoint_id(checkpoint_id)
+        except (ValueError, TypeError):
+            return False
+        return True
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self.checkpoint_id, save_id=self.save_id)
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+        self.rank = kwargs.get("rank")
+        self.use_collectives = kwargs.get("use_collectives", True)
+
+    def _proposal(self) -> _Proposal:
+        if self.step is not None:
+            return _Proposal(self.step, explicit=True)
+        listing = _listing(self._conn, self.job)
+        steps = [s["step"] for s in listing.get("snapshots", []) if s["job"] == self.job]
+        return _Proposal(max(steps) + 1 if steps else 1, explicit=False)
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return dataclasses.replace(plan, storage_data=self._proposal())
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        if not all(getattr(p, "usable", True) for p in plans):
+            raise ValueError(
+                "gpusnap.dcp.StorageWriter: a cached save plan (enable_plan_caching) "
+                "would reuse the step of an earlier save; disable plan caching"
+            )
+        proposals = [p.storage_data for p in plans]
+        if not all(isinstance(p, _Proposal) for p in proposals):
+            raise ValueError(
+                "gpusnap.dcp.StorageWriter: a local plan lost the writer's storage_data"
+            )
+        explicit = {p.step for p in proposals if p.explicit}
+        if explicit:
+            if len(explicit) > 1 or not all(p.explicit for p in proposals):
+                raise ValueError(
+                    "gpusnap.dcp.StorageWriter: the ranks were given different steps "
+                    f"({sorted(explicit)}, some None)"
+                )
+            step = explicit.pop()
+        else:
+            step = max(p.step for p in proposals)
+        if self.use_collectives or self.rank is None:
+            world = len(plans)
+            return [
+                dataclasses.replace(p, storage_data=_Placement(step, i, world))
+                for i, p in enumerate(plans)
+            ]
+        # use_collectives=False: every rank plans alone, as itself.
+        world = _dist_world_size()
+        if world > 1 and not proposals[0].explicit:
+            raise ValueError(
+                "gpusnap.dcp.StorageWriter: with use_collectives=False the ranks cannot "
+                "agree on a step: pass step= explicitly"
+            )
+        return [
+            dataclasses.replace(p, storage_data=_Placement(step, self.rank, world))
+            for p in plans
+        ]
+
+    def _placement(self, plan: SavePlan) -> _Placement:
+        placement = plan.storage_data
+        if isinstance(placement, _Placement):
+            return placement
+        raise ValueError(
+            "gpusnap.dcp.StorageWriter: the final save plan has no placement "
+            "(was prepare_global_plan skipped?)"
+        )
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        placement = self._placement(plan)
+        step, rank, world = placement.step, placement.rank, placement.world_size
+        client = self._conn.open(self.job, rank, world)
+        results: list[WriteResult] = []
+        try:
+            names: set[str] = set()
+            total = 0
+            for item in plan.items:
+                name = item_name(item, plan.planner_data)
+                if name in names:
+                    raise InvalidSpec(f"{item.index}: two items of the plan are named {name!r}")
+                names.add(name)
+                data = planner.resolve_data(item)
+                if item.type == WriteItemType.BYTE_IO:
+                    tensor = _bytes_tensor(data, item)
+                else:
+                    tensor = _cpu_tensor(data, item)
+                nbytes = _register(client, name, tensor)
+                total += nbytes
+                results.append(WriteResult(item.index, nbytes, Location(rank, name)))
+            marker = json.dumps(
+                {"format": FORMAT, "rank": rank, "world_size": world, "items": len(results)}
+            ).encode()
+            _register(client, MARKER, torch.frombuffer(bytearray(marker), dtype=torch.uint8))
+            _retry_busy(
+                f"job {self.job!r} rank {rank}", client.sync_registration, self.busy_timeout
+            )
+            client.begin(step)
+            outcome = client.finish()
+            if outcome["skipped"]:
+                e = Skipped(
+                    f"job {self.job!r} rank {rank}: the snapshot of step {step} was "
+                    f"skipped: {outcome['reason']}"
+                )
+                e.step = step
+                raise e
+            committed = client.wait_committed(step)
+        finally:
+            client.close()
+        self.last_step = step
+        log.info(
+            "dcp: job %r rank %d/%d committed step %d (%d items, %d bytes, %.3f s to persist)",
+            self.job,
+            rank,
+            world,
+            step,
+            len(results),
+            total,
+            committed["persist_s"],
+        )
+        fut: Future[list[WriteResult]] = Future()
+        fut.set_result(results)
+        return fut
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        # Every rank's write_data returned only after its snapshot was
+        # committed, and DCP calls finish only once every rank's did: the
+        # checkpoint is complete, and its metadata is in the names.
+        log.debug(
+            "dcp: job %r step %s finished: %d ranks, %d items",
+            self.job,
+            self.last_step,
+            len(results),
+            sum(len(r) for r in results),
+        )
+
+
+# ---- the reader ----
+
+
+def _failed_metadata() -> Metadata:
+    return Metadata(state_dict_metadata={}, storage_data={})
+
+
+class StorageReader(_StorageReader):
+    """Loads the DCP checkpoint of step ``step`` of gpusnap job ``job``
+    (``step=None``: the newest step the daemon lists as complete).
+
+    A missing step makes ``read_metadata`` raise ``gpusnap.NotFound``;
+    ``dcp.load`` raises it inside DCP's ``CheckpointException`` (in its
+    ``failures``), as DCP does with every rank's error. When a rank's items
+    are in another rank's snapshot, reading them waits, up to
+    ``busy_timeout`` seconds, while another process holds that (job, rank).
+    """
+
+    def __init__(
+        self,
+        job: str,
+        step: int | None = None,
+        *,
+        socket: str | os.PathLike[str] | None = None,
+        connect_timeout: float = 10.0,
+        call_timeout: float = 60.0,
+        commit_timeout: float = 600.0,
+        busy_timeout: float = 60.0,
+    ) -> None:
+        super().__init__()
+        self.job = job
+        self.step = step
+        self.busy_timeout = busy_timeout
+        self._conn = _Connection(
+            None if socket is None else os.fspath(socket),
+            connect_timeout,
+            call_timeout,
+            commit_timeout,
+        )
+        self.load_id = uuid.uuid4().hex
+        self.is_coordinator = True
+        self.rank = 0
+        self.world_size = 0
+        self.loaded_step: int | None = None
+        """The step ``read_metadata`` resolved."""
+        self._tables: dict[int, list[tuple[str, str, list[int]]]] = {}
+        self._locations: dict[MetadataIndex, tuple[Location, ...]] = {}
+        self._failure: BaseException | None = None
+
+    @property
+    def checkpoint_id(self) -> str:
+        return _checkpoint_id(self.job, self.step if self.loaded_step is None else self.loaded_step)
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id:
+            self.job, self.step = parse_checkpoint_id(checkpoint_id)
+        self.load_id = uuid.uuid4().hex
+        self.loaded_step = None
+        self._tables = {}
+        self._locations = {}
+        self._failure = None
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return StorageWriter.validate_checkpoint_id(checkpoint_id)
+
+    # -- metadata --
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if kwargs.get("rank") is not None and self._failure is not None:
+            # dcp.load swallows read_metadata's error and asks again, for
+            # rank-local metadata; an error then too would reach the caller
+            # as "metadata is None". Hand DCP a placeholder instead, so that
+            # set_up_storage_reader raises the real error (which DCP wraps
+            # in its CheckpointException, as it does every rank's error).
+            return _failed_metadata()
+        self._failure = None
+        try:
+            return self._read_metadata()
+        except Exception as e:
+            self._failure = e
+            raise
+
+    def _resolve_step(self, listing: dict[str, Any]) -> tuple[int, int]:
+        """(step, world size) of the checkpoint to load."""
+        job = self.job
+        snapshots = [s for s in listing.get("snapshots", []) if s["job"] == job]
+        complete = _complete_steps(listing, job)
+        if self.step is None:
+            if not complete:
+                raise NotFound(
+                    f"job {job!r} has no complete checkpoint"
+                    + (
+                        f" (steps with some ranks only: {sorted({s['step'] for s in snapshots})})"
+                        if snapshots
+                        else ""
+                    )
+                )
+            step = complete[-1]
+        else:
+            step = self.step
+        at_step = [s for s in snapshots if s["step"] == step]
+        if not at_step:
+            raise NotFound(f"job {job!r} has no step {step}")
+        worlds = {s["world_size"] for s in at_step}
+        if len(worlds) != 1:
+            raise Corrupt(
+                f"job {job!r} step {step}: the ranks disagree on the world size ({worlds})"
+            )
+        world = worlds.pop()
+        ranks = {s["rank"] for s in at_step}
+        if step not in complete or ranks != set(range(world)):
+            missing = sorted(set(range(world)) - ranks)
+            raise NotFound(
+                f"job {job!r} step {step} is not complete: rank(s) {missing} of {world} "
+                "have not committed it (on this node's daemon)"
+            )
+        return step, world
+
+    def _read_metadata(self) -> Metadata:
+        client = self._conn.open(self.job)
+        try:
+            step, world = self._resolve_step(client.list())
+            tables = {}
+            for rank in range(world):
+                d = client.describe(step, rank=rank, job=self.job)
+                tables[rank] = [(t["name"], t["dtype"], list(t["shape"])) for t in d["tensors"]]
+        finally:
+            client.close()
+        md, locations = _metadata_from_tables(self.job, step, tables)
+        md.storage_meta = StorageMeta(
+            checkpoint_id=_checkpoint_id(self.job, step), load_id=self.load_id
+        )
+        self.loaded_step = step
+        self.world_size = world
+        self._tables = tables
+        self._locations = locations
+        return md
+
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
+        if self._failure is not None:
+            raise self._failure
+        self.is_coordinator = is_coordinator
+        self.rank = int(kwargs.get("rank") or 0)
+        if isinstance(metadata.storage_data, dict) and metadata.storage_data:
+            self._locations = dict(metadata.storage_data)
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        assert self.loaded_step is not None, "read_metadata was not called"
+        return dataclasses.replace(plan, storage_data=_ReadStep(self.loaded_step))
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        steps = {p.storage_data.step for p in plans if isinstance(p.storage_data, _ReadStep)}
+        if len(steps) > 1:
+            raise ValueError(
+                f"gpusnap.dcp.StorageReader: the ranks resolved different steps of job "
+                f"{self.job!r} ({sorted(steps)}): pass step= explicitly"
+            )
+        return plans
+
+    # -- data --
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        assert self.loaded_step is not None, "read_metadata was not called"
+        by_rank: dict[int, list[tuple[ReadItem, Location]]] = {}
+        for req in plan.items:
+            places = self._locations.get(req.storage_index)
+            if not places:
+                raise NotFound(
+                    f"{req.storage_index} is not in job {self.job!r} step {self.loaded_step}"
+                )
+            # A copy in this rank's own snapshot if there is one.
+            where = next((p for p in places if p.rank == self.rank), places[0])
+            by_rank.setdefault(where.rank, []).append((req, where))
+        world = max(self.world_size, 1)
+        # This rank's own snapshot first, then the others in turn, so that
+        # ranks reading each other's snapshots do not all queue on rank 0.
+        for source in sorted(by_rank, key=lambda k: (k - self.rank) % world):
+            buffers = self._restore_rank(source)
+            for req, where in by_rank[source]:
+                src = buffers[where.name]
+                if req.type == LoadItemType.BYTE_IO:
+                    planner.load_bytes(req, io.BytesIO(src.numpy().tobytes()))
+                    continue
+                src = _narrow(src, req.storage_offsets, req.lengths)
+                target = planner.resolve_tensor(req).detach()
+                if target.device.type != "cpu":
+                    raise BackendUnavailable(
+                        f"{req.dest_index.fqn}: the target tensor is on {target.device}: the "
+                        "CUDA backend is not built yet, so gpusnap.dcp loads into CPU tensors only"
+                    )
+                if target.size() != src.size():
+                    raise InvalidSpec(
+                        f"{req.storage_index}: the target is {tuple(target.size())}, the "
+                        f"checkpoint's slice {tuple(src.size())}"
+                    )
+                target.copy_(src)
+                planner.commit_tensor(req, target)
+            del buffers
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+    def _restore_rank(self, rank: int) -> dict[str, torch.Tensor]:
+        """Restores every tensor of ``rank``'s snapshot into new CPU
+        tensors (the daemon verifies them)."""
+        step = self.loaded_step
+        assert step is not None
+        client = self._conn.open(self.job, rank, self.world_size)
+        try:
+            buffers: dict[str, torch.Tensor] = {}
+            for name, dtype, shape in self._tables[rank]:
+                torch_dtype = _DTYPES.get(dtype)
+                if torch_dtype is None:
+                    raise UnsupportedTensor(f"{name}: dtype {dtype} has no torch dtype here")
+                t = torch.empty(shape, dtype=torch_dtype)
+                _register(client, name, t)
+                buffers[name] = t
+            info = _retry_busy(
+                f"job {self.job!r} rank {rank}", lambda: client.restore(step), self.busy_timeout
+            )
+            if info is None:
+                raise NotFound(f"job {self.job!r} rank {rank} has no step {step}")
+        finally:
+            client.close()
+        marker = json.loads(buffers[MARKER].numpy().tobytes())
+        if marker.get("format") != FORMAT or marker.get("rank") != rank:
+            raise Corrupt(
+                f"job {self.job!r} rank {rank} step {step}: its {MARKER} marker says {marker}"
+            )
+        log.debug(
+            "dcp: restored job %r rank %d step %d from %s", self.job, rank, step, info["source"]
+        )
+        return buffers
+
+
+def _metadata_from_tables(
+    job: str, step: int, tables: dict[int, list[tuple[str, str, list[int]]]]
+) -> tuple[Metadata, dict[MetadataIndex, tuple[Location, ...]]]:
+    """DCP's Metadata from each rank's tensor table; its storage_data maps
+    every item to where it lives: one location, or several when ranks
+    saved copies of it (``dcp.save(..., use_collectives=False)`` saves
+    every rank's replicated items on that rank)."""
+    state: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
+    mappings: dict[str, tuple[str | int, ...]] = {}
+    paths: dict[str, tuple[str | int, ...] | None] = {}
+    # Every item's locations, and every tensor's chunks.
+    locations: dict[MetadataIndex, list[Location]] = {}
+    chunk_shapes: dict[MetadataIndex, tuple[int, ...]] = {}
+    chunks: dict[str, list[ChunkStorageMetadata]] = {}
+    where = f"job {job!r} step {step}"
+    for rank in sorted(tables):
+        names = [name for name, _, _ in tables[rank]]
+        if MARKER not in names:
+            raise NotFound(
+                f"{where} is not a gpusnap.dcp checkpoint: rank {rank}'s snapshot has no "
+                f"{MARKER!r} tensor"
+            )
+        for name, dtype, shape in tables[rank]:
+            try:
+                parsed = _parse_name(name)
+            except ValueError as e:
+                raise Corrupt(f"{where} rank {rank}: tensor {name!r}: {e}") from None
+            if parsed is None:
+                continue
+            fqn = parsed.fqn
+            if fqn in paths and paths[fqn] != parsed.path:
+                raise Corrupt(f"{where}: {fqn!r} is saved under two object paths")
+            paths[fqn] = parsed.path
+            if parsed.path is not None:
+                mappings[fqn] = parsed.path
+            here = Location(rank, name)
+            md = state.get(fqn)
+            if parsed.is_bytes:
+                if dtype != "U8" or len(shape) != 1:
+                    raise Corrupt(f"{where} rank {rank}: bytes item {name!r} is {dtype} {shape}")
+                if md is not None and not isinstance(md, BytesStorageMetadata):
+                    raise Corrupt(f"{where}: {fqn!r} is saved both as bytes and as a tensor")
+                state[fqn] = BytesStorageMetadata()
+                locations.setdefault(MetadataIndex(fqn), []).append(here)
+                continue
+            torch_dtype = _DTYPES.get(dtype)
+            if torch_dtype is None:
+                raise Corrupt(f"{where} rank {rank}: {name!r} has dtype {dtype}")
+            if len(parsed.offsets) != len(shape) or len(parsed.size) != len(shape):
+                raise Corrupt(
+                    f"{where} rank {rank}: {name!r} has shape {shape}, which does not fit "
+                    f"its offsets {parsed.offsets} and size {parsed.size}"
+                )
+            if any(o + n > s for o, n, s in zip(parsed.offsets, shape, parsed.size)):
+                raise Corrupt(
+                    f"{where} rank {rank}: chunk {name!r} {shape} lies outside its tensor"
+                )
+            props = _properties(torch_dtype, parsed.flags)
+            if md is None:
+                md = TensorStorageMetadata(
+                    properties=props, size=torch.Size(parsed.size), chunks=[]
+                )
+                state[fqn] = md
+            elif not isinstance(md, TensorStorageMetadata):
+                raise Corrupt(f"{where}: {fqn!r} is saved both as bytes and as a tensor")
+            elif md.size != torch.Size(parsed.size) or md.properties != props:
+                raise Corrupt(
+                    f"{where}: the chunks of {fqn!r} disagree on its size or properties "
+                    f"({tuple(md.size)} {md.properties} vs {parsed.size} {props}, rank {rank})"
+                )
+            index = MetadataIndex(fqn, parsed.offsets)
+            if index in chunk_shapes:
+                if chunk_shapes[index] != tuple(shape):
+                    raise Corrupt(
+                        f"{where}: chunk {parsed.offsets} of {fqn!r} is {chunk_shapes[index]} "
+                        f"on one rank and {tuple(shape)} on rank {rank}"
+                    )
+            else:
+                chunk_shapes[index] = tuple(shape)
+                chunks.setdefault(fqn, []).append(
+                    ChunkStorageMetadata(
+                        offsets=torch.Size(parsed.offsets), sizes=torch.Size(shape)
+                    )
+                )
+            locations.setdefault(index, []).append(here)
+    storage: dict[MetadataIndex, tuple[Location, ...]] = {}
+    for fqn, fqn_chunks in chunks.items():
+        md = state[fqn]
+        assert isinstance(md, TensorStorageMetadata)
+        # As DCP orders them: by the rank that saved them, then by offsets.
+        fqn_chunks.sort(
+            key=lambda c: (locations[MetadataIndex(fqn, c.offsets)][0].rank, tuple(c.offsets))
+        )
+        md.chunks.extend(fqn_chunks)
+        for i, chunk in enumerate(fqn_chunks):
+            index = MetadataIndex(fqn, chunk.offsets, i)
+            storage[index] = tuple(locations[index])
+    for index, places in locations.items():
+        if index.offset is None:
+            storage[index] = tuple(places)
+    metadata = Metadata(
+        state_dict_metadata=state,
+        planner_data=mappings or None,
+        storage_data=storage,
+        version=DCP_VERSION,
+    )
+    return metadata, storage
+
+
+__all__ = [
+    "StorageWriter",
+    "StorageReader",
+    "Location",
+    "item_name",
+    "latest_step",
+    "parse_checkpoint_id",
+    "FORMAT",
+]
+
