@@ -36,8 +36,8 @@ _NUMPY_DTYPES = {
     "u8": "U64",
 }
 
-# torch dtype attribute name -> safetensors dtype name.
-_TORCH_DTYPES = {
+# torch dtype attribute name -> safetensors dtype name (dcp.py maps it back).
+TORCH_DTYPES = {
     "bool": "BOOL",
     "uint8": "U8",
     "int8": "I8",
@@ -107,7 +107,7 @@ def _torch_memory(name: str, t: Any) -> Memory:
         raise UnsupportedTensor(f"tensor {name!r}: layout {t.layout} cannot be stored")
     if getattr(t, "is_meta", False):
         raise UnsupportedTensor(f"tensor {name!r} is a meta tensor: it has no data")
-    dtype = _TORCH_DTYPES.get(str(t.dtype).removeprefix("torch."))
+    dtype = TORCH_DTYPES.get(str(t.dtype).removeprefix("torch."))
     if dtype is None:
         raise UnsupportedTensor(f"tensor {name!r}: dtype {t.dtype} cannot be stored")
     if not t.is_contiguous():

@@ -103,7 +103,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from gpusnap import _native
-from gpusnap._memory import _TORCH_DTYPES, describe
+from gpusnap._memory import TORCH_DTYPES, describe
 from gpusnap._native import (
     BackendUnavailable,
     Busy,
@@ -125,7 +125,7 @@ NAME_LEN_MAX = 1024
 
 # safetensors dtype name -> torch dtype (those this torch has).
 _DTYPES: dict[str, torch.dtype] = {
-    st: getattr(torch, attr) for attr, st in _TORCH_DTYPES.items() if hasattr(torch, attr)
+    st: getattr(torch, attr) for attr, st in TORCH_DTYPES.items() if hasattr(torch, attr)
 }
 
 _INT = re.compile(r"-?[0-9]+")
