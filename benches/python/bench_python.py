@@ -1039,7 +1039,7 @@ def table(r: dict[str, Any]) -> str:
         ]
         lines.append(
             f"gpusnap's first snapshot stalled {secs(r['gpusnap_first_stall_s'])} (staging "
-            f"is set up at the first snapshot_begin); the daemon's hot copy took "
+            f"was set up by prepare(), in gpusnap_register_s); the daemon's hot copy took "
             f"{', '.join(secs(h) for h in hot)} after each commit (untimed)"
         )
     if not r["gpusnap_available"]:
