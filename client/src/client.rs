@@ -653,6 +653,19 @@ impl Client {
     }
 }
 
+impl Drop for Client {
+    /// A capture left open by `begin_snapshot` is finished (its copies may
+    /// still read the registered buffers, which the caller frees after
+    /// this), and any error logged.
+    fn drop(&mut self) {
+        if self.capture.is_some()
+            && let Err(e) = self.finish_snapshot()
+        {
+            tracing::error!(error = %e, "client dropped with a capture open: finishing it failed");
+        }
+    }
+}
+
 fn outcome_result(step: u64, outcome: Outcome) -> Result<CommitInfo> {
     match outcome {
         Outcome::Committed { bytes, persist } => Ok(CommitInfo {

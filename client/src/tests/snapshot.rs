@@ -273,6 +273,30 @@ fn an_open_capture_without_a_handle_refuses_other_calls_until_finished() {
 }
 
 #[test]
+fn a_client_dropped_with_a_capture_open_finishes_it() {
+    let (_dir, path) = fake::socket_dir();
+    let ts = tensors();
+    let fake = Fake::start(
+        &path,
+        vec![conn(move |c| {
+            c.open(&Layout::default());
+            c.begin_slot(0);
+            let (step, _, _) = c.accept_captured();
+            assert_eq!(step, 8);
+            c.until_closed();
+        })],
+    );
+    let mut client = Client::with_config(fake::config(&path)).expect("connect");
+    register_all(&mut client, &ts);
+    client.begin_snapshot(8).expect("begin");
+    drop(client);
+    // The fake saw `Captured` before the connection closed, and the
+    // tensors are writable again.
+    fake.join();
+    ts[0].1.write().fill(3);
+}
+
+#[test]
 fn skipped_and_failed_snapshots_are_reported_as_such() {
     let (_dir, path) = fake::socket_dir();
     let ts = tensors();
