@@ -363,6 +363,23 @@ def test_bytes_items_carry_what_dcp_serialized(daemon):
     assert target == {"obj": obj, "empty": "", "i": 0}
 
 
+def test_tied_and_overlapping_tensors_save_and_load(daemon):
+    emb = nn.Embedding(16, 8)
+    head = nn.Linear(8, 16, bias=False)
+    head.weight = emb.weight
+    model = nn.ModuleDict({"emb": emb, "head": head})
+    base = torch.arange(32, dtype=torch.float32)
+    state = {"model": model.state_dict(), "whole": base, "half": base[8:24]}
+    dcp.save(state, storage_writer=writer(daemon))
+    fresh = nn.ModuleDict({"emb": nn.Embedding(16, 8), "head": nn.Linear(8, 16, bias=False)})
+    target = {"model": fresh.state_dict(), "whole": torch.zeros(32), "half": torch.zeros(16)}
+    dcp.load(target, storage_reader=reader(daemon))
+    assert torch.equal(target["model"]["emb.weight"], emb.weight.detach())
+    assert torch.equal(target["model"]["head.weight"], emb.weight.detach())
+    assert torch.equal(target["whole"], base)
+    assert torch.equal(target["half"], base[8:24])
+
+
 def hold_rank(daemon: Any, job: str, rank: int = 0) -> Any:
     """A connection that registers (job, rank), as a trainer would."""
     held = torch.zeros(4)

@@ -398,11 +398,32 @@ def _narrow(t: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> 
     return t
 
 
-def _register(client: Any, name: str, t: torch.Tensor) -> int:
+class _Spans:
+    """Address ranges already registered on one client: a tensor that
+    overlaps one (tied weights, views of one storage) is copied first, since
+    a registration may not alias memory."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[int, int]] = []
+
+    def overlaps(self, start: int, length: int) -> bool:
+        end = start + length
+        return length > 0 and any(s < end and start < e for s, e in self.spans)
+
+    def add(self, start: int, length: int) -> None:
+        if length > 0:
+            self.spans.append((start, start + length))
+
+
+def _register(client: Any, name: str, t: torch.Tensor, spans: _Spans | None = None) -> int:
     memory = describe(name, t)
+    if spans is not None and spans.overlaps(memory.address, memory.nbytes):
+        memory = describe(name, t.clone())
     client.register(
         name, memory.dtype, list(memory.shape), memory.address, memory.nbytes, memory.owner
     )
+    if spans is not None:
+        spans.add(memory.address, memory.nbytes)
     return memory.nbytes
 
 
@@ -602,6 +623,7 @@ class StorageWriter(_StorageWriter):
         results: list[WriteResult] = []
         try:
             names: set[str] = set()
+            spans = _Spans()
             total = 0
             for item in plan.items:
                 name = item_name(item, plan.planner_data)
@@ -613,7 +635,7 @@ class StorageWriter(_StorageWriter):
                     tensor = _bytes_tensor(data, item)
                 else:
                     tensor = _cpu_tensor(data, item)
-                nbytes = _register(client, name, tensor)
+                nbytes = _register(client, name, tensor, spans)
                 total += nbytes
                 results.append(WriteResult(item.index, nbytes, Location(rank, name)))
             marker = json.dumps(
