@@ -124,12 +124,15 @@ impl NativeClient {
         f: impl FnOnce(&mut gpusnap::Client) -> gpusnap::Result<T> + Send,
     ) -> PyResult<T> {
         detached(py, || {
-            let mut inner = self.lock()?;
-            let client = inner
-                .client
-                .as_mut()
-                .ok_or_else(|| errors::Disconnected::new_err("this gpusnap client is closed"))?;
-            f(client).map_err(errors::to_py)
+            let result = {
+                let mut inner = self.lock()?;
+                let client = inner.client.as_mut().ok_or_else(|| {
+                    errors::Disconnected::new_err("this gpusnap client is closed")
+                })?;
+                f(client)
+            };
+            // Converting may attach to Python: never with the lock held.
+            result.map_err(errors::to_py)
         })
     }
 }
@@ -253,11 +256,12 @@ impl NativeClient {
             // during a capture, nor touching it during a restore, is the
             // documented contract of `snapshot_begin`/`restore`.
             let buffer = unsafe { RawBuffer::new(address as *mut u8, nbytes) };
-            client
-                .register(name, dtype, shape, buffer)
-                .map_err(errors::to_py)?;
-            inner.owners.push(owner);
-            Ok(())
+            let registered = client.register(name, dtype, shape, buffer);
+            if registered.is_ok() {
+                inner.owners.push(owner);
+            }
+            drop(inner);
+            registered.map_err(errors::to_py)
         })
     }
 

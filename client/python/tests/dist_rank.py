@@ -1,8 +1,10 @@
 """One rank of a 2-rank gloo job, run by test_distributed.py.
 
-Usage: dist_rank.py SOCKET INIT_FILE RANK STEPS
+Usage: dist_rank.py SOCKET INIT_FILE RANK STEPS [--rank1-fails]
 Commits the comma-separated STEPS as this rank, then restores with a fresh
-client and prints "restored <step>" (agreed over torch.distributed).
+client and prints "restored <step>" (agreed over torch.distributed). With
+--rank1-fails, rank 1's tensor is reallocated before the restore, which
+fails there before the agreement; every rank prints "failed <Exception>".
 """
 
 from __future__ import annotations
@@ -28,9 +30,17 @@ def main() -> None:
             snap.wait_committed(step)
     dist.barrier()
     value.zero_()
+    fails = "--rank1-fails" in sys.argv and rank == "1"
     with gpusnap.Client("dist", socket=socket) as snap:
         snap.register("w", value)
-        step = snap.restore()
+        if fails:
+            value.set_(torch.zeros(32))
+        try:
+            step = snap.restore()
+        except gpusnap.Error as e:
+            print(f"failed {type(e).__name__}", flush=True)
+            dist.destroy_process_group()
+            return
     assert step is None or bool((value == step).all()), (step, value)
     print(f"restored {step}", flush=True)
     dist.destroy_process_group()

@@ -14,11 +14,19 @@ pytest.importorskip("torch")
 HERE = Path(__file__).resolve().parent
 
 
-def run_ranks(tmp_path: Path, sockets: list[Path], steps: list[str]) -> list[str]:
+def run_ranks(tmp_path: Path, sockets: list[Path], steps: list[str], *extra: str) -> list[str]:
     init = tmp_path / "init"
     procs = [
         subprocess.Popen(
-            [sys.executable, str(HERE / "dist_rank.py"), str(sockets[r]), str(init), str(r), steps[r]],
+            [
+                sys.executable,
+                str(HERE / "dist_rank.py"),
+                str(sockets[r]),
+                str(init),
+                str(r),
+                steps[r],
+                *extra,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -52,3 +60,8 @@ def test_ranks_on_two_nodes_agree_on_the_newest_common_step(make_daemon, tmp_pat
 def test_ranks_on_one_node_agree_too(daemon, tmp_path):
     results = run_ranks(tmp_path, [daemon.socket] * 2, ["3,6,9", "3,6"])
     assert results == ["restored 6"] * 2
+
+
+def test_a_rank_that_fails_before_agreeing_does_not_leave_the_others_waiting(daemon, tmp_path):
+    results = run_ranks(tmp_path, [daemon.socket] * 2, ["2", "2"], "--rank1-fails")
+    assert results == ["failed Error", "failed TensorReallocated"]

@@ -191,3 +191,31 @@ def test_bad_arguments_are_value_errors_or_invalid_registrations(daemon):
         gpusnap.Client("j", socket=daemon.socket, rank=2, world_size=2)
     with pytest.raises(gpusnap.InvalidRegistration):
         gpusnap.Client("bad/job name", socket=daemon.socket).snapshot(1)
+
+
+def test_wait_committed_of_a_failed_capture_raises_its_own_error(daemon):
+    state = {"x": ""}
+    with client(daemon, job="failed-wait") as snap:
+        snap.register("state", blob=state, capacity=64)
+        state["x"] = "y" * 100
+        snap.snapshot_begin(4)
+        with pytest.raises(gpusnap.BlobTooLarge) as e:
+            snap.wait_committed(4)
+        assert e.value.step == 4
+
+
+class Picky:
+    def state_dict(self) -> dict:
+        return {"v": 1}
+
+    def load_state_dict(self, state: dict) -> None:
+        raise KeyError("not what I expected")
+
+
+def test_a_blob_whose_load_fails_raises_a_gpusnap_error(daemon):
+    with client(daemon, job="picky") as snap:
+        snap.register("picky", blob=Picky())
+        snap.snapshot(1)
+        snap.wait_committed(1)
+        with pytest.raises(gpusnap.Error, match="blob 'picky'.*not what I expected"):
+            snap.restore()

@@ -29,6 +29,7 @@ def model_and_optimizer() -> tuple[nn.Module, torch.optim.Optimizer, object]:
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(32, 128),
+        nn.BatchNorm1d(128),
         nn.ReLU(),
         nn.Dropout(0.1),
         nn.Linear(128, 128),

@@ -4,12 +4,16 @@ while it keeps training, and restore it after a crash or a restart.
     snap = gpusnap.Client(job="llama-7b")
     snap.register_module(model)
     snap.register_optimizer(optimizer)
-    step = snap.restore() or 0
-    for step in range(step + 1, steps + 1):
-        loss = train_step(...)
+    start = snap.restore() or 0
+    handle = None
+    for step in range(start + 1, steps + 1):
+        loss = forward_and_backward(...)
+        if handle is not None:
+            handle.wait_captured()            # before the optimizer changes the state
+            handle = None
+        optimizer.step()
         if step % 100 == 0:
-            with snap.snapshot_begin(step):   # the copies overlap the next step
-                ...
+            handle = snap.snapshot_begin(step)  # the copies overlap the next step's pass
 
 Every error is a ``gpusnap.Error``; see the subclasses below.
 """

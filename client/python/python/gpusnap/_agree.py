@@ -9,6 +9,8 @@ proposes its newest committed step no newer than the candidate, and an
 round changes nothing (every rank has the candidate). When every rank has
 the newest common step, that is two all_reduce calls: one proposes, one
 confirms. One alone is not enough when a rank skipped a step another has.
+A rank that fails before it can propose (it cannot list its snapshots)
+proposes FAILED, and every rank raises.
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ from __future__ import annotations
 import sys
 from typing import Any, Iterable
 
+from gpusnap._native import Error
+
 NONE = -1
+# What a rank that failed before agreeing proposes: every rank then raises
+# instead of waiting in all_reduce for a rank that will never call it.
+FAILED = -2
 
 
 def _distributed() -> Any | None:
@@ -40,6 +47,15 @@ def _all_reduce_min(dist: Any, value: int) -> int:
     return int(t.item())
 
 
+def fail(error: BaseException) -> None:
+    """Raises `error`, after telling the other ranks (when there are any)
+    that this one cannot take part in the agreement."""
+    dist = _distributed()
+    if dist is not None:
+        _all_reduce_min(dist, FAILED)
+    raise error
+
+
 def newest_common_step(own_steps: Iterable[int], complete_steps: Iterable[int]) -> int | None:
     """The step to restore: `own_steps` are this rank's committed steps,
     `complete_steps` the ones the local daemon lists as complete."""
@@ -52,6 +68,11 @@ def newest_common_step(own_steps: Iterable[int], complete_steps: Iterable[int]) 
     while True:
         proposal = max((s for s in own if candidate is None or s <= candidate), default=NONE)
         agreed = _all_reduce_min(dist, proposal)
+        if agreed == FAILED:
+            raise Error(
+                "another rank of the job failed before the ranks agreed on the step to "
+                "restore (its own error says why)"
+            )
         if agreed == NONE:
             return None
         if agreed == candidate:

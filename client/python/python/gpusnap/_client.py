@@ -27,6 +27,9 @@ from gpusnap._native import (
     Skipped,
 )
 
+# Failed steps remembered for wait_committed(step), newest last.
+_FAILURES_KEPT = 64
+
 log = logging.getLogger("gpusnap")
 
 
@@ -143,6 +146,9 @@ class Client:
             copy_threads=copy_threads,
         )
         self._entries: list[Entry] = []
+        # Second names of one storage (tied weights): checked, not registered.
+        self._aliases: list[Entry] = []
+        self._failures: dict[int, BaseException] = {}
         self._names: set[str] = set()
         self._addresses: dict[tuple[int, int], str] = {}
         self._blobs: dict[str, _Blob] = {}
@@ -205,15 +211,24 @@ class Client:
 
     def register_module(self, module: Any, prefix: str = "model") -> None:
         """Registers every parameter and persistent buffer of ``module``
-        under ``prefix.<state_dict name>``. Tied weights (one storage under
-        two names) are registered once."""
+        under ``prefix.<state_dict name>``. Parameters are captured in
+        place; buffers (which the forward pass may update, as batch norm's
+        running statistics) through a private copy taken when the snapshot
+        begins. Tied weights (one storage under two names) are registered
+        once."""
+        import torch
+
         for key, value in module.state_dict(keep_vars=True).items():
             if not _is_tensor(value):
                 raise InvalidRegistration(
                     f"{prefix}.{key}: module state {type(value).__name__} is not a tensor"
                 )
             self._register_tensor(
-                f"{prefix}.{key}", value, _module_resolver(module, key), dedup=True
+                f"{prefix}.{key}",
+                value,
+                _module_resolver(module, key),
+                dedup=True,
+                shadow=not isinstance(value, torch.nn.Parameter),
             )
 
     def register_optimizer(self, optimizer: Any, prefix: str = "optimizer") -> None:
@@ -234,29 +249,38 @@ class Client:
         self._register_optimizer_tensors(state)
 
     def _register_optimizer_tensors(self, state: _optim.OptimizerState) -> None:
-        if state.registered or not state.has_state():
-            return
+        """Registers every state tensor of the optimizer not registered yet
+        (state appears with a parameter's first step, which for some
+        parameters comes later than for others)."""
         for name, tensor, resolve in state.tensors():
-            self._register_tensor(name, tensor, resolve)
-        state.registered = True
+            if name not in self._names:
+                self._register_tensor(name, tensor, resolve)
 
     def _register_tensor(
-        self, name: str, tensor: Any, resolve: Callable[[], Any], dedup: bool = False
+        self,
+        name: str,
+        tensor: Any,
+        resolve: Callable[[], Any],
+        dedup: bool = False,
+        shadow: bool = False,
     ) -> None:
         self._finish_open()
         if name in self._names:
             raise DuplicateName(f"tensor {name!r} is already registered")
-        memory = describe(name, tensor)
-        key = (memory.address, memory.nbytes)
-        if dedup and memory.nbytes > 0 and key in self._addresses:
+        live = describe(name, tensor)
+        key = (live.address, live.nbytes)
+        if dedup and live.nbytes > 0 and key in self._addresses:
             log.debug("%s shares its storage with %s: registered once", name, self._addresses[key])
+            self._aliases.append(Entry(name, live, resolve, live.address, live.shape))
             return
+        copy = tensor.detach().clone() if shadow else None
+        memory = live if copy is None else describe(name, copy)
         self._native.register(
             name, memory.dtype, list(memory.shape), memory.address, memory.nbytes, memory.owner
         )
         self._names.add(name)
         self._addresses[key] = name
-        self._entries.append(Entry(name, memory, resolve))
+        self._entries.append(Entry(name, memory, resolve, live.address, live.shape, copy))
 
     def _register_blob(
         self,
@@ -322,6 +346,9 @@ class Client:
         """Waits until the snapshot of ``step`` is durable."""
         if self._open == step:
             self._finish_open()
+        failure = self._failures.get(step)
+        if failure is not None:
+            raise failure
         info = self._native.wait_committed(step)
         return CommitInfo(**info)
 
@@ -329,8 +356,10 @@ class Client:
         """Everything a capture or restore checks and refreshes first."""
         for state in self._optimizers:
             self._register_optimizer_tensors(state)
+        for alias in self._aliases:
+            alias.check()
         for entry in self._entries:
-            entry.check()
+            entry.refresh(entry.check())
         for b in self._blobs.values():
             b.buffer.store(b.get())
 
@@ -358,14 +387,25 @@ class Client:
     def _failed(self, step: int, e: BaseException) -> None:
         self.stats.failed += 1
         self.stats.last_error = f"step {step}: {e}"
+        if getattr(e, "step", None) is None:
+            try:
+                e.step = step  # type: ignore[attr-defined]
+            except AttributeError:
+                pass
+        self._failures[step] = e
+        while len(self._failures) > _FAILURES_KEPT:
+            del self._failures[next(iter(self._failures))]
         log.error("snapshot of step %d failed: %s", step, e)
 
     # ---- restore ----
 
     def latest(self) -> int | None:
         """The newest step every rank of the job has committed, or None."""
-        self._finish_open()
-        listing = self._native.list()
+        try:
+            self._finish_open()
+            listing = self._native.list()
+        except Exception as e:  # noqa: BLE001 - the other ranks must not wait for this one
+            _agree.fail(e)
         own = [
             s["step"]
             for s in listing["snapshots"]
@@ -379,27 +419,45 @@ class Client:
         has committed) into every registered tensor in place, and the
         blobs, optimizer scalars and RNG state; returns the step, or None
         when there is nothing to restore (the registration is then sent,
-        as ``prepare()`` does). On an error no tensor was written."""
-        self._finish_open()
-        for entry in self._entries:
-            entry.check()
+        as ``prepare()`` does). A missing, mismatched or corrupt snapshot
+        raises before anything is written. Without ``step`` and with
+        several ranks this is a collective: every rank calls it."""
+        try:
+            self._finish_open()
+            for entry in [*self._aliases, *self._entries]:
+                entry.check()
+        except Exception as e:  # noqa: BLE001 - the other ranks must not wait for this one
+            if step is None:
+                _agree.fail(e)
+            raise
         if step is None:
             step = self.latest()
             if step is None:
                 # A fresh start: have staging ready for the first snapshot.
                 self._native.sync_registration()
                 return None
-        for state in self._optimizers:
-            if not state.registered:
-                state.materialize()
+        if self._optimizers:
+            saved = [t["name"] for t in self._native.describe(step)["tensors"]]
+            for state in self._optimizers:
+                state.materialize(state.state_indices(saved))
         self._prepare()
         info = self._native.restore(step)
         if info is None:
             return None
-        for name, b in self._blobs.items():
-            value = b.buffer.load()
+        for entry in self._entries:
+            entry.put_back(entry.resolve())
+        # Decode every blob before loading any: a corrupt one is refused
+        # before the trainer's objects change.
+        values = {name: b.buffer.load() for name, b in self._blobs.items()}
+        for name, value in values.items():
+            b = self._blobs[name]
             b.restored = value
-            b.put(value)
+            try:
+                b.put(value)
+            except Error:
+                raise
+            except Exception as e:
+                raise Error(f"blob {name!r}: loading the restored value failed: {e!r}") from e
         log.info(
             "restored step %d from %s (%d bytes) in %.3f s",
             info["step"],

@@ -97,6 +97,8 @@ def describe(name: str, obj: Any) -> Memory:
 def _torch_memory(name: str, t: Any) -> Memory:
     import torch
 
+    if t.device.type == "meta":
+        raise UnsupportedTensor(f"tensor {name!r} is a meta tensor: it has no data")
     if t.device.type != "cpu":
         raise BackendUnavailable(
             f"tensor {name!r} is on {t.device}: the CUDA backend is not built yet, "
@@ -105,8 +107,6 @@ def _torch_memory(name: str, t: Any) -> Memory:
         )
     if t.layout != torch.strided or t.is_quantized or t.is_nested:
         raise UnsupportedTensor(f"tensor {name!r}: layout {t.layout} cannot be stored")
-    if getattr(t, "is_meta", False):
-        raise UnsupportedTensor(f"tensor {name!r} is a meta tensor: it has no data")
     dtype = TORCH_DTYPES.get(str(t.dtype).removeprefix("torch."))
     if dtype is None:
         raise UnsupportedTensor(f"tensor {name!r}: dtype {t.dtype} cannot be stored")
@@ -145,15 +145,22 @@ def current_address(obj: Any) -> int:
 
 @dataclass
 class Entry:
-    """A registered tensor: how to find the live object again, and where
-    its memory was when it was registered."""
+    """A registered tensor: how to find the live object again, where its
+    memory was when it was registered, and what was registered for it:
+    the live memory itself, or (``shadow``) a private copy that a capture
+    refreshes first and a restore copies back, for state that the trainer
+    writes while a capture runs (a module's buffers, updated in the forward
+    pass)."""
 
     name: str
     memory: Memory
     resolve: Callable[[], Any]
+    address: int
+    shape: tuple[int, ...]
+    shadow: Any = None
 
-    def check(self) -> None:
-        """Raises TensorReallocated when the live object's data moved."""
+    def check(self) -> Any:
+        """The live object; raises TensorReallocated when its data moved."""
         try:
             live = self.resolve()
         except (AttributeError, KeyError, IndexError) as e:
@@ -164,10 +171,24 @@ class Entry:
             raise TensorReallocated(f"tensor {self.name!r} is now None")
         address = current_address(live)
         shape = tuple(int(d) for d in live.shape)
-        if address != self.memory.address or shape != self.memory.shape:
+        if address != self.address or shape != self.shape:
             raise TensorReallocated(
                 f"tensor {self.name!r} was reallocated since it was registered "
                 f"(data at {address:#x}, shape {shape}; registered at "
-                f"{self.memory.address:#x}, shape {self.memory.shape}): gpusnap refuses "
+                f"{self.address:#x}, shape {self.shape}): gpusnap refuses "
                 "to capture the stale copy; register it again on a new Client"
             )
+        return live
+
+    def refresh(self, live: Any) -> None:
+        """Before a capture: the shadow takes the live value."""
+        if self.shadow is not None:
+            self.shadow.copy_(live.detach())
+
+    def put_back(self, live: Any) -> None:
+        """After a restore: the live tensor takes the shadow's value."""
+        if self.shadow is not None:
+            import torch
+
+            with torch.no_grad():
+                live.copy_(self.shadow)

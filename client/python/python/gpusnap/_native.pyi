@@ -2,6 +2,7 @@
 use gpusnap.Client)."""
 
 import os
+import pathlib
 from typing import Any
 
 __version__: str
@@ -29,7 +30,7 @@ class Client:
     @property
     def world_size(self) -> int: ...
     @property
-    def socket(self) -> str: ...
+    def socket(self) -> pathlib.Path: ...
     @property
     def uid(self) -> int: ...
     @property

@@ -9,9 +9,9 @@ Parameters are numbered in ``param_groups`` order, as
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-from gpusnap._native import Corrupt, InvalidRegistration
+from gpusnap._native import InvalidRegistration, ShapeMismatch
 
 
 def _to_json(value: Any, where: str) -> Any:
@@ -63,7 +63,6 @@ class OptimizerState:
         self.optimizer = optimizer
         self.prefix = prefix
         self.scalars_name = f"{prefix}.scalars"
-        self.registered = False
 
     def scalars_capacity(self) -> int:
         """Bytes for the hyperparameters blob: fixed by the optimizer's
@@ -74,8 +73,16 @@ class OptimizerState:
     def params(self) -> list[Any]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
-    def has_state(self) -> bool:
-        return any(self.optimizer.state.get(p) for p in self.params())
+    def state_indices(self, names: Iterable[str]) -> set[int]:
+        """The parameter indices whose state tensors are among `names`."""
+        head = f"{self.prefix}.state."
+        indices = set()
+        for name in names:
+            if name.startswith(head):
+                index = name[len(head) :].split(".", 1)[0]
+                if index.isdigit():
+                    indices.add(int(index))
+        return indices
 
     def tensors(self) -> Iterator[tuple[str, Any, Callable[[], Any]]]:
         import torch
@@ -111,7 +118,7 @@ class OptimizerState:
     def load_scalars(self, value: Any) -> None:
         groups = self.optimizer.param_groups
         if not isinstance(value, dict) or len(value.get("param_groups", [])) != len(groups):
-            raise Corrupt(
+            raise ShapeMismatch(
                 f"{self.scalars_name}: the snapshot's optimizer has a different number of "
                 "parameter groups"
             )
@@ -124,19 +131,30 @@ class OptimizerState:
             for k, v in saved.items():
                 entry[k] = _from_json(v)
 
-    def materialize(self) -> None:
-        """Creates the optimizer's state without changing any parameter, so
-        a restore has tensors to fill: a step with zero gradients and a
-        learning rate of 0 (what torch.distributed.checkpoint does)."""
+    def materialize(self, indices: set[int]) -> None:
+        """Creates the state of the parameters numbered `indices` that have
+        none, without changing any parameter, so a restore has tensors to
+        fill: a step with zero gradients (for those parameters only; the
+        optimizer skips the others) and a learning rate of 0, as
+        torch.distributed.checkpoint does."""
         import torch
 
-        if self.has_state():
+        params = self.params()
+        missing = [
+            params[i] for i in sorted(indices) if i < len(params) and not self.optimizer.state.get(params[i])
+        ]
+        if not missing:
             return
-        created = []
-        for p in self.params():
-            if p.requires_grad and p.grad is None:
-                p.grad = torch.zeros_like(p)
-                created.append(p)
+        wanted = {id(p) for p in missing}
+        created, hidden = [], []
+        for p in params:
+            if id(p) in wanted:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                    created.append(p)
+            elif p.grad is not None:
+                hidden.append((p, p.grad))
+                p.grad = None
         saved = []
         for group in self.optimizer.param_groups:
             lr = group.get("lr")
@@ -154,3 +172,5 @@ class OptimizerState:
                     group["lr"] = lr
             for p in created:
                 p.grad = None
+            for p, grad in hidden:
+                p.grad = grad
