@@ -28,7 +28,7 @@ DEFAULT_CAPACITY = 1024 * 1024
 
 def _msgpack() -> Any:
     try:
-        import msgpack
+        import msgpack  # type: ignore[import-untyped]
     except ImportError:
         raise InvalidRegistration(
             "encoding 'msgpack' needs the msgpack package (pip install msgpack)"
@@ -50,7 +50,8 @@ def encode(value: Any, encoding: str) -> bytes:
             raise InvalidRegistration(f"blob is not JSON-serializable: {e}") from None
     if encoding == "msgpack":
         try:
-            return _msgpack().packb(value, use_bin_type=True)
+            packed: bytes = _msgpack().packb(value, use_bin_type=True)
+            return packed
         except (TypeError, ValueError) as e:
             raise InvalidRegistration(f"blob is not msgpack-serializable: {e}") from None
     raise InvalidRegistration(f"unknown blob encoding {encoding!r} (json, msgpack or raw)")

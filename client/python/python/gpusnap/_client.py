@@ -201,7 +201,8 @@ class Client:
         if (tensor is None) == (blob is None):
             raise InvalidRegistration(f"register({name!r}): pass a tensor or blob=, not both")
         if tensor is not None:
-            self._register_tensor(name, tensor, lambda t=tensor: t)
+            live = tensor
+            self._register_tensor(name, tensor, lambda: live)
             return
         get, put, default_encoding = _blob_accessors(name, blob)
         encoding = encoding or default_encoding
@@ -411,7 +412,9 @@ class Client:
             for s in listing["snapshots"]
             if s["job"] == self.job and s["rank"] == self.rank
         ]
-        complete = next((j["steps"] for j in listing["complete"] if j["job"] == self.job), [])
+        complete: list[int] = next(
+            (j["steps"] for j in listing["complete"] if j["job"] == self.job), []
+        )
         return _agree.newest_common_step(own, complete)
 
     def restore(self, step: int | None = None) -> int | None:
@@ -532,7 +535,7 @@ class SnapshotHandle:
         info = self.wait_captured()
         if info.skipped:
             e = Skipped(f"snapshot of step {self.step} was skipped: {info.reason}")
-            e.step = self.step  # type: ignore[attr-defined]
+            e.step = self.step
             raise e
         return self._client.wait_committed(self.step)
 
