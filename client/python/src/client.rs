@@ -83,6 +83,13 @@ fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> PyResult<T> + Send) -> 
     })
 }
 
+/// Panics inside the same guard every call runs under, so that a test can
+/// see the panic arrive as `gpusnap.InternalError` (private).
+#[pyfunction]
+pub fn _panic_inside_a_call(py: Python<'_>) -> PyResult<()> {
+    detached(py, || -> PyResult<()> { panic!("a deliberate panic") })
+}
+
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }

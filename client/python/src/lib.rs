@@ -31,6 +31,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PROTOCOL_VERSION", gpusnap::proto::PROTOCOL_VERSION)?;
     m.add("DEFAULT_SOCKET", gpusnap::proto::DEFAULT_SOCKET)?;
     m.add_class::<client::NativeClient>()?;
+    m.add_function(wrap_pyfunction!(client::_panic_inside_a_call, m)?)?;
     errors::register(m)?;
     Ok(())
 }

@@ -30,6 +30,13 @@ def test_every_exception_is_a_gpusnap_error():
     assert issubclass(gpusnap.Error, Exception)
 
 
+def test_a_rust_panic_arrives_as_internal_error_not_a_crash():
+    from gpusnap import _native
+
+    with pytest.raises(gpusnap.InternalError, match="a deliberate panic"):
+        _native._panic_inside_a_call()
+
+
 def test_no_daemon_is_daemon_unavailable_and_the_wait_releases_the_gil(tmp_path):
     ticks: list[float] = []
     stop = threading.Event()
