@@ -226,3 +226,14 @@ def test_a_blob_whose_load_fails_raises_a_gpusnap_error(daemon):
         snap.wait_committed(1)
         with pytest.raises(gpusnap.Error, match="blob 'picky'.*not what I expected"):
             snap.restore()
+
+
+def test_a_step_snapshotted_again_after_a_failure_reports_the_new_outcome(daemon):
+    state = {"x": "y" * 100}
+    with client(daemon, job="again") as snap:
+        snap.register("state", blob=state, capacity=64)
+        with pytest.raises(gpusnap.BlobTooLarge):
+            snap.snapshot(5)
+        state["x"] = ""
+        assert snap.snapshot(5).step == 5
+        assert snap.wait_committed(5).step == 5

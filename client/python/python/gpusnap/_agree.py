@@ -16,7 +16,7 @@ proposes FAILED, and every rank raises.
 from __future__ import annotations
 
 import sys
-from typing import Any, Iterable
+from typing import Any, Iterable, NoReturn
 
 from gpusnap._native import Error
 
@@ -47,7 +47,7 @@ def _all_reduce_min(dist: Any, value: int) -> int:
     return int(t.item())
 
 
-def fail(error: BaseException) -> None:
+def fail(error: BaseException) -> NoReturn:
     """Raises `error`, after telling the other ranks (when there are any)
     that this one cannot take part in the agreement."""
     dist = _distributed()

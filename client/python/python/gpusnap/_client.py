@@ -336,6 +336,7 @@ class Client:
             return handle
         self._open = step
         self._pending[step] = handle._pending
+        self._failures.pop(step, None)
         return handle
 
     def snapshot(self, step: int) -> CaptureInfo:
