@@ -229,9 +229,10 @@ def test_a_blob_whose_load_fails_raises_a_gpusnap_error(daemon):
 
 
 def test_a_step_snapshotted_again_after_a_failure_reports_the_new_outcome(daemon):
-    state = {"x": "y" * 100}
+    state = {"x": ""}
     with client(daemon, job="again") as snap:
         snap.register("state", blob=state, capacity=64)
+        state["x"] = "y" * 100
         with pytest.raises(gpusnap.BlobTooLarge):
             snap.snapshot(5)
         state["x"] = ""
