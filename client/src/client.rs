@@ -511,7 +511,29 @@ impl Client {
     }
 
     /// Makes sure the current tensor set is registered; returns its staging.
+    ///
+    /// `Busy` is retried on a new connection until `connect_timeout`: the
+    /// connection that held this (job, rank) may be one the daemon has not
+    /// finished closing (a trainer that just closed or died), which lets go
+    /// within milliseconds. A second live trainer of the same rank still
+    /// gets `Busy`, after that wait.
     pub(crate) fn registered(&mut self) -> Result<Arc<Staging>> {
+        let deadline = Deadline::after(self.config.connect_timeout);
+        let mut pause = Duration::from_millis(5);
+        loop {
+            match self.register_now() {
+                Err(Error::Busy(message)) if Instant::now() + pause < deadline.at => {
+                    tracing::info!("registration refused as busy ({message}); retrying");
+                    self.close_session();
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn register_now(&mut self) -> Result<Arc<Staging>> {
         if self.tensors.is_empty() {
             return Err(Error::NotRegistered("no tensors are registered".into()));
         }

@@ -145,7 +145,9 @@ def test_restore_of_a_missing_step_or_another_layout_touches_nothing(daemon):
 
 
 def test_a_second_client_of_the_same_rank_is_busy(daemon):
-    with client(daemon, job="busy") as first, client(daemon, job="busy") as second:
+    with client(daemon, job="busy") as first, client(
+        daemon, job="busy", connect_timeout=0.5
+    ) as second:
         first.register("a", np.ones(4))
         second.register("a", np.ones(4))
         first.snapshot(1)

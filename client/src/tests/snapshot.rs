@@ -460,3 +460,33 @@ fn a_failed_copy_aborts_the_snapshot() {
     drop(client);
     fake.join();
 }
+
+#[test]
+fn a_busy_rank_is_retried_on_a_new_connection_until_it_is_free() {
+    let (_dir, path) = fake::socket_dir();
+    let ts = tensors();
+    let busy = conn(|c| {
+        c.hello();
+        let id = c.expect_register();
+        c.reply(
+            id,
+            ReplyBody::Error {
+                kind: ErrorKind::Busy,
+                message: "held by a closing connection".into(),
+            },
+        );
+        c.until_closed();
+    });
+    let free = conn(|c| {
+        c.open(&Layout::default());
+        c.until_closed();
+    });
+    let fake = Fake::start(&path, vec![busy, free]);
+    let mut client = Client::with_config(fake::config(&path)).expect("connect");
+    register_all(&mut client, &ts);
+    client
+        .sync_registration()
+        .expect("registered on the second try");
+    drop(client);
+    fake.join();
+}
