@@ -19,7 +19,9 @@ use serde_json::{Value, json};
 use crate::convert::to_python;
 use crate::errors::{self, InternalError};
 
-/// What the mutex guards.
+/// What the mutex guards. Field order matters: `client` drops first, and a
+/// `gpusnap::Client` finishes an open capture when it drops, so no copy
+/// reads the owners' memory after they go.
 #[derive(Debug)]
 struct Inner {
     /// `None` once closed.
@@ -27,19 +29,6 @@ struct Inner {
     /// The objects owning every registered buffer, kept alive for as long
     /// as the client may copy into or out of their memory.
     owners: Vec<Py<PyAny>>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // A capture's copies may still read the owners' memory: finish it
-        // before the owners go.
-        if let Some(client) = self.client.as_mut()
-            && client.open_capture().is_some()
-            && let Err(e) = client.finish_snapshot()
-        {
-            tracing::warn!(error = %e, "client dropped: finishing the open capture failed");
-        }
-    }
 }
 
 /// A connection to gpusnapd and the buffers registered on it (private: use
@@ -392,12 +381,8 @@ impl NativeClient {
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         let owners = detached(py, || {
             let mut inner = self.lock()?;
-            if let Some(mut client) = inner.client.take()
-                && client.open_capture().is_some()
-                && let Err(e) = client.finish_snapshot()
-            {
-                tracing::warn!(error = %e, "close: finishing the open capture failed");
-            }
+            // Dropping the client finishes an open capture first.
+            drop(inner.client.take());
             Ok(std::mem::take(&mut inner.owners))
         })?;
         drop(owners);

@@ -153,8 +153,8 @@ class Client:
         self._addresses: dict[tuple[int, int], str] = {}
         self._blobs: dict[str, _Blob] = {}
         self._optimizers: list[_optim.OptimizerState] = []
-        self._pending: dict[int, _Pending] = {}
-        self._open: int | None = None
+        # The open capture's step and where its result goes.
+        self._open: tuple[int, _Pending] | None = None
         self.stats = Stats()
         if rng:
             self._register_blob(
@@ -307,7 +307,7 @@ class Client:
         does this too. Raises what registering raises (``StagingFull``,
         ``Busy``, ``PermissionDenied``, ...)."""
         self._finish_open()
-        self._prepare()
+        self._check()
         self._native.sync_registration()
 
     def blob(self, name: str) -> Any:
@@ -328,14 +328,13 @@ class Client:
         self.stats.begun += 1
         try:
             self._finish_open()
-            self._prepare()
+            self._refresh(self._check())
             self._native.begin(step)
         except Exception as e:  # noqa: BLE001 - a snapshot must not kill training
             self._failed(step, e)
             handle._pending = _Pending(error=e, done=True)
             return handle
-        self._open = step
-        self._pending[step] = handle._pending
+        self._open = (step, handle._pending)
         self._failures.pop(step, None)
         return handle
 
@@ -346,7 +345,7 @@ class Client:
 
     def wait_committed(self, step: int) -> CommitInfo:
         """Waits until the snapshot of ``step`` is durable."""
-        if self._open == step:
+        if self.open_step == step:
             self._finish_open()
         failure = self._failures.get(step)
         if failure is not None:
@@ -354,24 +353,34 @@ class Client:
         info = self._native.wait_committed(step)
         return CommitInfo(**info)
 
-    def _prepare(self) -> None:
-        """Everything a capture or restore checks and refreshes first."""
+    @property
+    def open_step(self) -> int | None:
+        """The step whose capture is under way, if one is."""
+        return None if self._open is None else self._open[0]
+
+    def _check(self) -> list[Any]:
+        """What a capture or restore does first: registers optimizer state
+        that appeared since, and checks that no registered memory moved.
+        Returns the live object of every registered entry, in order."""
         for state in self._optimizers:
             self._register_optimizer_tensors(state)
         for alias in self._aliases:
             alias.check()
-        for entry in self._entries:
-            entry.refresh(entry.check())
+        return [entry.check() for entry in self._entries]
+
+    def _refresh(self, live: list[Any]) -> None:
+        """Before a capture: shadows and blobs take the current values."""
+        for entry, obj in zip(self._entries, live, strict=True):
+            entry.refresh(obj)
         for b in self._blobs.values():
             b.buffer.store(b.get())
 
     def _finish_open(self) -> None:
         """Finishes the open capture, recording its result for its handle."""
-        step = self._open
-        if step is None:
+        if self._open is None:
             return
+        step, pending = self._open
         self._open = None
-        pending = self._pending.pop(step, _Pending())
         try:
             info = CaptureInfo(**self._native.finish())
         except Exception as e:  # noqa: BLE001 - reported where the caller waits
@@ -428,8 +437,7 @@ class Client:
         several ranks this is a collective: every rank calls it."""
         try:
             self._finish_open()
-            for entry in [*self._aliases, *self._entries]:
-                entry.check()
+            self._check()
         except Exception as e:  # noqa: BLE001 - the other ranks must not wait for this one
             if step is None:
                 _agree.fail(e)
@@ -444,7 +452,7 @@ class Client:
             saved = [t["name"] for t in self._native.describe(step)["tensors"]]
             for state in self._optimizers:
                 state.materialize(state.state_indices(saved))
-        self._prepare()
+                self._register_optimizer_tensors(state)
         info = self._native.restore(step)
         if info is None:
             return None
@@ -522,7 +530,7 @@ class SnapshotHandle:
         in the result's ``skipped``."""
         if not self._pending.done:
             client = self._client
-            if client._open == self.step:
+            if client.open_step == self.step:
                 client._finish_open()
         if self._pending.error is not None:
             raise self._pending.error
