@@ -18,7 +18,7 @@ use nix::errno::Errno;
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, send};
 
 use crate::error::{Error, Result};
-use crate::proto::{self, FRAME_BYTES_MAX, FRAME_HEADER_BYTES, FrameError, Reply, Request};
+use crate::proto::{self, FRAME_HEADER_BYTES, FrameError, Reply, Request};
 
 /// Bytes asked of the kernel per read when no bigger frame is pending.
 const READ_BYTES: usize = 64 << 10;
@@ -100,22 +100,11 @@ impl Conn {
 
     /// Sends one request, giving up at `deadline`.
     pub(crate) fn send(&mut self, request: &Request, deadline: Deadline) -> Result<()> {
-        let body = serde_json::to_vec(request)
-            .map_err(|e| Error::Protocol(format!("cannot encode {}: {e}", request.body.name())))?;
-        let len = u32::try_from(body.len())
-            .ok()
-            .filter(|&l| l > 0 && l <= FRAME_BYTES_MAX)
-            .ok_or_else(|| {
-                Error::TooLarge(format!(
-                    "{} request of {} bytes is over the {FRAME_BYTES_MAX}-byte frame limit",
-                    request.body.name(),
-                    body.len()
-                ))
-            })?;
-        let mut frame = Vec::with_capacity(FRAME_HEADER_BYTES + body.len());
-        frame.extend_from_slice(&len.to_le_bytes());
-        frame.extend_from_slice(&body);
         let what = request.body.name();
+        let frame = proto::encode(request).map_err(|e| match e {
+            FrameError::TooLarge { .. } => Error::TooLarge(format!("{what} request: {e}")),
+            other => Error::Protocol(format!("cannot encode {what}: {other}")),
+        })?;
         let mut sent = 0;
         while let Some(rest) = frame.get(sent..).filter(|r| !r.is_empty()) {
             let remaining = remaining(deadline, what, "send")?;
@@ -159,8 +148,8 @@ impl Conn {
             .map_err(|_| Error::Protocol("short frame header".into()))?;
         match proto::frame_len(header) {
             Ok(len) => Ok(Some(len)),
-            Err(FrameError::TooLarge { len }) => Err(Error::Protocol(format!(
-                "gpusnapd sent a frame of {len} bytes, over the {FRAME_BYTES_MAX}-byte limit"
+            Err(e @ FrameError::TooLarge { .. }) => Err(Error::Protocol(format!(
+                "gpusnapd sent an oversized frame: {e}"
             ))),
             Err(e) => Err(Error::Protocol(format!("gpusnapd sent a bad frame: {e}"))),
         }

@@ -8,21 +8,20 @@
 //!   [`describe`](Client::describe), [`status`](Client::status).
 //! * [`HostTensor`], [`RawBuffer`], [`Buffer`]: what can be registered.
 //! * [`Device`], [`HostDevice`]: what copies between buffers and staging.
-//! * [`proto`]: the wire protocol the client and `gpusnapd` speak.
-//! * [`Dtype`], [`TensorSpec`]: the tensor vocabulary both sides share.
+//! * [`proto`]: the wire protocol the client and `gpusnapd` speak (the
+//!   `gpusnap-proto` crate, re-exported).
+//! * [`Dtype`], [`TensorSpec`]: the tensor vocabulary both sides share
+//!   (from `gpusnap-proto`).
 
 mod buffer;
 mod client;
 mod conn;
 pub mod device;
-mod dtype;
 mod error;
 mod handle;
-pub mod proto;
 mod session;
 
 mod staging;
-mod tensor;
 
 #[cfg(test)]
 mod tests;
@@ -33,6 +32,6 @@ pub use client::{
     SnapshotHandle, SnapshotOutcome, Step,
 };
 pub use device::{Device, HostDevice};
-pub use dtype::{Dtype, UnknownDtype};
 pub use error::{Error, Result};
-pub use tensor::{TensorSpec, TensorSpecError};
+pub use gpusnap_proto as proto;
+pub use gpusnap_proto::{Dtype, TensorSpec, TensorSpecError, UnknownDtype};

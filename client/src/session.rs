@@ -187,7 +187,7 @@ impl Session {
                     frame.fds.len()
                 ))));
             }
-            if let ReplyBody::Error { kind, message } = body {
+            if let ReplyBody::Error { kind, message, .. } = body {
                 if kind.closes_connection() {
                     self.broken = true;
                 }
@@ -248,10 +248,11 @@ impl Session {
                 step,
                 kind,
                 message,
+                ..
             } => (step, Outcome::Failed { kind, message }),
             // The daemon closes with an id-0 error (it is stopping, has too
             // many connections, or could not read a request's id).
-            ReplyBody::Error { kind, message } => {
+            ReplyBody::Error { kind, message, .. } => {
                 self.broken = true;
                 return Err(Error::from_daemon(kind, message));
             }

@@ -254,6 +254,7 @@ mod tests {
 
     fn info() -> StagingInfo {
         StagingInfo {
+            memory: crate::proto::StagingMemory::HostMemfd,
             memfd_bytes: 3 * 4096,
             slots: 2,
             slot_bytes: 4096,

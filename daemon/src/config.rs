@@ -5,7 +5,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use gpusnap::proto::{BusyPolicy, FRAME_BYTES_MAX};
+use gpusnap_proto::{BusyPolicy, FRAME_BYTES_MAX};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::store::StoreConfig;
@@ -69,7 +69,7 @@ pub struct DaemonConfig {
 impl Default for DaemonConfig {
     fn default() -> Self {
         DaemonConfig {
-            socket: PathBuf::from(gpusnap::proto::DEFAULT_SOCKET),
+            socket: PathBuf::from(gpusnap_proto::DEFAULT_SOCKET),
             socket_mode: "0660".to_owned(),
             socket_group: None,
             log_level: "info".to_owned(),

@@ -320,7 +320,7 @@ mod tests {
     use super::*;
     use crate::storage::BackendKind;
     use crate::store::manifest::{FORMAT_NAME, FORMAT_VERSION};
-    use gpusnap::{Dtype, TensorSpec};
+    use gpusnap_proto::{Dtype, TensorSpec};
 
     fn snapshot(step: u64, data: &[u8]) -> (Manifest, Layout) {
         let layout =

@@ -20,7 +20,7 @@
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use gpusnap::proto::{ErrorKind, ReplyBody};
+use gpusnap_proto::{ErrorKind, OsError, ReplyBody};
 
 use crate::hot_tier::{HotTier, RankKey};
 use crate::metrics::Metrics;
@@ -405,6 +405,7 @@ impl Engine {
                     step,
                     kind: store_error_kind(&e),
                     message: e.to_string(),
+                    os_error: e.raw_os_error().map(OsError::from_raw),
                 });
                 false
             }

@@ -261,7 +261,7 @@ pub fn fill_from_disk(
 )]
 mod tests {
     use super::*;
-    use gpusnap::{Dtype, TensorSpec};
+    use gpusnap_proto::{Dtype, TensorSpec};
 
     fn specs(order: &[usize]) -> Vec<TensorSpec> {
         let all = [

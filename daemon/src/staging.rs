@@ -20,8 +20,8 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use gpusnap::TensorSpec;
-use gpusnap::proto::{BusyPolicy, StagingInfo};
+use gpusnap_proto::TensorSpec;
+use gpusnap_proto::{BusyPolicy, StagingInfo, StagingMemory};
 
 use crate::buffer_pool::IO_ALIGN_BYTES;
 use crate::metrics::Metrics;
@@ -210,6 +210,7 @@ impl StagingArea {
         let memfd_bytes = ring_offset + ring_bytes;
         let offsets = registration_offsets(&specs, &layout);
         let info = StagingInfo {
+            memory: StagingMemory::HostMemfd,
             memfd_bytes,
             slots,
             slot_bytes,
@@ -466,7 +467,7 @@ fn registration_offsets(specs: &[TensorSpec], layout: &Layout) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gpusnap::Dtype;
+    use gpusnap_proto::Dtype;
 
     fn plan(policy: BusyPolicy) -> StagingPlan {
         StagingPlan {

@@ -211,7 +211,7 @@ fn describe_is_answered_while_a_capture_is_open_and_while_a_slot_is_lent() {
     }
     check(raw.call(describe(1)), "mid-capture");
     match raw.call(describe(2)) {
-        ReplyBody::Error { kind, message } => {
+        ReplyBody::Error { kind, message, .. } => {
             assert_eq!(kind, ErrorKind::NotFound, "{message}");
         }
         other => panic!("the step being captured is not committed: {other:?}"),

@@ -26,6 +26,7 @@ fn refusal(kind: ErrorKind, message: &str) -> ReplyBody {
     ReplyBody::Error {
         kind,
         message: message.into(),
+        os_error: None,
     }
 }
 

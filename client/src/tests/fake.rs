@@ -152,6 +152,7 @@ impl Layout {
         let slot_bytes = end.div_ceil(4096).max(1) * 4096;
         let ring_offset = u64::from(self.slots) * slot_bytes;
         StagingInfo {
+            memory: crate::proto::StagingMemory::HostMemfd,
             memfd_bytes: ring_offset + u64::from(self.ring_chunks) * self.chunk_bytes,
             slots: self.slots,
             slot_bytes,

@@ -268,6 +268,7 @@ fn a_closing_daemon_error_with_id_zero_ends_the_call() {
         c.event(ReplyBody::Error {
             kind: crate::proto::ErrorKind::ShuttingDown,
             message: "stopping".into(),
+            os_error: None,
         });
         c.stream
             .shutdown(std::net::Shutdown::Both)

@@ -64,6 +64,7 @@ fn a_daemon_of_another_protocol_version_is_refused() {
                     ReplyBody::Error {
                         kind: crate::proto::ErrorKind::VersionMismatch,
                         message: "speak 7".into(),
+                        os_error: None,
                     },
                 );
             }),

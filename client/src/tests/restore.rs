@@ -43,6 +43,7 @@ fn restore_copies_the_slot_back_and_a_mismatch_writes_nothing() {
                 ReplyBody::Error {
                     kind: ErrorKind::Mismatch,
                     message: "tensor \"w\": shape [10, 4] in the snapshot".into(),
+                    os_error: None,
                 },
             );
             let r = c.expect("list");

@@ -318,6 +318,7 @@ fn skipped_and_failed_snapshots_are_reported_as_such() {
                 step,
                 kind: ErrorKind::Storage,
                 message: "disk full".into(),
+                os_error: None,
             });
             c.until_closed();
         })],
@@ -380,6 +381,7 @@ fn events_interleaved_with_replies_are_recorded_for_later() {
                 step: 3,
                 kind: ErrorKind::Internal,
                 message: "x".into(),
+                os_error: None,
             });
             c.reply(
                 r.id,
@@ -445,6 +447,7 @@ fn a_failed_copy_aborts_the_snapshot() {
                 ReplyBody::Error {
                     kind: ErrorKind::Internal,
                     message: "still here".into(),
+                    os_error: None,
                 },
             );
             c.until_closed();
@@ -473,6 +476,7 @@ fn a_busy_rank_is_retried_on_a_new_connection_until_it_is_free() {
             ReplyBody::Error {
                 kind: ErrorKind::Busy,
                 message: "held by a closing connection".into(),
+                os_error: None,
             },
         );
         c.until_closed();

@@ -1,5 +1,5 @@
 //! One client connection: authentication, the handshake, and the request
-//! state machine of `gpusnap::proto`.
+//! state machine of `gpusnap_proto`.
 //!
 //! A reader task turns the socket into a bounded stream of requests, so the
 //! connection can wait for a slot or a ring chunk while still noticing that
@@ -9,10 +9,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gpusnap::TensorSpec;
-use gpusnap::proto::{
-    BusyPolicy, ErrorKind, JobStatus, JobSteps, PROTOCOL_VERSION, Reply, ReplyBody, Request,
-    RequestBody, RestoreSource, SessionStatus, SnapshotInfo, StatusInfo,
+use gpusnap_proto::TensorSpec;
+use gpusnap_proto::{
+    BusyPolicy, ErrorKind, JobStatus, JobSteps, OsError, PROTOCOL_VERSION_MIN, Reply, ReplyBody,
+    Request, RequestBody, RestoreSource, SessionStatus, SnapshotInfo, StatusInfo,
 };
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
@@ -30,11 +30,13 @@ const REQUEST_QUEUE: usize = 4;
 /// Events buffered for a client (far more than it can have in flight).
 const EVENT_QUEUE: usize = 256;
 
-/// An error reply; `closes` ends the connection after it is sent.
+/// An error reply; kinds that close the connection
+/// ([`ErrorKind::closes_connection`]) end it after it is sent.
 #[derive(Debug)]
 struct Refusal {
     kind: ErrorKind,
     message: String,
+    os_error: Option<OsError>,
 }
 
 impl Refusal {
@@ -42,6 +44,16 @@ impl Refusal {
         Refusal {
             kind,
             message: message.into(),
+            os_error: None,
+        }
+    }
+
+    /// A refusal because of a store error, with the OS error behind it.
+    fn store(e: &StoreError) -> Refusal {
+        Refusal {
+            kind: crate::persist::store_error_kind(e),
+            message: e.to_string(),
+            os_error: e.raw_os_error().map(OsError::from_raw),
         }
     }
 
@@ -89,7 +101,8 @@ struct Conn {
     requests: mpsc::Receiver<Result<Request, WireError>>,
     events_tx: mpsc::Sender<ReplyBody>,
     events: mpsc::Receiver<ReplyBody>,
-    greeted: bool,
+    /// The version negotiated by the handshake; `None` before `Hello`.
+    protocol: Option<u32>,
     last_id: u64,
     session: Option<Session>,
     capture: Option<Capture>,
@@ -134,7 +147,7 @@ pub async fn serve(daemon: Arc<Daemon>, id: u64, stream: UnixStream) {
         requests,
         events_tx,
         events,
-        greeted: false,
+        protocol: None,
         last_id: 0,
         session: None,
         capture: None,
@@ -164,7 +177,7 @@ impl Conn {
                         Some(Err(e)) => {
                             if let Some(kind) = e.kind() {
                                 tracing::warn!(conn = self.id, error = %e, "bad frame; closing the connection");
-                                let _ = self.send(0, ReplyBody::Error { kind, message: e.to_string() }).await;
+                                let _ = self.send(0, ReplyBody::error(kind, e.to_string())).await;
                             }
                             return;
                         }
@@ -180,10 +193,7 @@ impl Conn {
                 }
                 _ = shutdown.changed() => {
                     tracing::info!(conn = self.id, "daemon stopping; closing the connection");
-                    let _ = self.send(0, ReplyBody::Error {
-                        kind: ErrorKind::ShuttingDown,
-                        message: "the daemon is stopping".into(),
-                    }).await;
+                    let _ = self.send(0, ReplyBody::error(ErrorKind::ShuttingDown, "the daemon is stopping")).await;
                     return;
                 }
             }
@@ -221,6 +231,7 @@ impl Conn {
                 ReplyBody::Error {
                     kind: refusal.kind,
                     message: refusal.message,
+                    os_error: refusal.os_error,
                 },
             )
             .await;
@@ -228,12 +239,20 @@ impl Conn {
     }
 
     async fn send(&mut self, id: u64, body: ReplyBody) -> std::io::Result<()> {
-        wire::write_reply(&mut self.wr, &Reply { id, body }).await
+        let version = self.version();
+        wire::write_reply(&mut self.wr, &Reply { id, body }, version).await
+    }
+
+    /// The protocol version this connection speaks: the client's, once its
+    /// `Hello` was accepted; before that the oldest served, which any
+    /// client reads.
+    fn version(&self) -> u32 {
+        self.protocol.unwrap_or(PROTOCOL_VERSION_MIN)
     }
 
     /// `Ok(None)`: the reply was already sent (it carried a file descriptor).
     async fn dispatch(&mut self, id: u64, body: RequestBody) -> Result<Option<ReplyBody>, Refusal> {
-        if !self.greeted {
+        if self.protocol.is_none() {
             let RequestBody::Hello {
                 protocol_version,
                 client,
@@ -244,18 +263,12 @@ impl Conn {
                     body.name()
                 )));
             };
-            if protocol_version != PROTOCOL_VERSION {
-                return Err(Refusal::new(
-                    ErrorKind::VersionMismatch,
-                    format!(
-                        "client speaks protocol {protocol_version}, this daemon speaks {PROTOCOL_VERSION}"
-                    ),
-                ));
-            }
-            self.greeted = true;
-            tracing::debug!(conn = self.id, client, "hello");
+            let version = gpusnap_proto::negotiate(protocol_version)
+                .map_err(|e| Refusal::new(ErrorKind::VersionMismatch, e.to_string()))?;
+            self.protocol = Some(version);
+            tracing::debug!(conn = self.id, client, version, "hello");
             return Ok(Some(ReplyBody::Welcome {
-                protocol_version: PROTOCOL_VERSION,
+                protocol_version: version,
                 daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
                 uid: self.peer.uid,
             }));
@@ -396,7 +409,8 @@ impl Conn {
             id,
             body: ReplyBody::Registered(info),
         };
-        wire::write_reply_with_fd(&mut self.wr, &reply, staging.memfd())
+        let version = self.version();
+        wire::write_reply_with_fd(&mut self.wr, &reply, version, staging.memfd())
             .await
             .map_err(|e| {
                 Refusal::new(
@@ -887,16 +901,13 @@ fn restore_refusal(e: RestoreError) -> Refusal {
         | RestoreError::MissingInSnapshot { .. }
         | RestoreError::NotRegistered { .. } => ErrorKind::Mismatch,
         RestoreError::Hot(_) => ErrorKind::Corrupt,
-        RestoreError::Store(s) => crate::persist::store_error_kind(s),
+        RestoreError::Store(s) => return Refusal::store(s),
     };
     Refusal::new(kind, e.to_string())
 }
 
 fn list(daemon: &Daemon, uid: u32, job: Option<&str>) -> Handled {
-    let listing = daemon
-        .store
-        .list(job)
-        .map_err(|e| Refusal::new(crate::persist::store_error_kind(&e), e.to_string()))?;
+    let listing = daemon.store.list(job).map_err(|e| Refusal::store(&e))?;
     let mut jobs: Vec<String> = Vec::new();
     let snapshots: Vec<SnapshotInfo> = listing
         .snapshots
@@ -959,7 +970,7 @@ fn describe(daemon: &Daemon, uid: u32, job: String, rank: u32, step: u64) -> Han
     let (manifest, layout) = daemon
         .store
         .committed_manifest(&id)
-        .map_err(|e| Refusal::new(crate::persist::store_error_kind(&e), e.to_string()))?;
+        .map_err(|e| Refusal::store(&e))?;
     Ok(ReplyBody::Described {
         job: manifest.job,
         rank: manifest.rank,

@@ -326,12 +326,14 @@ pub async fn serve(
 
 async fn refuse_over_limit(stream: tokio::net::UnixStream, limit: usize) {
     let (_, mut wr) = stream.into_split();
-    let reply = gpusnap::proto::Reply {
+    let reply = gpusnap_proto::Reply {
         id: 0,
-        body: gpusnap::proto::ReplyBody::Error {
-            kind: gpusnap::proto::ErrorKind::Busy,
-            message: format!("the daemon serves at most {limit} connections (daemon.max_clients)"),
-        },
+        body: gpusnap_proto::ReplyBody::error(
+            gpusnap_proto::ErrorKind::Busy,
+            format!("the daemon serves at most {limit} connections (daemon.max_clients)"),
+        ),
     };
-    let _ = wire::write_reply(&mut wr, &reply).await;
+    // Before any handshake: the oldest version's words, which every
+    // client reads.
+    let _ = wire::write_reply(&mut wr, &reply, gpusnap_proto::PROTOCOL_VERSION_MIN).await;
 }

@@ -7,7 +7,7 @@ use std::io::IoSlice;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::Duration;
 
-use gpusnap::proto::{self, ErrorKind, FRAME_HEADER_BYTES, Reply, ReplyBody, Request};
+use gpusnap_proto::{self as proto, ErrorKind, FRAME_HEADER_BYTES, Reply, ReplyBody, Request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -83,24 +83,37 @@ pub async fn read_request(
     Ok(Some(request))
 }
 
-/// Writes one reply. A reply over the frame limit goes out as an error
-/// saying so, for the same request.
-pub async fn write_reply(wr: &mut OwnedWriteHalf, reply: &Reply) -> std::io::Result<()> {
-    wr.write_all(&encode_reply(reply)).await
+/// Writes one reply as protocol `version` says it (the connection's,
+/// from its handshake). A reply over the frame limit, or one the version
+/// cannot say, goes out as an error saying so, for the same request.
+pub async fn write_reply(
+    wr: &mut OwnedWriteHalf,
+    reply: &Reply,
+    version: u32,
+) -> std::io::Result<()> {
+    wr.write_all(&encode_reply(reply, version)).await
 }
 
-fn encode_reply(reply: &Reply) -> Vec<u8> {
-    match proto::encode(reply) {
+fn encode_reply(reply: &Reply, version: u32) -> Vec<u8> {
+    match proto::encode_reply(reply, version) {
         Ok(frame) => frame,
         Err(e) => {
+            let (kind, message) = match &e {
+                proto::FrameError::NotInVersion { .. } => (
+                    ErrorKind::VersionMismatch,
+                    format!("the reply cannot be sent: {e}; upgrade the client"),
+                ),
+                _ => (
+                    ErrorKind::TooLarge,
+                    format!("the reply cannot be sent: {e}; ask for less (a job filter)"),
+                ),
+            };
             let refusal = Reply {
                 id: reply.id,
-                body: ReplyBody::Error {
-                    kind: ErrorKind::TooLarge,
-                    message: format!("the reply cannot be sent: {e}; ask for less (a job filter)"),
-                },
+                body: ReplyBody::error(kind, message),
             };
-            proto::encode(&refusal).expect("a short error reply always encodes")
+            proto::encode_reply(&refusal, version)
+                .expect("a short error reply encodes in every version")
         }
     }
 }
@@ -109,10 +122,11 @@ fn encode_reply(reply: &Reply) -> Vec<u8> {
 pub async fn write_reply_with_fd(
     wr: &mut OwnedWriteHalf,
     reply: &Reply,
+    version: u32,
     fd: BorrowedFd<'_>,
 ) -> std::io::Result<()> {
     use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
-    let frame = encode_reply(reply);
+    let frame = encode_reply(reply, version);
     let raw = [fd.as_raw_fd()];
     let stream = wr.as_ref();
     let sent = stream

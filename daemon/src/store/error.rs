@@ -102,6 +102,18 @@ pub enum StoreError {
     Config(String),
 }
 
+impl StoreError {
+    /// The operating system's error behind this one (ENOSPC, EIO...), if
+    /// the failure came from a system call.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            StoreError::Storage(e) => e.raw_os_error(),
+            StoreError::Pool(PoolError::Map { source, .. }) => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
 fn tensor_list(tensors: &[String]) -> String {
     const SHOWN: usize = 8;
     if tensors.is_empty() {

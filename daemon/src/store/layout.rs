@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use gpusnap::{Dtype, TensorSpec, TensorSpecError};
+use gpusnap_proto::{Dtype, TensorSpec, TensorSpecError};
 use serde::{Deserialize, Serialize};
 
 use crate::buffer_pool::IO_ALIGN_BYTES;

@@ -196,7 +196,7 @@ pub fn header_metadata(id: &SnapshotId, world_size: u32) -> BTreeMap<String, Str
 )]
 mod tests {
     use super::*;
-    use gpusnap::{Dtype, TensorSpec};
+    use gpusnap_proto::{Dtype, TensorSpec};
 
     fn sample() -> Manifest {
         let layout = Layout::plan(&[

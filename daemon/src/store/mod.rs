@@ -30,7 +30,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use gpusnap::TensorSpec;
+use gpusnap_proto::TensorSpec;
 use serde::{Deserialize, Serialize};
 
 use crate::buffer_pool::{BufferPool, IO_ALIGN_BYTES};

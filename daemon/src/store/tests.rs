@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use gpusnap::{Dtype, TensorSpec};
+use gpusnap_proto::{Dtype, TensorSpec};
 
 use super::*;
 use crate::storage::sim::SimStorage;

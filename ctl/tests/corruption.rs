@@ -1,7 +1,11 @@
 //! Damaged snapshots are reported precisely and never returned as valid:
 //! a flipped data byte, a flipped header byte, a truncated file, a missing or
 //! garbled manifest. `gpusnapctl verify` says the same and exits non-zero.
+//!
+//! It lives beside gpusnapctl (whose binary only its own crate's tests can
+//! run) and shares the store tests' helpers.
 
+#[path = "../../daemon/tests/common/mod.rs"]
 mod common;
 
 use std::path::Path;
