@@ -665,6 +665,10 @@ mod tests {
     /// An engine on a scratch store whose persists of `panic_step` panic,
     /// and one registration of policy `policy`.
     fn rig(panic_step: u64, policy: BusyPolicy) -> Rig {
+        rig_with(panic_step, policy, &PersistConfig::default())
+    }
+
+    fn rig_with(panic_step: u64, policy: BusyPolicy, persist: &PersistConfig) -> Rig {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(
             Store::open(StoreConfig {
@@ -688,7 +692,7 @@ mod tests {
             Arc::new(Ranks::default()),
             Arc::clone(&metrics),
             hooks,
-            &PersistConfig::default(),
+            persist,
         );
         let budget = StagingBudget::new(1 << 20, Arc::clone(&metrics));
         let plan = StagingPlan {
@@ -785,6 +789,42 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    #[test]
+    fn a_snapshot_that_gets_no_write_turn_in_time_fails_with_timeout() {
+        let persist = PersistConfig {
+            concurrent_writes: 1,
+            write_wait_s: 1,
+        };
+        let mut rig = rig_with(99, BusyPolicy::Block, &persist);
+        let lane = rig.engine.spawn_lane(Arc::clone(&rig.core)).expect("lane");
+        // A hung write elsewhere holds the only turn.
+        let held = rig
+            .engine
+            .permits
+            .acquire(Duration::from_secs(1))
+            .expect("free");
+        let (slot, in_flight) = capture(&rig, 1);
+        lane.persist(slot, in_flight).expect("queued");
+        match next_event(&mut rig.events) {
+            ReplyBody::Failed {
+                step: 1,
+                kind: ErrorKind::Timeout,
+                message,
+                ..
+            } => assert!(message.contains("persist.write_wait_s"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(rig.engine.wait_drained(Duration::from_secs(30)));
+        assert_eq!(rig.core.staging.busy_slots(), 0);
+        drop(held);
+        let (slot, in_flight) = capture(&rig, 2);
+        lane.persist(slot, in_flight).expect("queued");
+        assert!(matches!(
+            next_event(&mut rig.events),
+            ReplyBody::Committed { step: 2, .. }
+        ));
     }
 
     #[test]

@@ -562,7 +562,7 @@ impl Conn {
                 } else {
                     e.to_string()
                 };
-                tracing::error!(conn = self.id, job, error = %why, "the restore fill panicked");
+                tracing::error!(conn = self.id, job, error = %why, "the restore fill did not finish (a panic); its slot is free again");
                 return Err(Refusal::internal(format!("the restore failed: {why}")));
             }
         };
