@@ -1,7 +1,13 @@
 //! The daemon's configuration: one TOML file, every key optional with a
 //! documented default (`systemd/gpusnapd.toml.example` lists them all),
 //! unknown keys refused. Every check runs at start and names its key.
+//!
+//! The `[testing]` table injects faults for the daemon's own tests. It is
+//! refused at start unless the environment variable `GPUSNAP_TESTING=1` is
+//! set ([`TESTING_ENV`]), so a production config cannot turn it on by
+//! accident; the example file shows it commented out, after the rest.
 
+use std::ffi::OsStr;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -12,6 +18,26 @@ use crate::store::StoreConfig;
 
 /// Default config file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/gpusnap/gpusnapd.toml";
+
+/// The environment variable that must be `1` for a `[testing]` table to be
+/// accepted.
+pub const TESTING_ENV: &str = "GPUSNAP_TESTING";
+
+/// Request names (`RequestBody::name`), which `testing.panic_once_on_request`
+/// may name.
+pub const REQUEST_NAMES: [&str; 11] = [
+    "hello",
+    "register",
+    "begin",
+    "chunk_filled",
+    "captured",
+    "abort",
+    "restore",
+    "release",
+    "list",
+    "status",
+    "describe",
+];
 
 /// Why the configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +64,9 @@ pub struct Config {
     pub persist: PersistConfig,
     pub metrics: MetricsConfig,
     pub store: StoreConfig,
+    /// Fault injection for tests; absent in every production config.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub testing: Option<TestingConfig>,
 }
 
 /// `[daemon]`: the control plane and the process.
@@ -132,13 +161,53 @@ pub struct PersistConfig {
     /// Snapshots written at once across all clients (each has its own
     /// queue depth of I/O in flight).
     pub concurrent_writes: usize,
+    /// How long a captured snapshot waits for one of those writes before it
+    /// fails with a timeout (a hung write elsewhere holds its turn).
+    pub write_wait_s: u64,
 }
 
 impl Default for PersistConfig {
     fn default() -> Self {
         PersistConfig {
             concurrent_writes: 2,
+            write_wait_s: 600,
         }
+    }
+}
+
+/// `[testing]`: faults injected into the daemon for its own end-to-end
+/// tests. Refused at start unless `GPUSNAP_TESTING=1` is in the daemon's
+/// environment. Every key is unset by default.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TestingConfig {
+    /// The first request of this kind (one of [`REQUEST_NAMES`]) that any
+    /// connection handles panics that connection's task, as a bug would;
+    /// later ones are served.
+    pub panic_once_on_request: Option<String>,
+    /// Every persist of this step, in a lane or streamed, panics before it
+    /// writes anything, as a bug would.
+    pub panic_persisting_step: Option<u64>,
+}
+
+impl TestingConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let TestingConfig {
+            panic_once_on_request,
+            panic_persisting_step: _,
+        } = self;
+        if let Some(name) = panic_once_on_request
+            && !REQUEST_NAMES.contains(&name.as_str())
+        {
+            return Err(ConfigError::Invalid {
+                key: "testing.panic_once_on_request",
+                why: format!(
+                    "{name:?} is not a request name ({})",
+                    REQUEST_NAMES.join(", ")
+                ),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -192,9 +261,26 @@ impl Config {
         Ok(config)
     }
 
-    /// Every check, each error naming its key.
+    /// Every check, each error naming its key. A `[testing]` table needs
+    /// `GPUSNAP_TESTING=1` in this process's environment.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_with(std::env::var_os(TESTING_ENV).as_deref())
+    }
+
+    /// As [`Config::validate`], with the value of `GPUSNAP_TESTING` given.
+    pub fn validate_with(&self, testing_env: Option<&OsStr>) -> Result<(), ConfigError> {
         let invalid = |key, why: String| Err(ConfigError::Invalid { key, why });
+        if let Some(testing) = &self.testing {
+            if testing_env != Some(OsStr::new("1")) {
+                return invalid(
+                    "testing",
+                    format!(
+                        "the [testing] table injects faults for the daemon's own tests and is refused unless the environment variable {TESTING_ENV}=1 is set; remove it from a production config"
+                    ),
+                );
+            }
+            testing.validate()?;
+        }
         let d = &self.daemon;
         if !d.socket.is_absolute() {
             return invalid(
@@ -230,13 +316,15 @@ impl Config {
             key: "store",
             why: e.to_string(),
         })?;
-        let chunk = self.store.io_buffer_bytes as u64;
-        if self.staging.stream_ring_bytes.0 / chunk < 2 {
+        let chunk = gpusnap_proto::convert::to_u64(self.store.io_buffer_bytes);
+        let ring_chunks = self.staging.stream_ring_bytes.0 / chunk;
+        if ring_chunks < 2 || u32::try_from(ring_chunks).is_err() {
             return invalid(
                 "staging.stream_ring_bytes",
                 format!(
-                    "{} holds fewer than two {chunk}-byte I/O chunks",
-                    self.staging.stream_ring_bytes
+                    "{} holds {ring_chunks} {chunk}-byte I/O chunks, not 2..={}",
+                    self.staging.stream_ring_bytes,
+                    u32::MAX
                 ),
             );
         }
@@ -251,6 +339,9 @@ impl Config {
                 "persist.concurrent_writes",
                 format!("{} is not in 1..=256", self.persist.concurrent_writes),
             );
+        }
+        if self.persist.write_wait_s == 0 {
+            return invalid("persist.write_wait_s", "must be at least 1".into());
         }
         if !self.metrics.listen.is_empty()
             && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
@@ -277,10 +368,11 @@ impl Config {
         }
     }
 
-    /// Stream ring chunks per client.
+    /// Stream ring chunks per client (of a validated config).
     pub fn ring_chunks(&self) -> u32 {
-        let chunks = self.staging.stream_ring_bytes.0 / self.store.io_buffer_bytes as u64;
-        u32::try_from(chunks).unwrap_or(u32::MAX)
+        let chunk = gpusnap_proto::convert::to_u64(self.store.io_buffer_bytes);
+        u32::try_from(self.staging.stream_ring_bytes.0 / chunk)
+            .expect("validate bounds the ring to u32::MAX chunks")
     }
 }
 
@@ -378,6 +470,136 @@ mod tests {
         assert!(text.contains("# socket_group = "));
     }
 
+    /// The `[testing]` block of the example, uncommented: its header and
+    /// its `# key = value` lines.
+    fn example_testing_block(text: &str) -> String {
+        let (_, block) = text
+            .split_once("\n# [testing]\n")
+            .expect("the example shows [testing], commented out");
+        let mut toml = String::from("[testing]\n");
+        for line in block.lines() {
+            let line = line
+                .strip_prefix("# ")
+                .expect("the whole block is commented");
+            let is_key = line
+                .split_once(" = ")
+                .is_some_and(|(k, _)| k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
+            if is_key {
+                toml.push_str(line);
+                toml.push('\n');
+            }
+        }
+        toml
+    }
+
+    #[test]
+    fn the_example_shows_every_testing_key_commented_out() {
+        let text = include_str!("../../systemd/gpusnapd.toml.example");
+        let block = example_testing_block(text);
+        let config: Config = toml::from_str(&block).expect("the block parses");
+        config
+            .validate_with(Some(OsStr::new("1")))
+            .expect("the example values are valid");
+        // Naming every field: a key added to the table does not compile
+        // here until the example shows it.
+        let TestingConfig {
+            panic_once_on_request,
+            panic_persisting_step,
+        } = config.testing.expect("a [testing] table");
+        assert!(panic_once_on_request.is_some(), "{block}");
+        assert!(panic_persisting_step.is_some(), "{block}");
+    }
+
+    #[test]
+    fn a_testing_table_is_refused_without_the_environment_variable() {
+        for text in ["[testing]\n", "[testing]\npanic_persisting_step = 3\n"] {
+            let config: Config = toml::from_str(text).expect("parses");
+            for env in [None, Some("0"), Some("yes"), Some("")] {
+                let err = config
+                    .validate_with(env.map(OsStr::new))
+                    .expect_err("refused");
+                let message = err.to_string();
+                assert!(
+                    message.contains("GPUSNAP_TESTING=1") && message.contains("testing"),
+                    "{text:?} with {env:?}: {message}"
+                );
+            }
+            config
+                .validate_with(Some(OsStr::new("1")))
+                .expect("accepted with GPUSNAP_TESTING=1");
+        }
+        let bad: Config =
+            toml::from_str("[testing]\npanic_once_on_request = \"snapshot\"\n").expect("parses");
+        let err = bad
+            .validate_with(Some(OsStr::new("1")))
+            .expect_err("not a request name")
+            .to_string();
+        assert!(
+            err.contains("testing.panic_once_on_request") && err.contains("captured"),
+            "{err}"
+        );
+        assert!(
+            toml::from_str::<Config>("[testing]\npanic_always = true\n").is_err(),
+            "unknown testing keys are refused too"
+        );
+    }
+
+    #[test]
+    fn the_request_names_are_the_protocol_s() {
+        use gpusnap_proto::RequestBody;
+        let every = [
+            RequestBody::Hello {
+                protocol_version: 1,
+                client: String::new(),
+            },
+            RequestBody::Register {
+                job: String::new(),
+                rank: 0,
+                world_size: 1,
+                tensors: Vec::new(),
+            },
+            RequestBody::Begin { step: 1 },
+            RequestBody::ChunkFilled { step: 1, seq: 0 },
+            RequestBody::Captured {
+                step: 1,
+                capture_ns: 0,
+                stall_ns: 0,
+            },
+            RequestBody::Abort {
+                step: 1,
+                reason: String::new(),
+            },
+            RequestBody::Restore { step: None },
+            RequestBody::Release { slot: 0 },
+            RequestBody::List { job: None },
+            RequestBody::Status,
+            RequestBody::Describe {
+                job: String::new(),
+                rank: 0,
+                step: 1,
+            },
+        ];
+        for body in &every {
+            // No wildcard: a new request does not compile here until it is
+            // in `every` (and so in REQUEST_NAMES).
+            match body {
+                RequestBody::Hello { .. }
+                | RequestBody::Register { .. }
+                | RequestBody::Begin { .. }
+                | RequestBody::ChunkFilled { .. }
+                | RequestBody::Captured { .. }
+                | RequestBody::Abort { .. }
+                | RequestBody::Restore { .. }
+                | RequestBody::Release { .. }
+                | RequestBody::List { .. }
+                | RequestBody::Status
+                | RequestBody::Describe { .. } => {}
+            }
+        }
+        let names: Vec<&str> = every.iter().map(RequestBody::name).collect();
+        assert_eq!(names, REQUEST_NAMES);
+    }
+
     #[test]
     fn byte_sizes_take_integers_and_units() {
         let c = Config::parse(
@@ -411,6 +633,7 @@ mod tests {
                 "[persist]\nconcurrent_writes = 0\n",
                 "persist.concurrent_writes",
             ),
+            ("[persist]\nwrite_wait_s = 0\n", "persist.write_wait_s"),
             ("[daemon]\nlog_level = \"[\"\n", "daemon.log_level"),
             ("[nonsense]\n", "nonsense"),
         ];

@@ -4,16 +4,19 @@
 //! An entry is a copy of a committed data section with the manifest's chunk
 //! CRCs; a restore from it checks every chunk's CRC before handing bytes
 //! out, exactly as a read from disk does. An entry is only ever replaced by
-//! a newer step of the same (job, rank).
+//! a newer step of the same (job, rank): [`HotTier::offer`] checks the step
+//! when it reserves room and again when it inserts (the copy in between runs
+//! outside the lock), so two lanes of one rank racing (an older connection's
+//! lane still draining, a newer one committing) leave the newer step hot.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::metrics::Metrics;
-use crate::store::{Layout, Manifest};
+use gpusnap_proto::convert::{gauge, to_u64, to_usize};
 
-/// (job, rank)
-pub type RankKey = (String, u32);
+use crate::metrics::Metrics;
+use crate::ranks::RankKey;
+use crate::store::{Layout, Manifest};
 
 /// One hot snapshot.
 #[derive(Debug)]
@@ -29,7 +32,7 @@ pub struct HotSnapshot {
 impl HotSnapshot {
     /// Checks chunk `index`'s CRC and returns its bytes.
     pub fn verified_chunk(&self, index: usize) -> Result<(u64, &[u8]), HotError> {
-        let chunk = usize::try_from(self.chunk_bytes).unwrap_or(usize::MAX);
+        let chunk = to_usize(self.chunk_bytes);
         let start = index.saturating_mul(chunk);
         let end = start.saturating_add(chunk).min(self.data.len());
         let (Some(bytes), Some(&expected)) =
@@ -46,7 +49,7 @@ impl HotSnapshot {
                 chunk: index,
             });
         }
-        Ok((start as u64, bytes))
+        Ok((to_u64(start), bytes))
     }
 
     pub fn chunk_count(&self) -> usize {
@@ -169,9 +172,7 @@ pub struct HotTier {
 
 impl HotTier {
     pub fn new(budget_bytes: u64, metrics: Arc<Metrics>) -> HotTier {
-        metrics
-            .hot_tier_budget_bytes
-            .set(i64::try_from(budget_bytes).unwrap_or(i64::MAX));
+        metrics.hot_tier_budget_bytes.set(gauge(budget_bytes));
         HotTier {
             budget_bytes,
             state: Mutex::new(State::default()),
@@ -191,8 +192,13 @@ impl HotTier {
     /// `data`, unless a newer step of the same (job, rank) is already hot or
     /// it cannot fit the budget. Evicts least recently used entries of other
     /// ranks to make room. Returns whether it was kept.
+    ///
+    /// The copy runs outside the lock, between two critical sections: the
+    /// first checks the step and reserves the room, the second checks the
+    /// step again and inserts. A newer step that landed in between wins; the
+    /// copy made here is then dropped and its reservation given back.
     pub fn offer(&self, key: &RankKey, manifest: &Manifest, layout: &Layout, data: &[u8]) -> bool {
-        let len = data.len() as u64;
+        let len = to_u64(data.len());
         assert_eq!(len, manifest.data_len, "hot copy of the wrong size");
         if len > self.budget_bytes {
             return false;
@@ -210,7 +216,7 @@ impl HotTier {
             // nobody else holds it and it has the right size.
             let old = state.entries.remove(key);
             if let Some(old) = &old {
-                state.bytes -= old.snapshot.data.len() as u64;
+                state.bytes -= to_u64(old.snapshot.data.len());
             }
             while state.bytes + len > self.budget_bytes {
                 let Some(victim) = state
@@ -222,9 +228,14 @@ impl HotTier {
                     break;
                 };
                 if let Some(e) = state.entries.remove(&victim) {
-                    state.bytes -= e.snapshot.data.len() as u64;
-                    tracing::debug!(job = %victim.0, rank = victim.1, step = e.snapshot.step, "hot tier evicted a snapshot");
+                    state.bytes -= to_u64(e.snapshot.data.len());
+                    tracing::debug!(job = %victim.job, rank = victim.rank, step = e.snapshot.step, "hot tier evicted a snapshot");
                 }
+            }
+            if state.bytes + len > self.budget_bytes {
+                // What is left is reserved by copies in progress.
+                self.publish(&state);
+                return false;
             }
             // Reserve the room now so concurrent offers cannot overshoot.
             state.bytes += len;
@@ -255,6 +266,18 @@ impl HotTier {
             data: buf,
         });
         let mut state = self.lock();
+        if state
+            .entries
+            .get(key)
+            .is_some_and(|e| e.snapshot.step >= manifest.step)
+        {
+            // A newer step of this rank landed while this one was copied.
+            state.bytes -= len;
+            self.publish(&state);
+            drop(state);
+            tracing::debug!(job = %key.job, rank = key.rank, step = manifest.step, "a newer step became hot meanwhile; this copy is dropped");
+            return false;
+        }
         state.clock += 1;
         let last_used = state.clock;
         if let Some(prev) = state.entries.insert(
@@ -264,8 +287,8 @@ impl HotTier {
                 last_used,
             },
         ) {
-            // A concurrent offer for the same rank landed meanwhile.
-            state.bytes -= prev.snapshot.data.len() as u64;
+            // An older step of this rank landed meanwhile.
+            state.bytes -= to_u64(prev.snapshot.data.len());
         }
         self.publish(&state);
         true
@@ -299,15 +322,13 @@ impl HotTier {
     pub fn discard(&self, key: &RankKey) {
         let mut state = self.lock();
         if let Some(e) = state.entries.remove(key) {
-            state.bytes -= e.snapshot.data.len() as u64;
+            state.bytes -= to_u64(e.snapshot.data.len());
         }
         self.publish(&state);
     }
 
     fn publish(&self, state: &State) {
-        self.metrics
-            .hot_tier_bytes
-            .set(i64::try_from(state.bytes).unwrap_or(i64::MAX));
+        self.metrics.hot_tier_bytes.set(gauge(state.bytes));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -350,8 +371,8 @@ mod tests {
     fn keeps_the_newest_step_and_evicts_the_least_recently_used() {
         let metrics = Arc::new(Metrics::new().expect("metrics"));
         let hot = HotTier::new(16, metrics);
-        let a: RankKey = ("a".into(), 0);
-        let b: RankKey = ("b".into(), 0);
+        let a = RankKey::new("a", 0);
+        let b = RankKey::new("b", 0);
         let (m, l) = snapshot(5, &[1; 8]);
         assert!(hot.offer(&a, &m, &l, &[1; 8]));
         let (m_old, l_old) = snapshot(4, &[2; 8]);
@@ -363,7 +384,7 @@ mod tests {
         assert!(hot.offer(&b, &m, &l, &[3; 8]));
         assert_eq!(hot.bytes(), 16);
         assert!(hot.get(&a, None).is_some(), "touch a: b is now the LRU");
-        let c: RankKey = ("c".into(), 0);
+        let c = RankKey::new("c", 0);
         let (m, l) = snapshot(9, &[4; 8]);
         assert!(hot.offer(&c, &m, &l, &[4; 8]));
         assert!(hot.get(&b, None).is_none(), "b evicted");
@@ -378,7 +399,7 @@ mod tests {
     fn a_corrupted_hot_chunk_is_detected() {
         let metrics = Arc::new(Metrics::new().expect("metrics"));
         let hot = HotTier::new(64, metrics);
-        let key: RankKey = ("a".into(), 0);
+        let key = RankKey::new("a", 0);
         let data: Vec<u8> = (0..10).collect();
         let (m, l) = snapshot(1, &data);
         assert!(hot.offer(&key, &m, &l, &data));
@@ -400,5 +421,42 @@ mod tests {
         ));
         hot.discard(&key);
         assert_eq!(hot.bytes(), 0);
+    }
+
+    #[test]
+    fn a_racing_older_offer_never_replaces_the_newer_step() {
+        const LEN: usize = 256 << 10;
+        const ITERATIONS: usize = 400;
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        // Room for both copies at once: nothing is evicted, only the race
+        // decides.
+        let hot = HotTier::new(4 * LEN as u64, metrics);
+        let key = RankKey::new("race", 0);
+        let (old_data, new_data) = (vec![1u8; LEN], vec![2u8; LEN]);
+        let (old_m, old_l) = snapshot(1, &old_data);
+        let (new_m, new_l) = snapshot(2, &new_data);
+        for iteration in 0..ITERATIONS {
+            hot.discard(&key);
+            let barrier = std::sync::Barrier::new(2);
+            let (older, newer) = std::thread::scope(|s| {
+                let older = s.spawn(|| {
+                    barrier.wait();
+                    hot.offer(&key, &old_m, &old_l, &old_data)
+                });
+                let newer = s.spawn(|| {
+                    barrier.wait();
+                    hot.offer(&key, &new_m, &new_l, &new_data)
+                });
+                (older.join().expect("older"), newer.join().expect("newer"))
+            });
+            assert!(
+                newer,
+                "iteration {iteration}: the newer step is always kept"
+            );
+            let kept = hot.get(&key, None).expect("hot");
+            assert_eq!(kept.step, 2, "iteration {iteration} (older kept: {older})");
+            assert!(kept.data.iter().all(|&b| b == 2), "iteration {iteration}");
+            assert_eq!(hot.bytes(), LEN as u64, "iteration {iteration}");
+        }
     }
 }

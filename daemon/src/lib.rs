@@ -8,6 +8,7 @@
 //! * [`restore`]: filling a staging slot from the hot tier or the disk.
 //! * [`ranks`], [`owners`]: per-(job, rank) state and job ownership by uid.
 //! * [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
+//! * [`testing`]: the test-only fault injection of the `[testing]` table.
 //! * [`buffer_pool`]: bounded, aligned I/O buffers.
 //! * [`storage`]: the narrow file-system interface and its backends
 //!   (io_uring, pwrite pool, buffered; fault injection; power-loss simulation).
@@ -26,3 +27,4 @@ pub mod server;
 pub mod staging;
 pub mod storage;
 pub mod store;
+pub mod testing;

@@ -20,6 +20,8 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use gpusnap_proto::{OsError, RestoreSource};
+
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -61,8 +63,10 @@ pub enum MetricsError {
 ///
 /// Label values: `source` is `memory` or `disk` (and `none` for a restore
 /// that failed before any source delivered its bytes: a mismatch, a missing
-/// step, a corrupt snapshot); snapshot `outcome` is `committed`, `failed`,
-/// `skipped` or `aborted`; restore `outcome` is `ok` or `failed`.
+/// step, a corrupt snapshot); snapshot `outcome` is a [`SnapshotOutcome`],
+/// restore `outcome` a [`RestoreOutcome`]; `errno` is an [`errno_label`]:
+/// the symbolic name of the OS error (`ENOSPC`, `EIO`...), `other` for an
+/// errno without one, `none` for a failure with no OS error behind it.
 #[derive(Debug)]
 pub struct Metrics {
     /// `gpusnap_stall_seconds{job}`: how long the trainer was blocked per
@@ -85,6 +89,16 @@ pub struct Metrics {
     /// `gpusnap_restores_total{job,source,outcome}`: restores by source and
     /// outcome.
     pub restores_total: IntCounterVec,
+    /// `gpusnap_snapshot_failures_total{job,errno}`: failed snapshots (the
+    /// `failed` outcome) by the OS error that failed them.
+    pub snapshot_failures_total: IntCounterVec,
+    /// `gpusnap_streamed_snapshots_total{job}`: captures that went through
+    /// the stream ring (policy `stream`, every slot busy at `Begin`).
+    pub streamed_snapshots_total: IntCounterVec,
+    /// `gpusnap_slot_wait_seconds{job}`: under policy `block`, how long each
+    /// `Begin` waited for a free staging slot (0 when one was free; a wait
+    /// that timed out or that the client left counts too).
+    pub slot_wait_seconds: HistogramVec,
     /// `gpusnap_staging_bytes`: staging memory in use.
     pub staging_bytes: IntGauge,
     /// `gpusnap_staging_budget_bytes`: staging memory the daemon may use.
@@ -163,6 +177,21 @@ impl Metrics {
                 "Restores by source (memory, disk, none) and outcome (ok, failed).",
                 &["job", "source", "outcome"],
             )?,
+            snapshot_failures_total: r.int_counter(
+                "gpusnap_snapshot_failures_total",
+                "Failed snapshots by the OS error behind them (ENOSPC, EIO, ...; other; none).",
+                &["job", "errno"],
+            )?,
+            streamed_snapshots_total: r.int_counter(
+                "gpusnap_streamed_snapshots_total",
+                "Captures streamed through the ring because every staging slot was busy (policy stream).",
+                &["job"],
+            )?,
+            slot_wait_seconds: r.histogram(
+                "gpusnap_slot_wait_seconds",
+                "Time a snapshot waited for a free staging slot under policy block.",
+                &["job"],
+            )?,
             staging_bytes: r.int_gauge("gpusnap_staging_bytes", "Staging memory in use.")?,
             staging_budget_bytes: r.int_gauge(
                 "gpusnap_staging_budget_bytes",
@@ -216,6 +245,88 @@ impl Metrics {
     /// The registry holding every metric (to gather or to add collectors).
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// Counts a snapshot of `job` that ended with `outcome`.
+    pub fn count_snapshot(&self, job: &str, outcome: SnapshotOutcome) {
+        self.snapshots_total
+            .with_label_values(&[job, outcome.name()])
+            .inc();
+    }
+
+    /// Counts a failed snapshot of `job`: its outcome and its OS error.
+    pub fn count_snapshot_failure(&self, job: &str, os_error: Option<OsError>) {
+        self.count_snapshot(job, SnapshotOutcome::Failed);
+        self.snapshot_failures_total
+            .with_label_values(&[job, errno_label(os_error)])
+            .inc();
+    }
+
+    /// Counts a restore of `job` (its source, `None` when none delivered).
+    pub fn count_restore(&self, job: &str, source: Option<RestoreSource>, outcome: RestoreOutcome) {
+        self.restores_total
+            .with_label_values(&[job, source_label(source), outcome.name()])
+            .inc();
+    }
+}
+
+/// How a snapshot ended: the `outcome` label of `gpusnap_snapshots_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotOutcome {
+    /// Durable on disk.
+    Committed,
+    /// The persist failed (the client got `Failed`); older snapshots stand.
+    Failed,
+    /// Refused at `Begin` (already committed or in flight, policy skip).
+    Skipped,
+    /// The client aborted the capture or left in the middle of it.
+    Aborted,
+}
+
+impl SnapshotOutcome {
+    pub const fn name(self) -> &'static str {
+        match self {
+            SnapshotOutcome::Committed => "committed",
+            SnapshotOutcome::Failed => "failed",
+            SnapshotOutcome::Skipped => "skipped",
+            SnapshotOutcome::Aborted => "aborted",
+        }
+    }
+}
+
+/// How a restore ended: the `outcome` label of `gpusnap_restores_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreOutcome {
+    Ok,
+    Failed,
+}
+
+impl RestoreOutcome {
+    pub const fn name(self) -> &'static str {
+        match self {
+            RestoreOutcome::Ok => "ok",
+            RestoreOutcome::Failed => "failed",
+        }
+    }
+}
+
+/// The `source` label: where a restore's bytes came from, `none` when no
+/// source delivered them.
+pub const fn source_label(source: Option<RestoreSource>) -> &'static str {
+    match source {
+        Some(s) => s.name(),
+        None => "none",
+    }
+}
+
+/// The `errno` label: a bounded set of values whatever the error.
+pub const fn errno_label(os_error: Option<OsError>) -> &'static str {
+    match os_error {
+        None => "none",
+        Some(e) => match e.name() {
+            Some(name) => name,
+            None => "other",
+        },
     }
 }
 
@@ -336,6 +447,9 @@ mod tests {
             bytes_read_total,
             snapshots_total,
             restores_total,
+            snapshot_failures_total,
+            streamed_snapshots_total,
+            slot_wait_seconds,
             staging_bytes,
             staging_budget_bytes,
             hot_tier_bytes,
@@ -358,6 +472,11 @@ mod tests {
             .inc_by(8192);
         snapshots_total.with_label_values(&["j", "committed"]).inc();
         restores_total.with_label_values(&["j", "disk", "ok"]).inc();
+        snapshot_failures_total
+            .with_label_values(&["j", "ENOSPC"])
+            .inc();
+        streamed_snapshots_total.with_label_values(&["j"]).inc();
+        slot_wait_seconds.with_label_values(&["j"]).observe(0.5);
         staging_bytes.set(1 << 20);
         staging_budget_bytes.set(1 << 30);
         hot_tier_bytes.set(1 << 21);
@@ -375,6 +494,9 @@ mod tests {
             "gpusnap_bytes_read_total",
             "gpusnap_snapshots_total",
             "gpusnap_restores_total",
+            "gpusnap_snapshot_failures_total",
+            "gpusnap_streamed_snapshots_total",
+            "gpusnap_slot_wait_seconds",
             "gpusnap_staging_bytes",
             "gpusnap_staging_budget_bytes",
             "gpusnap_hot_tier_bytes",
@@ -433,7 +555,7 @@ mod tests {
             for metric in family.get_metric() {
                 for label in metric.get_label() {
                     assert!(
-                        ["job", "source", "outcome", "backend"].contains(&label.name()),
+                        ["job", "source", "outcome", "backend", "errno"].contains(&label.name()),
                         "{name} has label {}",
                         label.name()
                     );
@@ -490,7 +612,27 @@ mod tests {
                 );
             }
         }
-        assert_eq!(histograms, 4);
+        assert_eq!(histograms, 5);
+    }
+
+    #[test]
+    fn label_values_come_from_fixed_sets() {
+        assert_eq!(errno_label(None), "none");
+        assert_eq!(errno_label(Some(OsError::ENOSPC)), "ENOSPC");
+        assert_eq!(errno_label(Some(OsError::from_raw(4000))), "other");
+        assert_eq!(source_label(None), "none");
+        assert_eq!(source_label(Some(RestoreSource::Disk)), "disk");
+        let m = Metrics::new().expect("metrics");
+        m.count_snapshot_failure("j", Some(OsError::EIO));
+        m.count_restore("j", None, RestoreOutcome::Failed);
+        let text = m.render();
+        for line in [
+            "gpusnap_snapshots_total{job=\"j\",outcome=\"failed\"} 1\n",
+            "gpusnap_snapshot_failures_total{errno=\"EIO\",job=\"j\"} 1\n",
+            "gpusnap_restores_total{job=\"j\",outcome=\"failed\",source=\"none\"} 1\n",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //!   that then dies is still committed; the staging memory goes back to the
 //!   budget when the lane has drained.
 //! * `persist.concurrent_writes` permits bound how many slot snapshots are
-//!   written at once across all lanes.
+//!   written at once across all lanes; a snapshot waits at most
+//!   `persist.write_wait_s` for one, then fails with `Timeout`.
 //! * A streamed capture (policy `stream`, every slot busy) runs on a thread
 //!   of its own, concurrently with its lane: the store pulls chunk after
 //!   chunk from the client's ring as the client fills it. It takes no permit:
@@ -16,17 +17,35 @@
 //!
 //! After a commit the lane offers the slot to the hot tier (a copy), then
 //! frees the slot.
+//!
+//! Clean-up is structural. A lane job carries a [`PersistingSlot`] (freed
+//! when dropped) and an [`InFlight`] (the step untracked when dropped), so a
+//! job that is never run (the lane is gone: [`Lane::persist`] refuses it)
+//! or that panics gives both back. Each job, and each streamed capture, runs
+//! under `catch_unwind`: a panic (an assertion, a bug) is reported to the
+//! client as `Failed { kind: Internal }`, counted as failed, and the lane
+//! goes on with its next job; the daemon keeps serving. We chose this over
+//! `panic = "abort"` and a restart by systemd: a restart would drop every
+//! other trainer's connection, staging and in-flight snapshots for one bad
+//! step, and what a panic here can leave behind (one slot, one step, one
+//! write permit) is exactly what the guards release.
 
+use std::any::Any;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use gpusnap_proto::{ErrorKind, OsError, ReplyBody};
+use gpusnap_proto::ReplyBody;
+use gpusnap_proto::convert::{gauge, nanos, to_usize};
 
-use crate::hot_tier::{HotTier, RankKey};
-use crate::metrics::Metrics;
-use crate::ranks::Ranks;
-use crate::staging::{SlotState, StagingArea};
+use crate::config::PersistConfig;
+use crate::hot_tier::HotTier;
+use crate::metrics::{Metrics, SnapshotOutcome};
+use crate::ranks::{RankKey, Ranks};
+use crate::server::errors::{failed_event, os_error, panic_message};
+use crate::staging::{PersistingSlot, SlotState, StagingArea};
 use crate::store::{Committed, SnapshotId, Source, Store, StoreError};
+use crate::testing::Hooks;
 
 /// How long a streamed capture waits for the client's next chunk.
 pub const STREAM_CHUNK_WAIT: Duration = Duration::from_secs(120);
@@ -46,23 +65,117 @@ pub struct SessionCore {
 
 impl SessionCore {
     fn id(&self, step: u64) -> Result<SnapshotId, StoreError> {
-        Ok(SnapshotId::new(self.key.0.clone(), self.key.1, step)?)
+        Ok(SnapshotId::new(self.key.job.clone(), self.key.rank, step)?)
     }
 
     fn tell(&self, event: ReplyBody) {
         // The channel holds more events than a client can have snapshots in
         // flight; a full or closed one means the client is gone.
         if self.events.try_send(event).is_err() {
-            tracing::debug!(job = %self.key.0, rank = self.key.1, "client gone; event not delivered");
+            tracing::debug!(job = %self.key.job, rank = self.key.rank, "client gone; event not delivered");
         }
     }
 }
 
-/// A captured slot to persist.
-#[derive(Debug, Clone, Copy)]
-struct LaneJob {
-    slot: u32,
+/// Why a captured snapshot was not committed.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "no write turn within {waited_s} s (persist.write_wait_s): the {concurrent_writes} concurrent write(s) stayed busy"
+    )]
+    WriteWait {
+        waited_s: u64,
+        concurrent_writes: usize,
+    },
+    #[error("persisting step {step} panicked ({message}); older snapshots stand")]
+    Panicked { step: u64, message: String },
+}
+
+impl PersistError {
+    /// The operating system's error behind this one, if a system call
+    /// failed.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            PersistError::Store(e) => e.raw_os_error(),
+            PersistError::WriteWait { .. } | PersistError::Panicked { .. } => None,
+        }
+    }
+}
+
+/// Why a streamed capture's source stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("the client sent no chunk {seq} within {} s", STREAM_CHUNK_WAIT.as_secs())]
+    ClientTimeout { seq: u64 },
+    #[error("the client went away at chunk {seq}")]
+    ClientGone { seq: u64 },
+    #[error("the client filled chunk {got}, expected {expected}")]
+    OutOfOrder { got: u64, expected: u64 },
+    #[error(
+        "the store asked for data bytes {offset}..+{len} but ring chunks are {chunk_bytes} bytes"
+    )]
+    Misaligned {
+        offset: u64,
+        len: usize,
+        chunk_bytes: u64,
+    },
+}
+
+/// Why a lane did not take a job; the job is dropped (its slot freed, its
+/// step untracked).
+#[derive(Debug, thiserror::Error)]
+pub enum LaneError {
+    #[error("the persist lane's queue is full ({slots} slot(s) queued)")]
+    Full { slots: usize },
+    #[error("the persist lane's thread is gone")]
+    Gone,
+}
+
+/// A step of a (job, rank) captured and not yet committed or failed;
+/// untracked when dropped, as committed only if [`InFlight::report`] said
+/// so.
+#[derive(Debug)]
+#[must_use = "the step is untracked when this is dropped"]
+pub struct InFlight {
+    engine: Arc<Engine>,
+    key: RankKey,
     step: u64,
+    /// `Some(committed)` once the outcome was reported to the client.
+    reported: Option<bool>,
+}
+
+impl InFlight {
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    fn report(&mut self, committed: bool) {
+        assert!(
+            self.reported.is_none(),
+            "step {} of {} reported twice",
+            self.step,
+            self.key
+        );
+        self.reported = Some(committed);
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.engine
+            .untrack(&self.key, self.step, self.reported == Some(true));
+    }
+}
+
+/// A captured slot to persist.
+#[derive(Debug)]
+struct LaneJob {
+    // Dropped in this order: the slot is free before the step stops being
+    // in flight, so a restore waiting for the step finds a slot.
+    slot: PersistingSlot,
+    in_flight: InFlight,
 }
 
 /// The sending end of a registration's lane; dropping it lets the lane
@@ -70,16 +183,25 @@ struct LaneJob {
 #[derive(Debug)]
 pub struct Lane {
     tx: crossbeam_channel::Sender<LaneJob>,
+    slots: usize,
 }
 
 impl Lane {
-    /// Queues slot `slot` (now `Persisting`) holding `step`.
-    pub fn persist(&self, slot: u32, step: u64) {
-        // The lane holds at most one job per slot, and its capacity is the
-        // slot count, so this never blocks; the lane outlives every Lane.
-        if self.tx.try_send(LaneJob { slot, step }).is_err() {
-            unreachable!("a lane's queue overflowed or its thread is gone");
-        }
+    /// Queues `slot` (captured, now `Persisting`) for the lane to write.
+    /// The queue holds one job per slot, so it is never full while the lane
+    /// lives.
+    pub fn persist(&self, slot: PersistingSlot, in_flight: InFlight) -> Result<(), LaneError> {
+        assert_eq!(
+            slot.step(),
+            in_flight.step,
+            "a slot queued for another step"
+        );
+        self.tx
+            .try_send(LaneJob { slot, in_flight })
+            .map_err(|e| match e {
+                crossbeam_channel::TrySendError::Full(_) => LaneError::Full { slots: self.slots },
+                crossbeam_channel::TrySendError::Disconnected(_) => LaneError::Gone,
+            })
     }
 }
 
@@ -94,6 +216,15 @@ pub struct StreamFeed {
     pub aborted: Arc<std::sync::atomic::AtomicBool>,
 }
 
+impl StreamFeed {
+    /// Marks the stream as aborted by the client: when its source fails,
+    /// the snapshot counts as aborted, not failed.
+    pub fn abort(&self) {
+        self.aborted
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Counting semaphore of concurrent writes.
 #[derive(Debug)]
 struct Permits {
@@ -102,16 +233,25 @@ struct Permits {
 }
 
 impl Permits {
-    fn acquire(&self) -> PermitGuard<'_> {
-        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
-        while *free == 0 {
-            free = self
-                .returned
-                .wait(free)
-                .unwrap_or_else(PoisonError::into_inner);
+    fn new(count: usize) -> Permits {
+        Permits {
+            free: Mutex::new(count),
+            returned: Condvar::new(),
+        }
+    }
+
+    /// A permit, or `None` if none was returned within `wait`.
+    fn acquire(&self, wait: Duration) -> Option<PermitGuard<'_>> {
+        let free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        let (mut free, _) = self
+            .returned
+            .wait_timeout_while(free, wait, |free| *free == 0)
+            .unwrap_or_else(PoisonError::into_inner);
+        if *free == 0 {
+            return None;
         }
         *free -= 1;
-        PermitGuard { permits: self }
+        Some(PermitGuard { permits: self })
     }
 }
 
@@ -137,7 +277,10 @@ pub struct Engine {
     hot: Arc<HotTier>,
     ranks: Arc<Ranks>,
     metrics: Arc<Metrics>,
+    hooks: Arc<Hooks>,
     permits: Permits,
+    concurrent_writes: usize,
+    write_wait: Duration,
     in_flight: Mutex<u64>,
     drained: Condvar,
 }
@@ -148,18 +291,22 @@ impl Engine {
         hot: Arc<HotTier>,
         ranks: Arc<Ranks>,
         metrics: Arc<Metrics>,
-        concurrent_writes: usize,
+        hooks: Arc<Hooks>,
+        config: &PersistConfig,
     ) -> Arc<Engine> {
-        assert!(concurrent_writes >= 1, "configuration guarantees a permit");
+        assert!(
+            config.concurrent_writes >= 1,
+            "configuration guarantees a permit"
+        );
         Arc::new(Engine {
             store,
             hot,
             ranks,
             metrics,
-            permits: Permits {
-                free: Mutex::new(concurrent_writes),
-                returned: Condvar::new(),
-            },
+            hooks,
+            permits: Permits::new(config.concurrent_writes),
+            concurrent_writes: config.concurrent_writes,
+            write_wait: Duration::from_secs(config.write_wait_s),
             in_flight: Mutex::new(0),
             drained: Condvar::new(),
         })
@@ -167,28 +314,34 @@ impl Engine {
 
     /// Starts the lane of a registration.
     pub fn spawn_lane(self: &Arc<Self>, core: Arc<SessionCore>) -> std::io::Result<Lane> {
-        let slots = usize::try_from(core.staging.info().slots).unwrap_or(1);
+        let slots = to_usize(u64::from(core.staging.info().slots));
         let (tx, rx) = crossbeam_channel::bounded::<LaneJob>(slots);
         let engine = Arc::clone(self);
         std::thread::Builder::new()
             .name(format!("persist-{}", core.conn_id))
             .spawn(move || {
                 for job in rx {
-                    engine.persist_slot(&core, job);
+                    engine.run_lane_job(&core, job);
                 }
             })?;
-        Ok(Lane { tx })
+        Ok(Lane { tx, slots })
     }
 
-    /// Records `step` of `key` as in flight; false if it already is.
-    pub fn track(&self, key: &RankKey, step: u64) -> bool {
+    /// Records `step` of `key` as in flight until the returned guard is
+    /// dropped; `None` if it already is.
+    pub fn track(self: &Arc<Self>, key: &RankKey, step: u64) -> Option<InFlight> {
         if !self.ranks.start(key, step) {
-            return false;
+            return None;
         }
         let mut n = self.lock_in_flight();
         *n += 1;
         self.metrics.snapshots_in_flight.set(gauge(*n));
-        true
+        Some(InFlight {
+            engine: Arc::clone(self),
+            key: key.clone(),
+            step,
+            reported: None,
+        })
     }
 
     fn untrack(&self, key: &RankKey, step: u64, committed: bool) {
@@ -218,78 +371,139 @@ impl Engine {
         !result.timed_out()
     }
 
-    fn persist_slot(&self, core: &SessionCore, job: LaneJob) {
+    /// One lane job, a panic in it caught and reported.
+    fn run_lane_job(&self, core: &SessionCore, job: LaneJob) {
+        let LaneJob {
+            slot,
+            mut in_flight,
+        } = job;
+        let started = Instant::now();
+        let tracked = &mut in_flight;
+        // The slot moves in: a panic drops it (free) while unwinding.
+        let ran = catch_unwind(AssertUnwindSafe(move || {
+            self.persist_slot(core, slot, tracked, started);
+        }));
+        if let Err(panic) = ran {
+            self.persist_panicked(core, &mut in_flight, started, &*panic);
+        }
+    }
+
+    fn persist_slot(
+        &self,
+        core: &SessionCore,
+        slot: PersistingSlot,
+        in_flight: &mut InFlight,
+        started: Instant,
+    ) {
         let staging = &core.staging;
+        assert!(
+            Arc::ptr_eq(slot.staging(), staging),
+            "lane got a slot of another registration"
+        );
         assert_eq!(
-            staging.slot_state(job.slot),
-            Some(SlotState::Persisting { step: job.step }),
+            staging.slot_state(slot.index()),
+            Some(SlotState::Persisting { step: slot.step() }),
             "lane got a slot that is not persisting"
         );
-        let started = Instant::now();
-        let result = {
-            let _permit = self.permits.acquire();
-            core.id(job.step).and_then(|id| {
-                // SAFETY: the slot is `Persisting` (asserted above) until this
-                // lane frees it below, after the slice is gone.
-                let data = unsafe { staging.slot_data(job.slot) };
-                self.store.write_laid_out(
-                    &id,
-                    staging.layout(),
-                    core.world_size,
-                    Source::Memory(data),
-                )
-            })
-        };
+        let result = self.write_slot(core, &slot);
         // The commit is reported first: the hot copy is not part of it. The
         // step stays in flight until the copy is hot, so a restore waiting
         // for it finds it in memory.
         let hot = result.as_ref().ok().map(|c| c.manifest.clone());
-        let committed = self.report(core, job.step, started, result, false);
+        self.report(core, in_flight, started, result, false);
         if let Some(manifest) = hot {
-            // SAFETY: still `Persisting` (freed below); nobody writes the slot.
-            let data = unsafe { staging.slot_data(job.slot) };
+            // SAFETY: the slot is `Persisting` until `slot` is dropped below
+            // (the guard), after the slice is gone; the client does not
+            // write it meanwhile, and if it breaks that rule it corrupts
+            // only this hot copy, which its chunk CRCs expose at restore.
+            let data = unsafe { staging.slot_data(slot.index()) };
             if self.hot.offer(&core.key, &manifest, staging.layout(), data) {
-                tracing::debug!(job = %core.key.0, rank = core.key.1, step = job.step, "kept hot");
+                tracing::debug!(job = %core.key.job, rank = core.key.rank, step = slot.step(), "kept hot");
             }
         }
-        let freed = staging.transition(
-            job.slot,
-            SlotState::Persisting { step: job.step },
-            SlotState::Free,
-        );
-        assert!(freed, "a persisting slot changed state under its lane");
-        self.untrack(&core.key, job.step, committed);
+        drop(slot);
     }
 
-    /// Starts a streamed capture of `step` through the ring; the caller has
-    /// tracked it (and on an error here it is untracked again).
+    /// Writes the slot as its step, within a write permit.
+    fn write_slot(
+        &self,
+        core: &SessionCore,
+        slot: &PersistingSlot,
+    ) -> Result<Committed, PersistError> {
+        let Some(_permit) = self.permits.acquire(self.write_wait) else {
+            return Err(PersistError::WriteWait {
+                waited_s: self.write_wait.as_secs(),
+                concurrent_writes: self.concurrent_writes,
+            });
+        };
+        self.hooks.on_persist(slot.step());
+        let id = core.id(slot.step())?;
+        let staging = &core.staging;
+        // SAFETY: the slot is `Persisting` (the guard `slot`, borrowed for
+        // this call, holds it so) until the lane drops the guard, after the
+        // slice is gone.
+        let data = unsafe { staging.slot_data(slot.index()) };
+        Ok(self.store.write_laid_out(
+            &id,
+            staging.layout(),
+            core.world_size,
+            Source::Memory(data),
+        )?)
+    }
+
+    /// A persist that panicked: reported as failed (`Internal`) unless its
+    /// outcome was already reported (a panic after the commit, in the hot
+    /// copy).
+    fn persist_panicked(
+        &self,
+        core: &SessionCore,
+        in_flight: &mut InFlight,
+        started: Instant,
+        payload: &(dyn Any + Send),
+    ) {
+        let step = in_flight.step;
+        let message = panic_message(payload);
+        if in_flight.reported.is_some() {
+            tracing::error!(job = %core.key.job, rank = core.key.rank, step, panic = %message, "the persist lane panicked after reporting the step; it goes on");
+            return;
+        }
+        let failed = PersistError::Panicked { step, message };
+        self.report(core, in_flight, started, Err(failed), false);
+    }
+
+    /// Starts a streamed capture of the tracked step through the ring.
+    /// If the thread cannot start, `in_flight` is dropped with it: the step
+    /// is untracked again.
     pub fn start_stream(
         self: &Arc<Self>,
         core: Arc<SessionCore>,
-        step: u64,
+        in_flight: InFlight,
     ) -> std::io::Result<StreamFeed> {
-        let ring_chunks = usize::try_from(core.staging.info().ring_chunks).unwrap_or(1);
+        let ring_chunks = to_usize(u64::from(core.staging.info().ring_chunks));
         assert!(ring_chunks >= 2, "stream policy without a ring");
         let (filled_tx, filled_rx) = crossbeam_channel::bounded::<u64>(ring_chunks);
         let (taken_tx, taken_rx) = tokio::sync::mpsc::channel::<u64>(ring_chunks);
         let aborted = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let engine = Arc::clone(self);
         let abort_flag = Arc::clone(&aborted);
-        let key = core.key.clone();
-        let spawned = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name(format!("stream-{}", core.conn_id))
             .spawn(move || {
+                let mut in_flight = in_flight;
+                let step = in_flight.step;
                 let started = Instant::now();
-                let result = engine.write_stream(&core, step, &filled_rx, &taken_tx);
-                let aborted = abort_flag.load(std::sync::atomic::Ordering::SeqCst);
-                let committed = engine.report(&core, step, started, result, aborted);
-                engine.untrack(&core.key, step, committed);
-            });
-        if let Err(e) = spawned {
-            // The caller tracked the step; nothing will persist it now.
-            self.untrack(&key, step, false);
-            return Err(e);
-        }
+                let ran = catch_unwind(AssertUnwindSafe(|| {
+                    engine.hooks.on_persist(step);
+                    let result = engine
+                        .write_stream(&core, step, &filled_rx, &taken_tx)
+                        .map_err(PersistError::from);
+                    let aborted = abort_flag.load(std::sync::atomic::Ordering::SeqCst);
+                    engine.report(&core, &mut in_flight, started, result, aborted);
+                }));
+                if let Err(panic) = ran {
+                    engine.persist_panicked(&core, &mut in_flight, started, &*panic);
+                }
+            })?;
         Ok(StreamFeed {
             filled: filled_tx,
             taken: taken_rx,
@@ -311,27 +525,26 @@ impl Engine {
             move |offset: u64, dst: &mut [u8]| -> Result<(), crate::store::SourceError> {
                 let seq = offset / info.chunk_bytes;
                 let (start, end) = info.chunk_range(seq);
-                if start != offset || (end - start) != dst.len() as u64 {
-                    return Err(format!(
-                        "the store asked for data bytes {offset}..+{} but ring chunks are {} bytes",
-                        dst.len(),
-                        info.chunk_bytes
-                    )
+                if start != offset || (end - start) != gpusnap_proto::convert::to_u64(dst.len()) {
+                    return Err(StreamError::Misaligned {
+                        offset,
+                        len: dst.len(),
+                        chunk_bytes: info.chunk_bytes,
+                    }
                     .into());
                 }
                 let got = filled
                     .recv_timeout(STREAM_CHUNK_WAIT)
                     .map_err(|e| match e {
-                        crossbeam_channel::RecvTimeoutError::Timeout => format!(
-                            "the client sent no chunk {seq} within {} s",
-                            STREAM_CHUNK_WAIT.as_secs()
-                        ),
+                        crossbeam_channel::RecvTimeoutError::Timeout => {
+                            StreamError::ClientTimeout { seq }
+                        }
                         crossbeam_channel::RecvTimeoutError::Disconnected => {
-                            format!("the client went away before chunk {seq}")
+                            StreamError::ClientGone { seq }
                         }
                     })?;
                 if got != seq {
-                    return Err(format!("the client filled chunk {got}, expected {seq}").into());
+                    return Err(StreamError::OutOfOrder { got, expected: seq }.into());
                 }
                 // SAFETY: the client announced chunk `seq` and is not told its
                 // ring position is free until `taken` below.
@@ -339,7 +552,7 @@ impl Engine {
                 dst.copy_from_slice(src);
                 taken
                     .blocking_send(seq)
-                    .map_err(|_| format!("the client went away after chunk {seq}"))?;
+                    .map_err(|_| StreamError::ClientGone { seq })?;
                 Ok(())
             };
         self.store.write_laid_out(
@@ -350,16 +563,17 @@ impl Engine {
         )
     }
 
-    /// Counts the outcome and tells the client; whether it committed.
+    /// Counts the outcome, tells the client and records it in `in_flight`.
     fn report(
         &self,
         core: &SessionCore,
-        step: u64,
+        in_flight: &mut InFlight,
         started: Instant,
-        result: Result<Committed, StoreError>,
+        result: Result<Committed, PersistError>,
         aborted: bool,
-    ) -> bool {
-        let job = core.key.0.as_str();
+    ) {
+        let step = in_flight.step;
+        let job = core.key.job.as_str();
         let elapsed = started.elapsed();
         match result {
             Ok(committed) => {
@@ -372,42 +586,32 @@ impl Engine {
                     .bytes_written_total
                     .with_label_values(&[job])
                     .inc_by(bytes);
-                self.metrics
-                    .snapshots_total
-                    .with_label_values(&[job, "committed"])
-                    .inc();
+                self.metrics.count_snapshot(job, SnapshotOutcome::Committed);
                 let gauge_step = self.metrics.last_committed_step.with_label_values(&[job]);
                 gauge_step.set(gauge_step.get().max(gauge(step)));
+                in_flight.report(true);
                 core.tell(ReplyBody::Committed {
                     step,
                     bytes,
-                    persist_ns: u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
+                    persist_ns: nanos(elapsed),
                 });
-                true
             }
             Err(e) => {
-                let outcome = if aborted { "aborted" } else { "failed" };
                 if aborted {
                     tracing::info!(
                         job,
-                        rank = core.key.1,
+                        rank = core.key.rank,
                         step,
                         "streamed capture aborted by the client; nothing committed"
                     );
+                    self.metrics.count_snapshot(job, SnapshotOutcome::Aborted);
                 } else {
-                    tracing::error!(job, rank = core.key.1, step, error = %e, "snapshot failed; older snapshots stand");
+                    let os = os_error(e.raw_os_error());
+                    tracing::error!(job, rank = core.key.rank, step, error = %e, os_error = ?os, "snapshot failed; older snapshots stand");
+                    self.metrics.count_snapshot_failure(job, os);
                 }
-                self.metrics
-                    .snapshots_total
-                    .with_label_values(&[job, outcome])
-                    .inc();
-                core.tell(ReplyBody::Failed {
-                    step,
-                    kind: store_error_kind(&e),
-                    message: e.to_string(),
-                    os_error: e.raw_os_error().map(OsError::from_raw),
-                });
-                false
+                in_flight.report(false);
+                core.tell(failed_event(step, &e));
             }
         }
     }
@@ -419,25 +623,246 @@ impl Engine {
     }
 }
 
-/// The wire kind of a store error.
-pub fn store_error_kind(e: &StoreError) -> ErrorKind {
-    match e {
-        StoreError::Storage(_) | StoreError::ShortTransfer { .. } | StoreError::Pool(_) => {
-            ErrorKind::Storage
-        }
-        StoreError::Manifest { .. }
-        | StoreError::ManifestMissing { .. }
-        | StoreError::LengthMismatch { .. }
-        | StoreError::HeaderCorrupt { .. }
-        | StoreError::ChunkCorrupt { .. } => ErrorKind::Corrupt,
-        StoreError::NotFound { .. } => ErrorKind::NotFound,
-        StoreError::AlreadyCommitted { .. } | StoreError::InProgress { .. } => ErrorKind::Busy,
-        StoreError::Name(_) | StoreError::Layout(_) => ErrorKind::InvalidRegistration,
-        StoreError::Source { .. } => ErrorKind::Protocol,
-        _ => ErrorKind::Internal,
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TestingConfig;
+    use crate::staging::{StagingBudget, StagingPlan};
+    use crate::store::StoreConfig;
+    use gpusnap_proto::{BusyPolicy, Dtype, ErrorKind, TensorSpec};
 
-fn gauge(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
+    #[test]
+    fn a_write_permit_is_waited_for_at_most_its_deadline() {
+        let permits = Permits::new(1);
+        let held = permits.acquire(Duration::from_secs(1)).expect("free");
+        let started = Instant::now();
+        assert!(permits.acquire(Duration::from_millis(50)).is_none());
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        drop(held);
+        assert!(permits.acquire(Duration::from_millis(50)).is_some());
+        std::thread::scope(|s| {
+            let held = permits.acquire(Duration::from_secs(1)).expect("free");
+            s.spawn(move || {
+                std::thread::sleep(Duration::from_millis(30));
+                drop(held);
+            });
+            assert!(
+                permits.acquire(Duration::from_secs(10)).is_some(),
+                "a returned permit wakes the waiter"
+            );
+        });
+    }
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        engine: Arc<Engine>,
+        metrics: Arc<Metrics>,
+        budget: Arc<StagingBudget>,
+        core: Arc<SessionCore>,
+        events: tokio::sync::mpsc::Receiver<ReplyBody>,
+    }
+
+    /// An engine on a scratch store whose persists of `panic_step` panic,
+    /// and one registration of policy `policy`.
+    fn rig(panic_step: u64, policy: BusyPolicy) -> Rig {
+        rig_with(panic_step, policy, &PersistConfig::default())
+    }
+
+    fn rig_with(panic_step: u64, policy: BusyPolicy, persist: &PersistConfig) -> Rig {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(
+            Store::open(StoreConfig {
+                root: dir.path().to_path_buf(),
+                io_backend: crate::storage::probe::BackendChoice::Buffered,
+                io_buffer_bytes: 4096,
+                io_pool_bytes: 16 * 4096,
+                ..StoreConfig::default()
+            })
+            .expect("store"),
+        );
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let hot = Arc::new(HotTier::new(1 << 20, Arc::clone(&metrics)));
+        let hooks = Arc::new(Hooks::new(Some(&TestingConfig {
+            panic_once_on_request: None,
+            panic_persisting_step: Some(panic_step),
+        })));
+        let engine = Engine::new(
+            store,
+            hot,
+            Arc::new(Ranks::default()),
+            Arc::clone(&metrics),
+            hooks,
+            persist,
+        );
+        let budget = StagingBudget::new(1 << 20, Arc::clone(&metrics));
+        let plan = StagingPlan {
+            double: true,
+            policy,
+            chunk_bytes: 4096,
+            ring_chunks: 2,
+        };
+        let staging = StagingArea::create(
+            vec![TensorSpec::new("w", Dtype::F32, [1024])],
+            plan,
+            &budget,
+        )
+        .expect("staging");
+        let (events_tx, events) = tokio::sync::mpsc::channel(16);
+        let core = Arc::new(SessionCore {
+            conn_id: 1,
+            uid: 0,
+            pid: 0,
+            key: RankKey::new("j", 0),
+            world_size: 1,
+            staging: Arc::new(staging),
+            events: events_tx,
+        });
+        Rig {
+            _dir: dir,
+            engine,
+            metrics,
+            budget,
+            core,
+            events,
+        }
+    }
+
+    fn next_event(events: &mut tokio::sync::mpsc::Receiver<ReplyBody>) -> ReplyBody {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match events.try_recv() {
+                Ok(event) => return event,
+                Err(_) => {
+                    assert!(Instant::now() < deadline, "no event in 30 s");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+
+    fn capture(rig: &Rig, step: u64) -> (PersistingSlot, InFlight) {
+        let slot = rig
+            .core
+            .staging
+            .claim_capturing(step)
+            .expect("free slot")
+            .into_persisting();
+        let in_flight = rig.engine.track(&rig.core.key, step).expect("new step");
+        (slot, in_flight)
+    }
+
+    #[test]
+    fn a_lane_that_panics_reports_internal_frees_the_slot_and_goes_on() {
+        let mut rig = rig(2, BusyPolicy::Block);
+        let lane = rig.engine.spawn_lane(Arc::clone(&rig.core)).expect("lane");
+        for step in 1..=3 {
+            let (slot, in_flight) = capture(&rig, step);
+            lane.persist(slot, in_flight).expect("queued");
+            match next_event(&mut rig.events) {
+                ReplyBody::Committed { step: s, .. } if step != 2 => assert_eq!(s, step),
+                ReplyBody::Failed {
+                    step: 2,
+                    kind: ErrorKind::Internal,
+                    message,
+                    os_error: None,
+                } if step == 2 => assert!(message.contains("panicked"), "{message}"),
+                other => panic!("step {step}: {other:?}"),
+            }
+            assert!(rig.engine.wait_drained(Duration::from_secs(30)));
+            assert_eq!(rig.core.staging.busy_slots(), 0, "step {step}");
+        }
+        assert!(!rig.engine.ranks.is_in_flight(&rig.core.key, 2));
+        let failed = rig
+            .metrics
+            .snapshot_failures_total
+            .with_label_values(&["j", "none"])
+            .get();
+        assert_eq!(failed, 1);
+        drop(lane);
+        drop(rig.core);
+        // The lane thread held the staging area; it lets it go as it exits.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while rig.budget.used_bytes() != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the lane never let go of staging"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_snapshot_that_gets_no_write_turn_in_time_fails_with_timeout() {
+        let persist = PersistConfig {
+            concurrent_writes: 1,
+            write_wait_s: 1,
+        };
+        let mut rig = rig_with(99, BusyPolicy::Block, &persist);
+        let lane = rig.engine.spawn_lane(Arc::clone(&rig.core)).expect("lane");
+        // A hung write elsewhere holds the only turn.
+        let held = rig
+            .engine
+            .permits
+            .acquire(Duration::from_secs(1))
+            .expect("free");
+        let (slot, in_flight) = capture(&rig, 1);
+        lane.persist(slot, in_flight).expect("queued");
+        match next_event(&mut rig.events) {
+            ReplyBody::Failed {
+                step: 1,
+                kind: ErrorKind::Timeout,
+                message,
+                ..
+            } => assert!(message.contains("persist.write_wait_s"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(rig.engine.wait_drained(Duration::from_secs(30)));
+        assert_eq!(rig.core.staging.busy_slots(), 0);
+        drop(held);
+        let (slot, in_flight) = capture(&rig, 2);
+        lane.persist(slot, in_flight).expect("queued");
+        assert!(matches!(
+            next_event(&mut rig.events),
+            ReplyBody::Committed { step: 2, .. }
+        ));
+    }
+
+    #[test]
+    fn a_job_the_lane_cannot_take_gives_its_slot_and_step_back() {
+        let rig = rig(99, BusyPolicy::Block);
+        let (tx, rx) = crossbeam_channel::bounded::<LaneJob>(1);
+        drop(rx);
+        let lane = Lane { tx, slots: 1 };
+        let (slot, in_flight) = capture(&rig, 5);
+        assert!(matches!(
+            lane.persist(slot, in_flight),
+            Err(LaneError::Gone)
+        ));
+        assert_eq!(rig.core.staging.busy_slots(), 0);
+        assert_eq!(rig.engine.in_flight(), 0);
+        assert!(!rig.engine.ranks.is_in_flight(&rig.core.key, 5));
+    }
+
+    #[test]
+    fn a_stream_that_panics_reports_internal_and_untracks_its_step() {
+        let mut rig = rig(4, BusyPolicy::Stream);
+        let in_flight = rig.engine.track(&rig.core.key, 4).expect("new step");
+        let feed = rig
+            .engine
+            .start_stream(Arc::clone(&rig.core), in_flight)
+            .expect("stream");
+        match next_event(&mut rig.events) {
+            ReplyBody::Failed {
+                step: 4,
+                kind: ErrorKind::Internal,
+                ..
+            } => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(rig.engine.wait_drained(Duration::from_secs(30)));
+        assert!(
+            feed.filled.send(0).is_err(),
+            "the stream's end of the ring is gone"
+        );
+    }
 }

@@ -3,12 +3,37 @@
 //! the newest committed step. A restore waits here for in-flight persists, so
 //! a trainer that crashed after `Captured` and came back restores the step it
 //! had captured.
+//!
+//! A connection holds its (job, rank) through a [`RankHold`], which gives it
+//! back when dropped: however the connection ends (a clean close, an error,
+//! a panic in its task), the next registration of that rank is not `Busy`.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Mutex, PoisonError};
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use crate::hot_tier::RankKey;
+/// A (job, rank): what one registration captures and restores.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RankKey {
+    pub job: String,
+    pub rank: u32,
+}
+
+impl RankKey {
+    pub fn new(job: impl Into<String>, rank: u32) -> RankKey {
+        RankKey {
+            job: job.into(),
+            rank,
+        }
+    }
+}
+
+impl fmt::Display for RankKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "job {:?} rank {}", self.job, self.rank)
+    }
+}
 
 #[derive(Debug, Default, Clone)]
 struct RankState {
@@ -32,26 +57,55 @@ pub struct Ranks {
     changed: tokio::sync::Notify,
 }
 
+/// Connection `conn`'s hold on a (job, rank); released on drop.
+#[derive(Debug)]
+#[must_use = "the rank is released when the hold is dropped"]
+pub struct RankHold {
+    ranks: Arc<Ranks>,
+    key: RankKey,
+    conn: u64,
+}
+
+impl RankHold {
+    pub fn key(&self) -> &RankKey {
+        &self.key
+    }
+}
+
+impl Drop for RankHold {
+    fn drop(&mut self) {
+        self.ranks.release(&self.key, self.conn);
+    }
+}
+
 impl Ranks {
-    /// Makes connection `conn` the holder of `key`; the current holder's id
-    /// if another connection has it.
-    pub fn acquire(&self, key: &RankKey, conn: u64) -> Result<(), u64> {
+    /// Makes connection `conn` the holder of `key` for as long as the
+    /// returned hold lives; the current holder's id if another connection
+    /// has it.
+    pub fn acquire(self: &Arc<Self>, key: &RankKey, conn: u64) -> Result<RankHold, u64> {
         let mut state = self.lock();
         let entry = state.entry(key.clone()).or_default();
         match entry.holder {
-            Some(other) if other != conn => Err(other),
-            _ => {
+            Some(other) => Err(other),
+            None => {
                 entry.holder = Some(conn);
-                Ok(())
+                Ok(RankHold {
+                    ranks: Arc::clone(self),
+                    key: key.clone(),
+                    conn,
+                })
             }
         }
     }
 
-    pub fn release(&self, key: &RankKey, conn: u64) {
+    fn release(&self, key: &RankKey, conn: u64) {
         let mut state = self.lock();
-        if let Some(entry) = state.get_mut(key)
-            && entry.holder == Some(conn)
-        {
+        let entry = state.get_mut(key);
+        assert!(
+            entry.as_ref().is_some_and(|e| e.holder == Some(conn)),
+            "{key} released by connection {conn}, which does not hold it"
+        );
+        if let Some(entry) = entry {
             entry.holder = None;
         }
     }
@@ -71,7 +125,10 @@ impl Ranks {
             let mut state = self.lock();
             let entry = state.entry(key.clone()).or_default();
             let was = entry.in_flight.remove(&step);
-            assert!(was, "finishing step {step} that was not in flight");
+            assert!(
+                was,
+                "finishing step {step} of {key}, which was not in flight"
+            );
             if committed {
                 entry.last_committed = entry.last_committed.max(Some(step));
             }
@@ -114,7 +171,7 @@ impl Ranks {
             .iter()
             .map(|(key, e)| RankView {
                 key: key.clone(),
-                in_flight: e.in_flight.len() as u64,
+                in_flight: gpusnap_proto::convert::to_u64(e.in_flight.len()),
                 last_committed: e.last_committed,
             })
             .collect();
@@ -131,20 +188,47 @@ impl Ranks {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_rank_has_one_holder_until_its_hold_is_dropped() {
+        let ranks = Arc::new(Ranks::default());
+        let key = RankKey::new("j", 0);
+        let first = ranks.acquire(&key, 1).expect("first");
+        assert_eq!(first.key(), &key);
+        assert_eq!(ranks.acquire(&key, 2).map(|_| ()), Err(1));
+        assert_eq!(
+            ranks.acquire(&key, 1).map(|_| ()),
+            Err(1),
+            "not even its holder takes it twice"
+        );
+        drop(first);
+        let second = ranks.acquire(&key, 2).expect("free again");
+        drop(second);
+        let _third = ranks.acquire(&key, 3).expect("free again");
+    }
+
+    #[test]
+    fn a_hold_dropped_by_a_panic_releases_the_rank() {
+        let ranks = Arc::new(Ranks::default());
+        let key = RankKey::new("j", 0);
+        let held = Arc::clone(&ranks);
+        let k = key.clone();
+        let panicked = std::thread::spawn(move || {
+            let _hold = held.acquire(&k, 1).expect("first");
+            panic!("a connection task's bug");
+        })
+        .join();
+        assert!(panicked.is_err());
+        let _again = ranks.acquire(&key, 2).expect("released by the unwinding");
+    }
+
     #[tokio::test]
-    async fn one_holder_per_rank_and_restores_wait_for_in_flight_steps() {
-        let ranks = std::sync::Arc::new(Ranks::default());
-        let key: RankKey = ("j".into(), 0);
-        ranks.acquire(&key, 1).expect("first");
-        assert_eq!(ranks.acquire(&key, 2), Err(1));
-        ranks.release(&key, 2);
-        assert_eq!(ranks.acquire(&key, 2), Err(1), "only the holder releases");
-        ranks.release(&key, 1);
-        ranks.acquire(&key, 2).expect("free again");
+    async fn restores_wait_for_in_flight_steps() {
+        let ranks = Arc::new(Ranks::default());
+        let key = RankKey::new("j", 0);
         assert!(ranks.start(&key, 10));
         assert!(!ranks.start(&key, 10));
         assert!(!ranks.wait_idle(&key, Duration::from_millis(20)).await);
-        let r = std::sync::Arc::clone(&ranks);
+        let r = Arc::clone(&ranks);
         let k = key.clone();
         let finisher = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(20)).await;

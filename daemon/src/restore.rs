@@ -1,11 +1,18 @@
 //! Filling a client's staging slot from a snapshot: from the hot tier or the
 //! store, every chunk's CRC checked before its bytes are copied, tensors
 //! matched by name (a trainer may register in another order after a
-//! restart; the data then moves piece by piece).
+//! restart; the data then moves piece by piece). [`fill_slot`] is the whole
+//! restore of one slot: which snapshot, hot or disk, and the fall back to
+//! disk when the hot copy fails its CRCs.
 
 use std::collections::HashMap;
 
-use crate::hot_tier::HotSnapshot;
+use gpusnap_proto::RestoreSource;
+use gpusnap_proto::convert::{to_u64, to_usize};
+
+use crate::hot_tier::{HotSnapshot, HotTier};
+use crate::ranks::RankKey;
+use crate::staging::{LentSlot, StagingArea};
 use crate::store::{Layout, Snapshot, Store, StoreError};
 
 /// Why a snapshot cannot fill a registration.
@@ -92,12 +99,14 @@ impl Mapping {
         if registered.tensors.len() != stored.tensors.len() {
             let stored_names: std::collections::HashSet<&str> =
                 stored.tensors.iter().map(|t| t.name.as_str()).collect();
+            // Every stored tensor is registered (checked above), so with more
+            // registered than stored one registered tensor is not stored.
             let missing = registered
                 .tensors
                 .iter()
                 .find(|t| !stored_names.contains(t.name.as_str()))
                 .map(|t| t.name.clone())
-                .unwrap_or_default();
+                .expect("a registered tensor the snapshot lacks");
             return Err(RestoreError::MissingInSnapshot {
                 name: missing,
                 step,
@@ -223,7 +232,7 @@ pub fn fill_from_hot(
             .into_iter()
             .try_for_each(|w| w.join().expect("a restore worker panicked"))
     })?;
-    Ok(hot.data.len() as u64)
+    Ok(to_u64(hot.data.len()))
 }
 
 /// Fills a slot from a snapshot on disk, every chunk's CRC checked. `slot`
@@ -236,7 +245,7 @@ pub fn fill_from_disk(
     mapping: &Mapping,
     slot: &mut [u8],
 ) -> Result<u64, RestoreError> {
-    let data_len = usize::try_from(mapping.data_len).expect("a slot fits in memory");
+    let data_len = to_usize(mapping.data_len);
     if mapping.is_identity() && data_len > 0 {
         match store.read_into(snapshot, slot) {
             Ok(()) => return Ok(snapshot.manifest.data_len),
@@ -252,6 +261,65 @@ pub fn fill_from_disk(
         Ok(())
     })?;
     Ok(snapshot.manifest.data_len)
+}
+
+/// What a restore put into the slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Filled {
+    /// The step restored.
+    pub step: u64,
+    /// Where its bytes came from.
+    pub source: RestoreSource,
+    /// Data bytes placed in the slot.
+    pub bytes: u64,
+}
+
+/// Fills the lent `slot` of `staging` (registered as `key`) with the
+/// snapshot of `step` (the newest when `None`): from the hot tier when it
+/// holds that step, else from disk. `Ok(None)`: `key` has no snapshot at
+/// all.
+pub fn fill_slot(
+    store: &Store,
+    hot: &HotTier,
+    key: &RankKey,
+    staging: &StagingArea,
+    slot: &LentSlot,
+    step: Option<u64>,
+) -> Result<Option<Filled>, RestoreError> {
+    let snapshot = match store.find(&key.job, key.rank, step) {
+        Ok(s) => s,
+        Err(StoreError::NotFound { .. }) if step.is_none() => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let found = snapshot.manifest.step;
+    // SAFETY: the slot is `Lent` (the guard `slot`, borrowed for this call,
+    // holds it so) and not yet reported to the client, which reads a lent
+    // slot only once told; the slice does not outlive this call.
+    let whole = unsafe { staging.slot_whole_mut(slot.index()) };
+    let data_len = to_usize(staging.info().data_bytes);
+    if let Some(hot_copy) = hot.get(key, Some(found)) {
+        let mapping = Mapping::plan(&hot_copy.layout, staging.layout(), found)?;
+        match fill_from_hot(&hot_copy, &mapping, &mut whole[..data_len]) {
+            Ok(bytes) => {
+                return Ok(Some(Filled {
+                    step: found,
+                    source: RestoreSource::Memory,
+                    bytes,
+                }));
+            }
+            Err(e) => {
+                tracing::error!(job = %key.job, rank = key.rank, step = found, error = %e, "hot copy failed verification; dropping it and reading from disk");
+                hot.discard(key);
+            }
+        }
+    }
+    let mapping = Mapping::plan(&snapshot.layout, staging.layout(), found)?;
+    let bytes = fill_from_disk(store, &snapshot, &mapping, whole)?;
+    Ok(Some(Filled {
+        step: found,
+        source: RestoreSource::Disk,
+        bytes,
+    }))
 }
 
 #[cfg(test)]

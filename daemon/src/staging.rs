@@ -15,12 +15,19 @@
 //! out) -> Free`. Only the daemon moves a slot between states; the client
 //! writes a slot only while it is `Capturing` for it, reads it only while it
 //! is `Lent` to it.
+//!
+//! A claimed slot is a guard, never a bare index: [`CapturingSlot`],
+//! [`PersistingSlot`] and [`LentSlot`] each return their slot to `Free` when
+//! dropped, so a connection that ends in any way (a panic too) and a lane
+//! that panics mid-persist give their slots back. A capturing slot becomes a
+//! persisting one only by being handed over ([`CapturingSlot::into_persisting`]).
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use gpusnap_proto::TensorSpec;
+use gpusnap_proto::convert::{gauge, to_u64, to_usize};
 use gpusnap_proto::{BusyPolicy, StagingInfo, StagingMemory};
 
 use crate::buffer_pool::IO_ALIGN_BYTES;
@@ -44,14 +51,31 @@ pub enum StagingError {
         free: u64,
         budget: u64,
     },
-    #[error("creating the staging memfd: {0}")]
-    Memfd(String),
+    #[error("creating the staging memfd ({bytes} bytes): {op}: {source}")]
+    Memfd {
+        op: &'static str,
+        bytes: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("mapping the staging memfd ({len} bytes): {source}")]
     Map {
         len: u64,
         #[source]
         source: nix::Error,
     },
+}
+
+impl StagingError {
+    /// The operating system's error behind this one, if a system call
+    /// failed.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            StagingError::Memfd { source, .. } => source.raw_os_error(),
+            StagingError::Map { source, .. } => Some(*source as i32),
+            StagingError::Layout(_) | StagingError::BudgetExceeded { .. } => None,
+        }
+    }
 }
 
 /// The global staging budget. Leases give their bytes back on drop.
@@ -119,10 +143,6 @@ impl Drop for BudgetLease {
         *used -= self.bytes;
         self.budget.metrics.staging_bytes.set(gauge(*used));
     }
-}
-
-fn gauge(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 /// What a slot is doing.
@@ -196,7 +216,7 @@ impl StagingArea {
             }
         }
         let Some((slots, lease)) = reserved else {
-            let (slots, needed, free) = tried.last().copied().unwrap_or((1, 0, 0));
+            let &(slots, needed, free) = tried.last().expect("every slot count was tried");
             return Err(StagingError::BudgetExceeded {
                 needed,
                 slots,
@@ -223,21 +243,32 @@ impl StagingArea {
         };
         let lens: Vec<u64> = specs
             .iter()
-            .map(|s| s.byte_len().unwrap_or(u64::MAX))
+            .map(|s| {
+                s.byte_len()
+                    .expect("Layout::plan checked every tensor's size")
+            })
             .collect();
         if let Err(why) = info.check(&lens) {
             unreachable!("a staging plan contradicts itself: {why}");
         }
 
+        let memfd_error = |op: &'static str| {
+            move |source: std::io::Error| StagingError::Memfd {
+                op,
+                bytes: memfd_bytes,
+                source,
+            }
+        };
         let memfd = memfd::MemfdOptions::default()
             .allow_sealing(true)
             .close_on_exec(true)
             .create("gpusnap-staging")
-            .map_err(|e| StagingError::Memfd(e.to_string()))?;
+            .map_err(memfd_io_error)
+            .map_err(memfd_error("memfd_create"))?;
         memfd
             .as_file()
             .set_len(memfd_bytes)
-            .map_err(|e| StagingError::Memfd(format!("ftruncate to {memfd_bytes}: {e}")))?;
+            .map_err(memfd_error("ftruncate"))?;
         // The trainer maps this file; it must never shrink under either
         // mapping (a SIGBUS) nor grow past what was planned.
         memfd
@@ -246,26 +277,26 @@ impl StagingArea {
                 memfd::FileSeal::SealGrow,
                 memfd::FileSeal::SealSeal,
             ])
-            .map_err(|e| StagingError::Memfd(format!("sealing: {e}")))?;
+            .map_err(memfd_io_error)
+            .map_err(memfd_error("F_ADD_SEALS"))?;
         let memfd = memfd.into_file();
         // Allocate every page now: the budget is real memory from the start
         // (a shortage fails the registration, never a capture with SIGBUS),
         // and no capture or restore pays for first-touch faults.
         if memfd_bytes > 0 {
             let len = i64::try_from(memfd_bytes)
-                .map_err(|_| StagingError::Memfd(format!("{memfd_bytes} bytes overflow off_t")))?;
+                .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))
+                .map_err(memfd_error("fallocate"))?;
             nix::fcntl::fallocate(&memfd, nix::fcntl::FallocateFlags::empty(), 0, len)
-                .map_err(|e| StagingError::Memfd(format!("allocating {memfd_bytes} bytes: {e}")))?;
+                .map_err(std::io::Error::from)
+                .map_err(memfd_error("fallocate"))?;
         }
-        let map_len = usize::try_from(memfd_bytes).map_err(|_| StagingError::Map {
-            len: memfd_bytes,
-            source: nix::Error::EOVERFLOW,
-        })?;
+        let map_len = to_usize(memfd_bytes);
         let map = map_shared(&memfd, map_len).map_err(|source| StagingError::Map {
             len: memfd_bytes,
             source,
         })?;
-        let slot_table = vec![SlotState::Free; usize::try_from(slots).unwrap_or(1)];
+        let slot_table = vec![SlotState::Free; to_usize(u64::from(slots))];
         Ok(StagingArea {
             memfd,
             map,
@@ -296,22 +327,36 @@ impl StagingArea {
         self.memfd.as_fd()
     }
 
-    /// Claims a free slot for `state`; `None` if every slot is busy.
-    pub fn claim(&self, state: SlotState) -> Option<u32> {
+    /// Claims a free slot for the capture of `step`; `None` if every slot
+    /// is busy.
+    pub fn claim_capturing(self: &Arc<Self>, step: u64) -> Option<CapturingSlot> {
+        self.claim(SlotState::Capturing { step }).map(CapturingSlot)
+    }
+
+    /// Claims a free slot for a restore to fill and lend; `None` if every
+    /// slot is busy.
+    pub fn claim_lent(self: &Arc<Self>) -> Option<LentSlot> {
+        self.claim(SlotState::Lent).map(LentSlot)
+    }
+
+    fn claim(self: &Arc<Self>, state: SlotState) -> Option<SlotLease> {
         assert_ne!(state, SlotState::Free, "claiming a slot for nothing");
         let mut slots = self.lock_slots();
         let index = slots.iter().position(|s| *s == SlotState::Free)?;
-        if let Some(s) = slots.get_mut(index) {
-            *s = state;
-        }
-        u32::try_from(index).ok()
+        let slot = slots.get_mut(index)?;
+        *slot = state;
+        Some(SlotLease {
+            staging: Arc::clone(self),
+            slot: u32::try_from(index).expect("the slot count is a u32"),
+            state,
+        })
     }
 
     /// Moves slot `slot` from `from` to `to`; false (and nothing changes) if
-    /// it was not in `from`.
-    pub fn transition(&self, slot: u32, from: SlotState, to: SlotState) -> bool {
+    /// it was not in `from`. Only the slot guards call this.
+    fn transition(&self, slot: u32, from: SlotState, to: SlotState) -> bool {
         let mut slots = self.lock_slots();
-        let Some(s) = slots.get_mut(usize::try_from(slot).unwrap_or(usize::MAX)) else {
+        let Some(s) = slots.get_mut(to_usize(u64::from(slot))) else {
             return false;
         };
         if *s != from {
@@ -326,7 +371,7 @@ impl StagingArea {
     }
 
     pub fn slot_state(&self, slot: u32) -> Option<SlotState> {
-        self.lock_slots().get(usize::try_from(slot).ok()?).copied()
+        self.lock_slots().get(to_usize(u64::from(slot))).copied()
     }
 
     /// Slots not free.
@@ -336,7 +381,7 @@ impl StagingArea {
             .iter()
             .filter(|s| **s != SlotState::Free)
             .count();
-        u32::try_from(n).unwrap_or(u32::MAX)
+        u32::try_from(n).expect("the slot count is a u32")
     }
 
     /// Resolves when some slot becomes free (create it before checking, then
@@ -371,10 +416,10 @@ impl StagingArea {
     )]
     pub unsafe fn slot_whole_mut(&self, slot: u32) -> &mut [u8] {
         let (ptr, _) = self.slot_range(slot);
-        let len = usize::try_from(self.info.slot_bytes).unwrap_or(usize::MAX);
+        let len = to_usize(self.info.slot_bytes);
         let start = u64::from(slot) * self.info.slot_bytes;
         assert!(
-            start + self.info.slot_bytes <= self.map_len as u64,
+            start + self.info.slot_bytes <= to_u64(self.map_len),
             "slot past the mapping"
         );
         // SAFETY: inside the live mapping (asserted); the caller guarantees
@@ -390,10 +435,10 @@ impl StagingArea {
     pub unsafe fn ring_chunk(&self, seq: u64, len: usize) -> &[u8] {
         let offset = self.info.ring_position(seq);
         assert!(
-            self.info.ring_chunks > 0 && len as u64 <= self.info.chunk_bytes,
+            self.info.ring_chunks > 0 && to_u64(len) <= self.info.chunk_bytes,
             "ring chunk {seq} of {len} bytes outside the ring"
         );
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        let start = to_usize(offset);
         assert!(start + len <= self.map_len, "ring chunk past the mapping");
         // SAFETY: bounds checked above against the live mapping; the caller
         // guarantees the client does not write this position meanwhile.
@@ -403,8 +448,8 @@ impl StagingArea {
     fn slot_range(&self, slot: u32) -> (*mut u8, usize) {
         assert!(slot < self.info.slots, "slot {slot} out of range");
         let start = u64::from(slot) * self.info.slot_bytes;
-        let len = usize::try_from(self.info.data_bytes).unwrap_or(usize::MAX);
-        let start = usize::try_from(start).unwrap_or(usize::MAX);
+        let len = to_usize(self.info.data_bytes);
+        let start = to_usize(start);
         assert!(start + len <= self.map_len, "slot past the mapping");
         assert!(start.is_multiple_of(IO_ALIGN_BYTES), "slot not aligned");
         // SAFETY: `start` is within the mapping (asserted above).
@@ -416,6 +461,94 @@ impl StagingArea {
     }
 }
 
+/// A claimed slot in state `state`; back to `Free` when dropped.
+#[derive(Debug)]
+struct SlotLease {
+    staging: Arc<StagingArea>,
+    slot: u32,
+    state: SlotState,
+}
+
+impl Drop for SlotLease {
+    fn drop(&mut self) {
+        let freed = self
+            .staging
+            .transition(self.slot, self.state, SlotState::Free);
+        assert!(
+            freed,
+            "slot {} left {:?} under its guard",
+            self.slot, self.state
+        );
+    }
+}
+
+/// A slot the client is capturing one step into. Dropped (the client left,
+/// aborted, or its connection panicked), the slot is `Free` again and
+/// nothing of the step is written; handed to the lane
+/// ([`CapturingSlot::into_persisting`]), it is the engine's.
+#[derive(Debug)]
+#[must_use = "the slot is freed when the guard is dropped"]
+pub struct CapturingSlot(SlotLease);
+
+impl CapturingSlot {
+    pub fn index(&self) -> u32 {
+        self.0.slot
+    }
+
+    pub fn step(&self) -> u64 {
+        match self.0.state {
+            SlotState::Capturing { step } => step,
+            other => unreachable!("a capturing slot in state {other:?}"),
+        }
+    }
+
+    /// The client has written the step: the slot is now `Persisting`, for
+    /// the lane to write and then free.
+    pub fn into_persisting(mut self) -> PersistingSlot {
+        let step = self.step();
+        let to = SlotState::Persisting { step };
+        let moved = self.0.staging.transition(self.0.slot, self.0.state, to);
+        assert!(moved, "a capturing slot changed state under its guard");
+        self.0.state = to;
+        PersistingSlot(self.0)
+    }
+}
+
+/// A slot holding a captured step until the lane has written it; `Free`
+/// again when dropped (after the commit, a failure, or a panic in the lane).
+#[derive(Debug)]
+#[must_use = "the slot is freed when the guard is dropped"]
+pub struct PersistingSlot(SlotLease);
+
+impl PersistingSlot {
+    pub fn index(&self) -> u32 {
+        self.0.slot
+    }
+
+    pub fn step(&self) -> u64 {
+        match self.0.state {
+            SlotState::Persisting { step } => step,
+            other => unreachable!("a persisting slot in state {other:?}"),
+        }
+    }
+
+    pub fn staging(&self) -> &Arc<StagingArea> {
+        &self.0.staging
+    }
+}
+
+/// A slot a restore fills and lends to the client, until it releases it;
+/// `Free` again when dropped.
+#[derive(Debug)]
+#[must_use = "the slot is freed when the guard is dropped"]
+pub struct LentSlot(SlotLease);
+
+impl LentSlot {
+    pub fn index(&self) -> u32 {
+        self.0.slot
+    }
+}
+
 impl Drop for StagingArea {
     fn drop(&mut self) {
         // SAFETY: `map` was returned by mmap with exactly `map_len` bytes and
@@ -423,6 +556,12 @@ impl Drop for StagingArea {
         if let Err(e) = unsafe { nix::sys::mman::munmap(self.map.cast(), self.map_len) } {
             tracing::error!(error = %e, "munmap of a staging area failed");
         }
+    }
+}
+
+fn memfd_io_error(e: memfd::Error) -> std::io::Error {
+    match e {
+        memfd::Error::Create(e) | memfd::Error::AddSeals(e) | memfd::Error::GetSeals(e) => e,
     }
 }
 
@@ -504,24 +643,59 @@ mod tests {
     }
 
     #[test]
-    fn slots_move_only_through_their_states_and_the_memfd_is_sealed() {
+    fn slots_move_only_through_their_guards_and_the_memfd_is_sealed() {
         let metrics = Arc::new(Metrics::new().expect("metrics"));
         let budget = StagingBudget::new(1 << 20, metrics);
-        let a = StagingArea::create(specs(), plan(BusyPolicy::Block), &budget).expect("create");
-        let s0 = a.claim(SlotState::Capturing { step: 1 }).expect("slot");
-        let s1 = a.claim(SlotState::Lent).expect("slot");
-        assert_eq!(a.claim(SlotState::Lent), None);
-        assert!(!a.transition(s0, SlotState::Lent, SlotState::Free));
-        assert!(a.transition(
-            s0,
-            SlotState::Capturing { step: 1 },
-            SlotState::Persisting { step: 1 }
-        ));
+        let a = Arc::new(
+            StagingArea::create(specs(), plan(BusyPolicy::Block), &budget).expect("create"),
+        );
+        let capturing = a.claim_capturing(1).expect("slot");
+        let lent = a.claim_lent().expect("slot");
+        assert!(a.claim_lent().is_none() && a.claim_capturing(2).is_none());
+        assert_eq!(
+            a.slot_state(capturing.index()),
+            Some(SlotState::Capturing { step: 1 })
+        );
+        let persisting = capturing.into_persisting();
+        assert_eq!(persisting.step(), 1);
+        assert_eq!(
+            a.slot_state(persisting.index()),
+            Some(SlotState::Persisting { step: 1 })
+        );
         assert_eq!(a.busy_slots(), 2);
-        assert!(a.transition(s1, SlotState::Lent, SlotState::Free));
-        assert_eq!(a.busy_slots(), 1);
+        drop(lent);
+        assert_eq!(a.busy_slots(), 1, "a lent slot is freed when dropped");
+        drop(persisting);
+        assert_eq!(a.busy_slots(), 0, "a persisting slot is freed when dropped");
         let file = a.memfd.try_clone().expect("dup");
         assert!(file.set_len(10).is_err(), "shrinking is sealed");
         assert_eq!(file.metadata().expect("stat").len(), a.info().memfd_bytes);
+    }
+
+    #[test]
+    fn a_capture_dropped_by_a_panic_frees_its_slot_and_the_budget_returns() {
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let budget = StagingBudget::new(1 << 20, metrics);
+        let a = Arc::new(
+            StagingArea::create(specs(), plan(BusyPolicy::Block), &budget).expect("create"),
+        );
+        let used = budget.used_bytes();
+        assert!(used > 0);
+        let area = Arc::clone(&a);
+        let panicked = std::thread::spawn(move || {
+            let _capturing = area.claim_capturing(7).expect("slot");
+            let _lent = area.claim_lent().expect("slot");
+            panic!("a connection task's bug");
+        })
+        .join();
+        assert!(panicked.is_err());
+        assert_eq!(a.busy_slots(), 0, "both slots back to free");
+        assert_eq!(budget.used_bytes(), used);
+        drop(a);
+        assert_eq!(
+            budget.used_bytes(),
+            0,
+            "the last holder gives the budget back"
+        );
     }
 }

@@ -1,13 +1,16 @@
 //! A full disk under the real daemon: a small tmpfs as the store root. The
-//! snapshot that does not fit fails cleanly (the trainer is told, nothing of
-//! it is left), the older one stays listed, verified and restorable, and the
-//! daemon goes on serving.
+//! snapshot that does not fit fails cleanly (the trainer is told, with the
+//! OS error ENOSPC as a typed field, and the metrics count it by errno;
+//! nothing of it is left), the older one stays listed, verified and
+//! restorable, and the daemon goes on serving.
 
 mod daemon;
+mod raw;
 
 use std::process::Command;
 
 use daemon::{Daemon, State, client, snapshot_committed, verify_all};
+use gpusnap::proto::ErrorKind;
 use gpusnap::{Error, SnapshotOutcome, Step};
 
 /// Unmounts the tmpfs when the test ends, however it ends.
@@ -58,15 +61,17 @@ fn a_full_disk_fails_that_snapshot_and_keeps_the_older_one() {
     ));
     match c.wait_committed(2) {
         Err(Error::SnapshotFailed {
-            step: 2, message, ..
-        }) => {
-            assert!(
-                message.contains("No space left") || message.contains("ENOSPC"),
-                "{message}"
-            );
-        }
+            step: 2,
+            kind: ErrorKind::Storage,
+            ..
+        }) => {}
         other => panic!("step 2 on a full disk: {other:?}"),
     }
+    assert_eq!(
+        daemon.metric("gpusnap_snapshot_failures_total{errno=\"ENOSPC\",job=\"full\"}"),
+        1.0,
+        "the failure is counted by its errno"
+    );
     let rank_dir = root.join("full").join("0");
     let left: Vec<String> = std::fs::read_dir(&rank_dir)
         .expect("rank dir")
@@ -83,4 +88,21 @@ fn a_full_disk_fails_that_snapshot_and_keeps_the_older_one() {
     assert_eq!(r.step, 1);
     assert_eq!(state.differs_from(1), None);
     assert!(c.status().expect("status").snapshots_in_flight == 0);
+
+    // On the wire: the `Failed` event carries the errno as a typed field.
+    // 7 MiB more do not fit beside step 1.
+    let mut wire = raw::Raw::connect(&daemon.socket);
+    let registered = wire.register("full-wire", (7 << 20) / 4);
+    assert_eq!(registered["type"], "registered", "{registered}");
+    let accepted = wire.capture(1);
+    assert_eq!(accepted["type"], "accepted", "{accepted}");
+    let failed = wire.event();
+    assert_eq!(failed["type"], "failed", "{failed}");
+    assert_eq!(failed["kind"], "storage", "{failed}");
+    assert_eq!(failed["os_error"], "ENOSPC", "{failed}");
+    assert_eq!(
+        daemon.metric("gpusnap_snapshot_failures_total{errno=\"ENOSPC\",job=\"full-wire\"}"),
+        1.0
+    );
+    assert_eq!(verify_all(&root), 1, "still only step 1 of job full");
 }

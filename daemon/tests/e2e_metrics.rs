@@ -1,9 +1,11 @@
 //! Every metric the daemon exports moves in one end-to-end scenario, read
-//! from its `/metrics` endpoint: commits (counters, histograms, gauges),
-//! a step snapshotted twice (skipped), a capture the trainer aborts, a
-//! snapshot the disk refuses (a full tmpfs, when running as root),
-//! restores from memory and disk and one that fails, and a restart that
-//! seeds the newest committed step from the store.
+//! from its `/metrics` endpoint: commits (counters, histograms, gauges,
+//! the slot waits of policy block), a step snapshotted twice (skipped), a
+//! capture the trainer aborts, a snapshot the disk refuses (a full tmpfs,
+//! when running as root: failed, counted by its errno), restores from
+//! memory and disk and one that fails, a restart that seeds the newest
+//! committed step from the store, and on a second daemon (policy stream) a
+//! capture streamed while the only slot persists.
 //!
 //! [`METRICS`] lists every family once: a metric added to the daemon fails
 //! this test until it is listed here and shown to move.
@@ -22,7 +24,7 @@ use gpusnap::proto::RestoreSource;
 use gpusnap::{Device, Error, HostDevice, SnapshotOutcome, Step};
 
 /// Every metric family the daemon exports.
-const METRICS: [&str; 16] = [
+const METRICS: [&str; 19] = [
     "gpusnap_bytes_read_total",
     "gpusnap_bytes_written_total",
     "gpusnap_capture_seconds",
@@ -34,12 +36,22 @@ const METRICS: [&str; 16] = [
     "gpusnap_persist_seconds",
     "gpusnap_restore_seconds",
     "gpusnap_restores_total",
+    "gpusnap_slot_wait_seconds",
+    "gpusnap_snapshot_failures_total",
     "gpusnap_snapshots_in_flight",
     "gpusnap_snapshots_total",
     "gpusnap_staging_budget_bytes",
     "gpusnap_staging_bytes",
     "gpusnap_stall_seconds",
+    "gpusnap_streamed_snapshots_total",
 ];
+
+/// Families only a failed snapshot gives a series, which only root can
+/// provoke here (a full tmpfs).
+const NEEDS_ROOT: [&str; 1] = ["gpusnap_snapshot_failures_total"];
+
+/// Pairs of back-to-back snapshots tried before the stream case gives up.
+const STREAM_ATTEMPTS: u64 = 5;
 
 /// Every `"gpusnap_..."` name the daemon's metric definitions register (the
 /// source outside its tests), so a new metric is noticed even before any
@@ -151,6 +163,50 @@ fn full_job_dir(daemon: &Daemon, job: &str) -> Option<Mount> {
         .expect("run mount");
     assert!(mounted.success(), "mount -t tmpfs failed");
     Some(Mount(dir))
+}
+
+/// A daemon whose single slot persists slowly, under policy stream: pairs
+/// of back-to-back snapshots until the second one streams. Returns that
+/// daemon's exported families.
+fn streamed_family(moved: &mut Moved) -> BTreeSet<String> {
+    let daemon = Daemon::start(&[
+        ("staging", "policy", "\"stream\""),
+        ("staging", "double", "false"),
+        ("staging", "stream_ring_bytes", "262144"),
+        ("store", "io_buffer_bytes", "65536"),
+        ("store", "queue_depth", "1"),
+        ("store", "keep_snapshots", "32"),
+    ]);
+    let sample = "gpusnap_streamed_snapshots_total{job=\"met-stream\"}";
+    let state = State::new(8, 64 << 20);
+    let mut c = client(&daemon, "met-stream", 0, 1);
+    state.register(&mut c);
+    let images = [Image::of(&state, 1), Image::of(&state, 2)];
+    for attempt in 0..STREAM_ATTEMPTS {
+        let (a, b) = (2 * attempt + 1, 2 * attempt + 2);
+        images[0].load(&state);
+        assert!(matches!(
+            c.snapshot(a).expect("snapshot"),
+            SnapshotOutcome::Captured(_)
+        ));
+        images[1].load(&state);
+        assert!(matches!(
+            c.snapshot(b).expect("snapshot"),
+            SnapshotOutcome::Captured(_)
+        ));
+        c.wait_committed(a).expect("commit");
+        c.wait_committed(b).expect("commit");
+        let m = Scrape::of(&daemon);
+        if m.get(sample) > 0.0 {
+            moved.check(
+                "gpusnap_streamed_snapshots_total",
+                m.get(sample) >= 1.0,
+                "a capture that found the slot busy streamed",
+            );
+            return m.families;
+        }
+    }
+    panic!("no streamed capture in {STREAM_ATTEMPTS} pairs of back-to-back snapshots");
 }
 
 #[test]
@@ -265,6 +321,11 @@ fn every_metric_moves() {
         m.get("gpusnap_hot_tier_bytes") == state.byte_len() as f64,
         "the newest step's data section is hot",
     );
+    moved.check(
+        "gpusnap_slot_wait_seconds",
+        m.get(&s("gpusnap_slot_wait_seconds_count", "")) == 2.0,
+        "each Begin under policy block, 2",
+    );
 
     // A committed step again: skipped.
     match c.snapshot(2).expect("snapshot") {
@@ -350,10 +411,15 @@ fn every_metric_moves() {
                 Err(Error::SnapshotFailed { step: 1, .. }) => {}
                 other => panic!("4 MiB into a 1 MiB tmpfs: {other:?}"),
             }
+            let m = Scrape::of(&daemon);
             assert_eq!(
-                Scrape::of(&daemon)
-                    .get("gpusnap_snapshots_total{job=\"met-full\",outcome=\"failed\"}"),
+                m.get("gpusnap_snapshots_total{job=\"met-full\",outcome=\"failed\"}"),
                 1.0
+            );
+            moved.check(
+                "gpusnap_snapshot_failures_total",
+                m.get("gpusnap_snapshot_failures_total{errno=\"ENOSPC\",job=\"met-full\"}") == 1.0,
+                "the failure counted by its errno, ENOSPC",
             );
             drop(f);
             wait_rank_free(&daemon, "met-full", 0);
@@ -368,15 +434,25 @@ fn every_metric_moves() {
         let m = Scrape::of(&daemon);
         m.get("gpusnap_clients_connected") == 0.0 && m.get("gpusnap_staging_bytes") == 0.0
     });
-    let families = Scrape::of(&daemon).families;
+    // The stream counter, on a daemon of its own.
+    let streamed = streamed_family(&mut moved);
+    let mut families = Scrape::of(&daemon).families;
+    families.extend(streamed);
     let listed: BTreeSet<String> = METRICS.iter().map(|&f| f.to_owned()).collect();
-    assert_eq!(families, listed, "the exported families are METRICS");
     assert_eq!(
         defined_in_source(),
         listed,
         "daemon/src/metrics.rs defines METRICS"
     );
-    let all: BTreeSet<&str> = METRICS.into_iter().collect();
+    let mut all: BTreeSet<&str> = METRICS.into_iter().collect();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        for family in NEEDS_ROOT {
+            all.remove(family);
+        }
+    }
+    let expected: BTreeSet<String> = all.iter().map(|&f| f.to_owned()).collect();
+    assert_eq!(families, expected, "the exported families are METRICS");
     assert_eq!(moved.0, all, "every metric moved");
 
     // A restart seeds the newest step from the store; the hot tier is gone.

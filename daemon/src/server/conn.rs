@@ -5,108 +5,140 @@
 //! connection can wait for a slot or a ring chunk while still noticing that
 //! the client went away. Everything this connection writes goes through this
 //! task, in order.
+//!
+//! The connection's state is one [`Phase`]: greeting, open (after `Hello`),
+//! or registered with a [`Session`] and one [`Activity`] (idle, capturing
+//! one step, or lending one restored slot), so a capture and a lent slot
+//! can never both be open. Everything a phase holds is a guard (the rank,
+//! the session entry, the slot), and [`Conn`]'s `Drop` ends the phase:
+//! however the connection ends, a clean close, an error, or a panic in its
+//! task, it gives back what it held. Only the logging and the counting
+//! differ: a connection that did not close in order (a panic) counts its
+//! open capture as failed, not aborted.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gpusnap_proto::TensorSpec;
-use gpusnap_proto::{
-    BusyPolicy, ErrorKind, JobStatus, JobSteps, OsError, PROTOCOL_VERSION_MIN, Reply, ReplyBody,
-    Request, RequestBody, RestoreSource, SessionStatus, SnapshotInfo, StatusInfo,
-};
+use gpusnap_proto::convert::nanos;
+use gpusnap_proto::{ErrorKind, Reply, ReplyBody, Request, RequestBody, TensorSpec};
+use gpusnap_proto::{PROTOCOL_VERSION_MIN, negotiate};
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::mpsc;
 
+use crate::metrics::{RestoreOutcome, SnapshotOutcome};
 use crate::persist::{Lane, SessionCore, StreamFeed};
-use crate::restore::{self, Mapping, RestoreError};
-use crate::server::Daemon;
+use crate::ranks::{RankHold, RankKey};
+use crate::restore;
+use crate::server::errors::{Refusal, panic_message};
 use crate::server::wire::{self, WireError};
-use crate::staging::{SlotState, StagingArea, StagingError, StagingPlan};
-use crate::store::{SnapshotId, StoreError};
+use crate::server::{Daemon, SessionEntry};
+use crate::staging::{CapturingSlot, LentSlot, StagingArea, StagingPlan};
+use crate::store::SnapshotId;
 
 /// Requests read ahead of the one being handled.
 const REQUEST_QUEUE: usize = 4;
 /// Events buffered for a client (far more than it can have in flight).
 const EVENT_QUEUE: usize = 256;
 
-/// An error reply; kinds that close the connection
-/// ([`ErrorKind::closes_connection`]) end it after it is sent.
+/// The reply to one request, or the refusal sent instead.
+pub(super) type Handled = Result<ReplyBody, Refusal>;
+
+/// Where a connection is in the protocol.
 #[derive(Debug)]
-struct Refusal {
-    kind: ErrorKind,
-    message: String,
-    os_error: Option<OsError>,
+pub(super) enum Phase {
+    /// Before `Hello`.
+    Greeting,
+    /// After the handshake, before `Register`.
+    Open,
+    /// Registered: the session, and what it is doing.
+    Registered(Session, Activity),
 }
 
-impl Refusal {
-    fn new(kind: ErrorKind, message: impl Into<String>) -> Refusal {
-        Refusal {
-            kind,
-            message: message.into(),
-            os_error: None,
+/// What a registered connection is doing.
+#[derive(Debug)]
+pub(super) enum Activity {
+    Idle,
+    /// Between `Begin` and `Captured` (or `Abort`).
+    Capturing(Capture),
+    /// A restored slot the client has not released.
+    Lent(LentSlot),
+}
+
+/// A capture in progress.
+#[derive(Debug)]
+pub(super) enum Capture {
+    /// Into a staging slot (freed if the capture does not complete).
+    Slot(CapturingSlot),
+    /// Through the ring, chunk by chunk.
+    Stream(StreamCapture),
+}
+
+impl Capture {
+    pub(super) fn step(&self) -> u64 {
+        match self {
+            Capture::Slot(slot) => slot.step(),
+            Capture::Stream(stream) => stream.step,
         }
     }
-
-    /// A refusal because of a store error, with the OS error behind it.
-    fn store(e: &StoreError) -> Refusal {
-        Refusal {
-            kind: crate::persist::store_error_kind(e),
-            message: e.to_string(),
-            os_error: e.raw_os_error().map(OsError::from_raw),
-        }
-    }
-
-    fn protocol(message: impl Into<String>) -> Refusal {
-        Refusal::new(ErrorKind::Protocol, message)
-    }
 }
 
-type Handled = Result<ReplyBody, Refusal>;
-
-/// A capture in progress on this connection.
+/// A streamed capture: the engine pulls each chunk as the client fills it.
 #[derive(Debug)]
-enum Capture {
-    Slot {
-        step: u64,
-        slot: u32,
-    },
-    Stream {
-        step: u64,
-        feed: StreamFeed,
-        next_seq: u64,
-        chunks: u64,
-    },
+pub(super) struct StreamCapture {
+    pub(super) step: u64,
+    pub(super) feed: StreamFeed,
+    pub(super) next_seq: u64,
+    pub(super) chunks: u64,
 }
 
-/// A registered connection.
+/// A registered connection: what it holds while registered, each released
+/// when dropped.
 #[derive(Debug)]
-struct Session {
-    core: Arc<SessionCore>,
-    lane: Lane,
+pub(super) struct Session {
+    pub(super) core: Arc<SessionCore>,
+    /// Dropped first: the lane finishes what was captured, then exits.
+    pub(super) lane: Lane,
+    _entry: SessionEntry,
+    _hold: RankHold,
 }
 
 /// Who is on the other end.
 #[derive(Debug, Clone, Copy)]
-struct Peer {
-    uid: u32,
-    pid: i32,
+pub(super) struct Peer {
+    pub(super) uid: u32,
+    pub(super) pid: i32,
 }
 
-struct Conn {
-    daemon: Arc<Daemon>,
-    id: u64,
-    peer: Peer,
-    wr: OwnedWriteHalf,
-    requests: mpsc::Receiver<Result<Request, WireError>>,
+/// Aborts the reader task when the connection is dropped.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Conn {
+    pub(super) daemon: Arc<Daemon>,
+    pub(super) id: u64,
+    pub(super) peer: Peer,
+    pub(super) phase: Phase,
+    pub(super) requests: mpsc::Receiver<Result<Request, WireError>>,
+    pub(super) events: mpsc::Receiver<ReplyBody>,
     events_tx: mpsc::Sender<ReplyBody>,
-    events: mpsc::Receiver<ReplyBody>,
-    /// The version negotiated by the handshake; `None` before `Hello`.
-    protocol: Option<u32>,
+    /// The version this connection speaks: the client's, once its `Hello`
+    /// was accepted; before that the oldest served, which any client reads.
+    version: u32,
     last_id: u64,
-    session: Option<Session>,
-    capture: Option<Capture>,
-    lent: Option<u32>,
+    /// Set once `run` has returned: the connection ended in order.
+    ended_in_order: bool,
+    _reader: AbortOnDrop,
+    /// Dropped after the phase (`Drop` ends it first), so a client that
+    /// sees the socket close finds its rank and slots already free.
+    wr: OwnedWriteHalf,
 }
 
 /// Serves one accepted connection until it closes.
@@ -114,6 +146,7 @@ pub async fn serve(daemon: Arc<Daemon>, id: u64, stream: UnixStream) {
     let peer = match stream.peer_cred() {
         Ok(c) => Peer {
             uid: c.uid(),
+            // Unknown (0) only for a peer in another pid namespace.
             pid: c.pid().unwrap_or(0),
         },
         Err(e) => {
@@ -140,18 +173,18 @@ pub async fn serve(daemon: Arc<Daemon>, id: u64, stream: UnixStream) {
     });
     let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
     let mut conn = Conn {
-        daemon: Arc::clone(&daemon),
+        daemon,
         id,
         peer,
-        wr,
+        phase: Phase::Greeting,
         requests,
-        events_tx,
         events,
-        protocol: None,
+        events_tx,
+        version: PROTOCOL_VERSION_MIN,
         last_id: 0,
-        session: None,
-        capture: None,
-        lent: None,
+        ended_in_order: false,
+        _reader: AbortOnDrop(reader),
+        wr,
     };
     tracing::debug!(
         conn = id,
@@ -160,8 +193,8 @@ pub async fn serve(daemon: Arc<Daemon>, id: u64, stream: UnixStream) {
         "client connected"
     );
     conn.run().await;
-    conn.close();
-    reader.abort();
+    conn.ended_in_order = true;
+    drop(conn);
     tracing::debug!(conn = id, "client disconnected");
 }
 
@@ -212,12 +245,13 @@ impl Conn {
         }
         self.last_id = id;
         let name = body.name();
+        self.daemon.hooks.on_request(name);
         let result = self.dispatch(id, body).await;
         match result {
             Ok(Some(reply)) => self.send(id, reply).await.is_ok(),
             Ok(None) => true,
             Err(refusal) => {
-                tracing::debug!(conn = self.id, request = name, kind = ?refusal.kind, message = %refusal.message, "request refused");
+                tracing::debug!(conn = self.id, request = name, kind = ?refusal.kind, message = %refusal.message, os_error = ?refusal.os_error, "request refused");
                 self.refuse(id, refusal).await
             }
         }
@@ -225,53 +259,18 @@ impl Conn {
 
     async fn refuse(&mut self, id: u64, refusal: Refusal) -> bool {
         let closes = refusal.kind.closes_connection();
-        let sent = self
-            .send(
-                id,
-                ReplyBody::Error {
-                    kind: refusal.kind,
-                    message: refusal.message,
-                    os_error: refusal.os_error,
-                },
-            )
-            .await;
+        let sent = self.send(id, refusal.into_reply()).await;
         sent.is_ok() && !closes
     }
 
-    async fn send(&mut self, id: u64, body: ReplyBody) -> std::io::Result<()> {
-        let version = self.version();
-        wire::write_reply(&mut self.wr, &Reply { id, body }, version).await
-    }
-
-    /// The protocol version this connection speaks: the client's, once its
-    /// `Hello` was accepted; before that the oldest served, which any
-    /// client reads.
-    fn version(&self) -> u32 {
-        self.protocol.unwrap_or(PROTOCOL_VERSION_MIN)
+    pub(super) async fn send(&mut self, id: u64, body: ReplyBody) -> std::io::Result<()> {
+        wire::write_reply(&mut self.wr, &Reply { id, body }, self.version).await
     }
 
     /// `Ok(None)`: the reply was already sent (it carried a file descriptor).
     async fn dispatch(&mut self, id: u64, body: RequestBody) -> Result<Option<ReplyBody>, Refusal> {
-        if self.protocol.is_none() {
-            let RequestBody::Hello {
-                protocol_version,
-                client,
-            } = body
-            else {
-                return Err(Refusal::protocol(format!(
-                    "the first message must be hello, not {}",
-                    body.name()
-                )));
-            };
-            let version = gpusnap_proto::negotiate(protocol_version)
-                .map_err(|e| Refusal::new(ErrorKind::VersionMismatch, e.to_string()))?;
-            self.protocol = Some(version);
-            tracing::debug!(conn = self.id, client, version, "hello");
-            return Ok(Some(ReplyBody::Welcome {
-                protocol_version: version,
-                daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
-                uid: self.peer.uid,
-            }));
+        if matches!(self.phase, Phase::Greeting) {
+            return self.hello(body).map(Some);
         }
         match body {
             RequestBody::Hello { .. } => Err(Refusal::protocol("hello sent twice")),
@@ -295,11 +294,37 @@ impl Conn {
             RequestBody::Restore { step } => self.restore(step).await.map(Some),
             RequestBody::Release { slot } => self.release(slot).map(Some),
             RequestBody::List { job } => self.list(job).await.map(Some),
-            RequestBody::Status => Ok(Some(self.status())),
+            RequestBody::Status => Ok(Some(ReplyBody::Status(Box::new(super::query::status(
+                &self.daemon,
+                self.peer.uid,
+            ))))),
             RequestBody::Describe { job, rank, step } => {
                 self.describe(job, rank, step).await.map(Some)
             }
         }
+    }
+
+    fn hello(&mut self, body: RequestBody) -> Handled {
+        let RequestBody::Hello {
+            protocol_version,
+            client,
+        } = body
+        else {
+            return Err(Refusal::protocol(format!(
+                "the first message must be hello, not {}",
+                body.name()
+            )));
+        };
+        let version = negotiate(protocol_version)
+            .map_err(|e| Refusal::new(ErrorKind::VersionMismatch, e.to_string()))?;
+        self.version = version;
+        self.phase = Phase::Open;
+        tracing::debug!(conn = self.id, client, version, "hello");
+        Ok(ReplyBody::Welcome {
+            protocol_version: version,
+            daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
+            uid: self.peer.uid,
+        })
     }
 
     async fn register(
@@ -310,7 +335,7 @@ impl Conn {
         world_size: u32,
         tensors: Vec<TensorSpec>,
     ) -> Result<(), Refusal> {
-        if self.session.is_some() {
+        if matches!(self.phase, Phase::Registered(..)) {
             return Err(Refusal::protocol(
                 "this connection is already registered; connect again to register another set",
             ));
@@ -325,77 +350,54 @@ impl Conn {
         }
         let daemon = Arc::clone(&self.daemon);
         let (uid, job_for_claim) = (self.peer.uid, job.clone());
-        let claimed = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             daemon.owners.claim(&daemon.store, &job_for_claim, uid)
         })
         .await
-        .map_err(|e| Refusal::new(ErrorKind::Internal, e.to_string()))?;
-        claimed.map_err(|e| match e {
-            crate::owners::OwnerError::NotOwner { .. } => {
-                Refusal::new(ErrorKind::PermissionDenied, e.to_string())
-            }
-            other => Refusal::new(ErrorKind::Storage, other.to_string()),
-        })?;
-        let key = (job.clone(), rank);
-        if let Err(holder) = self.daemon.ranks.acquire(&key, self.id) {
-            return Err(Refusal::new(
+        .map_err(|e| Refusal::internal(format!("claiming job {job:?}: {e}")))?
+        .map_err(|e| Refusal::owner(&e))?;
+        let key = RankKey::new(job, rank);
+        let hold = self.daemon.ranks.acquire(&key, self.id).map_err(|holder| {
+            Refusal::new(
                 ErrorKind::Busy,
-                format!("job {job:?} rank {rank} is registered by another connection ({holder})"),
-            ));
-        }
+                format!("{key} is registered by another connection ({holder})"),
+            )
+        })?;
         let config = &self.daemon.config;
         let plan = StagingPlan {
             double: config.staging.double,
             policy: config.staging.policy,
-            chunk_bytes: config.store.io_buffer_bytes as u64,
+            chunk_bytes: gpusnap_proto::convert::to_u64(config.store.io_buffer_bytes),
             ring_chunks: config.ring_chunks(),
         };
         let tensor_count = tensors.len();
         let budget = Arc::clone(&self.daemon.budget);
-        let made = tokio::task::spawn_blocking(move || StagingArea::create(tensors, plan, &budget))
-            .await
-            .map_err(|e| Refusal::new(ErrorKind::Internal, e.to_string()));
-        let staging = match made {
-            Ok(Ok(s)) => Arc::new(s),
-            Ok(Err(e)) => {
-                self.daemon.ranks.release(&key, self.id);
-                let kind = match e {
-                    StagingError::Layout(_) => ErrorKind::InvalidRegistration,
-                    StagingError::BudgetExceeded { .. } => ErrorKind::StagingFull,
-                    _ => ErrorKind::Internal,
-                };
-                return Err(Refusal::new(kind, e.to_string()));
-            }
-            Err(r) => {
-                self.daemon.ranks.release(&key, self.id);
-                return Err(r);
-            }
-        };
+        // On any error below, `hold` is dropped: the rank is free again.
+        let staging =
+            tokio::task::spawn_blocking(move || StagingArea::create(tensors, plan, &budget))
+                .await
+                .map_err(|e| Refusal::internal(format!("creating staging: {e}")))?
+                .map_err(|e| Refusal::staging(&e))?;
+        let staging = Arc::new(staging);
         let core = Arc::new(SessionCore {
             conn_id: self.id,
             uid: self.peer.uid,
             pid: self.peer.pid,
-            key: key.clone(),
+            key,
             world_size,
             staging: Arc::clone(&staging),
             events: self.events_tx.clone(),
         });
-        let lane = match self.daemon.engine.spawn_lane(Arc::clone(&core)) {
-            Ok(l) => l,
-            Err(e) => {
-                self.daemon.ranks.release(&key, self.id);
-                return Err(Refusal::new(
-                    ErrorKind::Internal,
-                    format!("persist thread: {e}"),
-                ));
-            }
-        };
-        self.daemon.sessions_insert(self.id, Arc::clone(&core));
-        self.session = Some(Session { core, lane });
+        let lane = self
+            .daemon
+            .engine
+            .spawn_lane(Arc::clone(&core))
+            .map_err(|e| Refusal::io("starting the persist thread", &e))?;
+        let entry = self.daemon.sessions.enter(Arc::clone(&core));
         let info = staging.info().clone();
         tracing::info!(
             conn = self.id,
-            job,
+            job = %core.key.job,
             rank,
             world_size,
             uid = self.peer.uid,
@@ -405,137 +407,61 @@ impl Conn {
             slots = info.slots,
             "registered"
         );
+        self.phase = Phase::Registered(
+            Session {
+                core,
+                lane,
+                _entry: entry,
+                _hold: hold,
+            },
+            Activity::Idle,
+        );
         let reply = Reply {
             id,
             body: ReplyBody::Registered(info),
         };
-        let version = self.version();
-        wire::write_reply_with_fd(&mut self.wr, &reply, version, staging.memfd())
+        wire::write_reply_with_fd(&mut self.wr, &reply, self.version, staging.memfd())
             .await
-            .map_err(|e| {
-                Refusal::new(
-                    ErrorKind::Internal,
-                    format!("sending the staging memfd: {e}"),
-                )
-            })
+            .map_err(|e| Refusal::io("sending the staging memfd", &e))
     }
 
-    fn session(&self) -> Result<&Session, Refusal> {
-        self.session.as_ref().ok_or_else(|| {
-            Refusal::new(
+    /// The session and its activity; `NotRegistered` before `Register`.
+    pub(super) fn registered(&self) -> Result<(&Session, &Activity), Refusal> {
+        match &self.phase {
+            Phase::Registered(session, activity) => Ok((session, activity)),
+            Phase::Greeting | Phase::Open => Err(Refusal::new(
                 ErrorKind::NotRegistered,
                 "register before snapshots and restores",
-            )
-        })
-    }
-
-    async fn begin(&mut self, step: u64) -> Handled {
-        let session = self.session()?;
-        let core = Arc::clone(&session.core);
-        if let Some(c) = &self.capture {
-            return Err(Refusal::protocol(format!(
-                "begin of step {step} while step {} is being captured",
-                c.step()
-            )));
-        }
-        if self.lent.is_some() {
-            return Err(Refusal::protocol(
-                "begin while a restored slot is not released",
-            ));
-        }
-        self.refuse_if_stopping()?;
-        let job = core.key.0.clone();
-        if let Some(reason) = self.already_have(&core, step).await {
-            self.count_outcome(&job, "skipped");
-            return Ok(ReplyBody::Skipped { step, reason });
-        }
-        let staging = Arc::clone(&core.staging);
-        let capturing = SlotState::Capturing { step };
-        if let Some(slot) = staging.claim(capturing) {
-            self.capture = Some(Capture::Slot { step, slot });
-            return Ok(ReplyBody::Slot { step, slot });
-        }
-        match staging.info().policy {
-            BusyPolicy::Skip => {
-                self.count_outcome(&job, "skipped");
-                Ok(ReplyBody::Skipped {
-                    step,
-                    reason: format!(
-                        "every staging slot ({}) is still persisting an earlier step (policy skip)",
-                        staging.info().slots
-                    ),
-                })
-            }
-            BusyPolicy::Block => {
-                let slot = self.wait_for_slot(&staging, capturing).await?;
-                self.capture = Some(Capture::Slot { step, slot });
-                Ok(ReplyBody::Slot { step, slot })
-            }
-            BusyPolicy::Stream => {
-                if !self.daemon.engine.track(&core.key, step) {
-                    self.count_outcome(&job, "skipped");
-                    return Ok(ReplyBody::Skipped {
-                        step,
-                        reason: format!("step {step} is already being persisted"),
-                    });
-                }
-                let feed = self
-                    .daemon
-                    .engine
-                    .start_stream(Arc::clone(&core), step)
-                    .map_err(|e| {
-                        Refusal::new(ErrorKind::Internal, format!("stream thread: {e}"))
-                    })?;
-                let chunks = staging.info().chunk_count();
-                tracing::info!(
-                    conn = self.id,
-                    job,
-                    step,
-                    chunks,
-                    "every slot busy; streaming the capture through the ring"
-                );
-                self.capture = Some(Capture::Stream {
-                    step,
-                    feed,
-                    next_seq: 0,
-                    chunks,
-                });
-                Ok(ReplyBody::Stream { step, chunks })
-            }
-        }
-    }
-
-    /// Why `step` cannot be captured again, if it cannot.
-    async fn already_have(&self, core: &SessionCore, step: u64) -> Option<String> {
-        if self.daemon.ranks.is_in_flight(&core.key, step) {
-            return Some(format!("step {step} is already being persisted"));
-        }
-        let dir = SnapshotId::new(core.key.0.clone(), core.key.1, step)
-            .ok()?
-            .dir(self.daemon.store.root());
-        let daemon = Arc::clone(&self.daemon);
-        let exists = tokio::task::spawn_blocking(move || {
-            daemon.store.storage().metadata(&dir).map(|m| m.is_some())
-        })
-        .await;
-        match exists {
-            Ok(Ok(true)) => Some(format!(
-                "step {step} is already committed; committed snapshots are never overwritten"
             )),
-            _ => None,
         }
     }
 
-    /// Counts a snapshot that ended here, without a persist.
-    fn count_outcome(&self, job: &str, outcome: &str) {
-        self.daemon
-            .metrics
-            .snapshots_total
-            .with_label_values(&[job, outcome])
-            .inc();
+    /// The activity, to move on from; `Idle` is left in its place.
+    pub(super) fn take_activity(&mut self) -> Activity {
+        match &mut self.phase {
+            Phase::Registered(_, activity) => std::mem::replace(activity, Activity::Idle),
+            Phase::Greeting | Phase::Open => Activity::Idle,
+        }
     }
 
-    fn refuse_if_stopping(&self) -> Result<(), Refusal> {
+    /// Sets the activity of an idle registered connection.
+    pub(super) fn set_activity(&mut self, next: Activity) {
+        match &mut self.phase {
+            Phase::Registered(_, activity) => {
+                assert!(
+                    matches!(activity, Activity::Idle),
+                    "connection {}: {next:?} over {activity:?}",
+                    self.id
+                );
+                *activity = next;
+            }
+            Phase::Greeting | Phase::Open => {
+                unreachable!("connection {}: an activity before registering", self.id)
+            }
+        }
+    }
+
+    pub(super) fn refuse_if_stopping(&self) -> Result<(), Refusal> {
         if self.daemon.is_stopping() {
             return Err(Refusal::new(
                 ErrorKind::ShuttingDown,
@@ -545,20 +471,21 @@ impl Conn {
         Ok(())
     }
 
-    /// Waits for a free slot under policy block, delivering events (commits
-    /// free slots) and noticing the client leaving.
-    async fn wait_for_slot(
+    /// Waits (at most `daemon.slot_wait_s`) until `claim` gets a slot,
+    /// delivering events (commits free slots) and noticing the client
+    /// leaving.
+    pub(super) async fn wait_for_slot<T>(
         &mut self,
-        staging: &Arc<StagingArea>,
-        state: SlotState,
-    ) -> Result<u32, Refusal> {
+        staging: &StagingArea,
+        claim: impl Fn() -> Option<T>,
+    ) -> Result<T, Refusal> {
         let wait = Duration::from_secs(self.daemon.config.daemon.slot_wait_s);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let notified = staging.slot_freed().notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(slot) = staging.claim(state) {
+            if let Some(slot) = claim() {
                 return Ok(slot);
             }
             tokio::select! {
@@ -583,454 +510,184 @@ impl Conn {
         }
     }
 
-    async fn chunk_filled(&mut self, step: u64, seq: u64) -> Handled {
-        let Some(Capture::Stream {
-            step: streaming,
-            feed,
-            next_seq,
-            chunks,
-        }) = &mut self.capture
-        else {
-            return Err(Refusal::protocol("chunk_filled without a streamed capture"));
-        };
-        if step != *streaming || seq != *next_seq || seq >= *chunks {
-            return Err(Refusal::protocol(format!(
-                "chunk_filled step {step} seq {seq}; expected step {streaming} seq {next_seq} of {chunks}"
-            )));
-        }
-        if feed.filled.try_send(seq).is_err() {
-            return Err(Refusal::protocol(
-                "more chunks filled than the ring holds, or the stream already failed",
-            ));
-        }
-        *next_seq += 1;
-        let wait = tokio::time::timeout(crate::persist::STREAM_CHUNK_WAIT, feed.taken.recv()).await;
-        match wait {
-            Ok(Some(taken)) => {
-                assert_eq!(taken, seq, "the engine takes ring chunks in order");
-                Ok(ReplyBody::ChunkFree { step, seq })
-            }
-            // The stream failed (its Failed event says why) or stalled.
-            Ok(None) | Err(_) => {
-                self.capture = None;
-                Err(Refusal::new(
-                    ErrorKind::Storage,
-                    format!("the streamed snapshot of step {step} stopped at chunk {seq}"),
-                ))
-            }
-        }
-    }
-
-    fn captured(&mut self, step: u64, capture_ns: u64, stall_ns: u64) -> Handled {
-        let core = Arc::clone(&self.session()?.core);
-        match self.capture.take() {
-            Some(Capture::Slot { step: s, slot }) if s == step => {
-                let moved = core.staging.transition(
-                    slot,
-                    SlotState::Capturing { step },
-                    SlotState::Persisting { step },
-                );
-                assert!(moved, "a capturing slot changed state under its connection");
-                if !self.daemon.engine.track(&core.key, step) {
-                    core.staging
-                        .transition(slot, SlotState::Persisting { step }, SlotState::Free);
-                    return Err(Refusal::new(
-                        ErrorKind::Busy,
-                        format!("step {step} is already being persisted"),
-                    ));
-                }
-                if let Some(session) = &self.session {
-                    session.lane.persist(slot, step);
-                }
-            }
-            Some(Capture::Stream {
-                step: s,
-                feed,
-                next_seq,
-                chunks,
-            }) if s == step => {
-                if next_seq != chunks {
-                    feed.aborted
-                        .store(true, std::sync::atomic::Ordering::SeqCst);
-                    return Err(Refusal::protocol(format!(
-                        "captured after {next_seq} of {chunks} chunks"
-                    )));
-                }
-                // The engine has every chunk; dropping the feed is fine.
-            }
-            other => {
-                self.capture = other;
-                return Err(Refusal::protocol(format!(
-                    "captured for step {step}, which is not being captured"
-                )));
-            }
-        }
-        let job = core.key.0.as_str();
-        let m = &self.daemon.metrics;
-        m.capture_seconds
-            .with_label_values(&[job])
-            .observe(Duration::from_nanos(capture_ns).as_secs_f64());
-        m.stall_seconds
-            .with_label_values(&[job])
-            .observe(Duration::from_nanos(stall_ns).as_secs_f64());
-        Ok(ReplyBody::Accepted { step })
-    }
-
-    fn abort(&mut self, step: u64, reason: &str) -> Handled {
-        let session = self.session()?;
-        let core = Arc::clone(&session.core);
-        match self.capture.take() {
-            Some(Capture::Slot { step: s, slot }) if s == step => {
-                core.staging
-                    .transition(slot, SlotState::Capturing { step }, SlotState::Free);
-                self.count_outcome(&core.key.0, "aborted");
-            }
-            Some(Capture::Stream { step: s, feed, .. }) if s == step => {
-                feed.aborted
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
-                drop(feed);
-            }
-            other => {
-                self.capture = other;
-                return Err(Refusal::protocol(format!(
-                    "abort for step {step}, which is not being captured"
-                )));
-            }
-        }
-        tracing::info!(
-            conn = self.id,
-            step,
-            reason,
-            "capture aborted by the client"
-        );
-        Ok(ReplyBody::Aborted { step })
-    }
-
     async fn restore(&mut self, step: Option<u64>) -> Handled {
-        let session = self.session()?;
-        let core = Arc::clone(&session.core);
-        if self.capture.is_some() || self.lent.is_some() {
+        let (session, activity) = self.registered()?;
+        if !matches!(activity, Activity::Idle) {
             return Err(Refusal::protocol(
                 "restore while a capture or a restore is open",
             ));
         }
+        let core = Arc::clone(&session.core);
         let started = Instant::now();
-        let job = core.key.0.clone();
+        let job = core.key.job.clone();
         let wait = Duration::from_secs(self.daemon.config.daemon.slot_wait_s);
         if !self.daemon.ranks.wait_idle(&core.key, wait).await {
             return Err(Refusal::new(
                 ErrorKind::Timeout,
                 format!(
-                    "snapshots of job {job:?} rank {} were still being persisted after {} s",
-                    core.key.1,
+                    "snapshots of {} were still being persisted after {} s",
+                    core.key,
                     wait.as_secs()
                 ),
             ));
         }
         let staging = Arc::clone(&core.staging);
-        let slot = self.wait_for_slot(&staging, SlotState::Lent).await?;
+        let slot = self
+            .wait_for_slot(&staging, || staging.claim_lent())
+            .await?;
         let daemon = Arc::clone(&self.daemon);
-        let core_for_fill = Arc::clone(&core);
-        let filled =
-            tokio::task::spawn_blocking(move || fill_slot(&daemon, &core_for_fill, slot, step))
-                .await
-                .map_err(|e| Refusal::new(ErrorKind::Internal, e.to_string()))
-                .and_then(|r| r);
-        let m = &self.daemon.metrics;
+        let filler = Arc::clone(&core);
+        // The slot travels with the fill and comes back with its result; a
+        // panic in the fill drops it there, freeing it.
+        let joined = tokio::task::spawn_blocking(move || {
+            let filled = restore::fill_slot(
+                &daemon.store,
+                &daemon.hot,
+                &filler.key,
+                &filler.staging,
+                &slot,
+                step,
+            );
+            (slot, filled)
+        })
+        .await;
+        let metrics = Arc::clone(&self.daemon.metrics);
+        let m = &*metrics;
+        let (slot, filled) = match joined {
+            Ok(done) => done,
+            Err(e) => {
+                m.count_restore(&job, None, RestoreOutcome::Failed);
+                let why = if e.is_panic() {
+                    panic_message(&*e.into_panic())
+                } else {
+                    e.to_string()
+                };
+                tracing::error!(conn = self.id, job, error = %why, "the restore fill did not finish (a panic); its slot is free again");
+                return Err(Refusal::internal(format!("the restore failed: {why}")));
+            }
+        };
         match filled {
-            Ok(Some((restored_step, source, bytes))) => {
-                self.lent = Some(slot);
+            Ok(Some(filled)) => {
+                let lent = slot.index();
+                self.set_activity(Activity::Lent(slot));
                 let elapsed = started.elapsed();
+                let source = filled.source;
                 m.restore_seconds
                     .with_label_values(&[job.as_str(), source.name()])
                     .observe(elapsed.as_secs_f64());
                 m.bytes_read_total
                     .with_label_values(&[job.as_str(), source.name()])
-                    .inc_by(bytes);
-                m.restores_total
-                    .with_label_values(&[job.as_str(), source.name(), "ok"])
-                    .inc();
+                    .inc_by(filled.bytes);
+                m.count_restore(&job, Some(source), RestoreOutcome::Ok);
                 tracing::info!(
                     conn = self.id,
                     job,
-                    rank = core.key.1,
-                    step = restored_step,
+                    rank = core.key.rank,
+                    step = filled.step,
                     source = source.name(),
-                    bytes,
+                    bytes = filled.bytes,
                     "restored"
                 );
                 Ok(ReplyBody::Restored {
-                    step: restored_step,
-                    slot,
+                    step: filled.step,
+                    slot: lent,
                     source,
-                    bytes,
-                    elapsed_ns: u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
+                    bytes: filled.bytes,
+                    elapsed_ns: nanos(elapsed),
                 })
             }
             Ok(None) => {
-                staging.transition(slot, SlotState::Lent, SlotState::Free);
+                drop(slot);
                 Ok(ReplyBody::NoSnapshot)
             }
-            Err(refusal) => {
-                staging.transition(slot, SlotState::Lent, SlotState::Free);
-                m.restores_total
-                    .with_label_values(&[job.as_str(), "none", "failed"])
-                    .inc();
-                Err(refusal)
+            Err(e) => {
+                drop(slot);
+                m.count_restore(&job, None, RestoreOutcome::Failed);
+                Err(Refusal::restore(&e))
             }
         }
     }
 
     fn release(&mut self, slot: u32) -> Handled {
-        let session = self.session()?;
-        if self.lent != Some(slot) {
-            return Err(Refusal::protocol(format!(
-                "release of slot {slot}, which is not lent"
-            )));
+        self.registered()?;
+        match self.take_activity() {
+            Activity::Lent(lent) if lent.index() == slot => {
+                drop(lent);
+                Ok(ReplyBody::Released)
+            }
+            other => {
+                self.set_activity(other);
+                Err(Refusal::protocol(format!(
+                    "release of slot {slot}, which is not lent"
+                )))
+            }
         }
-        session
-            .core
-            .staging
-            .transition(slot, SlotState::Lent, SlotState::Free);
-        self.lent = None;
-        Ok(ReplyBody::Released)
     }
 
     async fn list(&mut self, job: Option<String>) -> Handled {
         let daemon = Arc::clone(&self.daemon);
         let uid = self.peer.uid;
-        tokio::task::spawn_blocking(move || list(&daemon, uid, job.as_deref()))
+        tokio::task::spawn_blocking(move || super::query::list(&daemon, uid, job.as_deref()))
             .await
-            .map_err(|e| Refusal::new(ErrorKind::Internal, e.to_string()))?
+            .map_err(|e| Refusal::internal(format!("listing: {e}")))?
     }
 
-    fn status(&self) -> ReplyBody {
-        ReplyBody::Status(Box::new(status(&self.daemon, self.peer.uid)))
-    }
-
-    /// Needs no registration and touches no slot, so it is answered in any
-    /// state after the handshake, a capture or a restore open or not.
     async fn describe(&mut self, job: String, rank: u32, step: u64) -> Handled {
         let daemon = Arc::clone(&self.daemon);
         let uid = self.peer.uid;
-        tokio::task::spawn_blocking(move || describe(&daemon, uid, job, rank, step))
+        tokio::task::spawn_blocking(move || super::query::describe(&daemon, uid, job, rank, step))
             .await
-            .map_err(|e| Refusal::new(ErrorKind::Internal, e.to_string()))?
+            .map_err(|e| Refusal::internal(format!("describing: {e}")))?
     }
 
-    /// Gives back what this connection held: a capture in progress leaves
-    /// nothing written; a lent slot is freed; captured snapshots go on.
-    fn close(&mut self) {
-        let Some(session) = self.session.take() else {
-            return;
-        };
-        let core = &session.core;
-        match self.capture.take() {
-            Some(Capture::Slot { step, slot }) => {
-                core.staging
-                    .transition(slot, SlotState::Capturing { step }, SlotState::Free);
-                self.count_outcome(&core.key.0, "aborted");
-                tracing::warn!(conn = self.id, job = %core.key.0, rank = core.key.1, step, "client left mid-capture; nothing of that step is written");
+    /// Ends the registration: a capture in progress leaves nothing
+    /// written, a lent slot is freed, captured snapshots go on (the lane
+    /// drains), the session and the rank are given back.
+    fn end_session(&mut self, session: Session, activity: Activity) {
+        let key = &session.core.key;
+        let metrics = &self.daemon.metrics;
+        match activity {
+            Activity::Idle => {}
+            Activity::Capturing(Capture::Slot(slot)) => {
+                let step = slot.step();
+                drop(slot);
+                if self.ended_in_order {
+                    metrics.count_snapshot(&key.job, SnapshotOutcome::Aborted);
+                    tracing::warn!(conn = self.id, job = %key.job, rank = key.rank, step, "client left mid-capture; nothing of that step is written");
+                } else {
+                    metrics.count_snapshot_failure(&key.job, None);
+                    tracing::error!(conn = self.id, job = %key.job, rank = key.rank, step, "connection ended out of order mid-capture; nothing of that step is written");
+                }
             }
-            Some(Capture::Stream { feed, step, .. }) => {
-                feed.aborted
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
-                tracing::warn!(conn = self.id, job = %core.key.0, rank = core.key.1, step, "client left mid-stream; nothing of that step is committed");
+            Activity::Capturing(Capture::Stream(stream)) => {
+                // The engine counts it when its source fails: aborted if the
+                // client left, failed if this connection broke down.
+                if self.ended_in_order {
+                    stream.feed.abort();
+                    tracing::warn!(conn = self.id, job = %key.job, rank = key.rank, step = stream.step, "client left mid-stream; nothing of that step is committed");
+                } else {
+                    tracing::error!(conn = self.id, job = %key.job, rank = key.rank, step = stream.step, "connection ended out of order mid-stream; nothing of that step is committed");
+                }
+                drop(stream);
             }
-            None => {}
+            Activity::Lent(slot) => drop(slot),
         }
-        if let Some(slot) = self.lent.take() {
-            core.staging
-                .transition(slot, SlotState::Lent, SlotState::Free);
-        }
-        self.daemon.ranks.release(&core.key, self.id);
-        self.daemon.sessions_remove(self.id);
-        // Dropping the lane lets it finish what was captured, then exit.
         drop(session);
     }
 }
 
-impl Capture {
-    fn step(&self) -> u64 {
-        match self {
-            Capture::Slot { step, .. } | Capture::Stream { step, .. } => *step,
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if !self.ended_in_order {
+            tracing::error!(
+                conn = self.id,
+                "connection ended out of order (its task panicked or was cancelled); releasing what it held"
+            );
         }
-    }
-}
-
-/// Fills `slot` with the snapshot of `step` (newest when `None`): from the
-/// hot tier when it holds that step, else from disk. `None`: no snapshot.
-fn fill_slot(
-    daemon: &Daemon,
-    core: &SessionCore,
-    slot: u32,
-    step: Option<u64>,
-) -> Result<Option<(u64, RestoreSource, u64)>, Refusal> {
-    let (job, rank) = (&core.key.0, core.key.1);
-    let snapshot = match daemon.store.find(job, rank, step) {
-        Ok(s) => s,
-        Err(StoreError::NotFound { .. }) if step.is_none() => return Ok(None),
-        Err(e) => return Err(restore_refusal(RestoreError::Store(e))),
-    };
-    let found = snapshot.manifest.step;
-    // SAFETY: the slot is `Lent` to this connection and not yet reported to
-    // the client, so nobody else touches it until this returns.
-    let whole = unsafe { core.staging.slot_whole_mut(slot) };
-    let data_len = usize::try_from(core.staging.info().data_bytes).unwrap_or(usize::MAX);
-    if let Some(hot) = daemon.hot.get(&core.key, Some(found)) {
-        let mapping =
-            Mapping::plan(&hot.layout, core.staging.layout(), found).map_err(restore_refusal)?;
-        match restore::fill_from_hot(&hot, &mapping, &mut whole[..data_len]) {
-            Ok(bytes) => return Ok(Some((found, RestoreSource::Memory, bytes))),
-            Err(e) => {
-                tracing::error!(job, rank, step = found, error = %e, "hot copy failed verification; dropping it and reading from disk");
-                daemon.hot.discard(&core.key);
-            }
+        if let Phase::Registered(session, activity) =
+            std::mem::replace(&mut self.phase, Phase::Greeting)
+        {
+            self.end_session(session, activity);
         }
-    }
-    let mapping =
-        Mapping::plan(&snapshot.layout, core.staging.layout(), found).map_err(restore_refusal)?;
-    let bytes = restore::fill_from_disk(&daemon.store, &snapshot, &mapping, whole)
-        .map_err(restore_refusal)?;
-    Ok(Some((found, RestoreSource::Disk, bytes)))
-}
-
-fn restore_refusal(e: RestoreError) -> Refusal {
-    let kind = match &e {
-        RestoreError::TensorDiffers { .. }
-        | RestoreError::MissingInSnapshot { .. }
-        | RestoreError::NotRegistered { .. } => ErrorKind::Mismatch,
-        RestoreError::Hot(_) => ErrorKind::Corrupt,
-        RestoreError::Store(s) => return Refusal::store(s),
-    };
-    Refusal::new(kind, e.to_string())
-}
-
-fn list(daemon: &Daemon, uid: u32, job: Option<&str>) -> Handled {
-    let listing = daemon.store.list(job).map_err(|e| Refusal::store(&e))?;
-    let mut jobs: Vec<String> = Vec::new();
-    let snapshots: Vec<SnapshotInfo> = listing
-        .snapshots
-        .iter()
-        .filter(|s| daemon.owners.visible(&daemon.store, &s.manifest.job, uid))
-        .map(|s| {
-            let m = &s.manifest;
-            if jobs.last() != Some(&m.job) {
-                jobs.push(m.job.clone());
-            }
-            SnapshotInfo {
-                job: m.job.clone(),
-                rank: m.rank,
-                world_size: m.world_size,
-                step: m.step,
-                bytes: m.file_len,
-                tensors: m.tensors.len() as u64,
-                created_unix_ms: m.created_unix_ms,
-            }
-        })
-        .collect();
-    jobs.dedup();
-    let complete = jobs
-        .into_iter()
-        .map(|j| JobSteps {
-            steps: listing.complete_steps(&j),
-            job: j,
-        })
-        .collect();
-    Ok(ReplyBody::Listing {
-        snapshots,
-        complete,
-    })
-}
-
-/// The tensor table of the committed snapshot (job, rank, step), from its
-/// manifest alone, for a uid that owns the job (root: any job).
-fn describe(daemon: &Daemon, uid: u32, job: String, rank: u32, step: u64) -> Handled {
-    let id = SnapshotId::new(job, rank, step)
-        .map_err(|e| Refusal::new(ErrorKind::InvalidRegistration, e.to_string()))?;
-    let owner = daemon
-        .owners
-        .owner(&daemon.store, &id.job)
-        .map_err(|e| Refusal::new(ErrorKind::Storage, e.to_string()))?;
-    match owner {
-        None => {
-            return Err(Refusal::new(
-                ErrorKind::NotFound,
-                format!("snapshot {id} not found: job {:?} has none", id.job),
-            ));
-        }
-        Some(owner) if uid != 0 && owner != uid => {
-            return Err(Refusal::new(
-                ErrorKind::PermissionDenied,
-                format!("job {:?} belongs to uid {owner}, not {uid}", id.job),
-            ));
-        }
-        Some(_) => {}
-    }
-    let (manifest, layout) = daemon
-        .store
-        .committed_manifest(&id)
-        .map_err(|e| Refusal::store(&e))?;
-    Ok(ReplyBody::Described {
-        job: manifest.job,
-        rank: manifest.rank,
-        step: manifest.step,
-        world_size: manifest.world_size,
-        tensors: layout.tensors.iter().map(|t| t.spec()).collect(),
-    })
-}
-
-fn status(daemon: &Daemon, uid: u32) -> StatusInfo {
-    let sessions: Vec<SessionStatus> = daemon
-        .sessions_snapshot()
-        .into_iter()
-        .filter(|c| uid == 0 || c.uid == uid)
-        .map(|c| SessionStatus {
-            job: c.key.0.clone(),
-            rank: c.key.1,
-            uid: c.uid,
-            pid: c.pid,
-            tensors: c.staging.specs().len() as u64,
-            staging_bytes: c.staging.info().memfd_bytes,
-            slots: c.staging.info().slots,
-            slots_busy: c.staging.busy_slots(),
-        })
-        .collect();
-    let mut jobs: Vec<JobStatus> = Vec::new();
-    for view in daemon.ranks.views() {
-        let Ok(Some(owner)) = daemon.owners.owner(&daemon.store, &view.key.0) else {
-            continue;
-        };
-        if uid != 0 && owner != uid {
-            continue;
-        }
-        let hot_step = daemon.hot.step(&view.key);
-        match jobs.iter_mut().find(|j| j.job == view.key.0) {
-            Some(j) => {
-                j.last_committed_step = j.last_committed_step.max(view.last_committed);
-                j.in_flight += view.in_flight;
-                j.hot_step = j.hot_step.max(hot_step);
-            }
-            None => jobs.push(JobStatus {
-                job: view.key.0.clone(),
-                uid: owner,
-                last_committed_step: view.last_committed,
-                in_flight: view.in_flight,
-                hot_step,
-            }),
-        }
-    }
-    StatusInfo {
-        daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
-        uptime_s: daemon.started.elapsed().as_secs(),
-        io_backend: daemon.store.storage().backend().name().to_owned(),
-        clients_connected: daemon.clients_connected(),
-        staging_bytes_used: daemon.budget.used_bytes(),
-        staging_budget_bytes: daemon.budget.budget_bytes(),
-        hot_tier_bytes: daemon.hot.bytes(),
-        hot_tier_budget_bytes: daemon.hot.budget_bytes(),
-        snapshots_in_flight: daemon.engine.in_flight(),
-        sessions,
-        jobs,
     }
 }

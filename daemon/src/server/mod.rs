@@ -6,8 +6,25 @@
 //! written), then what was captured is persisted until the
 //! `shutdown_deadline_s` passes. Exit 0 either way; what did not commit in
 //! time was never acknowledged as committed.
+//!
+//! A panic in a connection task ends that connection only: everything it
+//! held is a guard ([`RankHold`](crate::ranks::RankHold), [`SessionEntry`],
+//! the slot guards of [`crate::staging`], the connected-clients count), so
+//! dropping the task releases it; the accept loop logs the panic and goes
+//! on. Panics in the persist engine are caught there (see
+//! [`crate::persist`]). The daemon is built with `panic = "unwind"` on
+//! purpose: aborting would drop every other trainer's connection for one
+//! bad request.
+//!
+//! * [`conn`]: one connection, its state machine and its loop;
+//!   [`capture`]: `Begin`, `ChunkFilled`, `Captured`, `Abort`;
+//!   [`query`]: `List`, `Describe`, `Status`, read-only;
+//!   [`errors`]: every error in its wire form; [`wire`]: frames.
 
+pub mod capture;
 pub mod conn;
+pub mod errors;
+pub mod query;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -18,14 +35,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use gpusnap_proto::convert::{gauge, to_u64};
+
 use crate::config::Config;
 use crate::hot_tier::HotTier;
 use crate::metrics::Metrics;
 use crate::owners::Owners;
 use crate::persist::{Engine, SessionCore};
-use crate::ranks::Ranks;
+use crate::ranks::{RankKey, Ranks};
 use crate::staging::StagingBudget;
 use crate::store::{Store, StoreError};
+use crate::testing::Hooks;
 
 /// Why the daemon cannot start or run.
 #[derive(Debug, thiserror::Error)]
@@ -59,10 +79,12 @@ pub struct Daemon {
     pub owners: Owners,
     pub ranks: Arc<Ranks>,
     pub engine: Arc<Engine>,
+    /// Test-only fault injection (`[testing]`); unarmed in production.
+    pub hooks: Arc<Hooks>,
     /// Flips to true once: the daemon is stopping.
     pub shutdown: tokio::sync::watch::Sender<bool>,
     pub started: Instant,
-    sessions: Mutex<HashMap<u64, Arc<SessionCore>>>,
+    pub sessions: Arc<Sessions>,
     clients: AtomicU64,
     next_conn: AtomicU64,
 }
@@ -82,11 +104,11 @@ impl Daemon {
         let listing = store.list(None)?;
         for s in &listing.snapshots {
             let m = &s.manifest;
-            ranks.seed(&(m.job.clone(), m.rank), m.step);
+            ranks.seed(&RankKey::new(m.job.clone(), m.rank), m.step);
             let g = metrics
                 .last_committed_step
                 .with_label_values(&[m.job.as_str()]);
-            g.set(g.get().max(i64::try_from(m.step).unwrap_or(i64::MAX)));
+            g.set(g.get().max(gauge(m.step)));
         }
         for invalid in &listing.invalid {
             tracing::warn!(dir = %invalid.dir.display(), error = %invalid.error, "a directory named like a snapshot is not one; it is never restored (gpusnapctl verify tells more)");
@@ -102,12 +124,14 @@ impl Daemon {
             config.hot_tier.budget_bytes.0,
             Arc::clone(&metrics),
         ));
+        let hooks = Arc::new(Hooks::new(config.testing.as_ref()));
         let engine = Engine::new(
             Arc::clone(&store),
             Arc::clone(&hot),
             Arc::clone(&ranks),
             Arc::clone(&metrics),
-            config.persist.concurrent_writes,
+            Arc::clone(&hooks),
+            &config.persist,
         );
         let (shutdown, _) = tokio::sync::watch::channel(false);
         Ok(Arc::new(Daemon {
@@ -119,9 +143,10 @@ impl Daemon {
             owners: Owners::default(),
             ranks,
             engine,
+            hooks,
             shutdown,
             started: Instant::now(),
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Arc::new(Sessions::default()),
             clients: AtomicU64::new(0),
             next_conn: AtomicU64::new(1),
         }))
@@ -134,23 +159,90 @@ impl Daemon {
     pub fn is_stopping(&self) -> bool {
         *self.shutdown.borrow()
     }
+}
 
-    fn sessions_insert(&self, id: u64, core: Arc<SessionCore>) {
-        self.lock_sessions().insert(id, core);
+/// The registered connections, as status reports them.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    by_conn: Mutex<HashMap<u64, Arc<SessionCore>>>,
+}
+
+/// A registration's entry in [`Sessions`]; removed when dropped.
+#[derive(Debug)]
+#[must_use = "the session is removed when the entry is dropped"]
+pub struct SessionEntry {
+    sessions: Arc<Sessions>,
+    conn_id: u64,
+}
+
+impl Sessions {
+    /// Lists `core` until the returned entry is dropped.
+    pub fn enter(self: &Arc<Self>, core: Arc<SessionCore>) -> SessionEntry {
+        let conn_id = core.conn_id;
+        let before = self.lock().insert(conn_id, core);
+        assert!(before.is_none(), "connection {conn_id} registered twice");
+        SessionEntry {
+            sessions: Arc::clone(self),
+            conn_id,
+        }
     }
 
-    fn sessions_remove(&self, id: u64) {
-        self.lock_sessions().remove(&id);
-    }
-
-    fn sessions_snapshot(&self) -> Vec<Arc<SessionCore>> {
-        let mut all: Vec<_> = self.lock_sessions().values().cloned().collect();
+    /// Every session, oldest connection first.
+    pub fn snapshot(&self) -> Vec<Arc<SessionCore>> {
+        let mut all: Vec<_> = self.lock().values().cloned().collect();
         all.sort_by_key(|c| c.conn_id);
         all
     }
 
-    fn lock_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<SessionCore>>> {
-        self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<SessionCore>>> {
+        self.by_conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Drop for SessionEntry {
+    fn drop(&mut self) {
+        let removed = self.sessions.lock().remove(&self.conn_id);
+        assert!(removed.is_some(), "session {} removed twice", self.conn_id);
+    }
+}
+
+/// One accepted connection in the connected-clients count, until dropped
+/// (its task ends, however it ends).
+#[derive(Debug)]
+struct ClientCount {
+    daemon: Arc<Daemon>,
+    /// Clients connected with this one.
+    clients: u64,
+}
+
+impl ClientCount {
+    fn enter(daemon: &Arc<Daemon>) -> ClientCount {
+        let clients = daemon.clients.fetch_add(1, Ordering::SeqCst) + 1;
+        daemon.metrics.clients_connected.set(gauge(clients));
+        ClientCount {
+            daemon: Arc::clone(daemon),
+            clients,
+        }
+    }
+}
+
+impl Drop for ClientCount {
+    fn drop(&mut self) {
+        let left = self.daemon.clients.fetch_sub(1, Ordering::SeqCst) - 1;
+        self.daemon.metrics.clients_connected.set(gauge(left));
+    }
+}
+
+/// Logs how a connection task ended: a panic loudly (what it held was
+/// released as it was dropped), a cancellation as a warning.
+fn connection_ended(joined: Result<(), tokio::task::JoinError>) {
+    match joined {
+        Ok(()) => {}
+        Err(e) if e.is_panic() => {
+            let panic = errors::panic_message(&*e.into_panic());
+            tracing::error!(%panic, "a connection task panicked; it held nothing any more, and the daemon goes on serving");
+        }
+        Err(e) => tracing::warn!(error = %e, "a connection task was cancelled"),
     }
 }
 
@@ -270,22 +362,22 @@ pub async fn serve(
                         continue;
                     }
                 };
-                let clients = daemon.clients.fetch_add(1, Ordering::SeqCst) + 1;
-                daemon.metrics.clients_connected.set(i64::try_from(clients).unwrap_or(i64::MAX));
+                let counted = ClientCount::enter(&daemon);
                 let id = daemon.next_conn.fetch_add(1, Ordering::SeqCst);
                 let d = Arc::clone(&daemon);
-                let over = clients > d.config.daemon.max_clients as u64;
+                let over = counted.clients > to_u64(d.config.daemon.max_clients);
                 connections.spawn(async move {
+                    let _counted = counted;
                     if over {
                         refuse_over_limit(stream, d.config.daemon.max_clients).await;
                     } else {
-                        conn::serve(Arc::clone(&d), id, stream).await;
+                        conn::serve(d, id, stream).await;
                     }
-                    let left = d.clients.fetch_sub(1, Ordering::SeqCst) - 1;
-                    d.metrics.clients_connected.set(i64::try_from(left).unwrap_or(i64::MAX));
                 });
             }
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            Some(joined) = connections.join_next(), if !connections.is_empty() => {
+                connection_ended(joined);
+            }
         }
     }
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Stopping]) {
@@ -297,7 +389,9 @@ pub async fn serve(
         let _ = std::fs::remove_file(path);
     }
     daemon.shutdown.send_replace(true);
-    while connections.join_next().await.is_some() {}
+    while let Some(joined) = connections.join_next().await {
+        connection_ended(joined);
+    }
     let deadline = Duration::from_secs(daemon.config.daemon.shutdown_deadline_s);
     let engine = Arc::clone(&daemon.engine);
     let in_flight = engine.in_flight();
@@ -310,7 +404,10 @@ pub async fn serve(
     }
     let drained = tokio::task::spawn_blocking(move || engine.wait_drained(deadline))
         .await
-        .unwrap_or(false);
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "waiting for the persists to drain failed");
+            false
+        });
     if !drained {
         tracing::error!(
             in_flight = daemon.engine.in_flight(),
