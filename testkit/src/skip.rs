@@ -49,6 +49,7 @@ fn root_required(value: Option<&std::ffi::OsStr>) -> bool {
 /// `GPUSNAP_REQUIRE_ROOT=1`, or records the skip (stderr, and the
 /// `GPUSNAP_SKIP_LOG` file) and returns false: the caller returns then.
 /// `reason` says what needs root ("mounting a small tmpfs").
+#[track_caller]
 pub fn root_or_skip(reason: &str) -> bool {
     let is_root = nix::unistd::geteuid().is_root();
     match verdict(
