@@ -33,9 +33,7 @@ import platform
 import random
 import shutil
 import signal
-import socket as socketlib
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +48,9 @@ if TYPE_CHECKING:
     import torch
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "testkit" / "python"))
+import gpusnapd_testkit as testkit  # noqa: E402
+
 KIB = 1 << 10
 MIB = 1 << 20
 GIB = 1 << 30
@@ -73,11 +74,8 @@ STAGING_BUDGET_COPIES = 3
 HOT_TIER_SLACK = 64 * MIB
 STREAM_RING_BYTES = 2 * MIB  # the smallest the daemon takes: two 1 MiB chunks
 
-DAEMON_START_WAIT_S = 60.0
 DAEMON_SHUTDOWN_DEADLINE_S = 120
-DAEMON_STOP_GRACE_S = 30.0
 HOT_SETTLE_WAIT_S = 120.0
-SOCKET_PATH_MAX = 107
 
 MEMORY_CHOICE = (
     "staging.double = true with staging.budget_bytes = 3x the state (two slots of the "
@@ -395,39 +393,21 @@ class WorkDir:
 # ---------------------------------------------------------------- the daemon
 
 
-def free_port() -> int:
-    with socketlib.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def toml_value(v: object) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    return json.dumps(str(v))  # a basic TOML string
-
-
-class Daemon:
-    """One gpusnapd on a generated config in `workdir`: started until its
-    socket answers, stopped with SIGTERM (must exit 0), killed on error paths."""
+class Daemon(testkit.DaemonProcess):
+    """The benchmark's gpusnapd: its own config (below) in `workdir`, started
+    by the shared launcher (testkit/python/gpusnapd_testkit.py, which fills
+    in the socket, the metrics port and the store root and waits as
+    testkit/defaults.toml says), stopped with SIGTERM (must exit 0), killed
+    on error paths (`close`)."""
 
     def __init__(self, binary: Path, workdir: Path, size_bytes: int) -> None:
-        self.binary = binary
-        self.dir = workdir
-        self.socket = self._socket_path(workdir)
-        self.log_path = workdir / "gpusnapd.log"
-        self.config_path = workdir / "gpusnapd.toml"
-        self.config: dict[str, dict[str, object]] = {
+        config: testkit.Tables = {
             "daemon": {
-                "socket": str(self.socket),
                 "socket_mode": "0600",
                 "slot_wait_s": 600,
                 "shutdown_deadline_s": DAEMON_SHUTDOWN_DEADLINE_S,
             },
-            "metrics": {"listen": f"127.0.0.1:{free_port()}"},
-            "store": {"root": str(workdir / "store"), "keep_snapshots": 1},
+            "store": {"keep_snapshots": 1},
             "staging": {
                 "budget_bytes": STAGING_BUDGET_COPIES * size_bytes + 64 * MIB,
                 "double": True,
@@ -436,91 +416,22 @@ class Daemon:
             },
             "hot_tier": {"budget_bytes": size_bytes + HOT_TIER_SLACK},
         }
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(binary, workdir, config, testkit.load_defaults().waits)
 
-    @staticmethod
-    def _socket_path(workdir: Path) -> Path:
-        inside = workdir / "gpusnapd.sock"
-        if len(str(inside)) <= SOCKET_PATH_MAX:
-            return inside
-        return Path(tempfile.mkdtemp(prefix="gpusnap-sock-", dir="/tmp")) / "gpusnapd.sock"
-
-    def start(self) -> None:
+    def start(self) -> Daemon:
         if not self.binary.is_file():
             raise RuntimeError(
                 f"no gpusnapd at {self.binary}: build it (cargo build --release -p gpusnapd, "
                 "as benches/run does) or pass --gpusnapd"
             )
-        self.config_path.write_text(
-            "".join(
-                f"[{table}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in keys.items())
-                for table, keys in self.config.items()
-            )
-        )
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("LISTEN_FDS", "LISTEN_PID", "NOTIFY_SOCKET", "RUST_LOG")
-        }
-        with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen(
-                [str(self.binary), "--config", str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=logf,
-                env=env,
-            )
-        self._wait_listening()
+        super().start()
+        return self
 
-    def _wait_listening(self) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + DAEMON_START_WAIT_S
-        while True:
-            with socketlib.socket(socketlib.AF_UNIX) as s:
-                try:
-                    s.connect(str(self.socket))
-                    return
-                except OSError:
-                    pass
-            if self.proc.poll() is not None:
-                rc = self.proc.returncode
-                self.proc = None
-                raise RuntimeError(f"gpusnapd exited at start ({rc}); its log:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"gpusnapd did not listen in time; its log:\n{self.log_tail()}")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
+    def stop_cleanly(self) -> None:
         """SIGTERM and wait; an exit other than 0 (or none in time) is an error."""
-        if self.proc is None:
-            return
-        proc, self.proc = self.proc, None
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(DAEMON_SHUTDOWN_DEADLINE_S + DAEMON_STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise RuntimeError("gpusnapd did not exit after SIGTERM (killed)") from None
+        rc = self.stop()
         if rc != 0:
             raise RuntimeError(f"gpusnapd exited with {rc} on SIGTERM; its log:\n{self.log_tail()}")
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def cleanup_socket_dir(self) -> None:
-        if self.socket.parent != self.dir:
-            shutil.rmtree(self.socket.parent, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- the methods
@@ -903,13 +814,12 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
             runs = measure(ctx)
         finally:
             try:
-                daemon.stop()
+                daemon.stop_cleanly()
             except RuntimeError as e:
                 ctx.errors.append(str(e))
     finally:
         if daemon is not None:
-            daemon.kill()
-            daemon.cleanup_socket_dir()
+            daemon.close()
         if args.keep:
             log(f"kept {work.path}")
         work.cleanup()

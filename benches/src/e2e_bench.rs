@@ -32,9 +32,10 @@ use std::time::{Duration, Instant};
 
 use gpusnap::proto::{BusyPolicy, RestoreSource};
 use gpusnap::{Client, ClientConfig, RestoreInfo, SnapshotOutcome, Step};
+use gpusnap_proto::convert::{to_u64, to_usize};
 use gpusnapd::config::{ByteSize, Config};
+use gpusnapd_testkit::{DaemonProcess, Defaults, Launch, Settings, SocketPath};
 
-use crate::daemon_proc::{self, DaemonProc};
 use crate::e2e_report::{DaemonSums, E2eReport, NaiveRun, RestoreRun, SnapshotRun, Targets};
 use crate::fio::{self, Direction};
 use crate::mapping::DataMapping;
@@ -53,6 +54,8 @@ const NO_HOT_SNAPSHOTS_MAX: usize = 2;
 const BUDGET_SLACK_BYTES: u64 = 1 << 20;
 /// Memory the run needs besides four copies of the state.
 const MEMORY_MARGIN_BYTES: u64 = 1 << 30;
+/// Lines of the daemon's log an error carries.
+const LOG_TAIL_LINES: usize = 30;
 
 /// What `e2e` was asked to do.
 #[derive(Debug, Clone)]
@@ -75,9 +78,8 @@ pub fn run(args: &E2eBench) -> Result<E2eReport, String> {
         return Err("--snapshots must be at least 1".into());
     }
     let fio_version = fio::version()?;
-    let binary = daemon_proc::binary(args.gpusnapd.as_deref())?;
-    let size_usize =
-        usize::try_from(args.size_bytes).map_err(|_| "size does not fit in memory".to_owned())?;
+    let binary = binary(args.gpusnapd.as_deref())?;
+    let size_usize = to_usize(args.size_bytes);
     check_memory(args.size_bytes, args.ignore_memory)?;
     let work = WorkDir::choose(args.keep.as_deref(), args.dir.as_deref())?;
     let root = work.path.join("store");
@@ -102,7 +104,11 @@ pub fn run(args: &E2eBench) -> Result<E2eReport, String> {
     );
 
     let cache = CacheDropper::new();
-    let config = daemon_config(&work.path, &root, args.size_bytes)?;
+    // Both daemons listen here; a directory made under /tmp for it (a deep
+    // --dir) goes when the run ends.
+    let socket = SocketPath::in_dir(&work.path)
+        .map_err(|e| format!("a socket path for {}: {e}", work.path.display()))?;
+    let config = daemon_config(socket.path(), &root, args.size_bytes)?;
     let mut restart_config = config.clone();
     restart_config.hot_tier.budget_bytes = ByteSize(0);
     let copy_threads = ClientConfig::new(JOB).copy_threads;
@@ -130,7 +136,7 @@ pub fn run(args: &E2eBench) -> Result<E2eReport, String> {
     }
 
     // ---- gpusnapd #1: snapshots, naive baseline, restores from memory ----
-    let mut daemon = DaemonProc::start(&binary, &work.path, "gpusnapd", config)?;
+    let mut daemon = start_daemon(&binary, &work.path, "gpusnapd", &config)?;
     let mut client = connect(&daemon, copy_threads)?;
     state.register(&mut client)?;
     let t = Instant::now();
@@ -155,7 +161,8 @@ pub fn run(args: &E2eBench) -> Result<E2eReport, String> {
     );
 
     let mut after_first = None;
-    for step in 1..=args.snapshots as u64 {
+    let last_step = to_u64(args.snapshots);
+    for step in 1..=last_step {
         let t = Instant::now();
         state.memcpy_into(memcpy_dst.as_mut_slice(), copy_threads);
         let memcpy_s = t.elapsed().as_secs_f64();
@@ -190,7 +197,6 @@ pub fn run(args: &E2eBench) -> Result<E2eReport, String> {
             ) = all.means_since(&first);
         }
     }
-    let last_step = args.snapshots as u64;
     drop(memcpy_dst);
 
     cache.drop_cache();
@@ -212,7 +218,7 @@ pub fn run(args: &E2eBench) -> Result<E2eReport, String> {
         report.restores_memory.push(run);
     }
     drop(client);
-    daemon.stop()?;
+    stop_daemon(&mut daemon)?;
     drop(daemon);
 
     // ---- the disk: fio read, then gpusnapd #2 restoring from it ----
@@ -235,7 +241,7 @@ pub fn run(args: &E2eBench) -> Result<E2eReport, String> {
         report.errors.push(format!("removing fio's file: {e}"));
     }
 
-    let mut daemon = DaemonProc::start(&binary, &work.path, "gpusnapd-restart", restart_config)?;
+    let mut daemon = start_daemon(&binary, &work.path, "gpusnapd-restart", &restart_config)?;
     let mut client = connect(&daemon, copy_threads)?;
     state.register(&mut client)?;
     client
@@ -258,7 +264,7 @@ pub fn run(args: &E2eBench) -> Result<E2eReport, String> {
     );
     report.restore_disk_warm = Some(run);
 
-    let no_hot = args.snapshots.min(NO_HOT_SNAPSHOTS_MAX) as u64;
+    let no_hot = to_u64(args.snapshots.min(NO_HOT_SNAPSHOTS_MAX));
     for step in last_step + 1..=last_step + no_hot {
         let run = snapshot_and_commit(&mut client, &state, step, args.size_bytes)
             .map_err(|e| with_log(&e, &daemon))?;
@@ -269,7 +275,7 @@ pub fn run(args: &E2eBench) -> Result<E2eReport, String> {
         report.snapshots_no_hot.push(run);
     }
     drop(client);
-    daemon.stop()?;
+    stop_daemon(&mut daemon)?;
     drop(daemon);
 
     report.summarize(&Targets::default());
@@ -300,21 +306,73 @@ fn check_memory(size_bytes: u64, ignore: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// The `gpusnapd` binary: `--gpusnapd`, else the one beside this
+/// executable (`benches/run` builds both into `target/release/`).
+fn binary(explicit: Option<&Path>) -> Result<PathBuf, String> {
+    let path = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => std::env::current_exe()
+            .map_err(|e| format!("locating gpusnap-bench: {e}"))?
+            .with_file_name("gpusnapd"),
+    };
+    if !path.is_file() {
+        return Err(format!(
+            "{} is not there; build it (cargo build --release -p gpusnapd, as benches/run does) or pass --gpusnapd",
+            path.display()
+        ));
+    }
+    Ok(path)
+}
+
+/// Checks `config` as the daemon will, writes it as `dir/<name>.toml` and
+/// starts the daemon on it through the shared launcher (its waits come from
+/// testkit/defaults.toml; the config is all this benchmark's own).
+fn start_daemon(
+    binary: &Path,
+    dir: &Path,
+    name: &str,
+    config: &Config,
+) -> Result<DaemonProcess, String> {
+    config
+        .validate()
+        .map_err(|e| format!("the generated daemon config is invalid: {e}"))?;
+    let settings = Settings::from_config(config).map_err(|e| e.to_string())?;
+    let waits = Defaults::load().map_err(|e| e.to_string())?.waits;
+    Launch::new(binary, dir, settings, waits)
+        .named(name)
+        .start()
+        .map_err(|e| e.to_string())
+}
+
+/// SIGTERM; anything but an orderly exit 0 is an error.
+fn stop_daemon(daemon: &mut DaemonProcess) -> Result<(), String> {
+    let status = daemon.stop().map_err(|e| e.to_string())?;
+    if !status.success() {
+        return Err(format!(
+            "gpusnapd exited with {status} on SIGTERM; its log:\n{}",
+            daemon.log_tail(LOG_TAIL_LINES)
+        ));
+    }
+    Ok(())
+}
+
 /// The daemon's config: one staging slot and a hot tier each just above
-/// the state's size, in `dir`, metrics on a free loopback port.
-fn daemon_config(dir: &Path, root: &Path, size_bytes: u64) -> Result<Config, String> {
+/// the state's size, listening on `socket`, metrics on a free loopback port.
+fn daemon_config(socket: &Path, root: &Path, size_bytes: u64) -> Result<Config, String> {
     let budget = size_bytes
         .next_multiple_of(BUDGET_SLACK_BYTES)
         .saturating_add(BUDGET_SLACK_BYTES);
     let mut config = Config::default();
-    config.daemon.socket = daemon_proc::socket_path(dir)?;
+    config.daemon.socket = socket.to_path_buf();
     config.daemon.log_level = "info".into();
     config.daemon.shutdown_deadline_s = 120;
     config.staging.budget_bytes = ByteSize(budget);
     config.staging.double = false;
     config.staging.policy = BusyPolicy::Block;
     config.hot_tier.budget_bytes = ByteSize(budget);
-    config.metrics.listen = format!("127.0.0.1:{}", daemon_proc::free_port()?);
+    let port = gpusnapd_testkit::free_port()
+        .map_err(|e| format!("binding 127.0.0.1:0 for the metrics port: {e}"))?;
+    config.metrics.listen = format!("127.0.0.1:{port}");
     config.store.root = root.to_path_buf();
     config.store.keep_snapshots = 1;
     Ok(config)
@@ -322,16 +380,18 @@ fn daemon_config(dir: &Path, root: &Path, size_bytes: u64) -> Result<Config, Str
 
 /// The daemon's stall and persist histogram sums for the job; a failed
 /// scrape is recorded in `errors`.
-fn scrape(daemon: &DaemonProc, report: &mut E2eReport) -> Option<DaemonSums> {
-    match daemon.metrics() {
-        Ok(body) => {
-            let sums = DaemonSums::parse(&body, JOB);
-            if sums.is_none() {
-                report.errors.push(format!(
-                    "/metrics has no gpusnap_stall_seconds for job {JOB:?}"
-                ));
-            }
-            sums
+fn scrape(daemon: &DaemonProcess, report: &mut E2eReport) -> Option<DaemonSums> {
+    let sums = daemon
+        .metrics()
+        .map_err(|e| e.to_string())
+        .and_then(|body| DaemonSums::parse(&body, JOB));
+    match sums {
+        Ok(Some(sums)) => Some(sums),
+        Ok(None) => {
+            report.errors.push(format!(
+                "/metrics has no gpusnap_stall_seconds or gpusnap_persist_seconds for job {JOB:?}"
+            ));
+            None
         }
         Err(e) => {
             report.errors.push(format!("scraping /metrics: {e}"));
@@ -340,7 +400,7 @@ fn scrape(daemon: &DaemonProc, report: &mut E2eReport) -> Option<DaemonSums> {
     }
 }
 
-fn connect(daemon: &DaemonProc, copy_threads: usize) -> Result<Client, String> {
+fn connect(daemon: &DaemonProcess, copy_threads: usize) -> Result<Client, String> {
     let mut config = ClientConfig::new(JOB);
     config.socket = daemon.socket().to_path_buf();
     config.copy_threads = copy_threads;
@@ -350,11 +410,11 @@ fn connect(daemon: &DaemonProc, copy_threads: usize) -> Result<Client, String> {
     Client::with_config(config).map_err(|e| with_log(&format!("connecting: {e}"), daemon))
 }
 
-fn with_log(error: &str, daemon: &DaemonProc) -> String {
+fn with_log(error: &str, daemon: &DaemonProcess) -> String {
     format!(
         "{error}\n--- gpusnapd log ({}), last lines ---\n{}",
-        daemon.log_path.display(),
-        daemon.log_tail()
+        daemon.log_path().display(),
+        daemon.log_tail(LOG_TAIL_LINES)
     )
 }
 

@@ -7,7 +7,6 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::daemon_proc;
 use crate::e2e_bench::E2eBench;
 use crate::fio::FioResult;
 use crate::sys;
@@ -456,16 +455,28 @@ pub struct DaemonSums {
 }
 
 impl DaemonSums {
-    /// Reads them from a /metrics body; `None` when the job has no stall
-    /// histogram there.
-    pub fn parse(body: &str, job: &str) -> Option<DaemonSums> {
-        let get = |series: &str| daemon_proc::sample(body, &format!("{series}{{job=\"{job}\"}}"));
-        Some(DaemonSums {
-            stall_sum_s: get("gpusnap_stall_seconds_sum")?,
-            stall_count: get("gpusnap_stall_seconds_count")?,
-            persist_sum_s: get("gpusnap_persist_seconds_sum").unwrap_or(0.0),
-            persist_count: get("gpusnap_persist_seconds_count").unwrap_or(0.0),
-        })
+    /// Reads them from a /metrics body (scraped after a commit, so both
+    /// histograms have samples); `None` when the job lacks either there, an
+    /// error when a value is not a number.
+    pub fn parse(body: &str, job: &str) -> Result<Option<DaemonSums>, String> {
+        let get = |series: &str| {
+            gpusnapd_testkit::sample(body, &format!("{series}{{job=\"{job}\"}}"))
+                .map_err(|e| e.to_string())
+        };
+        let (Some(stall_sum_s), Some(stall_count), Some(persist_sum_s), Some(persist_count)) = (
+            get("gpusnap_stall_seconds_sum")?,
+            get("gpusnap_stall_seconds_count")?,
+            get("gpusnap_persist_seconds_sum")?,
+            get("gpusnap_persist_seconds_count")?,
+        ) else {
+            return Ok(None);
+        };
+        Ok(Some(DaemonSums {
+            stall_sum_s,
+            stall_count,
+            persist_sum_s,
+            persist_count,
+        }))
     }
 
     /// (mean stall, mean persist) of what `self` holds beyond `earlier`.
@@ -522,14 +533,19 @@ mod tests {
                 stall * 10.0
             )
         };
-        let first = DaemonSums::parse(&at(6.0, 1.0), "b").expect("parsed");
-        let all = DaemonSums::parse(&at(8.0, 5.0), "b").expect("parsed");
+        let parse = |body: &str, job: &str| DaemonSums::parse(body, job).expect("numbers");
+        let first = parse(&at(6.0, 1.0), "b").expect("parsed");
+        let all = parse(&at(8.0, 5.0), "b").expect("parsed");
         assert_eq!(all.means_since(&first), (Some(0.5), Some(5.0)));
         assert_eq!(
             all.means_since(&DaemonSums::default()),
             (Some(1.6), Some(16.0))
         );
-        assert!(DaemonSums::parse(&at(1.0, 1.0), "other").is_none());
+        assert!(parse(&at(1.0, 1.0), "other").is_none());
+        let no_persist = "gpusnap_stall_seconds_sum{job=\"b\"} 1\n\
+                          gpusnap_stall_seconds_count{job=\"b\"} 1\n";
+        assert!(parse(no_persist, "b").is_none(), "persist is required too");
+        assert!(DaemonSums::parse("gpusnap_stall_seconds_sum{job=\"b\"} x\n", "b").is_err());
     }
 
     #[test]

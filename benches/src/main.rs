@@ -4,7 +4,6 @@
 //! Logs and progress go to stderr; with `--json`, stdout holds exactly one
 //! JSON object.
 
-mod daemon_proc;
 mod e2e_bench;
 mod e2e_report;
 mod fio;
@@ -112,8 +111,7 @@ struct StoreArgs {
 }
 
 fn parse_usize_size(text: &str) -> Result<usize, String> {
-    let bytes = units::parse_size(text)?;
-    usize::try_from(bytes).map_err(|_| format!("{text:?} does not fit in usize"))
+    units::parse_size(text).map(gpusnap_proto::convert::to_usize)
 }
 
 fn main() -> ExitCode {

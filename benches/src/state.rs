@@ -9,6 +9,7 @@
 //! pre-faulted destination, with nothing of gpusnap around it.
 
 use gpusnap::{Client, HostDevice, HostTensor, TensorSpec};
+use gpusnap_proto::convert::to_u64;
 
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 /// Bytes compared at a time when verifying.
@@ -19,14 +20,14 @@ const SCRIBBLE: u8 = 0xA5;
 
 /// Word `word` of tensor `tensor`'s base pattern.
 fn pattern_word(tensor: usize, word: u64) -> u64 {
-    (((tensor as u64) << 40) ^ word)
+    ((to_u64(tensor) << 40) ^ word)
         .wrapping_mul(GOLDEN)
         .rotate_left(23)
 }
 
 /// The first word of tensor `tensor` at `step`.
 fn stamp_word(tensor: usize, step: u64) -> u64 {
-    (step.wrapping_mul(GOLDEN) ^ ((tensor as u64) << 32) ^ 0x5354_4550).rotate_left(7)
+    (step.wrapping_mul(GOLDEN) ^ (to_u64(tensor) << 32) ^ 0x5354_4550).rotate_left(7)
 }
 
 /// The base pattern of tensor `tensor` from word `first_word` on, into
@@ -38,9 +39,10 @@ fn pattern_into(tensor: usize, first_word: u64, out: &mut [u8]) {
         chunk.copy_from_slice(&pattern_word(tensor, word).to_le_bytes());
         word += 1;
     }
+    // Shorter than a word: the remainder of `chunks_exact_mut(8)`.
     let tail = words.into_remainder();
     let bytes = pattern_word(tensor, word).to_le_bytes();
-    tail.copy_from_slice(bytes.get(..tail.len()).unwrap_or_default());
+    tail.copy_from_slice(&bytes[..tail.len()]);
 }
 
 /// The stamp of `step` over the first (up to) 8 bytes of `out`.
@@ -67,7 +69,7 @@ impl TrainerState {
         for spec in specs {
             let tensor = HostTensor::zeros(spec.dtype, spec.shape.clone())
                 .map_err(|e| format!("allocating tensor {:?}: {e}", spec.name))?;
-            bytes += tensor.byte_len() as u64;
+            bytes += to_u64(tensor.byte_len());
             tensors.push((spec, tensor));
         }
         Ok(TrainerState { tensors, bytes })
@@ -116,8 +118,9 @@ impl TrainerState {
             let r = tensor.read();
             let mut offset = 0usize;
             for got in r.chunks(VERIFY_CHUNK_BYTES) {
-                let want = expected.get_mut(..got.len()).unwrap_or_default();
-                pattern_into(index, (offset / 8) as u64, want);
+                // `chunks(VERIFY_CHUNK_BYTES)`: never longer than `expected`.
+                let want = &mut expected[..got.len()];
+                pattern_into(index, to_u64(offset / 8), want);
                 if offset == 0 {
                     stamp_into(index, step, want);
                 }
@@ -126,15 +129,15 @@ impl TrainerState {
                         .iter()
                         .zip(want.iter())
                         .position(|(a, b)| a != b)
-                        .unwrap_or(0);
+                        .expect("slices of one length that differ differ at some byte");
                     return Err(format!(
                         "restored bytes differ from the registered ones: tensor {:?} ({} bytes), \
                          byte {} is {:#04x}, expected {:#04x} (step {step})",
                         spec.name,
                         r.len(),
                         offset + at,
-                        got.get(at).copied().unwrap_or(0),
-                        want.get(at).copied().unwrap_or(0),
+                        got[at],
+                        want[at],
                     ));
                 }
                 offset += got.len();
@@ -148,7 +151,7 @@ impl TrainerState {
     /// spread over `threads` threads by bytes, as the host copy device does.
     pub fn memcpy_into(&self, dst: &mut [u8], threads: usize) {
         assert_eq!(
-            dst.len() as u64,
+            to_u64(dst.len()),
             self.bytes,
             "the memcpy destination holds the state"
         );

@@ -16,6 +16,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use gpusnap_proto::convert::{to_u64, to_usize};
 use gpusnapd::storage::probe::BackendChoice;
 use gpusnapd::store::{Layout, SnapshotId, Source, Store, StoreConfig};
 
@@ -87,8 +88,7 @@ pub struct StoreBench {
 /// `errors`.
 pub fn run(args: &StoreBench) -> Result<Report, String> {
     let fio_version = fio::version()?;
-    let size_usize =
-        usize::try_from(args.size_bytes).map_err(|_| "size does not fit in memory".to_owned())?;
+    let size_usize = to_usize(args.size_bytes);
     let work = WorkDir::choose(args.keep.as_deref(), args.dir.as_deref())?;
     for backend in &args.backends {
         let root = work.path.join(backend.name());
@@ -304,7 +304,7 @@ impl OneBackend<'_> {
         store
             .read(&snapshot, &mut |offset, bytes| {
                 out_of_order |= offset != next_offset;
-                let len = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+                let len = to_u64(bytes.len());
                 next_offset = offset + len;
                 read_bytes += len;
                 Ok(())

@@ -8,6 +8,7 @@
 //!   remainder so the data section is exactly the requested size.
 
 use gpusnap::{Dtype, TensorSpec};
+use gpusnap_proto::convert::{to_u64, to_usize};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -51,11 +52,8 @@ impl Rng {
     }
 
     fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        let len = u64::try_from(items.len()).unwrap_or(u64::MAX);
-        let index = usize::try_from(self.next() % len).unwrap_or(0);
-        items.get(index).copied().unwrap_or_else(|| {
-            unreachable!("index is below the slice's length");
-        })
+        assert!(!items.is_empty(), "nothing to pick from");
+        items[to_usize(self.next() % to_u64(items.len()))]
     }
 }
 
@@ -104,10 +102,14 @@ pub fn tensor_set(total_bytes: u64) -> Vec<TensorSpec> {
     let mut large_left = total_bytes / 2;
     let mut large_bytes = 0u64;
     let mut cycle = LARGE_BYTES_CYCLE.iter().copied().cycle();
-    let smallest_large = LARGE_BYTES_CYCLE.iter().copied().min().unwrap_or(u64::MAX);
+    let smallest_large = LARGE_BYTES_CYCLE
+        .iter()
+        .copied()
+        .min()
+        .expect("LARGE_BYTES_CYCLE is not empty");
     let mut i = 0;
     while large_left >= smallest_large {
-        let bytes = cycle.next().unwrap_or(smallest_large);
+        let bytes = cycle.next().expect("a cycle never ends");
         if bytes > large_left {
             continue;
         }
@@ -136,8 +138,7 @@ pub fn tensor_set(total_bytes: u64) -> Vec<TensorSpec> {
 
     // Interleave the kinds, as a model's registration order would.
     for k in (1..specs.len()).rev() {
-        let j =
-            usize::try_from(rng.next() % (u64::try_from(k).unwrap_or(u64::MAX) + 1)).unwrap_or(0);
+        let j = to_usize(rng.next() % (to_u64(k) + 1));
         specs.swap(k, j);
     }
     specs

@@ -24,7 +24,9 @@ impl WorkDir {
                 let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/gpusnap-bench");
                 std::fs::create_dir_all(&target)
                     .map_err(|e| format!("mkdir {}: {e}", target.display()))?;
-                let base = if sys::is_tmpfs(&target).unwrap_or(false) {
+                let tmpfs = sys::is_tmpfs(&target)
+                    .map_err(|e| format!("statfs {}: {e}", target.display()))?;
+                let base = if tmpfs {
                     PathBuf::from("/var/tmp")
                 } else {
                     target

@@ -24,9 +24,7 @@ impl Drop for Mount {
 
 #[test]
 fn a_full_disk_fails_that_snapshot_and_keeps_the_older_one() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: mounting a small tmpfs needs root (CI runs as root)");
+    if !gpusnapd_testkit::root_or_skip("mounting a small tmpfs needs root (CI runs as root)") {
         return;
     }
     let dir = daemon::scratch();

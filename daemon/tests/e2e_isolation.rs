@@ -133,9 +133,7 @@ fn run_as(daemon: &Daemon, role: &str, uid: u32, gid: u32) {
 
 #[test]
 fn another_uid_cannot_list_describe_restore_or_register_and_outsiders_cannot_connect() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: switching to other uids needs root (CI runs as root)");
+    if !gpusnapd_testkit::root_or_skip("switching to other uids needs root (CI runs as root)") {
         return;
     }
     let daemon = Daemon::start(&[

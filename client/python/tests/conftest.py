@@ -1,24 +1,33 @@
 """Fixtures: a real gpusnapd on a private socket and store.
 
-The daemon binary is $GPUSNAP_DAEMON, else the workspace's
-target/debug/gpusnapd (tests/run builds it before pytest runs).
+The daemons are started by gpusnapd-testkit's Python launcher
+(testkit/python/gpusnapd_testkit.py) on the test defaults the Rust tests use
+too (testkit/defaults.toml), plus each test's settings. The daemon binary is
+$GPUSNAP_DAEMON, else the workspace's target/debug/gpusnapd (tests/run builds
+it before pytest runs).
+
+Root-only tests skip with a reason that starts with "needs root" and follow
+the project's protocol (testkit/src/skip.rs): under GPUSNAP_REQUIRE_ROOT=1
+such a skip is a failure; otherwise it is appended to $GPUSNAP_SKIP_LOG as
+"<test id>\\t<reason>".
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import socket as socketlib
-import subprocess
 import sys
-import time
+from collections.abc import Callable, Generator, Iterator, Mapping
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[3]
 HERE = Path(__file__).resolve().parent
+
+sys.path.insert(0, str(REPO / "testkit" / "python"))
+import gpusnapd_testkit as testkit  # noqa: E402
+
+ROOT_SKIP_PREFIX = "needs root"
 
 
 def daemon_binary() -> Path:
@@ -28,94 +37,17 @@ def daemon_binary() -> Path:
     return path
 
 
-def free_port() -> int:
-    with socketlib.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Daemon(testkit.DaemonProcess):
+    """One gpusnapd on the test defaults plus `settings` (table -> key -> a
+    TOML value as text), config and log in `workdir`, store in `workdir/store`."""
 
-
-class Daemon:
-    """One gpusnapd process on a config of its own."""
-
-    def __init__(self, workdir: Path, settings: dict[str, dict[str, str]] | None = None) -> None:
-        self.dir = workdir
-        self.socket = workdir / "gpusnapd.sock"
-        self.root = workdir / "store"
-        self.log_path = workdir / "gpusnapd.log"
-        self.metrics = f"127.0.0.1:{free_port()}"
-        tables: dict[str, dict[str, str]] = {
-            "daemon": {
-                "socket": f'"{self.socket}"',
-                "socket_mode": '"0666"',
-                "slot_wait_s": "60",
-                "shutdown_deadline_s": "30",
-            },
-            "metrics": {"listen": f'"{self.metrics}"'},
-            "store": {
-                "root": f'"{self.root}"',
-                "io_buffer_bytes": "262144",
-                "io_pool_bytes": "8388608",
-                "queue_depth": "16",
-            },
-            "staging": {"budget_bytes": '"1GiB"', "stream_ring_bytes": '"1MiB"'},
-            "hot_tier": {"budget_bytes": '"512MiB"'},
-        }
-        for table, keys in (settings or {}).items():
-            tables.setdefault(table, {}).update(keys)
-        self.config = workdir / "gpusnapd.toml"
-        self.config.write_text(
-            "".join(
-                f"[{t}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items())
-                for t, keys in tables.items()
-            )
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Daemon:
-        assert self.proc is None, "already running"
-        log = open(self.log_path, "ab")
-        env = {k: v for k, v in os.environ.items() if k not in ("LISTEN_FDS", "NOTIFY_SOCKET")}
-        env["RUST_LOG"] = "info"
-        self.proc = subprocess.Popen(
-            [str(daemon_binary()), "--config", str(self.config)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            env=env,
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            with socketlib.socket(socketlib.AF_UNIX) as s:
-                try:
-                    s.connect(str(self.socket))
-                    return self
-                except OSError:
-                    pass
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gpusnapd exited at start:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"gpusnapd did not listen in time:\n{self.log()}")
-            time.sleep(0.02)
-
-    def stop(self) -> int:
-        """SIGTERM and wait; the exit status."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(60)
-        self.proc = None
-        return rc
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(60)
-        self.proc = None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+    def __init__(
+        self, workdir: Path, settings: Mapping[str, Mapping[str, str]] | None = None
+    ) -> None:
+        defaults = testkit.load_defaults()
+        config = defaults.config
+        testkit.apply_overrides(config, settings or {})
+        super().__init__(daemon_binary(), workdir, config, defaults.waits)
 
     def snapshot_dirs(self, job: str, rank: int = 0) -> list[str]:
         d = self.root / job / str(rank)
@@ -124,32 +56,71 @@ class Daemon:
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path).start()
+    d = Daemon(tmp_path)
     try:
+        d.start()
         yield d
     finally:
-        if d.proc is not None:
-            d.kill()
+        d.close()
 
 
 @pytest.fixture
-def make_daemon(tmp_path: Path) -> Iterator:
+def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """A factory for daemons with extra settings: make_daemon({"staging": {...}})."""
     started: list[Daemon] = []
 
-    def make(settings: dict[str, dict[str, str]] | None = None, name: str = "d") -> Daemon:
+    def make(settings: Mapping[str, Mapping[str, str]] | None = None, name: str = "d") -> Daemon:
         workdir = tmp_path / name
         workdir.mkdir()
-        d = Daemon(workdir, settings).start()
+        d = Daemon(workdir, settings)
         started.append(d)
+        d.start()
         return d
 
     yield make
     for d in started:
-        if d.proc is not None:
-            d.kill()
+        d.close()
 
 
 def python_child(script: Path, *args: str, env: dict[str, str] | None = None) -> list[str]:
     """The command line that runs `script` with this interpreter."""
     return [sys.executable, str(script), *args]
+
+
+def _skip_reason(report: pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A root-only test's skip fails under GPUSNAP_REQUIRE_ROOT=1, and is
+    logged to GPUSNAP_SKIP_LOG otherwise."""
+    report: pytest.TestReport = yield
+    if report.skipped:
+        _root_skip(item, report)
+    return report
+
+
+def _root_skip(item: pytest.Item, report: pytest.TestReport) -> None:
+    reason = _skip_reason(report)
+    if not reason.startswith(ROOT_SKIP_PREFIX):
+        return
+    required = os.environ.get("GPUSNAP_REQUIRE_ROOT", "")
+    if required not in ("", "0", "1"):
+        raise pytest.UsageError(
+            f"GPUSNAP_REQUIRE_ROOT={required!r}: set it to 1, or 0 (or leave it unset)"
+        )
+    if required == "1":
+        report.outcome = "failed"
+        report.longrepr = f"{reason}, and GPUSNAP_REQUIRE_ROOT=1 forbids skipping"
+        return
+    log = os.environ.get("GPUSNAP_SKIP_LOG")
+    if log:
+        line = f"{item.nodeid}\t{reason}".replace("\n", " ") + "\n"
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(line)

@@ -1,16 +1,17 @@
-//! Runs the real `gpusnapd` binary for end-to-end tests: a scratch directory
-//! with its config, socket and store root; start, stop (SIGTERM), kill
-//! (SIGKILL), restart on the same root; scrape its metrics.
+//! Runs the real `gpusnapd` binary for end-to-end tests, through
+//! `gpusnapd-testkit` (the launcher the benchmarks and the Python tests
+//! share): a scratch directory with its config, socket and store root; the
+//! shared test defaults (`testkit/defaults.toml`) plus each test's
+//! settings; start, stop (SIGTERM), kill (SIGKILL), restart on the same
+//! root; scrape its metrics. Every failure here panics, naming the daemon's
+//! log. Also the tests' trainer state and the waits they share.
 #![allow(dead_code, reason = "each test file uses a different part")]
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// How long a daemon may take to start listening.
-const START_WAIT: Duration = Duration::from_secs(30);
+use gpusnapd_testkit::{DaemonProcess, Defaults, Launch};
 
 /// One setting: (table, key, TOML value).
 pub type Setting<'a> = (&'a str, &'a str, &'a str);
@@ -26,17 +27,19 @@ pub fn scratch() -> tempfile::TempDir {
 
 /// A running (or stopped) daemon.
 pub struct Daemon {
+    /// Before `dir`: the daemon is killed and reaped before its directory
+    /// goes.
+    process: DaemonProcess,
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub root: PathBuf,
     pub metrics_addr: String,
     pub config_path: PathBuf,
     pub log_path: PathBuf,
-    child: Option<Child>,
 }
 
 impl Daemon {
-    /// Starts a daemon with small test defaults plus `settings`.
+    /// Starts a daemon with the test defaults plus `settings`.
     pub fn start(settings: &[Setting<'_>]) -> Daemon {
         let dir = scratch();
         let root = dir.path().join("root");
@@ -49,134 +52,48 @@ impl Daemon {
         root: PathBuf,
         settings: &[Setting<'_>],
     ) -> Daemon {
-        let socket = dir.path().join("gpusnapd.sock");
-        let port = free_port();
-        let metrics_addr = format!("127.0.0.1:{port}");
-        let mut tables: Vec<(String, Vec<(String, String)>)> = vec![
-            (
-                "daemon".into(),
-                vec![
-                    ("socket".into(), toml_str(&socket)),
-                    ("slot_wait_s".into(), "60".into()),
-                    ("shutdown_deadline_s".into(), "30".into()),
-                ],
-            ),
-            (
-                "metrics".into(),
-                vec![("listen".into(), format!("\"{metrics_addr}\""))],
-            ),
-            (
-                "store".into(),
-                vec![
-                    ("root".into(), toml_str(&root)),
-                    ("io_buffer_bytes".into(), "262144".into()),
-                    ("io_pool_bytes".into(), "8388608".into()),
-                    ("queue_depth".into(), "16".into()),
-                ],
-            ),
-            (
-                "staging".into(),
-                vec![
-                    ("budget_bytes".into(), "\"2GiB\"".into()),
-                    ("stream_ring_bytes".into(), "\"1MiB\"".into()),
-                ],
-            ),
-            (
-                "hot_tier".into(),
-                vec![("budget_bytes".into(), "\"1GiB\"".into())],
-            ),
-        ];
-        for (table, key, value) in settings {
-            let entry = match tables.iter_mut().find(|(t, _)| t == table) {
-                Some(e) => e,
-                None => {
-                    tables.push(((*table).to_owned(), Vec::new()));
-                    tables.last_mut().expect("just pushed")
-                }
-            };
-            entry.1.retain(|(k, _)| k != key);
-            entry.1.push(((*key).to_owned(), (*value).to_owned()));
-        }
-        let mut text = String::new();
-        for (table, keys) in &tables {
-            text.push_str(&format!("[{table}]\n"));
-            for (k, v) in keys {
-                text.push_str(&format!("{k} = {v}\n"));
-            }
-        }
-        let config_path = dir.path().join("gpusnapd.toml");
-        std::fs::write(&config_path, text).expect("write config");
-        let log_path = dir.path().join("gpusnapd.log");
-        let mut daemon = Daemon {
+        let defaults = Defaults::load().expect("testkit/defaults.toml");
+        let mut config = defaults.config;
+        config.set_path("store", "root", &root).expect("store.root");
+        config
+            .apply(settings)
+            .unwrap_or_else(|e| panic!("the test's settings: {e}"));
+        let process = Launch::new(
+            Path::new(env!("CARGO_BIN_EXE_gpusnapd")),
+            dir.path(),
+            config,
+            defaults.waits,
+        )
+        .start()
+        .unwrap_or_else(|e| panic!("{e}"));
+        Daemon {
+            socket: process.socket().to_path_buf(),
+            root: process.root().to_path_buf(),
+            metrics_addr: process.metrics_addr().to_owned(),
+            config_path: process.config_path().to_path_buf(),
+            log_path: process.log_path().to_path_buf(),
+            process,
             dir,
-            socket,
-            root,
-            metrics_addr,
-            config_path,
-            log_path,
-            child: None,
-        };
-        daemon.spawn();
-        daemon
+        }
     }
 
     /// Starts the binary on this config and waits until it answers.
     pub fn spawn(&mut self) {
-        assert!(self.child.is_none(), "already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_gpusnapd"))
-            .arg("--config")
-            .arg(&self.config_path)
-            .env("RUST_LOG", "info")
-            .env_remove("LISTEN_FDS")
-            .env_remove("NOTIFY_SOCKET")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn gpusnapd");
-        self.child = Some(child);
-        let deadline = Instant::now() + START_WAIT;
-        loop {
-            if UnixStream::connect(&self.socket).is_ok() {
-                return;
-            }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!("gpusnapd exited at start ({status}):\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "gpusnapd did not listen in time:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.process.spawn().unwrap_or_else(|e| panic!("{e}"));
     }
 
     pub fn pid(&self) -> i32 {
-        i32::try_from(self.child.as_ref().expect("running").id()).expect("pid")
+        i32::try_from(self.process.pid().expect("running")).expect("pid")
     }
 
     /// SIGTERM and wait; the exit status.
     pub fn stop(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
-        signal(&child, libc::SIGTERM);
-        wait_bounded(&mut child, Duration::from_secs(60))
+        self.process.stop().unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// SIGKILL and reap.
     pub fn kill(&mut self) {
-        let mut child = self.child.take().expect("running");
-        signal(&child, libc::SIGKILL);
-        wait_bounded(&mut child, Duration::from_secs(30));
+        self.process.kill().unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Starts again on the same root and socket.
@@ -185,7 +102,7 @@ impl Daemon {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+        self.process.log()
     }
 
     /// `GET path` on the metrics listener: (status, body).
@@ -193,83 +110,28 @@ impl Daemon {
         http_get(&self.metrics_addr, path)
     }
 
-    /// The value of one sample line of /metrics (`name{labels}`), or 0.
+    /// The value of one sample line of /metrics (`name{labels}`), or 0
+    /// when it is not exported (a labelled counter appears at its first
+    /// increment).
     pub fn metric(&self, sample: &str) -> f64 {
-        let (_, body) = self.http_get("/metrics");
-        body.lines()
-            .find_map(|l| {
-                l.strip_prefix(sample)
-                    .and_then(|rest| rest.strip_prefix(' '))
-            })
-            .map_or(0.0, |v| v.trim().parse().expect("a number"))
+        self.process
+            .metric(sample)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or(0.0)
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            signal(&child, libc::SIGKILL);
-            let _ = child.wait();
-        }
         if std::thread::panicking() {
             eprintln!("--- gpusnapd log ---\n{}", self.log());
         }
     }
 }
 
-fn signal(child: &Child, sig: i32) {
-    let pid = i32::try_from(child.id()).expect("pid");
-    // SAFETY: kill(2) on our own child's pid; no memory is involved.
-    unsafe {
-        libc::kill(pid, sig);
-    }
-}
-
-fn wait_bounded(child: &mut Child, limit: Duration) -> ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        if Instant::now() > deadline {
-            signal(child, libc::SIGKILL);
-            panic!("gpusnapd did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn toml_str(p: &Path) -> String {
-    format!("\"{}\"", p.display())
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
 /// A bare HTTP/1.1 GET on loopback.
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status line");
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    gpusnapd_testkit::http_get(addr, path).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A trainer's state for tests: named host tensors of mixed dtypes and
