@@ -17,6 +17,13 @@ use crate::error::{Error, Result};
 /// long as the device (clones share them); a capture or restore starts no
 /// thread. Attaching pins nothing yet: the staging memfd is shared memory
 /// the daemon allocated, and `memcpy` needs no registration.
+///
+/// A ticket dropped before it was waited for cancels the batches no thread
+/// has taken and waits for the running ones (at most one batch per
+/// thread). A wait for running copies that lasts a minute aborts the
+/// process: a `memcpy` of one batch never takes that long, and returning
+/// while it may still write memory its owner is about to free (a
+/// [`RawBuffer`](crate::RawBuffer)) is not an option.
 #[derive(Debug, Clone)]
 pub struct HostDevice {
     pool: Arc<CopyPool>,

@@ -36,7 +36,7 @@ const LATENCY: Duration = Duration::from_millis(3);
 const WAIT_MAX: Duration = Duration::from_secs(20);
 
 /// What the double's thread runs.
-enum Copy {
+enum DoubleCopy {
     /// Buffer bytes `offset..offset + dst.len()` into `dst`.
     Capture {
         buffer: Arc<dyn DeviceBuffer>,
@@ -52,7 +52,7 @@ enum Copy {
 }
 
 struct Job {
-    copies: Vec<Copy>,
+    copies: Vec<DoubleCopy>,
     /// Fail instead of copying (an injected copy error).
     fail: Option<String>,
     done: Arc<Done>,
@@ -177,6 +177,11 @@ impl DoubleDevice {
         self.shared.jobs.load(Ordering::SeqCst)
     }
 
+    /// The violations so far.
+    pub fn violations(&self) -> Vec<String> {
+        self.shared.violations.lock().expect("violations").clone()
+    }
+
     /// Fails the test on any violation so far.
     pub fn check(&self) {
         let violations = self.shared.violations.lock().expect("violations").clone();
@@ -200,15 +205,15 @@ impl DoubleDevice {
         Ok(Arc::clone(buffer))
     }
 
-    fn submit(&self, copies: Vec<Copy>, fail: Option<String>) -> Result<Box<dyn CopyTicket>> {
+    fn submit(&self, copies: Vec<DoubleCopy>, fail: Option<String>) -> Result<Box<dyn CopyTicket>> {
         let region = copies.first().and_then(|c| match c {
-            Copy::Capture { dst, .. } => self.shared.region_of(dst),
-            Copy::Restore { src, .. } => self.shared.region_of(src),
+            DoubleCopy::Capture { dst, .. } => self.shared.region_of(dst),
+            DoubleCopy::Restore { src, .. } => self.shared.region_of(src),
         });
         for c in copies.iter().skip(1) {
             let span = match c {
-                Copy::Capture { dst, .. } => dst,
-                Copy::Restore { src, .. } => src,
+                DoubleCopy::Capture { dst, .. } => dst,
+                DoubleCopy::Restore { src, .. } => src,
             };
             if self.shared.region_of(span) != region {
                 self.shared
@@ -282,7 +287,7 @@ fn run(jobs: &Receiver<Job>) {
             None => {
                 for copy in job.copies {
                     match copy {
-                        Copy::Capture {
+                        DoubleCopy::Capture {
                             buffer,
                             offset,
                             mut dst,
@@ -293,7 +298,7 @@ fn run(jobs: &Receiver<Job>) {
                                 .expect("read device memory");
                             dst.copy_from(&bytes);
                         }
-                        Copy::Restore {
+                        DoubleCopy::Restore {
                             src,
                             buffer,
                             offset,
@@ -357,7 +362,7 @@ impl Device for DoubleDevice {
                 return Err(Error::Internal("device double: host memory".into()));
             };
             let buffer = self.own(src.buffer(), "a capture")?;
-            jobs.push(Copy::Capture {
+            jobs.push(DoubleCopy::Capture {
                 buffer,
                 offset: src.offset(),
                 dst,
@@ -383,7 +388,7 @@ impl Device for DoubleDevice {
                 return Err(Error::Internal("device double: host memory".into()));
             };
             let buffer = self.own(dst.buffer(), "a restore")?;
-            jobs.push(Copy::Restore {
+            jobs.push(DoubleCopy::Restore {
                 src,
                 buffer,
                 offset: dst.offset(),
@@ -526,5 +531,63 @@ impl DeviceBuffer for DoubleBuffer {
 
     fn as_any(&self) -> &dyn std::any::Any {
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Buffer;
+    use crate::staging::{Staging, testing};
+
+    fn staging(devices: &[Arc<dyn Device>]) -> Staging {
+        let info = testing::one_slot(&[64]);
+        let (fd, _) = testing::memfd(info.memfd_bytes);
+        Staging::map(fd, info, vec![64], devices).expect("map")
+    }
+
+    fn capture_of(buffer: &Arc<DoubleBuffer>, staging: &Staging) -> Vec<CaptureCopy> {
+        // SAFETY: one set of spans at a time in this test.
+        let dst = unsafe { staging.slot_spans(0) }
+            .expect("spans")
+            .pop()
+            .expect("one");
+        let src = Buffer::Device(Arc::clone(buffer) as Arc<dyn DeviceBuffer>).source();
+        vec![CaptureCopy { src, dst }]
+    }
+
+    #[test]
+    fn the_double_flags_copies_outside_its_attachments_and_tickets_dropped_unwaited() {
+        let double = DoubleDevice::new();
+        let buffer = double.buffer(&[7; 64]);
+        // Staging the double was never attached to.
+        let unattached = staging(&[]);
+        assert!(double.capture(capture_of(&buffer, &unattached)).is_err());
+        // Attached: the copy runs later than the call returns.
+        let attached = staging(&[Arc::clone(&double) as Arc<dyn Device>]);
+        let ticket = double
+            .capture(capture_of(&buffer, &attached))
+            .expect("capture");
+        assert!(!ticket.is_done());
+        drop(ticket);
+        // Host memory is not the double's to copy.
+        let host = crate::HostTensor::zeros(crate::Dtype::U8, [64]).expect("zeros");
+        // SAFETY: the ticket above is gone (its drop waited for its copy).
+        let dst = unsafe { attached.slot_spans(0) }
+            .expect("spans")
+            .pop()
+            .expect("one");
+        let copies = vec![CaptureCopy {
+            src: Buffer::Host(host).source(),
+            dst,
+        }];
+        assert!(double.capture(copies).is_err());
+        let violations = double.violations();
+        assert_eq!(violations.len(), 3, "{violations:#?}");
+        assert!(violations[0].contains("in no staging this device is attached to"));
+        assert!(violations[1].contains("dropped before it was waited for"));
+        assert!(violations[2].contains("a capture of host memory"));
+        let checked = std::panic::catch_unwind(|| double.check());
+        assert!(checked.is_err(), "check fails the test on violations");
     }
 }
