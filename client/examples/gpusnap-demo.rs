@@ -45,6 +45,7 @@ use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use gpusnap::proto::convert::nanos;
 use gpusnap::{Client, ClientConfig, Dtype, HostTensor, SnapshotOutcome, Step};
 
 const USAGE: &str = "\
@@ -457,10 +458,6 @@ fn mb_per_s(bytes: u64, d: Duration) -> f64 {
         return f64::INFINITY;
     }
     bytes as f64 / 1e6 / d.as_secs_f64()
-}
-
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// One `@event key=value ...` line on stdout, flushed.

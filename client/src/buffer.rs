@@ -1,23 +1,28 @@
 //! Buffers a trainer registers: [`HostTensor`] (host memory shared with the
 //! client), [`RawBuffer`] (memory someone else owns, for FFI), and
-//! [`Buffer`], either of them.
+//! [`Buffer`], one of them or a [`DeviceBuffer`].
 //!
 //! A capture holds a read lock on every [`HostTensor`] from before `Begin`
 //! until the daemon accepted the capture, so a trainer's `write()` waits for
 //! the capture: that is what makes the overlapped mode safe. A restore holds
 //! the write lock while it copies. The lock is this module's own (a mutex and
 //! a condition variable) because a capture takes it on the trainer's thread
-//! and releases it on a copy worker, which `std`'s guards cannot do.
+//! and releases it on a copy thread, which `std`'s guards cannot do; the
+//! leases are the [`HostSource`]s and [`HostTarget`]s copies own.
+//!
+//! On a device the same guarantee is the device's to give (stream order):
+//! the client takes no lock on a [`DeviceBuffer`].
 
 use std::fmt;
-use std::ops::{Deref, DerefMut};
+use std::ops::{Deref, DerefMut, Range};
 use std::ptr::NonNull;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::device::{Source, Target};
+use crate::device::{DeviceBuffer, DeviceSource, DeviceTarget, Source, Target};
 use crate::error::{Error, Result};
+use crate::proto::convert::to_u64;
 use crate::{Dtype, TensorSpec};
 
 /// Alignment of [`HostTensor`] storage, in bytes.
@@ -27,11 +32,13 @@ pub const HOST_ALIGN_BYTES: usize = 64;
 #[repr(C, align(64))]
 struct Block([u8; HOST_ALIGN_BYTES]);
 
-/// Readers and writer of one tensor.
+/// Who holds one tensor: `readers` read holds, or `writers > 0` holds of
+/// one exclusive access (a `write()` guard, or the pieces of one restore
+/// target, which cover disjoint bytes).
 #[derive(Debug, Default)]
 struct LockState {
     readers: usize,
-    writer: bool,
+    writers: usize,
 }
 
 struct Shared {
@@ -71,12 +78,19 @@ impl Shared {
 
     fn lock_read(&self) {
         let mut state = self.state();
-        while state.writer {
+        while state.writers > 0 {
             state = self
                 .changed
                 .wait(state)
                 .unwrap_or_else(PoisonError::into_inner);
         }
+        state.readers += 1;
+    }
+
+    /// One more read hold beside one the caller already has (never waits).
+    fn add_reader(&self) {
+        let mut state = self.state();
+        assert!(state.readers > 0, "a second read hold without a first");
         state.readers += 1;
     }
 
@@ -91,20 +105,30 @@ impl Shared {
 
     fn lock_write(&self) {
         let mut state = self.state();
-        while state.writer || state.readers > 0 {
+        while state.writers > 0 || state.readers > 0 {
             state = self
                 .changed
                 .wait(state)
                 .unwrap_or_else(PoisonError::into_inner);
         }
-        state.writer = true;
+        state.writers = 1;
+    }
+
+    /// One more hold of the exclusive access the caller already has, for a
+    /// disjoint piece of it (never waits).
+    fn add_writer(&self) {
+        let mut state = self.state();
+        assert!(state.writers > 0, "a second write hold without a first");
+        state.writers += 1;
     }
 
     fn unlock_write(&self) {
         let mut state = self.state();
-        assert!(state.writer, "write unlock without the writer");
-        state.writer = false;
-        self.changed.notify_all();
+        assert!(state.writers > 0, "write unlock without the writer");
+        state.writers -= 1;
+        if state.writers == 0 {
+            self.changed.notify_all();
+        }
     }
 
     /// # Safety
@@ -128,7 +152,7 @@ impl Shared {
 
     fn check_element<T: Pod>(&self) {
         assert_eq!(
-            std::mem::size_of::<T>() as u64,
+            to_u64(std::mem::size_of::<T>()),
             self.dtype.size_bytes(),
             "typed access to a {} tensor with a {}-byte element type",
             self.dtype,
@@ -195,8 +219,8 @@ impl HostTensor {
         if bytes.len() != tensor.byte_len() {
             return Err(Error::BufferLength {
                 name: "from_slice".into(),
-                expected: tensor.byte_len() as u64,
-                actual: bytes.len() as u64,
+                expected: to_u64(tensor.byte_len()),
+                actual: to_u64(bytes.len()),
             });
         }
         tensor.write().copy_from_slice(bytes);
@@ -242,20 +266,6 @@ impl HostTensor {
     /// Whether two handles share storage.
     pub fn same_storage(&self, other: &HostTensor) -> bool {
         Arc::ptr_eq(&self.shared, &other.shared)
-    }
-
-    pub(crate) fn lease_read(&self) -> HostReadLease {
-        self.shared.lock_read();
-        HostReadLease {
-            shared: Arc::clone(&self.shared),
-        }
-    }
-
-    pub(crate) fn lease_write(&self) -> HostWriteLease {
-        self.shared.lock_write();
-        HostWriteLease {
-            shared: Arc::clone(&self.shared),
-        }
     }
 }
 
@@ -348,28 +358,6 @@ impl fmt::Debug for HostWrite<'_> {
     }
 }
 
-/// A read lock that any thread may hold and release.
-pub(crate) struct HostReadLease {
-    shared: Arc<Shared>,
-}
-
-impl Drop for HostReadLease {
-    fn drop(&mut self) {
-        self.shared.unlock_read();
-    }
-}
-
-/// A write lock that any thread may hold and release.
-pub(crate) struct HostWriteLease {
-    shared: Arc<Shared>,
-}
-
-impl Drop for HostWriteLease {
-    fn drop(&mut self) {
-        self.shared.unlock_write();
-    }
-}
-
 /// Memory the client does not own, described by a pointer and a length:
 /// what the Python bindings register for a NumPy array or a pinned buffer.
 /// Clones describe the same memory.
@@ -433,11 +421,15 @@ impl RawBuffer {
     }
 }
 
-/// A registered buffer: a [`HostTensor`] or a [`RawBuffer`].
+/// A registered buffer: a [`HostTensor`] or a [`RawBuffer`] (host memory,
+/// copied by the client's host device), or a [`DeviceBuffer`] (copied by
+/// the device it names). More kinds may come.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum Buffer {
     Host(HostTensor),
     Raw(RawBuffer),
+    Device(Arc<dyn DeviceBuffer>),
 }
 
 impl From<HostTensor> for Buffer {
@@ -458,12 +450,27 @@ impl From<RawBuffer> for Buffer {
     }
 }
 
+impl From<Arc<dyn DeviceBuffer>> for Buffer {
+    fn from(b: Arc<dyn DeviceBuffer>) -> Buffer {
+        Buffer::Device(b)
+    }
+}
+
 impl Buffer {
     /// Bytes of the buffer.
     pub fn byte_len(&self) -> usize {
         match self {
             Buffer::Host(t) => t.byte_len(),
             Buffer::Raw(r) => r.byte_len(),
+            Buffer::Device(d) => d.byte_len(),
+        }
+    }
+
+    /// The device that copies this buffer, when it is not host memory.
+    pub fn device(&self) -> Option<Arc<dyn crate::Device>> {
+        match self {
+            Buffer::Host(_) | Buffer::Raw(_) => None,
+            Buffer::Device(d) => Some(d.device()),
         }
     }
 
@@ -473,67 +480,262 @@ impl Buffer {
         match (self, other) {
             (Buffer::Host(a), Buffer::Host(b)) => a.same_storage(b),
             (Buffer::Raw(a), Buffer::Raw(b)) => a.overlaps(b),
-            _ => false,
-        }
-    }
-
-    pub(crate) fn lease_read(&self) -> ReadLease {
-        match self {
-            Buffer::Host(t) => ReadLease::Host(t.lease_read()),
-            Buffer::Raw(r) => ReadLease::Raw(r.clone()),
-        }
-    }
-
-    pub(crate) fn lease_write(&self) -> WriteLease {
-        match self {
-            Buffer::Host(t) => WriteLease::Host(t.lease_write()),
-            Buffer::Raw(r) => WriteLease::Raw(r.clone()),
-        }
-    }
-}
-
-/// What a capture holds on one buffer while it copies.
-pub(crate) enum ReadLease {
-    Host(HostReadLease),
-    Raw(RawBuffer),
-}
-
-impl ReadLease {
-    pub(crate) fn source(&self) -> Source<'_> {
-        Source::Host(self.bytes())
-    }
-
-    pub(crate) fn bytes(&self) -> &[u8] {
-        match self {
-            // SAFETY: the lease holds the read lock while it lives.
-            ReadLease::Host(l) => unsafe { l.shared.bytes() },
-            // SAFETY: `RawBuffer::new`'s contract: valid for `len` bytes and
-            // not written during a capture.
-            ReadLease::Raw(r) => unsafe { std::slice::from_raw_parts(r.ptr.as_ptr(), r.len) },
-        }
-    }
-}
-
-/// What a restore holds on one buffer while it copies.
-pub(crate) enum WriteLease {
-    Host(HostWriteLease),
-    Raw(RawBuffer),
-}
-
-impl WriteLease {
-    pub(crate) fn target(&mut self) -> Target<'_> {
-        match self {
-            // SAFETY: the lease holds the write lock while it lives and
-            // `&mut self` keeps this the only slice from it.
-            WriteLease::Host(l) => Target::Host(unsafe { l.shared.bytes_mut() }),
-            WriteLease::Raw(r) => {
-                // SAFETY: `RawBuffer::new`'s contract: valid for `len` bytes,
-                // untouched by others during a restore, overlapping no other
-                // registered buffer (which registration also checks).
-                let bytes = unsafe { std::slice::from_raw_parts_mut(r.ptr.as_ptr(), r.len) };
-                Target::Host(bytes)
+            (Buffer::Device(a), Buffer::Device(b)) => {
+                std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
             }
+            (Buffer::Host(_) | Buffer::Raw(_) | Buffer::Device(_), _) => false,
         }
+    }
+
+    /// The whole buffer as a capture source: takes its read lease (a host
+    /// tensor's read lock, waiting while a writer holds it).
+    pub(crate) fn source(&self) -> Source {
+        match self {
+            Buffer::Host(t) => {
+                t.shared.lock_read();
+                Source::Host(HostSource {
+                    memory: HostMemory::Tensor(Arc::clone(&t.shared)),
+                    start: 0,
+                    len: t.byte_len(),
+                })
+            }
+            Buffer::Raw(r) => Source::Host(HostSource {
+                memory: HostMemory::Raw(r.ptr),
+                start: 0,
+                len: r.len,
+            }),
+            Buffer::Device(d) => Source::Device(DeviceSource::new(Arc::clone(d))),
+        }
+    }
+
+    /// The whole buffer as a restore target: takes its write lease (a host
+    /// tensor's write lock, waiting for readers and writers to leave).
+    pub(crate) fn target(&self) -> Target {
+        match self {
+            Buffer::Host(t) => {
+                t.shared.lock_write();
+                Target::Host(HostTarget {
+                    memory: HostMemory::Tensor(Arc::clone(&t.shared)),
+                    start: 0,
+                    len: t.byte_len(),
+                })
+            }
+            Buffer::Raw(r) => Target::Host(HostTarget {
+                memory: HostMemory::Raw(r.ptr),
+                start: 0,
+                len: r.len,
+            }),
+            Buffer::Device(d) => Target::Device(DeviceTarget::new(Arc::clone(d))),
+        }
+    }
+}
+
+/// The memory behind a host source or target.
+enum HostMemory {
+    /// A host tensor; the handle holds one read (source) or write (target)
+    /// hold on it, released in `Drop`.
+    Tensor(Arc<Shared>),
+    /// The start of a [`RawBuffer`], under `RawBuffer::new`'s contract.
+    Raw(NonNull<u8>),
+}
+
+impl HostMemory {
+    fn base(&self) -> *mut u8 {
+        match self {
+            HostMemory::Tensor(shared) => shared.data.as_ptr().cast::<u8>(),
+            HostMemory::Raw(ptr) => ptr.as_ptr(),
+        }
+    }
+}
+
+/// Bytes `start..start + len` of a registered host buffer, read-leased for
+/// a capture: while any source of a [`HostTensor`] lives, its writers wait.
+/// Clones share the lease (each holds the read lock once).
+pub struct HostSource {
+    memory: HostMemory,
+    start: usize,
+    len: usize,
+}
+
+// SAFETY: a source only reads; its bytes are read-locked (a tensor) or, for
+// raw memory, not written while a capture runs (`RawBuffer::new`'s
+// contract), so reading them from another thread cannot race a write. The
+// tensor's lock is released from whichever thread drops the source, which
+// the lock (a mutex and a condition variable) allows.
+unsafe impl Send for HostSource {}
+// SAFETY: as above; `&HostSource` only reads.
+unsafe impl Sync for HostSource {}
+
+impl fmt::Debug for HostSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HostSource({:p}, {} bytes)", self.as_ptr(), self.len)
+    }
+}
+
+impl Clone for HostSource {
+    fn clone(&self) -> HostSource {
+        self.narrowed(0..self.len)
+    }
+}
+
+impl Drop for HostSource {
+    fn drop(&mut self) {
+        if let HostMemory::Tensor(shared) = &self.memory {
+            shared.unlock_read();
+        }
+    }
+}
+
+impl HostSource {
+    /// Bytes to copy.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there is nothing to copy.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The first byte (for backends that issue their own copies).
+    pub fn as_ptr(&self) -> *const u8 {
+        self.memory.base().wrapping_add(self.start)
+    }
+
+    /// The bytes.
+    ///
+    /// # Safety
+    /// Only until the ticket of the copy this source was handed to reports
+    /// done: a [`RawBuffer`]'s owner may write or free its memory after the
+    /// capture, which this handle cannot hold off.
+    pub unsafe fn as_slice(&self) -> &[u8] {
+        // SAFETY: `start + len` is inside the buffer (sources are only made
+        // whole and narrowed within); a tensor's bytes are read-locked by
+        // this handle, raw bytes unwritten during the capture (the
+        // caller's promise and `RawBuffer::new`'s contract).
+        unsafe { std::slice::from_raw_parts(self.as_ptr(), self.len) }
+    }
+
+    /// Splits at `mid` into two sources over disjoint bytes.
+    ///
+    /// # Panics
+    /// When `mid > len`.
+    pub fn split_at(self, mid: usize) -> (HostSource, HostSource) {
+        assert!(
+            mid <= self.len,
+            "split at {mid} of a {}-byte source",
+            self.len
+        );
+        let tail = self.narrowed(mid..self.len);
+        let mut head = self;
+        head.len = mid;
+        (head, tail)
+    }
+
+    /// `range` of these bytes with a lease of its own; the caller checked
+    /// that it is inside.
+    pub(crate) fn narrowed(&self, range: Range<usize>) -> HostSource {
+        debug_assert!(range.start <= range.end && range.end <= self.len);
+        let memory = match &self.memory {
+            HostMemory::Tensor(shared) => {
+                shared.add_reader();
+                HostMemory::Tensor(Arc::clone(shared))
+            }
+            HostMemory::Raw(ptr) => HostMemory::Raw(*ptr),
+        };
+        HostSource {
+            memory,
+            start: self.start + range.start,
+            len: range.end - range.start,
+        }
+    }
+}
+
+/// Bytes `start..start + len` of a registered host buffer, write-leased for
+/// a restore: while any target of a [`HostTensor`] lives, its readers and
+/// writers wait. Not `Clone`: each target is the only writer of its bytes
+/// ([`split_at`](HostTarget::split_at) makes disjoint ones).
+pub struct HostTarget {
+    memory: HostMemory,
+    start: usize,
+    len: usize,
+}
+
+// SAFETY: a target is the only handle on its bytes (tensor: under the write
+// lock it holds; raw memory: untouched by others during a restore, per
+// `RawBuffer::new`), so moving it to another thread moves the only access.
+unsafe impl Send for HostTarget {}
+
+impl fmt::Debug for HostTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HostTarget({:p}, {} bytes)", self.as_mut_ptr(), self.len)
+    }
+}
+
+impl Drop for HostTarget {
+    fn drop(&mut self) {
+        if let HostMemory::Tensor(shared) = &self.memory {
+            shared.unlock_write();
+        }
+    }
+}
+
+impl HostTarget {
+    /// Bytes to copy.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there is nothing to copy.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The first byte (for backends that issue their own copies).
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        self.memory.base().wrapping_add(self.start)
+    }
+
+    /// The bytes, to write.
+    ///
+    /// # Safety
+    /// Only until the ticket of the copy this target was handed to reports
+    /// done: a [`RawBuffer`]'s owner may use or free its memory after the
+    /// restore, which this handle cannot hold off.
+    pub unsafe fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `start + len` is inside the buffer; this target is the
+        // only handle on these bytes (a tensor's write lock, disjoint
+        // pieces; raw memory untouched by others during the restore, the
+        // caller's promise and `RawBuffer::new`'s contract), and `&mut self`
+        // keeps this slice the only one from it.
+        unsafe { std::slice::from_raw_parts_mut(self.as_mut_ptr(), self.len) }
+    }
+
+    /// Splits at `mid` into two targets over disjoint bytes.
+    ///
+    /// # Panics
+    /// When `mid > len`.
+    pub fn split_at(self, mid: usize) -> (HostTarget, HostTarget) {
+        assert!(
+            mid <= self.len,
+            "split at {mid} of a {}-byte target",
+            self.len
+        );
+        let memory = match &self.memory {
+            HostMemory::Tensor(shared) => {
+                shared.add_writer();
+                HostMemory::Tensor(Arc::clone(shared))
+            }
+            HostMemory::Raw(ptr) => HostMemory::Raw(*ptr),
+        };
+        let tail = HostTarget {
+            memory,
+            start: self.start + mid,
+            len: self.len - mid,
+        };
+        let mut head = self;
+        head.len = mid;
+        (head, tail)
     }
 }
 
@@ -580,7 +782,11 @@ mod tests {
     #[test]
     fn a_lease_taken_on_one_thread_and_dropped_on_another_holds_writers_off() {
         let t = HostTensor::zeros(Dtype::U8, [16]).expect("zeros");
-        let lease = t.lease_read();
+        let lease = Buffer::from(&t).source();
+        // A piece of the lease holds the lock on its own.
+        let piece = lease.subrange(4..12).expect("inside");
+        assert_eq!(piece.len(), 8);
+        drop(lease);
         let wrote = Arc::new(AtomicBool::new(false));
         let writer = {
             let (t, wrote) = (t.clone(), Arc::clone(&wrote));
@@ -596,11 +802,46 @@ mod tests {
         );
         // A second reader still gets in while the writer waits.
         assert_eq!(t.read().len(), 16);
-        std::thread::spawn(move || drop(lease))
+        std::thread::spawn(move || drop(piece))
             .join()
             .expect("drop lease");
         writer.join().expect("writer");
         assert!(t.read().iter().all(|&b| b == 1));
+    }
+
+    #[test]
+    fn the_pieces_of_a_restore_target_hold_readers_off_until_the_last_one_goes() {
+        let t = HostTensor::zeros(Dtype::U8, [16]).expect("zeros");
+        let Target::Host(whole) = Buffer::from(&t).target() else {
+            unreachable!("a host tensor's target is host memory")
+        };
+        let (mut head, mut tail) = whole.split_at(10);
+        // SAFETY: no copy is involved; the pieces are this test's only
+        // handles on the tensor's bytes.
+        unsafe {
+            head.as_mut_slice().fill(1);
+            tail.as_mut_slice().fill(2);
+        }
+        drop(head);
+        let read = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (t, read) = (t.clone(), Arc::clone(&read));
+            std::thread::spawn(move || {
+                let bytes = t.read().to_vec();
+                read.store(true, Ordering::SeqCst);
+                bytes
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !read.load(Ordering::SeqCst),
+            "reader ran under a write lease"
+        );
+        drop(tail);
+        let bytes = reader.join().expect("reader");
+        assert_eq!(&bytes[..10], &[1; 10]);
+        assert_eq!(&bytes[10..], &[2; 6]);
+        assert!(Buffer::from(&t).source().subrange(3..17).is_none());
     }
 
     #[test]

@@ -6,11 +6,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::backoff::Backoff;
 use crate::buffer::{Buffer, HostTensor};
 use crate::conn::Deadline;
-use crate::device::{Device, HostDevice, RestoreCopy};
+use crate::device::{Device, HostDevice, RestoreCopy, Target, same_device};
 use crate::error::{Error, Result};
+use crate::proto::convert::to_u64;
 use crate::proto::{self, ReplyBody, RequestBody, RestoreSource, StagingInfo};
+use crate::route;
 use crate::session::{Events, Outcome, Session};
 use crate::staging::Staging;
 use crate::{Dtype, TensorSpec};
@@ -31,6 +34,11 @@ pub struct ClientConfig {
     pub world_size: u32,
     /// How long to keep retrying a missing or refusing socket (10 s).
     pub connect_timeout: Duration,
+    /// How long a registration refused as `Busy` (another connection holds
+    /// this job and rank) is retried on new connections; `None`: as long as
+    /// `connect_timeout`. One deadline bounds the whole registration, its
+    /// reconnects included.
+    pub busy_timeout: Option<Duration>,
     /// Bound on every wait for a reply (60 s).
     pub call_timeout: Duration,
     /// Bound on waiting for a commit, for a slot under the `block` policy,
@@ -57,6 +65,7 @@ impl ClientConfig {
             rank: 0,
             world_size: 1,
             connect_timeout: Duration::from_secs(10),
+            busy_timeout: None,
             call_timeout: Duration::from_secs(60),
             commit_timeout: Duration::from_secs(600),
             reconnect: true,
@@ -143,7 +152,13 @@ pub struct Description {
 pub(crate) struct Registration {
     pub spec: TensorSpec,
     pub buffer: Buffer,
+    /// Index in `Client::devices` of the device that copies `buffer`.
+    pub device: usize,
 }
+
+/// Pauses between registrations refused as `Busy`.
+const BUSY_PAUSE_FIRST: Duration = Duration::from_millis(5);
+const BUSY_PAUSE_MAX: Duration = Duration::from_millis(200);
 
 /// A connection to `gpusnapd` and the buffers registered on it.
 ///
@@ -152,7 +167,11 @@ pub(crate) struct Registration {
 #[derive(Debug)]
 pub struct Client {
     pub(crate) config: ClientConfig,
-    pub(crate) device: Arc<dyn Device>,
+    /// The device host buffers are copied by.
+    host: Arc<dyn Device>,
+    /// Every device a registered buffer is copied by, in the order they
+    /// first appeared: each is attached to every registration's staging.
+    pub(crate) devices: Vec<Arc<dyn Device>>,
     pub(crate) tensors: Vec<Registration>,
     pub(crate) session: Option<Session>,
     pub(crate) events: Events,
@@ -177,11 +196,14 @@ impl Client {
         Client::with_device(config, device)
     }
 
-    /// Connects with `config`, copying with `device`.
+    /// Connects with `config`, copying host buffers ([`Buffer::Host`],
+    /// [`Buffer::Raw`]) with `device`; a [`Buffer::Device`] is copied by the
+    /// device it names.
     pub fn with_device(config: ClientConfig, device: Arc<dyn Device>) -> Result<Client> {
         let mut client = Client {
             config,
-            device,
+            host: device,
+            devices: Vec::new(),
             tensors: Vec::new(),
             session: None,
             events: Events::default(),
@@ -226,7 +248,7 @@ impl Client {
         if self.tensors.iter().any(|r| r.spec.name == spec.name) {
             return Err(Error::DuplicateName { name: spec.name });
         }
-        let actual = buffer.byte_len() as u64;
+        let actual = to_u64(buffer.byte_len());
         if actual != expected {
             return Err(Error::BufferLength {
                 name: spec.name,
@@ -240,8 +262,26 @@ impl Client {
                 spec.name, other.spec.name
             )));
         }
-        self.tensors.push(Registration { spec, buffer });
+        let device = buffer.device().unwrap_or_else(|| Arc::clone(&self.host));
+        let device = match self.devices.iter().position(|d| same_device(d, &device)) {
+            Some(i) => i,
+            None => {
+                self.devices.push(device);
+                self.devices.len() - 1
+            }
+        };
+        self.tensors.push(Registration {
+            spec,
+            buffer,
+            device,
+        });
         Ok(())
+    }
+
+    /// The devices the registered buffers are copied by (each attached to
+    /// the staging of every registration), in the order they first appeared.
+    pub fn devices(&self) -> &[Arc<dyn Device>] {
+        &self.devices
     }
 
     /// Registers a host tensor under `name` with its own dtype and shape.
@@ -321,23 +361,17 @@ impl Client {
 
     /// Copies slot `slot` into every registered buffer, under write locks.
     fn copy_out(&mut self, staging: &Staging, slot: u32) -> Result<()> {
-        let mut leases: Vec<_> = self
-            .tensors
-            .iter()
-            .map(|r| r.buffer.lease_write())
-            .collect();
+        let targets: Vec<Target> = self.tensors.iter().map(|r| r.buffer.target()).collect();
         // SAFETY: the daemon lent `slot` to this restore, and `&mut self`
-        // keeps every other capture or restore of this client away.
+        // keeps every other capture or restore of this client away (each
+        // waited for all of its tickets, whose copies dropped their spans).
         let spans = unsafe { staging.slot_spans(slot) }?;
         let copies = spans
             .into_iter()
-            .zip(leases.iter_mut())
-            .map(|(src, lease)| RestoreCopy {
-                src,
-                dst: lease.target(),
-            })
-            .collect();
-        self.device.restore(copies)
+            .zip(targets)
+            .zip(&self.tensors)
+            .map(|((src, dst), r)| (r.device, RestoreCopy { src, dst }));
+        route::restore(&self.devices, copies)?.wait().map(drop)
     }
 
     /// Committed snapshots of this job.
@@ -495,15 +529,17 @@ impl Client {
         }
     }
 
-    /// Makes sure a handshaken session exists.
+    /// Makes sure a handshaken session exists (connecting for up to
+    /// `connect_timeout`).
     pub(crate) fn live(&mut self) -> Result<()> {
+        self.live_until(Instant::now() + self.config.connect_timeout)
+    }
+
+    /// Makes sure a handshaken session exists, connecting until `deadline`.
+    fn live_until(&mut self, deadline: Instant) -> Result<()> {
         self.reap_broken();
         if self.session.is_none() {
-            let session = Session::open(
-                &self.config.socket,
-                self.config.connect_timeout,
-                self.config.call_timeout,
-            )?;
+            let session = Session::open(&self.config.socket, deadline, self.config.call_timeout)?;
             self.uid = session.uid;
             self.session = Some(session);
         }
@@ -512,32 +548,48 @@ impl Client {
 
     /// Makes sure the current tensor set is registered; returns its staging.
     ///
-    /// `Busy` is retried on a new connection until `connect_timeout`: the
-    /// connection that held this (job, rank) may be one the daemon has not
-    /// finished closing (a trainer that just closed or died), which lets go
-    /// within milliseconds. A second live trainer of the same rank still
-    /// gets `Busy`, after that wait.
+    /// `Busy` is retried on a new connection until `busy_timeout` (default:
+    /// `connect_timeout`): the connection that held this (job, rank) may be
+    /// one the daemon has not finished closing (a trainer that just closed
+    /// or died), which lets go within milliseconds. A second live trainer
+    /// of the same rank still gets `Busy`, after that wait. Reconnecting
+    /// shares the deadline: the whole registration waits at most
+    /// `max(connect_timeout, busy_timeout)`.
     pub(crate) fn registered(&mut self) -> Result<Arc<Staging>> {
-        let deadline = Deadline::after(self.config.connect_timeout);
-        let mut pause = Duration::from_millis(5);
+        let started = Instant::now();
+        let bound = self
+            .config
+            .busy_timeout
+            .unwrap_or(self.config.connect_timeout);
+        let mut backoff = Backoff::new(BUSY_PAUSE_FIRST, BUSY_PAUSE_MAX, started + bound);
+        let mut connect_by = started + self.config.connect_timeout;
         loop {
-            match self.register_now() {
-                Err(Error::Busy(message)) if Instant::now() + pause < deadline.at => {
-                    tracing::info!("registration refused as busy ({message}); retrying");
+            match self.register_now(connect_by) {
+                Err(Error::Busy(message)) => {
                     self.close_session();
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(Duration::from_millis(200));
+                    if !backoff.pause() {
+                        return Err(Error::Busy(format!(
+                            "{message} (still busy after {} s)",
+                            bound.as_secs_f64()
+                        )));
+                    }
+                    tracing::info!("registration refused as busy ({message}); retrying");
+                    // The daemon just answered: a reconnect gets its own
+                    // connect window, never past the busy deadline.
+                    connect_by = backoff
+                        .deadline()
+                        .min(Instant::now() + self.config.connect_timeout);
                 }
                 other => return other,
             }
         }
     }
 
-    fn register_now(&mut self) -> Result<Arc<Staging>> {
+    fn register_now(&mut self, connect_by: Instant) -> Result<Arc<Staging>> {
         if self.tensors.is_empty() {
             return Err(Error::NotRegistered("no tensors are registered".into()));
         }
-        self.live()?;
+        self.live_until(connect_by)?;
         let current = self
             .session
             .as_ref()
@@ -549,7 +601,7 @@ impl Client {
                 // Let the old one report its commits first.
                 self.drain_in_flight();
                 self.close_session();
-                self.live()?;
+                self.live_until(connect_by)?;
             }
             None => {}
         }
@@ -557,7 +609,7 @@ impl Client {
         let lens: Vec<u64> = self
             .tensors
             .iter()
-            .map(|r| r.buffer.byte_len() as u64)
+            .map(|r| to_u64(r.buffer.byte_len()))
             .collect();
         let body = RequestBody::Register {
             job: self.config.job.clone(),
@@ -585,10 +637,13 @@ impl Client {
                 )));
             }
         };
-        let staging = match Staging::map(fd, info, lens) {
+        let staging = match Staging::map(fd, info, lens, &self.devices) {
             Ok(s) => Arc::new(s),
             Err(e) => {
-                self.session_mut()?.unexpected_broken();
+                // A staging this client cannot use (a bad description, or a
+                // device that cannot attach to it): this registration is
+                // over, and closing its connection frees it in the daemon.
+                self.close_session();
                 return Err(e);
             }
         };
@@ -633,7 +688,7 @@ impl Client {
     pub(crate) fn unexpected(&mut self, what: &str, body: &ReplyBody) -> Error {
         match self.session.as_mut() {
             Some(s) => s.unexpected(what, body),
-            None => Error::Protocol(format!("unexpected reply to {what}")),
+            None => Error::Protocol(format!("unexpected reply {:?} to {what}", body.name())),
         }
     }
 
@@ -695,10 +750,15 @@ fn outcome_result(step: u64, outcome: Outcome) -> Result<CommitInfo> {
             bytes,
             persist,
         }),
-        Outcome::Failed { kind, message } => Err(Error::SnapshotFailed {
+        Outcome::Failed {
+            kind,
+            message,
+            os_error,
+        } => Err(Error::SnapshotFailed {
             step,
             kind,
             message,
+            os_error,
         }),
         Outcome::Skipped { reason } => Err(Error::Skipped { step, reason }),
     }

@@ -17,13 +17,18 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, send};
 
+use crate::backoff::Backoff;
 use crate::error::{Error, Result};
+use crate::proto::convert::to_u64;
 use crate::proto::{self, FRAME_HEADER_BYTES, FrameError, Reply, Request};
 
 /// Bytes asked of the kernel per read when no bigger frame is pending.
 const READ_BYTES: usize = 64 << 10;
 /// Descriptors one read can carry before the control data is truncated.
 const FDS_PER_READ_MAX: usize = 8;
+/// Pauses between connection attempts.
+const CONNECT_PAUSE_FIRST: Duration = Duration::from_millis(50);
+const CONNECT_PAUSE_MAX: Duration = Duration::from_secs(1);
 
 /// One frame from the daemon with the descriptors that rode on it.
 #[derive(Debug)]
@@ -58,11 +63,11 @@ fn is_peer_gone(e: Errno) -> bool {
 }
 
 impl Conn {
-    /// Connects, retrying a missing or refusing socket with backoff (50 ms
-    /// doubling to 1 s) until `timeout` has passed.
-    pub(crate) fn connect(socket: &Path, timeout: Duration) -> Result<Conn> {
-        let deadline = Instant::now() + timeout;
-        let mut backoff = Duration::from_millis(50);
+    /// Connects, retrying a missing or refusing socket (pauses of 50 ms
+    /// doubling to 1 s) until `deadline`, the bound of the caller's whole
+    /// wait.
+    pub(crate) fn connect(socket: &Path, deadline: Instant) -> Result<Conn> {
+        let mut backoff = Backoff::new(CONNECT_PAUSE_FIRST, CONNECT_PAUSE_MAX, deadline);
         loop {
             match UnixStream::connect(socket) {
                 Ok(stream) => return Ok(Conn::from_stream(stream)),
@@ -74,15 +79,12 @@ impl Conn {
                             | std::io::ErrorKind::WouldBlock
                             | std::io::ErrorKind::Interrupted
                     );
-                    let now = Instant::now();
-                    if !retryable || now >= deadline {
+                    if !retryable || !backoff.pause() {
                         return Err(Error::DaemonUnavailable {
                             socket: PathBuf::from(socket),
                             source: e,
                         });
                     }
-                    std::thread::sleep(backoff.min(deadline - now));
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
             }
         }
@@ -167,15 +169,15 @@ impl Conn {
         };
         let reply: Result<Reply> = proto::decode(body)
             .map_err(|e| Error::Protocol(format!("gpusnapd sent a malformed message: {e}")));
-        let start = self.buf_pos + self.consumed as u64;
-        let end = start + (FRAME_HEADER_BYTES + len) as u64;
+        let start = self.buf_pos + to_u64(self.consumed);
+        let end = start + to_u64(FRAME_HEADER_BYTES + len);
         self.consumed += FRAME_HEADER_BYTES + len;
         let (mine, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.fds)
             .into_iter()
             .partition(|(pos, _)| *pos < end);
         self.fds = later;
         if self.consumed == self.buf.len() {
-            self.buf_pos += self.buf.len() as u64;
+            self.buf_pos += to_u64(self.buf.len());
             self.buf.clear();
             self.consumed = 0;
         }
@@ -195,7 +197,7 @@ impl Conn {
     fn fill(&mut self, deadline: Deadline, what: &str) -> Result<()> {
         if self.consumed > 0 {
             self.buf.drain(..self.consumed);
-            self.buf_pos += self.consumed as u64;
+            self.buf_pos += to_u64(self.consumed);
             self.consumed = 0;
         }
         let need = match self.pending_frame_len()? {
@@ -223,7 +225,7 @@ impl Conn {
     /// One `recvmsg` into `buf[at..]`; returns the bytes read.
     fn read_some(&mut self, at: usize, deadline: Deadline, what: &str) -> Result<usize> {
         let fd = self.stream.as_raw_fd();
-        let pos = self.buf_pos + at as u64;
+        let pos = self.buf_pos + to_u64(at);
         loop {
             let remaining = remaining(deadline, what, "reply")?;
             self.stream.set_read_timeout(Some(remaining))?;

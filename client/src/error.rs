@@ -4,13 +4,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::TensorSpecError;
-use crate::proto::ErrorKind;
+use crate::proto::{ErrorKind, OsError};
 
 /// Everything that can go wrong in the client.
 ///
-/// Errors the daemon reports keep its message; [`Error::from_daemon`] maps
-/// each [`ErrorKind`] to exactly one variant and [`Error::daemon_kind`] maps
-/// it back.
+/// Errors the daemon reports keep its message and, where the daemon sends
+/// one, the operating system's error behind them ([`Error::os_error`]);
+/// [`Error::from_daemon`] maps each [`ErrorKind`] to exactly one variant and
+/// [`Error::daemon_kind`] maps it back.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -58,9 +59,12 @@ pub enum Error {
     /// A checksum or structure check failed.
     #[error("corrupt snapshot: {0}")]
     Corrupt(String),
-    /// The daemon's disk refused.
-    #[error("storage error: {0}")]
-    Storage(String),
+    /// The daemon's disk refused (`os_error`: the errno, e.g. `ENOSPC`).
+    #[error("storage error: {message}")]
+    Storage {
+        message: String,
+        os_error: Option<OsError>,
+    },
     /// The daemon is stopping.
     #[error("gpusnapd is shutting down: {0}")]
     ShuttingDown(String),
@@ -73,12 +77,14 @@ pub enum Error {
     /// The daemon refused this snapshot because staging was busy (policy `skip`).
     #[error("snapshot of step {step} was skipped: {reason}")]
     Skipped { step: u64, reason: String },
-    /// The snapshot was captured but the daemon could not commit it.
+    /// The snapshot was captured but the daemon could not commit it
+    /// (`os_error`: the errno behind it, when an I/O error was the cause).
     #[error("snapshot of step {step} failed ({kind:?}): {message}")]
     SnapshotFailed {
         step: u64,
         kind: ErrorKind,
         message: String,
+        os_error: Option<OsError>,
     },
     /// The connection that carried this step broke before its commit was
     /// reported, and the daemon does not list it: it is gone.
@@ -118,8 +124,16 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    /// The variant for an error the daemon reported.
-    pub fn from_daemon(kind: ErrorKind, message: String) -> Error {
+    /// The variant for an error the daemon reported. `os_error` is kept by
+    /// [`Error::Storage`], the kind the daemon reports I/O failures as.
+    pub fn from_daemon(kind: ErrorKind, message: String, os_error: Option<OsError>) -> Error {
+        if os_error.is_some() && kind != ErrorKind::Storage {
+            tracing::debug!(
+                ?kind,
+                ?os_error,
+                "an OS error on a daemon error of another kind"
+            );
+        }
         match kind {
             ErrorKind::Protocol => Error::Protocol(message),
             ErrorKind::TooLarge => Error::TooLarge(message),
@@ -135,7 +149,7 @@ impl Error {
             ErrorKind::Mismatch => Error::Mismatch(message),
             ErrorKind::NotFound => Error::NotFound(message),
             ErrorKind::Corrupt => Error::Corrupt(message),
-            ErrorKind::Storage => Error::Storage(message),
+            ErrorKind::Storage => Error::Storage { message, os_error },
             ErrorKind::ShuttingDown => Error::ShuttingDown(message),
             ErrorKind::Timeout => Error::Timeout {
                 what: message,
@@ -160,7 +174,7 @@ impl Error {
             Error::Mismatch(_) => ErrorKind::Mismatch,
             Error::NotFound(_) => ErrorKind::NotFound,
             Error::Corrupt(_) => ErrorKind::Corrupt,
-            Error::Storage(_) => ErrorKind::Storage,
+            Error::Storage { .. } => ErrorKind::Storage,
             Error::ShuttingDown(_) => ErrorKind::ShuttingDown,
             Error::Timeout { .. } => ErrorKind::Timeout,
             Error::Internal(_) => ErrorKind::Internal,
@@ -176,6 +190,115 @@ impl Error {
             | Error::CaptureInProgress { .. }
             | Error::Io(_) => return None,
         })
+    }
+    /// The operating system's error behind this one: the errno the daemon
+    /// reported ([`Error::Storage`], [`Error::SnapshotFailed`]) or that a
+    /// local call returned ([`Error::Io`], [`Error::DaemonUnavailable`]).
+    pub fn os_error(&self) -> Option<OsError> {
+        match self {
+            Error::Storage { os_error, .. } | Error::SnapshotFailed { os_error, .. } => *os_error,
+            Error::Io(e) | Error::DaemonUnavailable { source: e, .. } => {
+                e.raw_os_error().map(OsError::from_raw)
+            }
+            Error::VersionMismatch { .. }
+            | Error::Protocol(_)
+            | Error::TooLarge(_)
+            | Error::Disconnected(_)
+            | Error::NotRegistered(_)
+            | Error::InvalidRegistration(_)
+            | Error::Busy(_)
+            | Error::PermissionDenied(_)
+            | Error::StagingFull(_)
+            | Error::Mismatch(_)
+            | Error::NotFound(_)
+            | Error::Corrupt(_)
+            | Error::ShuttingDown(_)
+            | Error::Timeout { .. }
+            | Error::Internal(_)
+            | Error::Skipped { .. }
+            | Error::Lost { .. }
+            | Error::BufferLength { .. }
+            | Error::DuplicateName { .. }
+            | Error::Spec(_)
+            | Error::BackendUnavailable { .. }
+            | Error::CaptureInProgress { .. } => None,
+        }
+    }
+
+    /// The same error again, for a caller that asks twice (a second wait
+    /// on a failed capture): the same variant, fields and message; an I/O
+    /// error keeps its kind, errno and text, not its inner error object.
+    pub(crate) fn replay(&self) -> Error {
+        fn io(e: &std::io::Error) -> std::io::Error {
+            match e.raw_os_error() {
+                Some(code) => std::io::Error::from_raw_os_error(code),
+                None => std::io::Error::new(e.kind(), e.to_string()),
+            }
+        }
+        match self {
+            Error::DaemonUnavailable { socket, source } => Error::DaemonUnavailable {
+                socket: socket.clone(),
+                source: io(source),
+            },
+            Error::VersionMismatch { client, message } => Error::VersionMismatch {
+                client: *client,
+                message: message.clone(),
+            },
+            Error::Protocol(m) => Error::Protocol(m.clone()),
+            Error::TooLarge(m) => Error::TooLarge(m.clone()),
+            Error::Disconnected(m) => Error::Disconnected(m.clone()),
+            Error::NotRegistered(m) => Error::NotRegistered(m.clone()),
+            Error::InvalidRegistration(m) => Error::InvalidRegistration(m.clone()),
+            Error::Busy(m) => Error::Busy(m.clone()),
+            Error::PermissionDenied(m) => Error::PermissionDenied(m.clone()),
+            Error::StagingFull(m) => Error::StagingFull(m.clone()),
+            Error::Mismatch(m) => Error::Mismatch(m.clone()),
+            Error::NotFound(m) => Error::NotFound(m.clone()),
+            Error::Corrupt(m) => Error::Corrupt(m.clone()),
+            Error::Storage { message, os_error } => Error::Storage {
+                message: message.clone(),
+                os_error: *os_error,
+            },
+            Error::ShuttingDown(m) => Error::ShuttingDown(m.clone()),
+            Error::Timeout { what, after } => Error::Timeout {
+                what: what.clone(),
+                after: *after,
+            },
+            Error::Internal(m) => Error::Internal(m.clone()),
+            Error::Skipped { step, reason } => Error::Skipped {
+                step: *step,
+                reason: reason.clone(),
+            },
+            Error::SnapshotFailed {
+                step,
+                kind,
+                message,
+                os_error,
+            } => Error::SnapshotFailed {
+                step: *step,
+                kind: *kind,
+                message: message.clone(),
+                os_error: *os_error,
+            },
+            Error::Lost { step } => Error::Lost { step: *step },
+            Error::BufferLength {
+                name,
+                expected,
+                actual,
+            } => Error::BufferLength {
+                name: name.clone(),
+                expected: *expected,
+                actual: *actual,
+            },
+            Error::DuplicateName { name } => Error::DuplicateName { name: name.clone() },
+            Error::Spec(e) => Error::Spec(e.clone()),
+            Error::BackendUnavailable { backend, reason } => Error::BackendUnavailable {
+                backend,
+                reason: reason.clone(),
+            },
+            Error::CaptureInProgress { step } => Error::CaptureInProgress { step: *step },
+            Error::Io(e) => Error::Io(io(e)),
+        }
     }
 }
 
@@ -227,11 +350,47 @@ mod tests {
         let kinds = all_kinds();
         let mut variants = std::collections::HashSet::new();
         for kind in &kinds {
-            let err = Error::from_daemon(*kind, format!("msg-{kind:?}"));
+            let err = Error::from_daemon(*kind, format!("msg-{kind:?}"), None);
             assert_eq!(err.daemon_kind(), Some(*kind), "{err}");
             assert!(err.to_string().contains(&format!("msg-{kind:?}")), "{err}");
             variants.insert(std::mem::discriminant(&err));
         }
         assert_eq!(variants.len(), kinds.len(), "two kinds share a variant");
+    }
+
+    #[test]
+    fn the_os_error_of_a_storage_error_is_kept_and_a_replay_is_the_same_error() {
+        let err = Error::from_daemon(
+            ErrorKind::Storage,
+            "write: No space left on device".into(),
+            Some(OsError::ENOSPC),
+        );
+        assert_eq!(err.os_error(), Some(OsError::ENOSPC));
+        let again = err.replay();
+        assert_eq!(again.to_string(), err.to_string());
+        assert_eq!(again.os_error(), Some(OsError::ENOSPC));
+        assert!(matches!(again, Error::Storage { .. }));
+        // Other kinds have no OS error field.
+        let err = Error::from_daemon(ErrorKind::Corrupt, "crc".into(), Some(OsError::EIO));
+        assert_eq!(err.os_error(), None);
+        // A local I/O error keeps its errno through a replay.
+        let io = Error::Io(std::io::Error::from_raw_os_error(libc::EMFILE));
+        assert_eq!(io.replay().os_error(), Some(OsError::EMFILE));
+        assert_eq!(io.replay().to_string(), io.to_string());
+        let failed = Error::SnapshotFailed {
+            step: 4,
+            kind: ErrorKind::Storage,
+            message: "fsync".into(),
+            os_error: Some(OsError::EIO),
+        };
+        assert!(matches!(
+            failed.replay(),
+            Error::SnapshotFailed {
+                step: 4,
+                kind: ErrorKind::Storage,
+                os_error: Some(OsError::EIO),
+                ..
+            }
+        ));
     }
 }

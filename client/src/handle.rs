@@ -1,35 +1,33 @@
-//! Capture: `Begin`, the copies (overlapped on a worker for a slot, chunk by
-//! chunk through the ring for a stream), `Captured`/`Accepted`, `Abort`.
+//! Capture: `Begin`, the copies (started on the devices and left running
+//! for a slot, chunk by chunk through the ring for a stream),
+//! `Captured`/`Accepted`, `Abort`.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::buffer::ReadLease;
 use crate::client::{CaptureInfo, Client, CommitInfo, SnapshotOutcome};
 use crate::conn::Deadline;
-use crate::device::{CaptureCopy, Device, Source};
+use crate::device::{CaptureCopy, Source, Tickets};
 use crate::error::{Error, Result};
+use crate::proto::convert::{nanos, to_usize};
 use crate::proto::{BusyPolicy, ReplyBody, RequestBody};
+use crate::route;
 use crate::session::Outcome;
 use crate::staging::Staging;
 
-/// Result of an overlapped copy: the leases back, and the copy time.
-type CopyResult = (Vec<ReadLease>, Result<Duration>);
-
 enum State {
-    /// Copies run on a worker into `slot`.
-    Copying(JoinHandle<CopyResult>),
+    /// The devices copy into the slot; `sources` hold the read leases.
+    Copying {
+        tickets: Tickets,
+        sources: Vec<Source>,
+    },
     /// The data is in staging; `Captured` is still to be sent.
     Copied {
-        leases: Vec<ReadLease>,
+        sources: Vec<Source>,
         capture: Duration,
     },
     /// Accepted or skipped.
     Done(SnapshotOutcome),
-    /// Failed; the error was returned.
-    Failed,
 }
 
 /// The capture a client has open: started by [`Client::snapshot_begin`] or
@@ -47,15 +45,26 @@ pub(crate) struct OpenCapture {
 impl std::fmt::Debug for OpenCapture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = match &self.state {
-            State::Copying(_) => "copying",
+            State::Copying { .. } => "copying",
             State::Copied { .. } => "copied",
             State::Done(_) => "done",
-            State::Failed => "failed",
         };
         f.debug_struct("OpenCapture")
             .field("step", &self.step)
             .field("state", &state)
             .finish()
+    }
+}
+
+impl OpenCapture {
+    /// Whether the copies have finished (never blocks; true once they
+    /// have, or when there were none to run).
+    #[cfg_attr(not(test), expect(dead_code, reason = "polled by tests only"))]
+    pub(crate) fn copies_done(&self) -> bool {
+        match &self.state {
+            State::Copying { tickets, .. } => tickets.is_done(),
+            State::Copied { .. } | State::Done(_) => true,
+        }
     }
 }
 
@@ -67,9 +76,9 @@ impl std::fmt::Debug for OpenCapture {
 pub struct SnapshotHandle<'a> {
     client: &'a mut Client,
     step: u64,
-    /// What waiting came to, once it did (`Err(())`: it failed and the
-    /// error was returned).
-    finished: Option<Result<SnapshotOutcome, ()>>,
+    /// What waiting came to, once it did; a failure is kept so a second
+    /// wait reports the same error.
+    finished: Option<Result<SnapshotOutcome>>,
 }
 
 impl std::fmt::Debug for SnapshotHandle<'_> {
@@ -149,7 +158,7 @@ impl Client {
     fn start_capture(&mut self, step: u64) -> Result<OpenCapture> {
         let started = Instant::now();
         let staging = self.retry("register", |c| c.registered())?;
-        let leases: Vec<ReadLease> = self.tensors.iter().map(|r| r.buffer.lease_read()).collect();
+        let sources: Vec<Source> = self.tensors.iter().map(|r| r.buffer.source()).collect();
         let bytes = staging.tensor_bytes_total();
         let done = |outcome: SnapshotOutcome| OpenCapture {
             step,
@@ -161,7 +170,7 @@ impl Client {
             Err(e) if self.broke(&e) => {
                 tracing::warn!(step, "begin: connection broke ({e}); reconnecting");
                 self.close_session();
-                let outcome = self.capture_again(step, &leases, started);
+                let outcome = self.capture_again(step, &sources, started);
                 return Ok(done(outcome?));
             }
             other => other?,
@@ -176,21 +185,19 @@ impl Client {
                 );
                 State::Done(SnapshotOutcome::Skipped { step, reason })
             }
-            Begun::Slot(slot) => {
-                match spawn_copy(Arc::clone(&self.device), Arc::clone(&staging), slot, leases) {
-                    Ok(worker) => State::Copying(worker),
-                    Err(e) => {
-                        self.abort(step, &[], &e);
-                        return Err(e);
-                    }
+            Begun::Slot(slot) => match self.copy_slot(&staging, slot, &sources) {
+                Ok(tickets) => State::Copying { tickets, sources },
+                Err(e) => {
+                    self.abort(step, &[], &e);
+                    return Err(e);
                 }
-            }
-            Begun::Stream(chunks) => match self.stream(step, chunks, &staging, &leases) {
-                Ok(capture) => State::Copied { leases, capture },
+            },
+            Begun::Stream(chunks) => match self.stream(step, chunks, &staging, &sources) {
+                Ok(capture) => State::Copied { sources, capture },
                 Err(e) if self.broke(&e) => {
                     tracing::warn!(step, "stream: connection broke ({e}); reconnecting");
                     self.close_session();
-                    let outcome = self.capture_again(step, &leases, started);
+                    let outcome = self.capture_again(step, &sources, started);
                     return Ok(done(outcome?));
                 }
                 Err(e) => return Err(e),
@@ -205,54 +212,47 @@ impl Client {
     }
 
     /// Runs an open capture to its end.
-    fn drive_capture(&mut self, mut open: OpenCapture) -> Result<SnapshotOutcome> {
-        let step = open.step;
-        loop {
-            match std::mem::replace(&mut open.state, State::Failed) {
-                State::Done(outcome) => return Ok(outcome),
-                State::Failed => {
-                    return Err(Error::Internal(format!(
-                        "the capture of step {step} already failed"
-                    )));
-                }
-                State::Copying(worker) => {
-                    let waited = Instant::now();
-                    let joined = worker.join();
-                    open.stall += waited.elapsed();
-                    let Ok((leases, copied)) = joined else {
-                        let e = Error::Internal("a capture copy worker panicked".into());
+    fn drive_capture(&mut self, open: OpenCapture) -> Result<SnapshotOutcome> {
+        let OpenCapture {
+            step,
+            state,
+            mut stall,
+            bytes,
+        } = open;
+        let (sources, capture) = match state {
+            State::Done(outcome) => return Ok(outcome),
+            State::Copied { sources, capture } => (sources, capture),
+            State::Copying { tickets, sources } => {
+                let waited = Instant::now();
+                let copied = tickets.wait();
+                stall += waited.elapsed();
+                match copied {
+                    Ok(capture) => (sources, capture),
+                    Err(e) => {
                         self.abort(step, &[], &e);
                         return Err(e);
-                    };
-                    match copied {
-                        Ok(capture) => open.state = State::Copied { leases, capture },
-                        Err(e) => {
-                            self.abort(step, &[], &e);
-                            return Err(e);
-                        }
                     }
                 }
-                State::Copied { leases, capture } => {
-                    let outcome = match self.captured(step, capture, open.stall) {
-                        Ok(()) => SnapshotOutcome::Captured(CaptureInfo {
-                            step,
-                            bytes: open.bytes,
-                            capture,
-                            stall: open.stall,
-                        }),
-                        Err(e) if self.broke(&e) => {
-                            tracing::warn!(step, "captured: connection broke ({e}); reconnecting");
-                            self.close_session();
-                            let started = Instant::now() - open.stall;
-                            self.capture_again(step, &leases, started)?
-                        }
-                        Err(e) => return Err(e),
-                    };
-                    drop(leases);
-                    return Ok(outcome);
-                }
             }
-        }
+        };
+        let outcome = match self.captured(step, capture, stall) {
+            Ok(()) => SnapshotOutcome::Captured(CaptureInfo {
+                step,
+                bytes,
+                capture,
+                stall,
+            }),
+            Err(e) if self.broke(&e) => {
+                tracing::warn!(step, "captured: connection broke ({e}); reconnecting");
+                self.close_session();
+                let started = Instant::now() - stall;
+                self.capture_again(step, &sources, started)?
+            }
+            Err(e) => return Err(e),
+        };
+        // The read leases go only now: the daemon has the data.
+        drop(sources);
+        Ok(outcome)
     }
 
     /// Sends `Begin` and checks the answer against the staging layout.
@@ -291,10 +291,10 @@ impl Client {
         step: u64,
         chunks: u64,
         staging: &Staging,
-        leases: &[ReadLease],
+        sources: &[Source],
     ) -> Result<Duration> {
         let mut outstanding: VecDeque<(u64, u64)> = VecDeque::new();
-        let result = self.stream_chunks(step, chunks, staging, leases, &mut outstanding);
+        let result = self.stream_chunks(step, chunks, staging, sources, &mut outstanding);
         if result.is_err()
             && !outstanding.is_empty()
             && let Some(session) = self.session.as_mut()
@@ -311,18 +311,18 @@ impl Client {
         step: u64,
         chunks: u64,
         staging: &Staging,
-        leases: &[ReadLease],
+        sources: &[Source],
         outstanding: &mut VecDeque<(u64, u64)>,
     ) -> Result<Duration> {
         let started = Instant::now();
         let ring = u64::from(staging.info().ring_chunks);
         for seq in 0..chunks {
-            if outstanding.len() as u64 >= ring
+            if outstanding.len() >= to_usize(ring)
                 && let Some((free, id)) = outstanding.pop_front()
             {
                 self.chunk_free(step, free, id)?;
             }
-            if let Err(e) = copy_chunk(&*self.device, staging, seq, leases) {
+            if let Err(e) = self.copy_chunk(staging, seq, sources) {
                 let ids: Vec<u64> = outstanding.drain(..).map(|(_, id)| id).collect();
                 self.abort(step, &ids, &e);
                 return Err(e);
@@ -408,7 +408,7 @@ impl Client {
     fn capture_again(
         &mut self,
         step: u64,
-        leases: &[ReadLease],
+        sources: &[Source],
         started: Instant,
     ) -> Result<SnapshotOutcome> {
         let staging = self.registered()?;
@@ -419,15 +419,17 @@ impl Client {
                 self.orphaned.insert(step);
                 return Ok(SnapshotOutcome::Skipped { step, reason });
             }
-            Begun::Slot(slot) => {
-                let t = Instant::now();
-                if let Err(e) = copy_slot(&*self.device, &staging, slot, leases) {
+            Begun::Slot(slot) => match self
+                .copy_slot(&staging, slot, sources)
+                .and_then(Tickets::wait)
+            {
+                Ok(capture) => capture,
+                Err(e) => {
                     self.abort(step, &[], &e);
                     return Err(e);
                 }
-                t.elapsed()
-            }
-            Begun::Stream(chunks) => self.stream(step, chunks, &staging, leases)?,
+            },
+            Begun::Stream(chunks) => self.stream(step, chunks, &staging, sources)?,
         };
         let stall = started.elapsed();
         self.captured(step, capture, stall)?;
@@ -448,19 +450,20 @@ impl SnapshotHandle<'_> {
 
     /// Waits for the copies, tells the daemon the capture is complete and
     /// waits for it to accept; the host tensors are unlocked after this.
+    /// A second call returns what the first came to (the same error,
+    /// when it failed).
     pub fn wait_captured(&mut self) -> Result<SnapshotOutcome> {
-        let step = self.step;
-        match &self.finished {
-            Some(Ok(outcome)) => return Ok(outcome.clone()),
-            Some(Err(())) => {
-                return Err(Error::Internal(format!(
-                    "the capture of step {step} already failed"
-                )));
-            }
-            None => {}
+        if let Some(finished) = &self.finished {
+            return match finished {
+                Ok(outcome) => Ok(outcome.clone()),
+                Err(e) => Err(e.replay()),
+            };
         }
         let result = self.client.finish_snapshot();
-        self.finished = Some(result.as_ref().map(Clone::clone).map_err(drop));
+        self.finished = Some(match &result {
+            Ok(outcome) => Ok(outcome.clone()),
+            Err(e) => Err(e.replay()),
+        });
         result
     }
 
@@ -486,74 +489,54 @@ impl Drop for SnapshotHandle<'_> {
     }
 }
 
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
-/// Starts the copies into `slot` on a worker thread.
-fn spawn_copy(
-    device: Arc<dyn Device>,
-    staging: Arc<Staging>,
-    slot: u32,
-    leases: Vec<ReadLease>,
-) -> Result<JoinHandle<CopyResult>> {
-    std::thread::Builder::new()
-        .name("gpusnap-capture".into())
-        .spawn(move || {
-            let started = Instant::now();
-            let result = copy_slot(&*device, &staging, slot, &leases);
-            (leases, result.map(|()| started.elapsed()))
-        })
-        .map_err(Error::Io)
-}
-
-/// Copies every leased buffer into its place in `slot`.
-fn copy_slot(
-    device: &dyn Device,
-    staging: &Staging,
-    slot: u32,
-    leases: &[ReadLease],
-) -> Result<()> {
-    // SAFETY: the daemon handed `slot` to this capture; the handle's borrow
-    // of the client keeps every other capture or restore away until done.
-    let spans = unsafe { staging.slot_spans(slot) }?;
-    let copies = spans
-        .into_iter()
-        .zip(leases)
-        .map(|(dst, lease)| CaptureCopy {
-            src: lease.source(),
-            dst,
-        })
-        .collect();
-    device.capture(copies)
-}
-
-/// Copies stream chunk `seq` into its ring position; holes are zeroed.
-fn copy_chunk(
-    device: &dyn Device,
-    staging: &Staging,
-    seq: u64,
-    leases: &[ReadLease],
-) -> Result<()> {
-    // SAFETY: this ring position is free (its previous chunk's ChunkFree
-    // came, or it was never used), and one stream runs at a time.
-    let spans = unsafe { staging.chunk_spans(seq) };
-    let mut copies = Vec::with_capacity(spans.len());
-    for (segment, mut span) in spans {
-        let Some(i) = segment.tensor else {
-            span.zero();
-            continue;
-        };
-        let bytes = leases.get(i).map(ReadLease::bytes).unwrap_or(&[]);
-        let start = usize::try_from(segment.tensor_offset).unwrap_or(usize::MAX);
-        let src = start
-            .checked_add(span.len())
-            .and_then(|end| bytes.get(start..end))
-            .ok_or_else(|| Error::Internal(format!("chunk {seq}: segment outside tensor {i}")))?;
-        copies.push(CaptureCopy {
-            src: Source::Host(src),
-            dst: span,
-        });
+impl Client {
+    /// Starts the copies of every source into its place in `slot`.
+    fn copy_slot(&self, staging: &Staging, slot: u32, sources: &[Source]) -> Result<Tickets> {
+        // SAFETY: the daemon handed `slot` to this capture, and this client
+        // runs one capture or restore at a time and waits for all of its
+        // tickets before the next (a device drops its spans before its
+        // ticket is done), so no other span over the slot is alive.
+        let spans = unsafe { staging.slot_spans(slot) }?;
+        let copies = spans
+            .into_iter()
+            .zip(sources)
+            .zip(&self.tensors)
+            .map(|((dst, src), r)| {
+                (
+                    r.device,
+                    CaptureCopy {
+                        src: src.clone(),
+                        dst,
+                    },
+                )
+            });
+        route::capture(&self.devices, copies)
     }
-    device.capture(copies)
+
+    /// Copies stream chunk `seq` into its ring position (holes are zeroed)
+    /// and waits for the copies.
+    fn copy_chunk(&self, staging: &Staging, seq: u64, sources: &[Source]) -> Result<()> {
+        // SAFETY: this ring position is free (its previous chunk's ChunkFree
+        // came, or it was never used), one stream runs at a time, and the
+        // previous chunk's copies finished before it was sent as filled.
+        let spans = unsafe { staging.chunk_spans(seq) };
+        let mut copies = Vec::with_capacity(spans.len());
+        for (segment, mut span) in spans {
+            let Some(i) = segment.tensor else {
+                span.zero();
+                continue;
+            };
+            let start = to_usize(segment.tensor_offset);
+            let piece = start
+                .checked_add(span.len())
+                .and_then(|end| sources.get(i)?.subrange(start..end));
+            let (Some(src), Some(r)) = (piece, self.tensors.get(i)) else {
+                return Err(Error::Internal(format!(
+                    "chunk {seq}: segment outside tensor {i}"
+                )));
+            };
+            copies.push((r.device, CaptureCopy { src, dst: span }));
+        }
+        route::capture(&self.devices, copies)?.wait().map(drop)
+    }
 }

@@ -6,26 +6,32 @@
 //!   to overlap the copies with training), [`wait_committed`](Client::wait_committed),
 //!   [`restore`](Client::restore), [`list`](Client::list),
 //!   [`describe`](Client::describe), [`status`](Client::status).
-//! * [`HostTensor`], [`RawBuffer`], [`Buffer`]: what can be registered.
-//! * [`Device`], [`HostDevice`]: what copies between buffers and staging.
+//! * [`HostTensor`], [`RawBuffer`], [`Buffer`]: what can be registered
+//!   (a [`device::DeviceBuffer`] too: memory only its device copies).
+//! * [`Device`], [`HostDevice`]: what copies between buffers and staging,
+//!   attached to each registration's staging, asynchronously behind a
+//!   [`device::CopyTicket`]; each buffer is copied by its own device.
+//! * [`Backoff`]: the pauses of every retry loop, under one deadline.
 //! * [`proto`]: the wire protocol the client and `gpusnapd` speak (the
 //!   `gpusnap-proto` crate, re-exported).
 //! * [`Dtype`], [`TensorSpec`]: the tensor vocabulary both sides share
 //!   (from `gpusnap-proto`).
 
+mod backoff;
 mod buffer;
 mod client;
 mod conn;
 pub mod device;
 mod error;
 mod handle;
+mod route;
 mod session;
-
 mod staging;
 
 #[cfg(test)]
 mod tests;
 
+pub use backoff::Backoff;
 pub use buffer::{Buffer, HOST_ALIGN_BYTES, HostRead, HostTensor, HostWrite, RawBuffer};
 pub use client::{
     CaptureInfo, Client, ClientConfig, CommitInfo, Description, Listing, RestoreInfo,

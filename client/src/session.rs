@@ -6,22 +6,35 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use crate::backoff::Backoff;
 use crate::conn::{Conn, Deadline};
 use crate::error::{Error, Result};
-use crate::proto::{ErrorKind, PROTOCOL_VERSION, Reply, ReplyBody, Request, RequestBody};
+use crate::proto::{ErrorKind, OsError, PROTOCOL_VERSION, Reply, ReplyBody, Request, RequestBody};
 use crate::staging::Staging;
 
 /// Events kept for steps nobody waited for yet; the oldest go first.
 const EVENTS_MAX: usize = 1024;
+/// Pauses between handshakes that the daemon reset.
+const HELLO_PAUSE_FIRST: Duration = Duration::from_millis(50);
+const HELLO_PAUSE_MAX: Duration = Duration::from_secs(1);
 
 /// What became of one step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Outcome {
-    Committed { bytes: u64, persist: Duration },
-    Failed { kind: ErrorKind, message: String },
-    Skipped { reason: String },
+    Committed {
+        bytes: u64,
+        persist: Duration,
+    },
+    Failed {
+        kind: ErrorKind,
+        message: String,
+        os_error: Option<OsError>,
+    },
+    Skipped {
+        reason: String,
+    },
 }
 
 /// Outcomes recorded per step, across connections.
@@ -63,35 +76,31 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    /// Connects and says Hello, retrying until `connect_timeout`: a missing
-    /// or refusing socket, and a connection reset before the Welcome (a
-    /// daemon that is stopping or restarting still had it in its backlog).
+    /// Connects and says Hello, retrying until `deadline`: a missing or
+    /// refusing socket, and a connection reset before the Welcome (a daemon
+    /// that is stopping or restarting still had it in its backlog). The
+    /// connect retries inside share the same deadline.
     pub(crate) fn open(
         socket: &Path,
-        connect_timeout: Duration,
+        deadline: Instant,
         call_timeout: Duration,
     ) -> Result<Session> {
-        let deadline = std::time::Instant::now() + connect_timeout;
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(HELLO_PAUSE_FIRST, HELLO_PAUSE_MAX, deadline);
         loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match Session::open_once(socket, left, call_timeout) {
-                Err(Error::Disconnected(why)) if std::time::Instant::now() + backoff < deadline => {
-                    tracing::debug!(%why, "gpusnapd closed the connection before its welcome; retrying");
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+            match Session::open_once(socket, deadline, call_timeout) {
+                Err(Error::Disconnected(why)) => {
+                    tracing::debug!(%why, "gpusnapd closed the connection before its welcome");
+                    if !backoff.pause() {
+                        return Err(Error::Disconnected(why));
+                    }
                 }
                 r => return r,
             }
         }
     }
 
-    fn open_once(
-        socket: &Path,
-        connect_timeout: Duration,
-        call_timeout: Duration,
-    ) -> Result<Session> {
-        let conn = Conn::connect(socket, connect_timeout)?;
+    fn open_once(socket: &Path, deadline: Instant, call_timeout: Duration) -> Result<Session> {
+        let conn = Conn::connect(socket, deadline)?;
         let mut session = Session {
             conn,
             next_id: 1,
@@ -187,11 +196,16 @@ impl Session {
                     frame.fds.len()
                 ))));
             }
-            if let ReplyBody::Error { kind, message, .. } = body {
+            if let ReplyBody::Error {
+                kind,
+                message,
+                os_error,
+            } = body
+            {
                 if kind.closes_connection() {
                     self.broken = true;
                 }
-                return Err(Error::from_daemon(kind, message));
+                return Err(Error::from_daemon(kind, message, os_error));
             }
             return Ok((body, frame.fds));
         }
@@ -248,13 +262,24 @@ impl Session {
                 step,
                 kind,
                 message,
-                ..
-            } => (step, Outcome::Failed { kind, message }),
+                os_error,
+            } => (
+                step,
+                Outcome::Failed {
+                    kind,
+                    message,
+                    os_error,
+                },
+            ),
             // The daemon closes with an id-0 error (it is stopping, has too
             // many connections, or could not read a request's id).
-            ReplyBody::Error { kind, message, .. } => {
+            ReplyBody::Error {
+                kind,
+                message,
+                os_error,
+            } => {
                 self.broken = true;
-                return Err(Error::from_daemon(kind, message));
+                return Err(Error::from_daemon(kind, message, os_error));
             }
             other => return Err(self.unexpected("an event", &other)),
         };
@@ -267,11 +292,7 @@ impl Session {
     /// A reply of the wrong type: a protocol error; the connection is done.
     pub(crate) fn unexpected(&mut self, what: &str, body: &ReplyBody) -> Error {
         self.broken = true;
-        let name = serde_json::to_value(body)
-            .ok()
-            .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned))
-            .unwrap_or_else(|| "?".into());
-        Error::Protocol(format!("unexpected reply {name:?} to {what}"))
+        Error::Protocol(format!("unexpected reply {:?} to {what}", body.name()))
     }
 }
 

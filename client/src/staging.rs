@@ -1,21 +1,63 @@
 //! The daemon's staging memfd, mapped shared and read-write into this
-//! process, and the spans copies go through.
+//! process, attached to every device of the registration, and the spans
+//! copies go through.
 //!
 //! Everything the daemon said about the layout is checked before the first
-//! byte is copied: [`StagingInfo::check`], tensors that do not overlap, and
-//! the memfd's real size (`fstat`) equal to `memfd_bytes`.
+//! byte is copied: [`StagingInfo::check`], tensors that do not overlap, the
+//! memfd's real size (`fstat`) equal to `memfd_bytes`, and its seals: a
+//! memfd the daemon could still shrink would turn a copy into `SIGBUS`, so
+//! one without `F_SEAL_SHRINK` and `F_SEAL_GROW` is refused.
 
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
 use std::num::NonZeroUsize;
 use std::os::fd::OwnedFd;
 use std::ptr::NonNull;
+use std::sync::Arc;
 
+use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 
-use crate::device::StagingSpan;
+use crate::device::{AttachedStaging, Device, StagingRegion, StagingSpan};
 use crate::error::{Error, Result};
 use crate::proto::StagingInfo;
+use crate::proto::convert::{to_u64, to_usize};
+
+/// The mapping of one staging memfd and what each device attached to it.
+/// Shared by the registration's [`Staging`] and every span; unmapped when
+/// the last of them goes, after the attachments are undone.
+#[derive(Debug)]
+pub(crate) struct Mapping {
+    region: StagingRegion,
+    /// One per device of the registration, in attach order.
+    attached: Vec<Box<dyn AttachedStaging>>,
+    _fd: OwnedFd,
+}
+
+impl Mapping {
+    pub(crate) fn region(&self) -> &StagingRegion {
+        &self.region
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // Detach (unregister) before the memory goes away, newest first.
+        while let Some(attached) = self.attached.pop() {
+            drop(attached);
+        }
+        if let Some(len) = NonZeroUsize::new(self.region.len()) {
+            let base =
+                NonNull::new(self.region.as_ptr()).expect("a non-empty mapping has an address");
+            // SAFETY: `base`/`len` are the mapping made in `Staging::map`;
+            // every span holds this `Mapping`, so none is alive now, and no
+            // Rust reference ever covered the mapped bytes.
+            if let Err(e) = unsafe { munmap(base.cast(), len.get()) } {
+                tracing::warn!(error = %e, "munmap of the staging memfd failed");
+            }
+        }
+    }
+}
 
 /// A mapped staging memfd of one registration.
 #[derive(Debug)]
@@ -25,18 +67,8 @@ pub(crate) struct Staging {
     tensor_bytes: Vec<u64>,
     /// Tensor indices sorted by offset.
     by_offset: Vec<usize>,
-    base: NonNull<u8>,
-    /// Mapped bytes; 0 when the memfd is empty (then `base` is dangling).
-    mapped: usize,
-    _fd: OwnedFd,
+    mapping: Arc<Mapping>,
 }
-
-// SAFETY: `Staging` hands out access to the mapping only through
-// `StagingSpan`s, whose creation is `unsafe` and requires disjointness; the
-// struct itself only reads its own plain fields.
-unsafe impl Send for Staging {}
-// SAFETY: as above.
-unsafe impl Sync for Staging {}
 
 /// A piece of a data range: a tensor's bytes or a hole between tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,12 +84,19 @@ fn protocol(msg: impl Into<String>) -> Error {
 }
 
 impl Staging {
-    /// Checks `info` against the registration and the memfd, then maps it.
-    pub(crate) fn map(fd: OwnedFd, info: StagingInfo, tensor_bytes: Vec<u64>) -> Result<Staging> {
+    /// Checks `info` against the registration and the memfd, maps it, and
+    /// attaches every device in `devices` (an attach error fails the whole
+    /// registration, and what was attached before is undone).
+    pub(crate) fn map(
+        fd: OwnedFd,
+        info: StagingInfo,
+        tensor_bytes: Vec<u64>,
+        devices: &[Arc<dyn Device>],
+    ) -> Result<Staging> {
         info.check(&tensor_bytes)
             .map_err(|e| protocol(format!("staging description refused: {e}")))?;
         let mut by_offset: Vec<usize> = (0..tensor_bytes.len()).collect();
-        by_offset.sort_by_key(|&i| info.offsets.get(i).copied().unwrap_or(0));
+        by_offset.sort_by_key(|&i| offset_of(&info, i));
         let stat = nix::sys::stat::fstat(&fd).map_err(|e| Error::Io(e.into()))?;
         if u64::try_from(stat.st_size).ok() != Some(info.memfd_bytes) {
             return Err(protocol(format!(
@@ -65,7 +104,7 @@ impl Staging {
                 stat.st_size, info.memfd_bytes
             )));
         }
-        seal_against_shrinking(&fd);
+        check_seals(&fd)?;
         let mapped = usize::try_from(info.memfd_bytes)
             .map_err(|_| protocol("staging memfd larger than the address space"))?;
         let base = match NonZeroUsize::new(mapped) {
@@ -73,8 +112,8 @@ impl Staging {
             Some(len) => {
                 // SAFETY: a fresh shared mapping of a file we hold, at an
                 // address the kernel picks, aliases no Rust object; it is
-                // unmapped only in `Drop`, after every span (borrowing
-                // `self`) is gone.
+                // unmapped only when the `Mapping` below drops, after every
+                // span (each holds the mapping) is gone.
                 let ptr = unsafe {
                     mmap(
                         None,
@@ -92,13 +131,23 @@ impl Staging {
                 ptr.cast::<u8>()
             }
         };
+        let mut mapping = Mapping {
+            // SAFETY: `base..base + mapped` was just mapped and stays mapped
+            // until this `Mapping` drops; `base` is dangling only when
+            // `mapped` is 0.
+            region: unsafe { StagingRegion::new(base, mapped) },
+            attached: Vec::with_capacity(devices.len()),
+            _fd: fd,
+        };
+        for device in devices {
+            let attached = device.attach(&mapping.region)?;
+            mapping.attached.push(attached);
+        }
         Ok(Staging {
             info,
             tensor_bytes,
             by_offset,
-            base,
-            mapped,
-            _fd: fd,
+            mapping: Arc::new(mapping),
         })
     }
 
@@ -120,26 +169,28 @@ impl Staging {
     /// # Panics
     /// When the range is outside the mapping (the layout was checked, so
     /// that is a bug in this crate).
-    unsafe fn span(&self, offset: u64, len: u64) -> StagingSpan<'_> {
+    unsafe fn span(&self, offset: u64, len: u64) -> StagingSpan {
+        let mapped = self.mapping.region().len();
         let end = offset.checked_add(len).expect("span end overflows");
         assert!(
-            end <= self.mapped as u64,
-            "span {offset}..{end} outside the {}-byte mapping",
-            self.mapped
+            end <= to_u64(mapped),
+            "span {offset}..{end} outside the {mapped}-byte mapping",
         );
-        let (offset, len) = (to_usize(offset), to_usize(len));
-        // SAFETY: `offset <= end <= mapped` (checked above), inside the mapping.
-        let ptr = unsafe { self.base.add(offset) };
-        // SAFETY: the range is inside the live mapping (read-write, shared)
-        // for as long as `self` is borrowed; disjointness is the caller's.
-        unsafe { StagingSpan::new(ptr, len) }
+        let base =
+            NonNull::new(self.mapping.region().as_ptr()).expect("the mapping has an address");
+        // SAFETY: `offset <= end <= mapped` (checked above): inside the
+        // mapping, or one past it for an empty span.
+        let ptr = unsafe { base.add(to_usize(offset)) };
+        // SAFETY: the range is inside the mapping, which the span holds;
+        // disjointness is the caller's promise.
+        unsafe { StagingSpan::new(Arc::clone(&self.mapping), ptr, to_usize(len)) }
     }
 
     /// One span per registered tensor (registration order) in `slot`.
     ///
     /// # Safety
     /// No other span over this slot is alive.
-    pub(crate) unsafe fn slot_spans(&self, slot: u32) -> Result<Vec<StagingSpan<'_>>> {
+    pub(crate) unsafe fn slot_spans(&self, slot: u32) -> Result<Vec<StagingSpan>> {
         if slot >= self.info.slots {
             return Err(protocol(format!("slot {slot} of {}", self.info.slots)));
         }
@@ -162,12 +213,13 @@ impl Staging {
     ///
     /// # Safety
     /// No other span over this ring position is alive.
-    pub(crate) unsafe fn chunk_spans(&self, seq: u64) -> Vec<(Segment, StagingSpan<'_>)> {
+    pub(crate) unsafe fn chunk_spans(&self, seq: u64) -> Vec<(Segment, StagingSpan)> {
         let (start, end) = self.info.chunk_range(seq);
         // SAFETY: the caller's promise; `check` put the ring inside the memfd.
         let mut rest = unsafe { self.span(self.info.ring_position(seq), end - start) };
-        let mut out = Vec::new();
-        for segment in self.segments(start, end) {
+        let segments = self.segments(start, end);
+        let mut out = Vec::with_capacity(segments.len());
+        for segment in segments {
             let (head, tail) = rest.split_at(to_usize(segment.len));
             out.push((segment, head));
             rest = tail;
@@ -181,7 +233,7 @@ impl Staging {
         let mut pos = start;
         for &i in &self.by_offset {
             let (off, len) = (offset_of(&self.info, i), len_of(&self.tensor_bytes, i));
-            let (lo, hi) = (off.max(pos), off.saturating_add(len).min(end));
+            let (lo, hi) = (off.max(pos), (off + len).min(end));
             if lo >= hi {
                 continue;
             }
@@ -210,38 +262,100 @@ impl Staging {
     }
 }
 
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if self.mapped > 0 {
-            // SAFETY: `base`/`mapped` are the mapping made in `map`; spans
-            // borrow `self`, so none is alive now.
-            if let Err(e) = unsafe { munmap(self.base.cast(), self.mapped) } {
-                tracing::warn!(error = %e, "munmap of the staging memfd failed");
-            }
-        }
+/// Tensor `i`'s offset in a slot; `i` is a registered tensor, which `check`
+/// gave an offset.
+fn offset_of(info: &StagingInfo, i: usize) -> u64 {
+    *info
+        .offsets
+        .get(i)
+        .expect("every registered tensor has an offset (checked)")
+}
+
+/// Tensor `i`'s byte length; `i` is a registered tensor.
+fn len_of(tensor_bytes: &[u64], i: usize) -> u64 {
+    *tensor_bytes.get(i).expect("a registered tensor's index")
+}
+
+/// Refuses a memfd that could still shrink or grow under the mapping (the
+/// daemon seals its memfds before it passes them; this is the check that it
+/// did).
+fn check_seals(fd: &OwnedFd) -> Result<()> {
+    let bits = fcntl(fd, FcntlArg::F_GET_SEALS).map_err(|e| {
+        protocol(format!(
+            "staging descriptor refused: F_GET_SEALS failed ({e}), so it is not a sealed memfd"
+        ))
+    })?;
+    let seals = SealFlag::from_bits_truncate(bits);
+    let missing: Vec<&str> = [
+        (SealFlag::F_SEAL_SHRINK, "F_SEAL_SHRINK"),
+        (SealFlag::F_SEAL_GROW, "F_SEAL_GROW"),
+    ]
+    .into_iter()
+    .filter(|(flag, _)| !seals.contains(*flag))
+    .map(|(_, name)| name)
+    .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(protocol(format!(
+            "staging memfd refused: it is not sealed against resizing (missing {})",
+            missing.join(" and ")
+        )))
     }
 }
 
-/// A length or offset inside the mapping (which fits the address space).
-fn to_usize(v: u64) -> usize {
-    usize::try_from(v).expect("a value inside the mapping fits usize")
-}
+/// Staging for unit tests of the copy paths: a sealed memfd and a layout.
+#[cfg(test)]
+pub(crate) mod testing {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use std::os::fd::OwnedFd;
 
-fn offset_of(info: &StagingInfo, i: usize) -> u64 {
-    info.offsets.get(i).copied().unwrap_or(0)
-}
-
-fn len_of(tensor_bytes: &[u64], i: usize) -> u64 {
-    tensor_bytes.get(i).copied().unwrap_or(0)
-}
-
-/// Asks the kernel to refuse any later shrink of the memfd, so a daemon bug
-/// cannot turn our copies into SIGBUS. Only possible when the daemon created
-/// it with sealing allowed; otherwise nothing changes.
-fn seal_against_shrinking(fd: &OwnedFd) {
     use nix::fcntl::{FcntlArg, SealFlag, fcntl};
-    if let Err(e) = fcntl(fd, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK)) {
-        tracing::debug!(error = %e, "staging memfd cannot be sealed against shrinking");
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+
+    use crate::proto::{BusyPolicy, StagingInfo, StagingMemory};
+
+    /// A memfd of `len` bytes sealed as the daemon seals it, and a second
+    /// handle on it for the test to read the bytes back.
+    pub(crate) fn memfd(len: u64) -> (OwnedFd, std::fs::File) {
+        let fd = memfd_create(
+            "staging-test",
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+        )
+        .unwrap();
+        nix::unistd::ftruncate(&fd, i64::try_from(len).unwrap()).unwrap();
+        fcntl(
+            &fd,
+            FcntlArg::F_ADD_SEALS(
+                SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
+            ),
+        )
+        .unwrap();
+        let reader = std::fs::File::from(fd.try_clone().unwrap());
+        (fd, reader)
+    }
+
+    /// One slot holding tensors of `lens` bytes back to back, no ring.
+    pub(crate) fn one_slot(lens: &[u64]) -> StagingInfo {
+        let mut offsets = Vec::new();
+        let mut end = 0;
+        for len in lens {
+            offsets.push(end);
+            end += len;
+        }
+        let slot_bytes = end.div_ceil(4096).max(1) * 4096;
+        StagingInfo {
+            memory: StagingMemory::HostMemfd,
+            memfd_bytes: slot_bytes,
+            slots: 1,
+            slot_bytes,
+            data_bytes: end,
+            offsets,
+            ring_offset: slot_bytes,
+            ring_chunks: 0,
+            chunk_bytes: 4096,
+            policy: BusyPolicy::Block,
+        }
     }
 }
 
@@ -267,27 +381,83 @@ mod tests {
         }
     }
 
-    fn memfd(len: i64) -> OwnedFd {
-        let fd = memfd_create("staging-test", MFdFlags::MFD_CLOEXEC).unwrap();
+    /// A memfd of `len` bytes with `seals` added.
+    fn memfd_sealed(len: i64, seals: SealFlag) -> OwnedFd {
+        let fd = memfd_create(
+            "staging-test",
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+        )
+        .unwrap();
         nix::unistd::ftruncate(&fd, len).unwrap();
+        fcntl(&fd, FcntlArg::F_ADD_SEALS(seals)).unwrap();
         fd
+    }
+
+    /// A memfd sealed as the daemon seals it.
+    fn memfd(len: i64) -> OwnedFd {
+        testing::memfd(u64::try_from(len).unwrap()).0
+    }
+
+    fn map(fd: OwnedFd, info: StagingInfo, tensor_bytes: Vec<u64>) -> Result<Staging> {
+        Staging::map(fd, info, tensor_bytes, &[])
+    }
+
+    #[test]
+    fn a_memfd_that_could_still_shrink_or_grow_is_refused_naming_the_missing_seals() {
+        let unsealed = memfd_create("staging-test", MFdFlags::MFD_CLOEXEC).unwrap();
+        nix::unistd::ftruncate(&unsealed, 3 * 4096).unwrap();
+        let err = map(unsealed, info(), vec![36, 60]).unwrap_err();
+        assert!(
+            matches!(&err, Error::Protocol(m) if m.contains("missing F_SEAL_SHRINK and F_SEAL_GROW")),
+            "{err}"
+        );
+        let err = map(
+            memfd_sealed(3 * 4096, SealFlag::F_SEAL_SHRINK),
+            info(),
+            vec![36, 60],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, Error::Protocol(m) if m.ends_with("(missing F_SEAL_GROW)")),
+            "{err}"
+        );
+        let err = map(
+            memfd_sealed(3 * 4096, SealFlag::F_SEAL_GROW),
+            info(),
+            vec![36, 60],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, Error::Protocol(m) if m.ends_with("(missing F_SEAL_SHRINK)")),
+            "{err}"
+        );
+        // A descriptor that is not a memfd at all (a plain file cannot be
+        // sealed: F_GET_SEALS fails, or reports only F_SEAL_SEAL on tmpfs).
+        let file: OwnedFd = tempfile::tempfile().unwrap().into();
+        nix::unistd::ftruncate(&file, 3 * 4096).unwrap();
+        let err = map(file, info(), vec![36, 60]).unwrap_err();
+        assert!(
+            matches!(&err, Error::Protocol(m) if m.starts_with("staging") && m.contains("refused")),
+            "{err}"
+        );
+        map(memfd(3 * 4096), info(), vec![36, 60]).expect("a sealed memfd maps");
     }
 
     #[test]
     fn a_memfd_of_the_wrong_size_or_a_bad_layout_is_a_protocol_error() {
-        let err = Staging::map(memfd(4096), info(), vec![36, 60]).unwrap_err();
+        let err = map(memfd(4096), info(), vec![36, 60]).unwrap_err();
         assert!(
             matches!(&err, Error::Protocol(m) if m.contains("memfd is 4096 bytes")),
             "{err}"
         );
-        let err = Staging::map(memfd(3 * 4096), info(), vec![37, 60]).unwrap_err();
+        let err = map(memfd(3 * 4096), info(), vec![37, 60]).unwrap_err();
         assert!(
             matches!(&err, Error::Protocol(m) if m.contains("refused")),
             "{err}"
         );
         let mut overlapping = info();
         overlapping.offsets = vec![0, 30];
-        let err = Staging::map(memfd(3 * 4096), overlapping, vec![36, 60]).unwrap_err();
+        let err = map(memfd(3 * 4096), overlapping, vec![36, 60]).unwrap_err();
         assert!(
             matches!(&err, Error::Protocol(m) if m.contains("overlap")),
             "{err}"
@@ -296,7 +466,7 @@ mod tests {
 
     #[test]
     fn segments_cover_chunks_with_tensor_pieces_and_holes() {
-        let staging = Staging::map(memfd(3 * 4096), info(), vec![30, 60]).unwrap();
+        let staging = map(memfd(3 * 4096), info(), vec![30, 60]).unwrap();
         // tensor 1 at 0..60, tensor 0 at 64..94, hole 60..64 and 94..100.
         assert_eq!(staging.info().chunk_count(), 3);
         let seg = |tensor, tensor_offset, len| Segment {

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use daemon::{Daemon, Image, State, client, wait_for, wait_rank_free};
-use gpusnap::device::{CaptureCopy, RestoreCopy};
+use gpusnap::device::{AttachedStaging, CaptureCopy, CopyTicket, RestoreCopy, StagingRegion};
 use gpusnap::proto::RestoreSource;
 use gpusnap::{Device, Error, HostDevice, SnapshotOutcome, Step};
 
@@ -120,11 +120,15 @@ impl Device for FailingDevice {
         "failing-host"
     }
 
-    fn capture(&self, _copies: Vec<CaptureCopy<'_>>) -> gpusnap::Result<()> {
+    fn attach(&self, staging: &StagingRegion) -> gpusnap::Result<Box<dyn AttachedStaging>> {
+        self.0.attach(staging)
+    }
+
+    fn capture(&self, _copies: Vec<CaptureCopy>) -> gpusnap::Result<Box<dyn CopyTicket>> {
         Err(Error::Io(std::io::Error::other("injected copy failure")))
     }
 
-    fn restore(&self, copies: Vec<RestoreCopy<'_>>) -> gpusnap::Result<()> {
+    fn restore(&self, copies: Vec<RestoreCopy>) -> gpusnap::Result<Box<dyn CopyTicket>> {
         self.0.restore(copies)
     }
 }

@@ -26,7 +26,7 @@ use daemon::{
     Daemon, Image, State, client, dir_names, snapshot_committed, staging_settled, verify_all,
     wait_rank_free,
 };
-use gpusnap::device::{CaptureCopy, RestoreCopy};
+use gpusnap::device::{AttachedStaging, CaptureCopy, CopyTicket, RestoreCopy, StagingRegion};
 use gpusnap::proto::BusyPolicy;
 use gpusnap::{Device, Error, HostDevice, SnapshotOutcome, Step};
 
@@ -347,7 +347,11 @@ impl Device for ParkingDevice {
         "parking-host"
     }
 
-    fn capture(&self, copies: Vec<CaptureCopy<'_>>) -> gpusnap::Result<()> {
+    fn attach(&self, staging: &StagingRegion) -> gpusnap::Result<Box<dyn AttachedStaging>> {
+        self.inner.attach(staging)
+    }
+
+    fn capture(&self, copies: Vec<CaptureCopy>) -> gpusnap::Result<Box<dyn CopyTicket>> {
         if self.armed.load(Ordering::SeqCst) && self.calls.fetch_add(1, Ordering::SeqCst) == PARK_AT
         {
             println!("mid-stream");
@@ -357,7 +361,7 @@ impl Device for ParkingDevice {
         self.inner.capture(copies)
     }
 
-    fn restore(&self, copies: Vec<RestoreCopy<'_>>) -> gpusnap::Result<()> {
+    fn restore(&self, copies: Vec<RestoreCopy>) -> gpusnap::Result<Box<dyn CopyTicket>> {
         self.inner.restore(copies)
     }
 }

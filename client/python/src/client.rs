@@ -136,7 +136,7 @@ impl NativeClient {
 #[pymethods]
 impl NativeClient {
     #[new]
-    #[pyo3(signature = (job, *, socket=None, rank=0, world_size=1, connect_timeout=10.0, call_timeout=60.0, commit_timeout=600.0, reconnect=true, copy_threads=None))]
+    #[pyo3(signature = (job, *, socket=None, rank=0, world_size=1, connect_timeout=10.0, call_timeout=60.0, commit_timeout=600.0, reconnect=true, copy_threads=None, busy_timeout=None))]
     #[expect(clippy::too_many_arguments, reason = "Python keyword arguments")]
     fn new(
         py: Python<'_>,
@@ -149,6 +149,7 @@ impl NativeClient {
         commit_timeout: f64,
         reconnect: bool,
         copy_threads: Option<usize>,
+        busy_timeout: Option<f64>,
     ) -> PyResult<NativeClient> {
         let mut config = ClientConfig::new(job.clone());
         if let Some(socket) = socket {
@@ -159,6 +160,11 @@ impl NativeClient {
         config.connect_timeout = seconds("connect_timeout", connect_timeout)?;
         config.call_timeout = seconds("call_timeout", call_timeout)?;
         config.commit_timeout = seconds("commit_timeout", commit_timeout)?;
+        // A registration refused as Busy is retried by the client crate's
+        // one backoff, under one deadline (None: connect_timeout).
+        config.busy_timeout = busy_timeout
+            .map(|s| seconds("busy_timeout", s))
+            .transpose()?;
         config.reconnect = reconnect;
         if let Some(threads) = copy_threads {
             if threads == 0 {

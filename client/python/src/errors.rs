@@ -2,8 +2,12 @@
 //! [`gpusnap::Error`], all under `gpusnap.Error`, plus the checks the Python
 //! layer makes itself (non-contiguous or reallocated tensors).
 //!
-//! [`to_py`] is the only way a Rust error becomes a Python one; exceptions
-//! that concern one step carry it as their `step` attribute.
+//! [`to_py`] is the only way a Rust error becomes a Python one. Exceptions
+//! that concern one step carry it as their `step` attribute; those an
+//! operating system error can be behind (`StorageError`, `SnapshotFailed`,
+//! `IoError`, `DaemonUnavailable`) carry `errno` (an int) and `os_error`
+//! (its name, `"ENOSPC"`), both None when there is none; `SnapshotFailed`
+//! carries the daemon's error `kind` too (`"storage"`, `"internal"`...).
 
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
@@ -220,6 +224,14 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
+/// The wire name of a daemon error kind (`"storage"`).
+fn kind_name(kind: gpusnap::proto::ErrorKind) -> String {
+    serde_json::to_value(kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("{kind:?}"))
+}
+
 /// The Python exception for a client error.
 pub fn to_py(err: gpusnap::Error) -> PyErr {
     use gpusnap::Error as E;
@@ -231,6 +243,15 @@ pub fn to_py(err: gpusnap::Error) -> PyErr {
         | E::CaptureInProgress { step } => Some(*step),
         _ => None,
     };
+    let kind = match &err {
+        E::SnapshotFailed { kind, .. } => Some(kind_name(*kind)),
+        _ => None,
+    };
+    let may_have_os_error = matches!(
+        &err,
+        E::Storage { .. } | E::SnapshotFailed { .. } | E::Io(_) | E::DaemonUnavailable { .. }
+    );
+    let os_error = err.os_error();
     let py_err = match err {
         E::DaemonUnavailable { .. } => DaemonUnavailable::new_err(message),
         E::VersionMismatch { .. } => VersionMismatch::new_err(message),
@@ -245,7 +266,7 @@ pub fn to_py(err: gpusnap::Error) -> PyErr {
         E::Mismatch(_) => ShapeMismatch::new_err(message),
         E::NotFound(_) => NotFound::new_err(message),
         E::Corrupt(_) => Corrupt::new_err(message),
-        E::Storage(_) => StorageError::new_err(message),
+        E::Storage { .. } => StorageError::new_err(message),
         E::ShuttingDown(_) => ShuttingDown::new_err(message),
         E::Timeout { .. } => Timeout::new_err(message),
         E::Internal(_) => InternalError::new_err(message),
@@ -262,12 +283,20 @@ pub fn to_py(err: gpusnap::Error) -> PyErr {
         // Error, never a panic.
         _ => Error::new_err(message),
     };
-    if let Some(step) = step {
-        Python::attach(|py| {
-            // An attribute the caller may read; failing to set it must not
-            // hide the error itself.
-            let _ = py_err.value(py).setattr("step", step);
-        });
-    }
+    Python::attach(|py| {
+        // Attributes the caller may read; failing to set one must not hide
+        // the error itself.
+        let value = py_err.value(py);
+        if let Some(step) = step {
+            let _ = value.setattr("step", step);
+        }
+        if let Some(kind) = kind {
+            let _ = value.setattr("kind", kind);
+        }
+        if may_have_os_error {
+            let _ = value.setattr("errno", os_error.map(|e| e.raw()));
+            let _ = value.setattr("os_error", os_error.map(|e| e.to_string()));
+        }
+    });
     py_err
 }

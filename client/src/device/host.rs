@@ -1,28 +1,50 @@
-//! The host backend: `memcpy`, spread over a few threads by bytes.
+//! The host backend: `memcpy` on a pool of threads the device keeps.
 
-use std::ops::Range;
+use std::sync::Arc;
 
-use super::{CaptureCopy, Device, RestoreCopy, Source, StagingSpan, Target};
-use crate::error::Result;
+use super::pool::{Batch, CopyPool, Piece};
+use super::{
+    AttachedStaging, CaptureCopy, CopyTicket, Device, RestoreCopy, Source, StagingRegion, Target,
+};
+use crate::error::{Error, Result};
 
-/// Copies with `memcpy`. Sets larger than one piece are cut into pieces of
-/// at most `piece_bytes` (so one huge tensor goes parallel too) and spread
-/// over up to `threads` scoped threads, each taking a contiguous run of
-/// pieces of about equal bytes.
+/// Copies host memory with `memcpy`. Copies longer than `piece_bytes` are
+/// cut into pieces of at most that (so one huge tensor goes parallel too);
+/// pieces are grouped into batches of about `piece_bytes`, which up to
+/// `threads` pool threads (and the thread that waits) take one at a time.
+///
+/// The threads start at the first [`attach`](Device::attach) and live as
+/// long as the device (clones share them); a capture or restore starts no
+/// thread. Attaching pins nothing yet: the staging memfd is shared memory
+/// the daemon allocated, and `memcpy` needs no registration.
+///
+/// A ticket dropped before it was waited for cancels the batches no thread
+/// has taken and waits for the running ones (at most one batch per
+/// thread). A wait for running copies that lasts a minute aborts the
+/// process: a `memcpy` of one batch never takes that long, and returning
+/// while it may still write memory its owner is about to free (a
+/// [`RawBuffer`](crate::RawBuffer)) is not an option.
 #[derive(Debug, Clone)]
 pub struct HostDevice {
-    threads: usize,
+    pool: Arc<CopyPool>,
     piece_bytes: usize,
 }
+
+/// The host device's attachment: nothing to undo.
+#[derive(Debug)]
+struct HostAttached;
+
+impl AttachedStaging for HostAttached {}
 
 impl HostDevice {
     /// Default piece size: 16 MiB.
     pub const PIECE_BYTES: usize = 16 << 20;
 
-    /// A host device copying on up to `threads` threads (at least 1).
+    /// A host device copying on up to `threads` threads (at least 1),
+    /// started at the first attach.
     pub fn new(threads: usize) -> HostDevice {
         HostDevice {
-            threads: threads.max(1),
+            pool: Arc::new(CopyPool::new(threads)),
             piece_bytes: Self::PIECE_BYTES,
         }
     }
@@ -35,28 +57,12 @@ impl HostDevice {
 
     /// Threads copies may use.
     pub fn threads(&self) -> usize {
-        self.threads
+        self.pool.threads()
     }
 
-    fn run<P: Send>(&self, pieces: Vec<(usize, P)>, copy: impl Fn(P) + Sync) {
-        let sizes: Vec<usize> = pieces.iter().map(|(len, _)| *len).collect();
-        let groups = partition(&sizes, self.threads, self.piece_bytes);
-        let mut pieces = pieces.into_iter().map(|(_, p)| p);
-        let mut work: Vec<Vec<P>> = groups
-            .iter()
-            .map(|range| pieces.by_ref().take(range.len()).collect())
-            .collect();
-        let copy = &copy;
-        match work.pop() {
-            None => {}
-            Some(last) if work.is_empty() => last.into_iter().for_each(copy),
-            Some(last) => std::thread::scope(|scope| {
-                for group in work {
-                    scope.spawn(move || group.into_iter().for_each(copy));
-                }
-                last.into_iter().for_each(copy);
-            }),
-        }
+    /// Copy threads running now (0 before the first attach).
+    pub fn threads_started(&self) -> usize {
+        self.pool.started()
     }
 }
 
@@ -71,135 +77,268 @@ pub(crate) fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
 }
 
+/// Groups pieces into batches of at least `piece_bytes` (the last may be
+/// smaller), in order.
+struct Batcher {
+    piece_bytes: usize,
+    batches: Vec<Batch>,
+    current: Batch,
+    current_bytes: usize,
+}
+
+impl Batcher {
+    fn new(piece_bytes: usize) -> Batcher {
+        Batcher {
+            piece_bytes,
+            batches: Vec::new(),
+            current: Vec::new(),
+            current_bytes: 0,
+        }
+    }
+
+    fn push(&mut self, piece: Piece) {
+        if piece.len() == 0 {
+            return;
+        }
+        self.current_bytes += piece.len();
+        self.current.push(piece);
+        if self.current_bytes >= self.piece_bytes {
+            self.batches.push(std::mem::take(&mut self.current));
+            self.current_bytes = 0;
+        }
+    }
+
+    fn finish(mut self) -> Vec<Batch> {
+        if !self.current.is_empty() {
+            self.batches.push(self.current);
+        }
+        self.batches
+    }
+}
+
+fn misrouted(what: &str) -> Error {
+    Error::Internal(format!(
+        "the host device was given a {what} of device memory (the client routes each buffer to its own device)"
+    ))
+}
+
 impl Device for HostDevice {
     fn name(&self) -> &'static str {
         "host"
     }
 
-    fn capture(&self, copies: Vec<CaptureCopy<'_>>) -> Result<()> {
-        let mut pieces = Vec::new();
+    fn attach(&self, _staging: &StagingRegion) -> Result<Box<dyn AttachedStaging>> {
+        self.pool.start()?;
+        Ok(Box::new(HostAttached))
+    }
+
+    fn capture(&self, copies: Vec<CaptureCopy>) -> Result<Box<dyn CopyTicket>> {
+        let piece_bytes = self.piece_bytes;
+        let mut batcher = Batcher::new(piece_bytes);
         for CaptureCopy { src, dst } in copies {
-            let Source::Host(mut src) = src;
+            let Source::Host(mut src) = src else {
+                return Err(misrouted("capture source"));
+            };
             let mut dst = dst;
             assert_eq!(src.len(), dst.len(), "capture copy of unequal lengths");
-            while src.len() > self.piece_bytes {
-                let (head, tail) = src.split_at(self.piece_bytes);
-                let (dhead, dtail) = dst.split_at(self.piece_bytes);
-                pieces.push((head.len(), (head, dhead)));
+            while src.len() > piece_bytes {
+                let (head, tail) = src.split_at(piece_bytes);
+                let (dhead, dtail) = dst.split_at(piece_bytes);
+                batcher.push(Piece::Capture {
+                    src: head,
+                    dst: dhead,
+                });
                 (src, dst) = (tail, dtail);
             }
-            pieces.push((src.len(), (src, dst)));
+            batcher.push(Piece::Capture { src, dst });
         }
-        self.run(pieces, |(src, mut dst): (&[u8], StagingSpan<'_>)| {
-            dst.copy_from(src)
-        });
-        Ok(())
+        Ok(Box::new(self.pool.submit(batcher.finish())?))
     }
 
-    fn restore(&self, copies: Vec<RestoreCopy<'_>>) -> Result<()> {
-        let mut pieces = Vec::new();
+    fn restore(&self, copies: Vec<RestoreCopy>) -> Result<Box<dyn CopyTicket>> {
+        let piece_bytes = self.piece_bytes;
+        let mut batcher = Batcher::new(piece_bytes);
         for RestoreCopy { src, dst } in copies {
-            let Target::Host(mut dst) = dst;
+            let Target::Host(mut dst) = dst else {
+                return Err(misrouted("restore target"));
+            };
             let mut src = src;
             assert_eq!(src.len(), dst.len(), "restore copy of unequal lengths");
-            while dst.len() > self.piece_bytes {
-                let (head, tail) = dst.split_at_mut(self.piece_bytes);
-                let (shead, stail) = src.split_at(self.piece_bytes);
-                pieces.push((head.len(), (shead, head)));
+            while dst.len() > piece_bytes {
+                let (head, tail) = dst.split_at(piece_bytes);
+                let (shead, stail) = src.split_at(piece_bytes);
+                batcher.push(Piece::Restore {
+                    src: shead,
+                    dst: head,
+                });
                 (src, dst) = (stail, tail);
             }
-            pieces.push((dst.len(), (src, dst)));
+            batcher.push(Piece::Restore { src, dst });
         }
-        self.run(pieces, |(src, dst): (StagingSpan<'_>, &mut [u8])| {
-            src.copy_to(dst)
-        });
-        Ok(())
+        Ok(Box::new(self.pool.submit(batcher.finish())?))
     }
-}
-
-/// Cuts pieces of `sizes` bytes (in order) into at most `threads`
-/// contiguous groups of about equal bytes, none (but the last) under
-/// `min_group_bytes`. Returns the index ranges; together they cover every
-/// piece once, in order.
-pub(crate) fn partition(
-    sizes: &[usize],
-    threads: usize,
-    min_group_bytes: usize,
-) -> Vec<Range<usize>> {
-    let total: usize = sizes.iter().sum();
-    let target = total.div_ceil(threads.max(1)).max(min_group_bytes).max(1);
-    let mut groups = Vec::new();
-    let (mut start, mut acc) = (0, 0);
-    for (i, &size) in sizes.iter().enumerate() {
-        acc += size;
-        if acc >= target {
-            groups.push(start..i + 1);
-            (start, acc) = (i + 1, 0);
-        }
-    }
-    if start < sizes.len() {
-        groups.push(start..sizes.len());
-    }
-    groups
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use std::ptr::NonNull;
+    use std::os::unix::fs::FileExt;
+    use std::time::{Duration, Instant};
 
-    #[test]
-    fn one_large_tensor_is_cut_into_pieces_spread_over_every_thread() {
-        // A 2 GiB tensor in 16 MiB pieces: 128 pieces, 4 groups of 32.
-        let sizes = vec![HostDevice::PIECE_BYTES; 128];
-        let groups = partition(&sizes, 4, HostDevice::PIECE_BYTES);
-        assert_eq!(groups, vec![0..32, 32..64, 64..96, 96..128]);
-        // Uneven pieces: every piece covered once, at most `threads` groups.
-        let sizes = [5, 1, 1, 9, 3, 3, 3, 2];
-        let groups = partition(&sizes, 3, 1);
-        assert!(groups.len() <= 3, "{groups:?}");
-        let covered: Vec<usize> = groups.iter().flat_map(|r| r.clone()).collect();
-        assert_eq!(covered, (0..sizes.len()).collect::<Vec<_>>());
-        // Small sets stay on one thread.
-        assert_eq!(partition(&[100, 200], 4, 1 << 20), vec![0..2]);
-        assert!(partition(&[], 4, 1).is_empty());
+    use super::*;
+    use crate::staging::{Staging, testing};
+    use crate::{Buffer, Dtype, HostTensor};
+
+    fn tensor(len: usize, seed: usize) -> HostTensor {
+        let t = HostTensor::zeros(Dtype::U8, [len as u64]).expect("zeros");
+        for (i, b) in t.write().iter_mut().enumerate() {
+            *b = u8::try_from((i * 31 + seed) % 251).expect("byte");
+        }
+        t
+    }
+
+    /// Staging for `tensors` (one slot, back to back), attached to `device`.
+    fn staging_for(tensors: &[&HostTensor], device: &HostDevice) -> (Staging, std::fs::File) {
+        let lens: Vec<u64> = tensors.iter().map(|t| t.byte_len() as u64).collect();
+        let info = testing::one_slot(&lens);
+        let (fd, reader) = testing::memfd(info.memfd_bytes);
+        let device: Arc<dyn Device> = Arc::new(device.clone());
+        let staging = Staging::map(fd, info, lens, &[device]).expect("map");
+        (staging, reader)
+    }
+
+    fn captures(staging: &Staging, tensors: &[&HostTensor]) -> Vec<CaptureCopy> {
+        // SAFETY: each test makes one set of spans at a time.
+        let spans = unsafe { staging.slot_spans(0) }.expect("spans");
+        spans
+            .into_iter()
+            .zip(tensors)
+            .map(|(dst, t)| CaptureCopy {
+                src: Buffer::from(*t).source(),
+                dst,
+            })
+            .collect()
     }
 
     #[test]
     fn capture_and_restore_copy_exact_bytes_through_many_pieces() {
-        let src: Vec<u8> = (0..1_000_003u32).map(|i| (i % 251) as u8).collect();
-        let small: Vec<u8> = vec![7; 10];
-        let mut staging = vec![0u8; src.len() + small.len()];
+        let big = tensor(1_000_003, 1);
+        let small = tensor(10, 2);
         let device = HostDevice::new(4).with_piece_bytes(4096);
-        let base = NonNull::new(staging.as_mut_ptr()).expect("non-null");
-        // SAFETY: `staging` outlives the spans, which cover it without overlap,
-        // and it is not otherwise touched until they are dropped.
-        let (a, b) = unsafe { StagingSpan::new(base, staging.len()) }.split_at(src.len());
-        device
-            .capture(vec![
-                CaptureCopy {
-                    src: Source::Host(&src),
-                    dst: a,
-                },
-                CaptureCopy {
-                    src: Source::Host(&small),
-                    dst: b,
-                },
-            ])
-            .expect("capture");
-        assert_eq!(&staging[..src.len()], &src[..]);
-        assert_eq!(&staging[src.len()..], &small[..]);
+        let (staging, reader) = staging_for(&[&big, &small], &device);
+        let took = device
+            .capture(captures(&staging, &[&big, &small]))
+            .expect("capture")
+            .wait()
+            .expect("copied");
+        assert!(took > Duration::ZERO);
+        let mut slot = vec![0u8; big.byte_len() + small.byte_len()];
+        reader.read_exact_at(&mut slot, 0).expect("read");
+        assert!(slot[..big.byte_len()] == big.read()[..], "big differs");
+        assert_eq!(&slot[big.byte_len()..], &small.read()[..]);
 
-        let mut back = vec![0u8; src.len()];
-        let base = NonNull::new(staging.as_mut_ptr()).expect("non-null");
-        // SAFETY: as above.
-        let (a, _) = unsafe { StagingSpan::new(base, staging.len()) }.split_at(src.len());
+        let back = HostTensor::zeros(Dtype::U8, [big.byte_len() as u64]).expect("zeros");
+        let back_small = HostTensor::zeros(Dtype::U8, [10]).expect("zeros");
+        // SAFETY: the capture's spans are gone (its ticket was waited for).
+        let spans = unsafe { staging.slot_spans(0) }.expect("spans");
+        let copies = spans
+            .into_iter()
+            .zip([&back, &back_small])
+            .map(|(src, t)| RestoreCopy {
+                src,
+                dst: Buffer::from(t).target(),
+            })
+            .collect();
         device
-            .restore(vec![RestoreCopy {
-                src: a,
-                dst: Target::Host(&mut back),
-            }])
-            .expect("restore");
-        assert_eq!(back, src);
+            .restore(copies)
+            .expect("restore")
+            .wait()
+            .expect("restored");
+        assert!(back.read()[..] == big.read()[..], "restored bytes differ");
+        assert_eq!(&back_small.read()[..], &small.read()[..]);
+    }
+
+    #[test]
+    fn the_copy_threads_start_at_the_first_attach_and_no_capture_starts_more() {
+        let t = tensor(64 << 10, 3);
+        let device = HostDevice::new(3).with_piece_bytes(4096);
+        assert_eq!(device.threads_started(), 0);
+        // Copies before any attach are refused (no thread would run them
+        // until a wait).
+        let (fd, _) = testing::memfd(64 << 10);
+        let unattached =
+            Staging::map(fd, testing::one_slot(&[64 << 10]), vec![64 << 10], &[]).expect("map");
+        let refused = device.capture(captures(&unattached, &[&t]));
+        assert!(
+            matches!(&refused, Err(Error::Internal(m)) if m.contains("before attach")),
+            "{:?}",
+            refused.map(drop)
+        );
+        let (staging, _) = staging_for(&[&t], &device);
+        assert_eq!(device.threads_started(), 3);
+        for _ in 0..5 {
+            device
+                .capture(captures(&staging, &[&t]))
+                .expect("capture")
+                .wait()
+                .expect("copied");
+        }
+        let (_again, _) = staging_for(&[&t], &device);
+        assert_eq!(device.threads_started(), 3, "threads are per device");
+    }
+
+    #[test]
+    fn a_ticket_dropped_unwaited_returns_only_after_its_copies_let_go_of_the_buffers() {
+        let big = tensor(48 << 20, 4);
+        let device = HostDevice::new(2).with_piece_bytes(1 << 20);
+        let (staging, _) = staging_for(&[&big], &device);
+        let ticket = device
+            .capture(captures(&staging, &[&big]))
+            .expect("capture");
+        drop(ticket);
+        // Every lease went with the drop: a writer gets in at once.
+        let started = Instant::now();
+        big.write().fill(0);
+        assert!(started.elapsed() < Duration::from_millis(100));
+        // And the ticket of an empty copy list is done at once.
+        let empty = device.capture(Vec::new()).expect("nothing");
+        assert!(empty.is_done());
+        assert_eq!(empty.wait().expect("nothing"), Duration::ZERO);
+    }
+
+    #[derive(Debug)]
+    struct Elsewhere;
+
+    impl crate::device::DeviceBuffer for Elsewhere {
+        fn device(&self) -> Arc<dyn Device> {
+            Arc::new(HostDevice::new(1))
+        }
+        fn byte_len(&self) -> usize {
+            64
+        }
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
+    }
+
+    #[test]
+    fn device_memory_given_to_the_host_device_is_refused() {
+        let device = HostDevice::new(1);
+        let t = tensor(64, 5);
+        let (staging, _) = staging_for(&[&t], &device);
+        // SAFETY: the only spans of this staging.
+        let span = unsafe { staging.slot_spans(0) }
+            .expect("spans")
+            .pop()
+            .expect("one");
+        let buffer: Arc<dyn crate::device::DeviceBuffer> = Arc::new(Elsewhere);
+        let refused = device.capture(vec![CaptureCopy {
+            src: Buffer::Device(buffer).source(),
+            dst: span,
+        }]);
+        assert!(
+            matches!(&refused, Err(Error::Internal(m)) if m.contains("device memory")),
+            "{:?}",
+            refused.map(drop)
+        );
     }
 }

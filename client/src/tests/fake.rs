@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 
@@ -276,14 +277,36 @@ impl FakeConn {
     }
 
     /// Answers a `Register` with `info` and a memfd of `memfd_len` bytes,
-    /// passing `fds` descriptors (normally 1).
+    /// sealed as the daemon seals it, passing `fds` descriptors (normally 1).
     pub fn registered_with(&mut self, id: u64, info: StagingInfo, memfd_len: u64, fds: usize) {
+        self.send_registered(id, info, memfd_len, fds, true);
+    }
+
+    /// Answers a `Register` with a memfd that is not sealed.
+    pub fn registered_unsealed(&mut self, id: u64, info: StagingInfo) {
+        let len = info.memfd_bytes;
+        self.send_registered(id, info, len, 1, false);
+    }
+
+    fn send_registered(
+        &mut self,
+        id: u64,
+        info: StagingInfo,
+        memfd_len: u64,
+        fds: usize,
+        sealed: bool,
+    ) {
         let fd: OwnedFd = memfd_create(
             "fake-staging",
             MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
         )
         .expect("memfd");
         nix::unistd::ftruncate(&fd, i64::try_from(memfd_len).expect("len")).expect("ftruncate");
+        if sealed {
+            // As the daemon does (daemon/src/staging.rs): the size is final.
+            let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
+            fcntl(&fd, FcntlArg::F_ADD_SEALS(seals)).expect("seal");
+        }
         let frame = proto::encode(&Reply {
             id,
             body: ReplyBody::Registered(info.clone()),

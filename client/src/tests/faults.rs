@@ -138,6 +138,15 @@ fn bad_staging_handoffs_are_protocol_errors() {
             |e| protocol_containing(e, "memfd is"),
         ),
         (
+            "a memfd not sealed against resizing",
+            Box::new(|c| {
+                let id = c.expect_register();
+                let info = Layout::default().info(&c.tensors);
+                c.registered_unsealed(id, info);
+            }),
+            |e| protocol_containing(e, "missing F_SEAL_SHRINK and F_SEAL_GROW"),
+        ),
+        (
             "registered without a memfd",
             Box::new(|c| {
                 let id = c.expect_register();

@@ -121,6 +121,53 @@ fn a_daemon_that_starts_late_is_waited_for() {
     late.join().expect("late fake").join();
 }
 
+/// The Busy retry reconnects, and the reconnect retries a missing socket:
+/// both share the registration's deadline, so a Busy that comes late does
+/// not buy a fresh `connect_timeout` (it used to wait about twice as long).
+#[test]
+fn a_late_busy_and_a_vanished_daemon_share_one_registration_deadline() {
+    let (_dir, path) = fake::socket_dir();
+    let fake = Fake::start(
+        &path,
+        vec![conn(|c| {
+            c.hello();
+            let id = c.expect_register();
+            std::thread::sleep(Duration::from_millis(800));
+            c.reply(
+                id,
+                ReplyBody::Error {
+                    kind: crate::proto::ErrorKind::Busy,
+                    message: "held".into(),
+                    os_error: None,
+                },
+            );
+            // Then the daemon is gone: the socket is removed.
+            c.until_closed();
+        })],
+    );
+    let mut config = fake::config(&path);
+    config.connect_timeout = Duration::from_secs(1);
+    let mut client = Client::with_config(config).expect("connect");
+    let t = HostTensor::zeros(Dtype::U8, [8]).expect("t");
+    client.register_host("t", &t).expect("register");
+    let started = Instant::now();
+    let err = client.sync_registration().unwrap_err();
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(1400),
+        "the registration waited {took:?}, past its one-second bound"
+    );
+    assert!(
+        matches!(
+            &err,
+            Error::DaemonUnavailable { .. } | Error::Disconnected(_) | Error::Busy(_)
+        ),
+        "{err}"
+    );
+    drop(client);
+    fake.join();
+}
+
 #[test]
 fn registration_is_validated_locally() {
     let (_dir, path) = fake::socket_dir();

@@ -1,6 +1,8 @@
 //! Client tests against a fake daemon.
 
+mod double;
 mod fake;
+mod matrix;
 
 mod describe;
 mod faults;

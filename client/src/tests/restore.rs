@@ -1,13 +1,21 @@
-use super::fake::{self, Fake, Layout, conn, expected_data, pattern};
-use crate::proto::{ErrorKind, ReplyBody, RequestBody, RestoreSource};
-use crate::{Client, Dtype, Error, HostTensor, Step};
+//! Restore out of a lent slot, on every device.
 
-#[test]
-fn restore_copies_the_slot_back_and_a_mismatch_writes_nothing() {
+use super::fake::{self, Fake, Layout, conn, expected_data, pattern};
+use super::matrix::{Memory, device_matrix};
+use super::snapshot::{register_all, tensor};
+use crate::proto::{ErrorKind, ReplyBody, RequestBody, RestoreSource};
+use crate::{Dtype, Error, Step};
+
+device_matrix!(restore_copies_the_slot_back_and_a_mismatch_writes_nothing);
+
+fn restore_copies_the_slot_back_and_a_mismatch_writes_nothing(memory: &dyn Memory) {
     let (_dir, path) = fake::socket_dir();
-    let w = HostTensor::zeros(Dtype::F64, [10, 3]).expect("w");
-    let b = HostTensor::zeros(Dtype::I16, [7]).expect("b");
-    let (wb, bb) = (pattern(w.byte_len(), 5), pattern(b.byte_len(), 6));
+    // Zeros now; the snapshot holds these patterns.
+    let w = tensor(memory, "w", Dtype::F64, &[10, 3], 0);
+    let b = tensor(memory, "b", Dtype::I16, &[7], 0);
+    w.memory.overwrite(&vec![0; w.bytes.len()]);
+    b.memory.overwrite(&vec![0; b.bytes.len()]);
+    let (wb, bb) = (pattern(w.bytes.len(), 5), pattern(b.bytes.len(), 6));
     let (wb2, bb2) = (wb.clone(), bb.clone());
     let fake = Fake::start(
         &path,
@@ -57,29 +65,26 @@ fn restore_copies_the_slot_back_and_a_mismatch_writes_nothing() {
             c.until_closed();
         })],
     );
-    let mut client = Client::with_config(fake::config(&path)).expect("connect");
-    client.register_host("w", &w).expect("w");
-    client.register_host("b", &b).expect("b");
+    let mut client = memory.client(fake::config(&path));
+    let ts = [w, b];
+    register_all(&mut client, &ts);
     let info = client
         .restore(Step::At(5))
         .expect("restore")
         .expect("a snapshot");
     assert_eq!((info.step, info.source), (5, RestoreSource::Disk));
     assert_eq!(info.daemon_fill.as_micros(), 2);
-    assert_eq!(&*w.read(), &wb[..]);
-    assert_eq!(&*b.read(), &bb[..]);
+    let (w, b) = (&ts[0].memory, &ts[1].memory);
+    assert_eq!(w.contents(), wb);
+    assert_eq!(b.contents(), bb);
     assert_eq!(client.restore(Step::Latest).expect("restore"), None);
     let err = client.restore(Step::At(6)).unwrap_err();
     assert!(
         matches!(&err, Error::Mismatch(m) if m.contains("tensor \"w\"")),
         "{err}"
     );
-    assert_eq!(
-        &*w.read(),
-        &wb[..],
-        "buffers untouched by a refused restore"
-    );
-    assert_eq!(&*b.read(), &bb[..]);
+    assert_eq!(w.contents(), wb, "buffers untouched by a refused restore");
+    assert_eq!(b.contents(), bb);
     // The connection survives a non-closing error.
     client.list().expect("list");
     drop(client);

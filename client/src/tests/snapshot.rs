@@ -1,39 +1,77 @@
+//! Capture into a slot: the bytes, the overlap, the outcomes, the failures;
+//! every body on every device ([`device_matrix!`]), then what only one
+//! kind of memory has (host locks, device routing and attachment).
+
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use super::fake::{self, Fake, Layout, conn, expected_data, pattern};
-use crate::device::{CaptureCopy, Device, HostDevice, RestoreCopy};
-use crate::proto::{ErrorKind, ReplyBody, RequestBody};
-use crate::{Client, Dtype, Error, HostTensor, Result, SnapshotOutcome, Step};
+use super::matrix::{Memory, OnDouble, TestBuffer, device_matrix};
+use crate::device::{
+    AttachedStaging, CaptureCopy, CopyTicket, Device, HostDevice, RestoreCopy, StagingRegion,
+};
+use crate::proto::{ErrorKind, OsError, ReplyBody, RequestBody};
+use crate::{Buffer, Client, Dtype, Error, HostTensor, Result, SnapshotOutcome, Step};
 
-/// Two host tensors (with the byte patterns they hold).
-fn tensors() -> Vec<(String, HostTensor, Vec<u8>)> {
-    [
-        ("w", Dtype::F32, vec![16u64, 33], 1u8),
-        ("b", Dtype::U8, vec![37], 2),
-    ]
-    .into_iter()
-    .map(|(name, dtype, shape, seed)| {
-        let t = HostTensor::zeros(dtype, shape).expect("zeros");
-        let bytes = pattern(t.byte_len(), seed);
-        t.write().copy_from_slice(&bytes);
-        (name.to_owned(), t, bytes)
-    })
-    .collect()
+/// A registered tensor of a test: name, dtype, shape, buffer, bytes.
+pub struct Tensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<u64>,
+    pub memory: TestBuffer,
+    pub bytes: Vec<u8>,
 }
 
-fn register_all(client: &mut Client, ts: &[(String, HostTensor, Vec<u8>)]) {
-    for (name, t, _) in ts {
-        client.register_host(name.clone(), t).expect("register");
+/// A tensor of `memory` holding a pattern seeded by `seed`.
+pub fn tensor(memory: &dyn Memory, name: &str, dtype: Dtype, shape: &[u64], seed: u8) -> Tensor {
+    let len = usize::try_from(shape.iter().product::<u64>() * dtype.size_bytes()).expect("len");
+    let bytes = pattern(len, seed);
+    Tensor {
+        name: name.to_owned(),
+        dtype,
+        shape: shape.to_vec(),
+        memory: memory.buffer(dtype, shape, &bytes),
+        bytes,
     }
 }
 
-#[test]
-fn snapshot_copies_exact_bytes_into_the_slot_at_the_layout_offsets() {
+/// Two tensors of `memory`.
+fn tensors(memory: &dyn Memory) -> Vec<Tensor> {
+    vec![
+        tensor(memory, "w", Dtype::F32, &[16, 33], 1),
+        tensor(memory, "b", Dtype::U8, &[37], 2),
+    ]
+}
+
+pub fn register_all(client: &mut Client, ts: &[Tensor]) {
+    for t in ts {
+        client
+            .register(t.name.clone(), t.dtype, t.shape.clone(), t.memory.buffer())
+            .expect("register");
+    }
+}
+
+fn bytes_of(ts: &[Tensor]) -> Vec<Vec<u8>> {
+    ts.iter().map(|t| t.bytes.clone()).collect()
+}
+
+device_matrix!(
+    snapshot_copies_exact_bytes_into_the_slot_at_the_layout_offsets,
+    a_large_tensor_is_copied_byte_exact,
+    a_dropped_handle_still_finishes_the_capture,
+    an_open_capture_without_a_handle_refuses_other_calls_until_finished,
+    a_client_dropped_with_a_capture_open_finishes_it,
+    skipped_and_failed_snapshots_are_reported_as_such_with_the_os_error,
+    events_interleaved_with_replies_are_recorded_for_later,
+    a_failed_copy_aborts_the_snapshot_and_a_second_wait_reports_the_same_error,
+    a_busy_rank_is_retried_on_a_new_connection_until_it_is_free,
+);
+
+fn snapshot_copies_exact_bytes_into_the_slot_at_the_layout_offsets(memory: &dyn Memory) {
     let (_dir, path) = fake::socket_dir();
-    let ts = tensors();
-    let want: Vec<Vec<u8>> = ts.iter().map(|t| t.2.clone()).collect();
+    let ts = tensors(memory);
+    let want = bytes_of(&ts);
     let fake = Fake::start(
         &path,
         vec![conn(move |c| {
@@ -56,7 +94,7 @@ fn snapshot_copies_exact_bytes_into_the_slot_at_the_layout_offsets() {
             c.until_closed();
         })],
     );
-    let mut client = Client::with_config(fake::config(&path)).expect("connect");
+    let mut client = memory.client(fake::config(&path));
     register_all(&mut client, &ts);
     let outcome = client.snapshot(7).expect("snapshot");
     let SnapshotOutcome::Captured(info) = outcome else {
@@ -74,12 +112,12 @@ fn snapshot_copies_exact_bytes_into_the_slot_at_the_layout_offsets() {
     fake.join();
 }
 
-#[test]
-fn a_large_tensor_is_copied_in_pieces_on_several_threads_byte_exact() {
+/// On the host device (pieces of 64 KiB, two threads) a 3 MiB tensor is
+/// cut into pieces copied in parallel.
+fn a_large_tensor_is_copied_byte_exact(memory: &dyn Memory) {
     let (_dir, path) = fake::socket_dir();
-    let big = HostTensor::zeros(Dtype::U8, [3 << 20]).expect("big");
-    let bytes = pattern(big.byte_len(), 9);
-    big.write().copy_from_slice(&bytes);
+    let big = tensor(memory, "big", Dtype::U8, &[3 << 20], 9);
+    let want = big.bytes.clone();
     let fake = Fake::start(
         &path,
         vec![conn(move |c| {
@@ -90,16 +128,15 @@ fn a_large_tensor_is_copied_in_pieces_on_several_threads_byte_exact() {
             c.begin_slot(0);
             let r = c.expect("captured");
             assert!(
-                c.slot_data(0) == expected_data(&info, &[bytes]),
+                c.slot_data(0) == expected_data(&info, &[want]),
                 "bytes differ"
             );
             c.reply(r.id, ReplyBody::Accepted { step: 1 });
             c.until_closed();
         })],
     );
-    let device = Arc::new(HostDevice::new(4).with_piece_bytes(64 << 10));
-    let mut client = Client::with_device(fake::config(&path), device).expect("connect");
-    client.register_host("big", &big).expect("register");
+    let mut client = memory.client(fake::config(&path));
+    register_all(&mut client, std::slice::from_ref(&big));
     assert!(matches!(
         client.snapshot(1),
         Ok(SnapshotOutcome::Captured(_))
@@ -108,105 +145,22 @@ fn a_large_tensor_is_copied_in_pieces_on_several_threads_byte_exact() {
     fake.join();
 }
 
-/// Copies only once the test opens the gate.
-#[derive(Debug, Default)]
-struct GatedDevice {
-    open: Mutex<bool>,
-    opened: std::sync::Condvar,
-    copying: AtomicBool,
-}
-
-impl GatedDevice {
-    fn open(&self) {
-        *self.open.lock().expect("gate") = true;
-        self.opened.notify_all();
-    }
-}
-
-impl Device for GatedDevice {
-    fn name(&self) -> &'static str {
-        "gated"
-    }
-    fn capture(&self, copies: Vec<CaptureCopy<'_>>) -> Result<()> {
-        self.copying.store(true, Ordering::SeqCst);
-        let mut open = self.open.lock().expect("gate");
-        while !*open {
-            open = self.opened.wait(open).expect("gate");
-        }
-        HostDevice::new(1).capture(copies)
-    }
-    fn restore(&self, copies: Vec<RestoreCopy<'_>>) -> Result<()> {
-        HostDevice::new(1).restore(copies)
-    }
-}
-
-#[test]
-fn snapshot_begin_returns_before_the_copies_and_writers_wait_for_the_capture() {
+fn a_dropped_handle_still_finishes_the_capture(memory: &dyn Memory) {
     let (_dir, path) = fake::socket_dir();
-    let ts = tensors();
-    let want: Vec<Vec<u8>> = ts.iter().map(|t| t.2.clone()).collect();
+    let ts = tensors(memory);
+    let want = bytes_of(&ts);
     let fake = Fake::start(
         &path,
         vec![conn(move |c| {
             let info = c.open(&Layout::default());
-            c.begin_slot(0);
-            let r = c.expect("captured");
-            assert_eq!(
-                c.slot_data(0),
-                expected_data(&info, &want),
-                "the capture saw the writer's bytes"
-            );
-            c.reply(r.id, ReplyBody::Accepted { step: 3 });
-            c.until_closed();
-        })],
-    );
-    let device = Arc::new(GatedDevice::default());
-    let mut client =
-        Client::with_device(fake::config(&path), Arc::clone(&device) as Arc<dyn Device>)
-            .expect("connect");
-    register_all(&mut client, &ts);
-    let w = ts[0].1.clone();
-    let mut handle = client.snapshot_begin(3).expect("begin");
-    // The copies cannot have finished: the device waits for the gate.
-    let wrote = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let wrote = Arc::clone(&wrote);
-        std::thread::spawn(move || {
-            w.write().fill(0xEE);
-            wrote.store(true, Ordering::SeqCst);
-        })
-    };
-    std::thread::sleep(Duration::from_millis(100));
-    assert!(
-        !wrote.load(Ordering::SeqCst),
-        "a trainer write went through during the capture"
-    );
-    device.open();
-    let outcome = handle.wait_captured().expect("captured");
-    assert!(
-        matches!(outcome, SnapshotOutcome::Captured(_)),
-        "{outcome:?}"
-    );
-    assert!(device.copying.load(Ordering::SeqCst));
-    writer.join().expect("writer");
-    assert!(wrote.load(Ordering::SeqCst));
-    assert!(ts[0].1.read().iter().all(|&b| b == 0xEE));
-    drop(handle);
-    drop(client);
-    fake.join();
-}
-
-#[test]
-fn a_dropped_handle_still_finishes_the_capture() {
-    let (_dir, path) = fake::socket_dir();
-    let ts = tensors();
-    let fake = Fake::start(
-        &path,
-        vec![conn(move |c| {
-            c.open(&Layout::default());
             c.begin_slot(1);
-            let (step, _, _) = c.accept_captured();
+            let r = c.expect("captured");
+            assert_eq!(c.slot_data(1), expected_data(&info, &want));
+            let RequestBody::Captured { step, .. } = r.body else {
+                unreachable!()
+            };
             assert_eq!(step, 11);
+            c.reply(r.id, ReplyBody::Accepted { step });
             c.event(ReplyBody::Committed {
                 step,
                 bytes: 1,
@@ -215,20 +169,19 @@ fn a_dropped_handle_still_finishes_the_capture() {
             c.until_closed();
         })],
     );
-    let mut client = Client::with_config(fake::config(&path)).expect("connect");
+    let mut client = memory.client(fake::config(&path));
     register_all(&mut client, &ts);
     drop(client.snapshot_begin(11).expect("begin"));
-    // The tensors are writable again, and the commit is reported.
-    ts[0].1.write().fill(1);
+    // The buffers are writable again, and the commit is reported.
+    ts[0].memory.overwrite(&vec![1; ts[0].bytes.len()]);
     assert_eq!(client.wait_committed(11).expect("committed").step, 11);
     drop(client);
     fake.join();
 }
 
-#[test]
-fn an_open_capture_without_a_handle_refuses_other_calls_until_finished() {
+fn an_open_capture_without_a_handle_refuses_other_calls_until_finished(memory: &dyn Memory) {
     let (_dir, path) = fake::socket_dir();
-    let ts = tensors();
+    let ts = tensors(memory);
     let fake = Fake::start(
         &path,
         vec![conn(move |c| {
@@ -244,7 +197,7 @@ fn an_open_capture_without_a_handle_refuses_other_calls_until_finished() {
             c.until_closed();
         })],
     );
-    let mut client = Client::with_config(fake::config(&path)).expect("connect");
+    let mut client = memory.client(fake::config(&path));
     register_all(&mut client, &ts);
     assert!(matches!(client.finish_snapshot(), Err(Error::NotFound(_))));
     client.begin_snapshot(5).expect("begin");
@@ -272,34 +225,34 @@ fn an_open_capture_without_a_handle_refuses_other_calls_until_finished() {
     fake.join();
 }
 
-#[test]
-fn a_client_dropped_with_a_capture_open_finishes_it() {
+fn a_client_dropped_with_a_capture_open_finishes_it(memory: &dyn Memory) {
     let (_dir, path) = fake::socket_dir();
-    let ts = tensors();
+    let ts = tensors(memory);
+    let want = bytes_of(&ts);
     let fake = Fake::start(
         &path,
         vec![conn(move |c| {
-            c.open(&Layout::default());
+            let info = c.open(&Layout::default());
             c.begin_slot(0);
-            let (step, _, _) = c.accept_captured();
-            assert_eq!(step, 8);
+            let r = c.expect("captured");
+            assert_eq!(c.slot_data(0), expected_data(&info, &want));
+            c.reply(r.id, ReplyBody::Accepted { step: 8 });
             c.until_closed();
         })],
     );
-    let mut client = Client::with_config(fake::config(&path)).expect("connect");
+    let mut client = memory.client(fake::config(&path));
     register_all(&mut client, &ts);
     client.begin_snapshot(8).expect("begin");
     drop(client);
-    // The fake saw `Captured` before the connection closed, and the
-    // tensors are writable again.
+    // The fake saw `Captured`, with the data, before the connection
+    // closed, and the buffers are writable again.
     fake.join();
-    ts[0].1.write().fill(3);
+    ts[0].memory.overwrite(&vec![3; ts[0].bytes.len()]);
 }
 
-#[test]
-fn skipped_and_failed_snapshots_are_reported_as_such() {
+fn skipped_and_failed_snapshots_are_reported_as_such_with_the_os_error(memory: &dyn Memory) {
     let (_dir, path) = fake::socket_dir();
-    let ts = tensors();
+    let ts = tensors(memory);
     let fake = Fake::start(
         &path,
         vec![conn(move |c| {
@@ -318,12 +271,12 @@ fn skipped_and_failed_snapshots_are_reported_as_such() {
                 step,
                 kind: ErrorKind::Storage,
                 message: "disk full".into(),
-                os_error: None,
+                os_error: Some(OsError::ENOSPC),
             });
             c.until_closed();
         })],
     );
-    let mut client = Client::with_config(fake::config(&path)).expect("connect");
+    let mut client = memory.client(fake::config(&path));
     register_all(&mut client, &ts);
     let outcome = client.snapshot(1).expect("snapshot");
     assert_eq!(
@@ -344,17 +297,17 @@ fn skipped_and_failed_snapshots_are_reported_as_such() {
         .wait_committed()
         .unwrap_err();
     assert!(
-        matches!(&err, Error::SnapshotFailed { step: 2, kind: ErrorKind::Storage, message } if message == "disk full"),
+        matches!(&err, Error::SnapshotFailed { step: 2, kind: ErrorKind::Storage, message, os_error: Some(OsError::ENOSPC) } if message == "disk full"),
         "{err}"
     );
+    assert_eq!(err.os_error(), Some(OsError::ENOSPC));
     drop(client);
     fake.join();
 }
 
-#[test]
-fn events_interleaved_with_replies_are_recorded_for_later() {
+fn events_interleaved_with_replies_are_recorded_for_later(memory: &dyn Memory) {
     let (_dir, path) = fake::socket_dir();
-    let ts = tensors();
+    let ts = tensors(memory);
     let fake = Fake::start(
         &path,
         vec![conn(move |c| {
@@ -393,7 +346,7 @@ fn events_interleaved_with_replies_are_recorded_for_later() {
             c.until_closed();
         })],
     );
-    let mut client = Client::with_config(fake::config(&path)).expect("connect");
+    let mut client = memory.client(fake::config(&path));
     register_all(&mut client, &ts);
     client.snapshot(1).expect("snapshot 1");
     client.snapshot(2).expect("snapshot 2");
@@ -404,32 +357,9 @@ fn events_interleaved_with_replies_are_recorded_for_later() {
     fake.join();
 }
 
-/// A device whose capture fails.
-#[derive(Debug)]
-struct BrokenDevice;
-
-impl Device for BrokenDevice {
-    fn name(&self) -> &'static str {
-        "broken"
-    }
-    fn capture(&self, _: Vec<CaptureCopy<'_>>) -> Result<()> {
-        Err(Error::BackendUnavailable {
-            backend: "broken",
-            reason: "copy engine fault".into(),
-        })
-    }
-    fn restore(&self, _: Vec<RestoreCopy<'_>>) -> Result<()> {
-        Err(Error::BackendUnavailable {
-            backend: "broken",
-            reason: "copy engine fault".into(),
-        })
-    }
-}
-
-#[test]
-fn a_failed_copy_aborts_the_snapshot() {
+fn a_failed_copy_aborts_the_snapshot_and_a_second_wait_reports_the_same_error(memory: &dyn Memory) {
     let (_dir, path) = fake::socket_dir();
-    let ts = tensors();
+    let ts = tensors(memory);
     let fake = Fake::start(
         &path,
         vec![conn(move |c| {
@@ -453,21 +383,31 @@ fn a_failed_copy_aborts_the_snapshot() {
             c.until_closed();
         })],
     );
-    let mut client =
-        Client::with_device(fake::config(&path), Arc::new(BrokenDevice)).expect("connect");
+    let mut client = memory.client(fake::config(&path));
     register_all(&mut client, &ts);
-    let err = client.snapshot(5).unwrap_err();
-    assert!(matches!(err, Error::BackendUnavailable { .. }), "{err}");
+    memory.fail_next_capture("copy engine fault");
+    let mut handle = client.snapshot_begin(5).expect("begin");
+    let first = handle.wait_captured().unwrap_err();
+    assert!(
+        matches!(&first, Error::BackendUnavailable { reason, .. } if reason == "copy engine fault"),
+        "{first}"
+    );
+    let second = handle.wait_captured().unwrap_err();
+    assert!(
+        matches!(&second, Error::BackendUnavailable { reason, .. } if reason == "copy engine fault"),
+        "the second wait reports the first error: {second}"
+    );
+    assert_eq!(second.to_string(), first.to_string());
+    drop(handle);
     // The conversation is still in step.
     assert!(matches!(client.status(), Err(Error::Internal(m)) if m == "still here"));
     drop(client);
     fake.join();
 }
 
-#[test]
-fn a_busy_rank_is_retried_on_a_new_connection_until_it_is_free() {
+fn a_busy_rank_is_retried_on_a_new_connection_until_it_is_free(memory: &dyn Memory) {
     let (_dir, path) = fake::socket_dir();
-    let ts = tensors();
+    let ts = tensors(memory);
     let busy = conn(|c| {
         c.hello();
         let id = c.expect_register();
@@ -486,11 +426,413 @@ fn a_busy_rank_is_retried_on_a_new_connection_until_it_is_free() {
         c.until_closed();
     });
     let fake = Fake::start(&path, vec![busy, free]);
-    let mut client = Client::with_config(fake::config(&path)).expect("connect");
+    let mut client = memory.client(fake::config(&path));
     register_all(&mut client, &ts);
     client
         .sync_registration()
         .expect("registered on the second try");
     drop(client);
     fake.join();
+}
+
+// ---- host memory only: the locks ----
+
+/// Copies only once the test opens the gate: its ticket's wait blocks
+/// until then, and then runs the host device's copies.
+#[derive(Debug, Default)]
+struct GatedDevice {
+    host: HostDevice,
+    gate: Arc<(Mutex<bool>, Condvar)>,
+    copying: AtomicBool,
+}
+
+impl GatedDevice {
+    fn open(&self) {
+        *self.gate.0.lock().expect("gate") = true;
+        self.gate.1.notify_all();
+    }
+}
+
+struct GatedTicket {
+    gate: Arc<(Mutex<bool>, Condvar)>,
+    copies: Vec<CaptureCopy>,
+    host: HostDevice,
+}
+
+impl CopyTicket for GatedTicket {
+    fn is_done(&self) -> bool {
+        false
+    }
+
+    fn wait(self: Box<Self>) -> Result<Duration> {
+        let GatedTicket { gate, copies, host } = *self;
+        let mut open = gate.0.lock().expect("gate");
+        while !*open {
+            open = gate.1.wait(open).expect("gate");
+        }
+        host.capture(copies)?.wait()
+    }
+}
+
+impl Device for GatedDevice {
+    fn name(&self) -> &'static str {
+        "gated"
+    }
+    fn attach(&self, staging: &StagingRegion) -> Result<Box<dyn AttachedStaging>> {
+        self.host.attach(staging)
+    }
+    fn capture(&self, copies: Vec<CaptureCopy>) -> Result<Box<dyn CopyTicket>> {
+        self.copying.store(true, Ordering::SeqCst);
+        Ok(Box::new(GatedTicket {
+            gate: Arc::clone(&self.gate),
+            copies,
+            host: self.host.clone(),
+        }))
+    }
+    fn restore(&self, copies: Vec<RestoreCopy>) -> Result<Box<dyn CopyTicket>> {
+        self.host.restore(copies)
+    }
+}
+
+#[test]
+fn snapshot_begin_returns_before_the_copies_and_host_writers_wait_for_the_capture() {
+    let (_dir, path) = fake::socket_dir();
+    let w = HostTensor::zeros(Dtype::F32, [16, 33]).expect("w");
+    let bytes = pattern(w.byte_len(), 1);
+    w.write().copy_from_slice(&bytes);
+    let fake = Fake::start(
+        &path,
+        vec![conn(move |c| {
+            let info = c.open(&Layout::default());
+            c.begin_slot(0);
+            let r = c.expect("captured");
+            assert_eq!(
+                c.slot_data(0),
+                expected_data(&info, &[bytes]),
+                "the capture saw the writer's bytes"
+            );
+            c.reply(r.id, ReplyBody::Accepted { step: 3 });
+            c.until_closed();
+        })],
+    );
+    let device = Arc::new(GatedDevice::default());
+    let mut client =
+        Client::with_device(fake::config(&path), Arc::clone(&device) as Arc<dyn Device>)
+            .expect("connect");
+    client.register_host("w", &w).expect("register");
+    let writer_copy = w.clone();
+    let mut handle = client.snapshot_begin(3).expect("begin");
+    // The copies cannot have finished: the device waits for the gate.
+    let wrote = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let wrote = Arc::clone(&wrote);
+        std::thread::spawn(move || {
+            writer_copy.write().fill(0xEE);
+            wrote.store(true, Ordering::SeqCst);
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !wrote.load(Ordering::SeqCst),
+        "a trainer write went through during the capture"
+    );
+    device.open();
+    let outcome = handle.wait_captured().expect("captured");
+    assert!(
+        matches!(outcome, SnapshotOutcome::Captured(_)),
+        "{outcome:?}"
+    );
+    assert!(device.copying.load(Ordering::SeqCst));
+    writer.join().expect("writer");
+    assert!(wrote.load(Ordering::SeqCst));
+    assert!(w.read().iter().all(|&b| b == 0xEE));
+    drop(handle);
+    drop(client);
+    fake.join();
+}
+
+/// A device whose captures cannot even start.
+#[derive(Debug)]
+struct BrokenDevice(HostDevice);
+
+impl Device for BrokenDevice {
+    fn name(&self) -> &'static str {
+        "broken"
+    }
+    fn attach(&self, staging: &StagingRegion) -> Result<Box<dyn AttachedStaging>> {
+        self.0.attach(staging)
+    }
+    fn capture(&self, _: Vec<CaptureCopy>) -> Result<Box<dyn CopyTicket>> {
+        Err(Error::BackendUnavailable {
+            backend: "broken",
+            reason: "copy engine fault".into(),
+        })
+    }
+    fn restore(&self, copies: Vec<RestoreCopy>) -> Result<Box<dyn CopyTicket>> {
+        self.0.restore(copies)
+    }
+}
+
+#[test]
+fn a_capture_that_cannot_start_aborts_the_snapshot() {
+    let (_dir, path) = fake::socket_dir();
+    let t = HostTensor::zeros(Dtype::U8, [64]).expect("t");
+    let fake = Fake::start(
+        &path,
+        vec![conn(move |c| {
+            c.open(&Layout::default());
+            c.begin_slot(0);
+            let r = c.expect("abort");
+            let RequestBody::Abort { step, reason } = r.body else {
+                unreachable!()
+            };
+            assert!(reason.contains("copy engine fault"), "{reason}");
+            c.reply(r.id, ReplyBody::Aborted { step });
+            c.until_closed();
+        })],
+    );
+    let mut client = Client::with_device(
+        fake::config(&path),
+        Arc::new(BrokenDevice(HostDevice::new(1))),
+    )
+    .expect("connect");
+    client.register_host("t", &t).expect("register");
+    let err = client.snapshot(5).unwrap_err();
+    assert!(matches!(err, Error::BackendUnavailable { .. }), "{err}");
+    drop(client);
+    fake.join();
+}
+
+// ---- device memory: routing, overlap, attachment ----
+
+#[test]
+fn snapshot_begin_returns_while_the_device_still_copies() {
+    let (_dir, path) = fake::socket_dir();
+    let memory = OnDouble::new();
+    let ts = tensors(&memory);
+    let want = bytes_of(&ts);
+    let fake = Fake::start(
+        &path,
+        vec![conn(move |c| {
+            let info = c.open(&Layout::default());
+            c.begin_slot(0);
+            let r = c.expect("captured");
+            assert_eq!(c.slot_data(0), expected_data(&info, &want));
+            c.reply(r.id, ReplyBody::Accepted { step: 1 });
+            c.until_closed();
+        })],
+    );
+    let mut client = memory.client(fake::config(&path));
+    register_all(&mut client, &ts);
+    client.begin_snapshot(1).expect("begin");
+    let open = client.capture.as_ref().expect("open");
+    assert!(!open.copies_done(), "the double's copies run after a delay");
+    let outcome = client.finish_snapshot().expect("finish");
+    assert!(
+        matches!(outcome, SnapshotOutcome::Captured(_)),
+        "{outcome:?}"
+    );
+    drop(client);
+    fake.join();
+    memory.check();
+}
+
+#[test]
+fn a_registration_mixing_memory_kinds_routes_each_buffer_to_its_device() {
+    let (_dir, path) = fake::socket_dir();
+    let memory = OnDouble::new();
+    // Device weights, a host tensor (RNG state), raw host bytes (a blob).
+    let weights = tensor(&memory, "weights", Dtype::BF16, &[64, 40], 3);
+    let rng = HostTensor::from_slice(Dtype::U64, [4], &[1u64, 2, 3, 4]).expect("rng");
+    let mut blob = pattern(100, 7);
+    let rng_bytes = rng.read().to_vec();
+    let blob_bytes = blob.clone();
+    let (w_bytes, w_restored) = (weights.bytes.clone(), pattern(weights.bytes.len(), 8));
+    let w_restored_fake = w_restored.clone();
+    let fake = Fake::start(
+        &path,
+        vec![conn(move |c| {
+            let info = c.open(&Layout::default());
+            c.begin_slot(1);
+            let r = c.expect("captured");
+            let data = c.slot_data(1);
+            assert_eq!(
+                data,
+                expected_data(&info, &[w_bytes, rng_bytes.clone(), blob_bytes.clone()])
+            );
+            c.reply(r.id, ReplyBody::Accepted { step: 4 });
+            let r = c.expect("restore");
+            c.write_slot(
+                0,
+                &expected_data(&info, &[w_restored_fake, vec![9; 32], vec![5; 100]]),
+            );
+            c.reply(
+                r.id,
+                ReplyBody::Restored {
+                    step: 4,
+                    slot: 0,
+                    source: crate::proto::RestoreSource::Memory,
+                    bytes: info.data_bytes,
+                    elapsed_ns: 1,
+                },
+            );
+            let r = c.expect("release");
+            c.reply(r.id, ReplyBody::Released);
+            c.until_closed();
+        })],
+    );
+    let mut client = memory.client(fake::config(&path));
+    register_all(&mut client, std::slice::from_ref(&weights));
+    client.register_host("rng", &rng).expect("rng");
+    // SAFETY: `blob` outlives the client and is not touched while it lives
+    // except through the client's copies.
+    let raw = unsafe { crate::RawBuffer::new(blob.as_mut_ptr(), blob.len()) };
+    client
+        .register("blob", Dtype::U8, [100u64], Buffer::Raw(raw))
+        .expect("blob");
+    assert_eq!(client.devices().len(), 2, "the double and the host device");
+    assert_eq!(client.devices()[0].name(), "double");
+    assert_eq!(client.devices()[1].name(), "host");
+    client.snapshot(4).expect("snapshot");
+    assert_eq!(memory.device.jobs(), 1, "one capture on the double");
+    client
+        .restore(Step::At(4))
+        .expect("restore")
+        .expect("a snapshot");
+    assert_eq!(memory.device.jobs(), 2, "and one restore");
+    assert_eq!(weights.memory.contents(), w_restored);
+    assert_eq!(
+        rng.read().as_slice::<u64>(),
+        &[u64::from_le_bytes([9; 8]); 4]
+    );
+    drop(client);
+    fake.join();
+    assert_eq!(blob, vec![5; 100]);
+    memory.check();
+}
+
+#[test]
+fn a_device_is_attached_once_per_registration_and_detached_when_it_ends() {
+    let (_dir, path) = fake::socket_dir();
+    let memory = OnDouble::new();
+    let first = tensor(&memory, "a", Dtype::U8, &[300], 1);
+    let second = tensor(&memory, "b", Dtype::U8, &[200], 2);
+    let fake = Fake::start(
+        &path,
+        vec![
+            conn(|c| {
+                c.open(&Layout::default());
+                for step in 1..=2 {
+                    assert_eq!(c.begin_slot(0), step);
+                    c.accept_captured();
+                    c.event(ReplyBody::Committed {
+                        step,
+                        bytes: 1,
+                        persist_ns: 1,
+                    });
+                }
+                c.until_closed();
+            }),
+            conn(|c| {
+                c.open(&Layout::default());
+                assert_eq!(c.tensors.len(), 2);
+                c.begin_slot(0);
+                c.accept_captured();
+                c.until_closed();
+            }),
+        ],
+    );
+    let device = &memory.device;
+    let mut client = memory.client(fake::config(&path));
+    register_all(&mut client, std::slice::from_ref(&first));
+    assert_eq!((device.attaches(), device.detaches()), (0, 0));
+    client.snapshot(1).expect("1");
+    client.snapshot(2).expect("2");
+    assert_eq!(
+        (device.attaches(), device.detaches()),
+        (1, 0),
+        "one attach for the registration, none per snapshot"
+    );
+    register_all(&mut client, std::slice::from_ref(&second));
+    client.snapshot(3).expect("3");
+    assert_eq!(
+        (device.attaches(), device.detaches()),
+        (2, 1),
+        "the new registration attached, the old one detached"
+    );
+    drop(client);
+    assert_eq!((device.attaches(), device.detaches()), (2, 2));
+    fake.join();
+    memory.check();
+}
+
+#[test]
+fn a_device_that_cannot_attach_fails_the_registration_with_its_error() {
+    let (_dir, path) = fake::socket_dir();
+    let memory = OnDouble::new();
+    let t = tensor(&memory, "a", Dtype::U8, &[300], 1);
+    let fake = Fake::start(
+        &path,
+        vec![
+            conn(|c| {
+                c.open(&Layout::default());
+                // The client drops this connection: the registration is over.
+                c.until_closed();
+            }),
+            conn(|c| {
+                c.open(&Layout::default());
+                c.until_closed();
+            }),
+        ],
+    );
+    let mut client = memory.client(fake::config(&path));
+    register_all(&mut client, std::slice::from_ref(&t));
+    memory
+        .device
+        .fail_next_attach("cuMemHostRegister: out of memory");
+    let err = client.sync_registration().unwrap_err();
+    assert!(
+        matches!(&err, Error::BackendUnavailable { backend: "double", reason } if reason == "cuMemHostRegister: out of memory"),
+        "{err}"
+    );
+    assert!(client.staging().is_none(), "no registration is left");
+    // The next call registers again, on a new connection.
+    client.sync_registration().expect("registered");
+    assert_eq!(memory.device.attaches(), 1);
+    drop(client);
+    fake.join();
+    memory.check();
+}
+
+/// A device buffer of another device than the one that copies it: its
+/// copies are routed to the buffer's own device, never to the host.
+#[test]
+fn buffers_of_two_devices_in_one_registration_each_go_to_their_own() {
+    let (_dir, path) = fake::socket_dir();
+    let (one, two) = (OnDouble::new(), OnDouble::new());
+    let a = tensor(&one, "a", Dtype::U8, &[100], 1);
+    let b = tensor(&two, "b", Dtype::U8, &[120], 2);
+    let want = vec![a.bytes.clone(), b.bytes.clone()];
+    let fake = Fake::start(
+        &path,
+        vec![conn(move |c| {
+            let info = c.open(&Layout::default());
+            c.begin_slot(0);
+            let r = c.expect("captured");
+            assert_eq!(c.slot_data(0), expected_data(&info, &want));
+            c.reply(r.id, ReplyBody::Accepted { step: 1 });
+            c.until_closed();
+        })],
+    );
+    let mut client = one.client(fake::config(&path));
+    register_all(&mut client, &[a, b]);
+    assert_eq!(client.devices().len(), 2);
+    let started = Instant::now();
+    client.snapshot(1).expect("snapshot");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!((one.device.jobs(), two.device.jobs()), (1, 1));
+    drop(client);
+    fake.join();
+    one.check();
+    two.check();
 }

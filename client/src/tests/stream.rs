@@ -1,18 +1,26 @@
+//! Capture through the stream ring, on every device.
+
 use std::collections::VecDeque;
 use std::time::Duration;
 
 use super::fake::{self, Fake, Layout, conn, expected_data, pattern};
+use super::matrix::{Memory, device_matrix};
+use super::snapshot::{register_all, tensor};
 use crate::proto::{BusyPolicy, ReplyBody, RequestBody};
-use crate::{Client, Dtype, HostTensor, SnapshotOutcome};
+use crate::{Dtype, HostTensor, SnapshotOutcome};
 
-#[test]
-fn a_stream_goes_chunk_by_chunk_through_the_ring_never_overrunning_it() {
+device_matrix!(a_stream_goes_chunk_by_chunk_through_the_ring_never_overrunning_it);
+
+/// The device's tensor `w` and a host tensor `b` (on the double, one chunk
+/// mixes both kinds): every chunk's copies finish before it is reported
+/// filled (the fake reads the ring right then).
+fn a_stream_goes_chunk_by_chunk_through_the_ring_never_overrunning_it(memory: &dyn Memory) {
     let (_dir, path) = fake::socket_dir();
-    let w = HostTensor::zeros(Dtype::F32, [16, 33]).expect("w");
+    let w = tensor(memory, "w", Dtype::F32, &[16, 33], 3);
     let b = HostTensor::zeros(Dtype::U8, [37]).expect("b");
-    let (wb, bb) = (pattern(w.byte_len(), 3), pattern(b.byte_len(), 4));
-    w.write().copy_from_slice(&wb);
+    let bb = pattern(b.byte_len(), 4);
     b.write().copy_from_slice(&bb);
+    let wb = w.bytes.clone();
     let layout = Layout {
         ring_chunks: 2,
         chunk_bytes: 512,
@@ -56,8 +64,8 @@ fn a_stream_goes_chunk_by_chunk_through_the_ring_never_overrunning_it() {
             c.until_closed();
         })],
     );
-    let mut client = Client::with_config(fake::config(&path)).expect("connect");
-    client.register_host("w", &w).expect("w");
+    let mut client = memory.client(fake::config(&path));
+    register_all(&mut client, std::slice::from_ref(&w));
     client.register_host("b", &b).expect("b");
     let outcome = client.snapshot(9).expect("snapshot");
     assert!(

@@ -71,7 +71,6 @@ import json
 import logging
 import os
 import re
-import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -106,7 +105,6 @@ from gpusnap import _native
 from gpusnap._memory import TORCH_DTYPES, describe
 from gpusnap._native import (
     BackendUnavailable,
-    Busy,
     Corrupt,
     InvalidSpec,
     NotFound,
@@ -427,29 +425,18 @@ def _register(client: Any, name: str, t: torch.Tensor, spans: _Spans | None = No
     return memory.nbytes
 
 
-def _retry_busy(what: str, call: Any, timeout: float) -> Any:
-    """Calls `call()`, again with backoff while another connection holds
-    the (job, rank) (gpusnap.Busy), up to `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    delay = 0.02
-    while True:
-        try:
-            return call()
-        except Busy as e:
-            now = time.monotonic()
-            if now >= deadline:
-                raise Busy(f"{what}: still busy after {timeout:g} s: {e}") from e
-            log.debug("%s: busy (%s); retrying in %.2f s", what, e, delay)
-            time.sleep(min(delay, deadline - now))
-            delay = min(delay * 2, 1.0)
-
-
 @dataclass(frozen=True)
 class _Connection:
+    """How a rank connects. ``busy_timeout`` bounds how long the native
+    client retries a registration refused as ``Busy`` (another connection
+    holds the (job, rank)), with the client crate's own backoff and one
+    deadline for the whole registration; None: ``connect_timeout``."""
+
     socket: str | None
     connect_timeout: float
     call_timeout: float
     commit_timeout: float
+    busy_timeout: float | None = None
 
     def open(self, job: str, rank: int = 0, world_size: int = 1) -> Any:
         return _native.Client(
@@ -460,6 +447,7 @@ class _Connection:
             connect_timeout=self.connect_timeout,
             call_timeout=self.call_timeout,
             commit_timeout=self.commit_timeout,
+            busy_timeout=self.busy_timeout,
         )
 
 
@@ -525,6 +513,7 @@ class StorageWriter(_StorageWriter):
             connect_timeout,
             call_timeout,
             commit_timeout,
+            busy_timeout,
         )
         self.save_id = uuid.uuid4().hex
         self.is_coordinator = True
@@ -642,9 +631,7 @@ class StorageWriter(_StorageWriter):
                 {"format": FORMAT, "rank": rank, "world_size": world, "items": len(results)}
             ).encode()
             _register(client, MARKER, torch.frombuffer(bytearray(marker), dtype=torch.uint8))
-            _retry_busy(
-                f"job {self.job!r} rank {rank}", client.sync_registration, self.busy_timeout
-            )
+            client.sync_registration()
             client.begin(step)
             outcome = client.finish()
             if outcome["skipped"]:
@@ -723,6 +710,7 @@ class StorageReader(_StorageReader):
             connect_timeout,
             call_timeout,
             commit_timeout,
+            busy_timeout,
         )
         self.load_id = uuid.uuid4().hex
         self.is_coordinator = True
@@ -905,9 +893,7 @@ class StorageReader(_StorageReader):
                 t = torch.empty(shape, dtype=torch_dtype)
                 _register(client, name, t)
                 buffers[name] = t
-            info = _retry_busy(
-                f"job {self.job!r} rank {rank}", lambda: client.restore(step), self.busy_timeout
-            )
+            info = client.restore(step)
             if info is None:
                 raise NotFound(f"job {self.job!r} rank {rank} has no step {step}")
         finally:

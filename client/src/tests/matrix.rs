@@ -1,0 +1,235 @@
+//! One test body, every device: [`device_matrix!`] runs a body (a function
+//! taking `&dyn Memory`) once per device the client can copy with, after
+//! candle's `test_device!` (`candle-core/src/test_utils.rs`).
+//!
+//! A [`Memory`] is what a body needs from a device: a client that copies
+//! with it, buffers of its memory filled with given bytes, a way to read
+//! them back, and a copy failure to inject. [`OnHost`] keeps its buffers in
+//! [`HostTensor`]s copied by the [`HostDevice`]; [`OnDouble`] in
+//! [`DoubleBuffer`]s copied by the strict [`DoubleDevice`], whose
+//! violations fail the test after the body.
+//!
+//! # Adding the CUDA device
+//! Write `OnCuda` implementing [`Memory`] with buffers in device memory
+//! (`Buffer::Device` over a `cuMemAlloc` allocation, read back with
+//! `cuMemcpyDtoH`), and add one arm to the macro:
+//!
+//! ```text
+//! #[cfg(feature = "cuda")]
+//! #[test]
+//! fn cuda() {
+//!     let Some(memory) = OnCuda::new() else {
+//!         return skip("no CUDA device"); // the root-only skip protocol
+//!     };
+//!     super::$body(&memory);
+//!     memory.check();
+//! }
+//! ```
+//!
+//! Every body then runs as `<body>::cuda` too.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::double::{DoubleBuffer, DoubleDevice};
+use crate::device::{
+    AttachedStaging, CaptureCopy, CopyTicket, Device, DeviceBuffer, HostDevice, RestoreCopy,
+    StagingRegion,
+};
+use crate::{Buffer, Client, ClientConfig, Dtype, Error, HostTensor, Result};
+
+/// Runs each named body on every device: `device_matrix!(a, b)` makes the
+/// tests `a::host`, `a::double`, `b::host` and `b::double`. A body is a
+/// `fn(&dyn Memory)` in the same module.
+macro_rules! device_matrix {
+    ($($body:ident),* $(,)?) => {$(
+        mod $body {
+            use $crate::tests::matrix::Memory as _;
+
+            #[test]
+            fn host() {
+                let memory = $crate::tests::matrix::OnHost::new();
+                super::$body(&memory);
+                memory.check();
+            }
+
+            #[test]
+            fn double() {
+                let memory = $crate::tests::matrix::OnDouble::new();
+                super::$body(&memory);
+                memory.check();
+            }
+        }
+    )*};
+}
+
+pub(crate) use device_matrix;
+
+/// What a test body needs from the device under test.
+pub trait Memory {
+    /// A client on `config` whose buffers from [`Memory::buffer`] are
+    /// copied by this device.
+    fn client(&self, config: ClientConfig) -> Client;
+
+    /// A buffer of this device's memory, of `dtype` and `shape`, holding
+    /// `bytes`.
+    fn buffer(&self, dtype: Dtype, shape: &[u64], bytes: &[u8]) -> TestBuffer;
+
+    /// The next capture's copies fail, from their ticket, with `reason`.
+    fn fail_next_capture(&self, reason: &str);
+
+    /// Fails the test if the device saw a misuse.
+    fn check(&self);
+}
+
+/// A buffer a body registers, and reads or writes as the trainer would.
+pub enum TestBuffer {
+    Host(HostTensor),
+    Double(Arc<DoubleBuffer>),
+}
+
+impl TestBuffer {
+    /// What to register.
+    pub fn buffer(&self) -> Buffer {
+        match self {
+            TestBuffer::Host(t) => Buffer::Host(t.clone()),
+            TestBuffer::Double(b) => Buffer::Device(Arc::clone(b) as Arc<dyn DeviceBuffer>),
+        }
+    }
+
+    /// The bytes now.
+    pub fn contents(&self) -> Vec<u8> {
+        match self {
+            TestBuffer::Host(t) => t.read().to_vec(),
+            TestBuffer::Double(b) => b.contents(),
+        }
+    }
+
+    /// Overwrites the bytes.
+    pub fn overwrite(&self, bytes: &[u8]) {
+        match self {
+            TestBuffer::Host(t) => t.write().copy_from_slice(bytes),
+            TestBuffer::Double(b) => b.overwrite(bytes),
+        }
+    }
+}
+
+/// Host memory, copied by the host device (behind a wrapper that can fail
+/// a capture's ticket).
+pub struct OnHost {
+    device: Arc<FaultyHost>,
+}
+
+impl OnHost {
+    pub fn new() -> OnHost {
+        OnHost {
+            device: Arc::new(FaultyHost {
+                inner: HostDevice::new(2).with_piece_bytes(64 << 10),
+                fail_next: Mutex::new(None),
+            }),
+        }
+    }
+}
+
+impl Memory for OnHost {
+    fn client(&self, config: ClientConfig) -> Client {
+        Client::with_device(config, Arc::clone(&self.device) as Arc<dyn Device>).expect("connect")
+    }
+
+    fn buffer(&self, dtype: Dtype, shape: &[u64], bytes: &[u8]) -> TestBuffer {
+        let t = HostTensor::zeros(dtype, shape.to_vec()).expect("zeros");
+        t.write().copy_from_slice(bytes);
+        TestBuffer::Host(t)
+    }
+
+    fn fail_next_capture(&self, reason: &str) {
+        *self.device.fail_next.lock().expect("fail") = Some(reason.to_owned());
+    }
+
+    fn check(&self) {}
+}
+
+/// Device memory of the strict double; host buffers of the same client go
+/// to a host device.
+pub struct OnDouble {
+    pub device: Arc<DoubleDevice>,
+}
+
+impl OnDouble {
+    pub fn new() -> OnDouble {
+        OnDouble {
+            device: DoubleDevice::new(),
+        }
+    }
+}
+
+impl Memory for OnDouble {
+    fn client(&self, config: ClientConfig) -> Client {
+        let host = Arc::new(HostDevice::new(config.copy_threads));
+        Client::with_device(config, host).expect("connect")
+    }
+
+    fn buffer(&self, _dtype: Dtype, _shape: &[u64], bytes: &[u8]) -> TestBuffer {
+        TestBuffer::Double(self.device.buffer(bytes))
+    }
+
+    fn fail_next_capture(&self, reason: &str) {
+        self.device.fail_next_capture(reason);
+    }
+
+    fn check(&self) {
+        self.device.check();
+    }
+}
+
+/// The host device, except that an armed capture's ticket fails after its
+/// copies ran (an asynchronous copy error, as a device reports one).
+#[derive(Debug)]
+pub struct FaultyHost {
+    inner: HostDevice,
+    fail_next: Mutex<Option<String>>,
+}
+
+struct FailingTicket {
+    inner: Box<dyn CopyTicket>,
+    reason: String,
+}
+
+impl CopyTicket for FailingTicket {
+    fn is_done(&self) -> bool {
+        self.inner.is_done()
+    }
+
+    fn wait(self: Box<Self>) -> Result<Duration> {
+        self.inner.wait()?;
+        Err(Error::BackendUnavailable {
+            backend: "host",
+            reason: self.reason,
+        })
+    }
+}
+
+impl Device for FaultyHost {
+    fn name(&self) -> &'static str {
+        "faulty-host"
+    }
+
+    fn attach(&self, staging: &StagingRegion) -> Result<Box<dyn AttachedStaging>> {
+        self.inner.attach(staging)
+    }
+
+    fn capture(&self, copies: Vec<CaptureCopy>) -> Result<Box<dyn CopyTicket>> {
+        let ticket = self.inner.capture(copies)?;
+        Ok(match self.fail_next.lock().expect("fail").take() {
+            None => ticket,
+            Some(reason) => Box::new(FailingTicket {
+                inner: ticket,
+                reason,
+            }),
+        })
+    }
+
+    fn restore(&self, copies: Vec<RestoreCopy>) -> Result<Box<dyn CopyTicket>> {
+        self.inner.restore(copies)
+    }
+}
