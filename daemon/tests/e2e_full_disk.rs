@@ -10,7 +10,7 @@ mod raw;
 use std::process::Command;
 
 use daemon::{Daemon, State, client, snapshot_committed, verify_all};
-use gpusnap::proto::ErrorKind;
+use gpusnap::proto::{ErrorKind, OsError};
 use gpusnap::{Error, SnapshotOutcome, Step};
 
 /// Unmounts the tmpfs when the test ends, however it ends.
@@ -61,8 +61,9 @@ fn a_full_disk_fails_that_snapshot_and_keeps_the_older_one() {
         Err(Error::SnapshotFailed {
             step: 2,
             kind: ErrorKind::Storage,
+            os_error,
             ..
-        }) => {}
+        }) => assert_eq!(os_error, Some(OsError::ENOSPC), "the client sees the errno"),
         other => panic!("step 2 on a full disk: {other:?}"),
     }
     assert_eq!(

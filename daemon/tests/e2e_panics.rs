@@ -153,6 +153,7 @@ fn a_lane_that_panics_fails_that_step_and_persists_the_next() {
             step: 2,
             kind: ErrorKind::Internal,
             message,
+            os_error: None,
         }) => assert!(message.contains("panicked"), "{message}"),
         other => panic!("step 2 under a panicking lane: {other:?}"),
     }
