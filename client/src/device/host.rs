@@ -20,10 +20,13 @@ use crate::error::{Error, Result};
 ///
 /// A ticket dropped before it was waited for cancels the batches no thread
 /// has taken and waits for the running ones (at most one batch per
-/// thread). A wait for running copies that lasts a minute aborts the
-/// process: a `memcpy` of one batch never takes that long, and returning
-/// while it may still write memory its owner is about to free (a
-/// [`RawBuffer`](crate::RawBuffer)) is not an option.
+/// thread). That wait is bounded by the batches themselves (a `memcpy` of
+/// about `piece_bytes` always ends); it is never cut short, because
+/// returning while a copy may still write memory its owner is about to free
+/// (a [`RawBuffer`](crate::RawBuffer)) is not an option, and it never aborts
+/// the trainer (a process stopped by a debugger or a job scheduler's
+/// suspend resumes with its clock far ahead). A wait that takes long is
+/// logged every few seconds.
 #[derive(Debug, Clone)]
 pub struct HostDevice {
     pool: Arc<CopyPool>,
