@@ -74,7 +74,8 @@ fn stream_round_trip_reads_back_equal_bytes() {
     let committed = write(&store, 5, 1).expect("commit");
     assert_eq!(
         committed.manifest.io_backend,
-        crate::storage::BackendKind::Simulated
+        crate::storage::BackendKind::Buffered,
+        "the simulator reports the backend it imitates"
     );
     let snap = store.find("job", 0, None).expect("find newest");
     assert_eq!(snap.manifest.step, 5);
