@@ -67,7 +67,7 @@ impl OsStorage {
     }
 
     /// The storage's worker pool, started on first use.
-    fn workers(&self, path: &Path) -> Result<Arc<IoWorkers>, StorageError> {
+    pub(crate) fn workers(&self, path: &Path) -> Result<Arc<IoWorkers>, StorageError> {
         let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(w) = workers.as_ref() {
             return Ok(Arc::clone(w));

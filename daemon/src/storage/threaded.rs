@@ -364,6 +364,42 @@ mod tests {
         }
     }
 
+    /// Every threaded file of a storage runs on the storage's one pool: no
+    /// thread is started per file, and the pool outlives none of them.
+    #[test]
+    fn files_share_one_bounded_pool_of_workers() {
+        let (dir, pool, storage) = storage(BackendChoice::Pwrite);
+        let mut files = Vec::new();
+        for n in 0..12 {
+            let mut f = storage
+                .create_data_file(&dir.path().join(format!("f{n}")), 65536, 4)
+                .expect("create");
+            let mut buf = pool.lease(1, soon()).expect("lease").take().expect("buf");
+            buf.space_mut().fill(u8::try_from(n).expect("small"));
+            f.submit(IoOp {
+                kind: OpKind::Write,
+                offset: 0,
+                len: 65536,
+                buf: crate::storage::IoBuf::Pooled(buf),
+                tag: n,
+            });
+            files.push(f);
+        }
+        let workers = storage.workers(dir.path()).expect("the pool");
+        assert_eq!(workers.alive(), IO_WORKERS, "one pool, not one per file");
+        // The storage, each file and this test hold the one pool.
+        assert_eq!(Arc::strong_count(&workers), 12 + 2);
+        for mut f in files.drain(..) {
+            let done = f.reap(1).expect("reap");
+            assert!(done.iter().all(|c| c.result.is_ok()));
+        }
+        assert_eq!(Arc::strong_count(&workers), 2);
+        for n in 0..12u8 {
+            let back = std::fs::read(dir.path().join(format!("f{n}"))).expect("read");
+            assert!(back.iter().all(|&b| b == n));
+        }
+    }
+
     #[test]
     fn oversized_op_is_refused_not_run() {
         let (dir, pool, storage) = storage(BackendChoice::Buffered);
