@@ -233,6 +233,36 @@ fn a_reap_that_keeps_failing_fails_the_commit_in_bounded_time() {
     }
 }
 
+/// A write that moves fewer bytes than asked fails the snapshot (no errno:
+/// the store itself refuses it), and nothing is trimmed or synced after it.
+#[test]
+fn a_short_write_fails_the_snapshot_and_the_dead_file_is_never_synced() {
+    for backend in BACKENDS {
+        let dir = scratch();
+        let (store, faulty) = faulty_store(dir.path(), backend);
+        write(&store, Write::Memory, 1).expect("first snapshot");
+        faulty.set_plan(FaultPlan {
+            short_write_at: Some(2),
+            fail_sync_data: Some(libc::EIO),
+            ..FaultPlan::default()
+        });
+        let err = write(&store, Write::Memory, 2).expect_err("short write");
+        assert!(
+            matches!(err, StoreError::ShortTransfer { op: "write", .. }),
+            "{backend:?}: {err:?}"
+        );
+        assert_eq!(err.raw_os_error(), None);
+        assert_eq!(
+            faulty.faults_fired(),
+            1,
+            "{backend:?}: the dead file was never synced"
+        );
+        faulty.set_plan(FaultPlan::default());
+        assert_eq!(store.find("job", 0, None).expect("listed").manifest.step, 1);
+        write(&store, Write::Memory, 3).expect("next snapshot");
+    }
+}
+
 /// Reads fail with their errno too: an injected EIO on a read, and a reap
 /// that keeps failing, through the verified stream and the direct read.
 #[test]

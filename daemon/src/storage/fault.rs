@@ -31,6 +31,10 @@ pub struct FaultPlan {
     /// this storage completes with `errno` without being performed; later
     /// writes proceed normally.
     pub fail_write_at: Option<(u64, i32)>,
+    /// `n`: the n-th (0-based) write submitted to any data file of this
+    /// storage (counted with `fail_write_at`) completes reporting half its
+    /// bytes moved, without being performed: a short write.
+    pub short_write_at: Option<u64>,
     /// `(n, errno)`: the n-th (0-based) read submitted to any data file of
     /// this storage completes with `errno` without being performed.
     pub fail_read_at: Option<(u64, i32)>,
@@ -256,6 +260,16 @@ impl DataFile for FaultyDataFile {
             OpKind::Read => (&self.shared.reads_submitted, plan.fail_read_at),
         };
         let n = count.fetch_add(1, Ordering::SeqCst);
+        if op.kind == OpKind::Write && plan.short_write_at == Some(n) {
+            self.shared.faults_fired.fetch_add(1, Ordering::SeqCst);
+            tracing::debug!(path = %self.path.display(), n, "injected short write");
+            let half = op.len / 2;
+            self.injected.push_back(Completion {
+                op,
+                result: Ok(half),
+            });
+            return;
+        }
         if let Some((at, code)) = planned
             && at == n
         {

@@ -1,8 +1,10 @@
 //! Chooses the data-file backend for a directory, with a reason to log.
 //!
-//! `Auto` tries, in order: an O_DIRECT file in the directory (create, one
-//! aligned 4096-byte write, remove), refused with EINVAL on some file systems
-//! (ramfs, FUSE, older tmpfs), then falls back to buffered I/O; then an
+//! `Auto` tries, in order: an O_DIRECT file in the directory (create, ask the
+//! kernel for the file's O_DIRECT alignment with `statx(STATX_DIOALIGN)`
+//! where it answers, one aligned 4096-byte write, remove), refused with
+//! EINVAL on some file systems (ramfs, FUSE, older tmpfs) or by an alignment
+//! the store's 4096 bytes do not meet, then falls back to buffered I/O; then an
 //! io_uring ring with the kernel's opcodes checked, the whole buffer pool
 //! registered and the probe file registered and written through it, refused
 //! by seccomp (EPERM), `kernel.io_uring_disabled`, old kernels (ENOSYS) or
@@ -146,6 +148,13 @@ impl ProbeFile {
             Err(e) if refuses_o_direct(&e) => return Ok(Err(format!("open: {e}"))),
             Err(e) => return Err(StorageError::io("create probe file", &path, e)),
         };
+        if let Some(why) = dio_alignment_refusal(&file, &path)? {
+            drop(file);
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), "removing the probe file: {e}");
+            }
+            return Ok(Err(why));
+        }
         let mut probe = ProbeFile {
             file,
             path,
@@ -206,6 +215,54 @@ impl Drop for ProbeFile {
         if let Err(e) = std::fs::remove_file(&self.path) {
             tracing::warn!(path = %self.path.display(), "removing the probe file: {e}");
         }
+    }
+}
+
+/// Why the O_DIRECT alignment the kernel reports for `file` is one the
+/// store cannot meet (it aligns offsets, lengths and memory to
+/// [`IO_ALIGN_BYTES`]), or `None` when it can or the kernel does not say
+/// (before Linux 6.1, or a file system that does not report it: the probe
+/// write decides then).
+fn dio_alignment_refusal(file: &File, path: &Path) -> Result<Option<String>, StorageError> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: all-zero is a valid `statx` (integers only).
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: an open descriptor, an empty NUL-terminated path with
+    // AT_EMPTY_PATH (the descriptor itself), and a valid out-pointer.
+    let rc = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &raw mut stx,
+        )
+    };
+    if rc != 0 {
+        return Err(StorageError::io("statx", path, io::Error::last_os_error()));
+    }
+    Ok(refusal_of(
+        stx.stx_mask & libc::STATX_DIOALIGN != 0,
+        stx.stx_dio_mem_align,
+        stx.stx_dio_offset_align,
+    ))
+}
+
+/// The decision of [`dio_alignment_refusal`] on what statx reported.
+fn refusal_of(reported: bool, mem_align: u32, offset_align: u32) -> Option<String> {
+    let meets = |align: u32| {
+        usize::try_from(align).is_ok_and(|a| a > 0 && IO_ALIGN_BYTES.is_multiple_of(a))
+    };
+    if !reported {
+        None
+    } else if offset_align == 0 {
+        Some("statx reports no O_DIRECT support for this file".to_owned())
+    } else if !meets(mem_align) || !meets(offset_align) {
+        Some(format!(
+            "O_DIRECT needs {mem_align}-byte memory and {offset_align}-byte offset alignment; the store aligns to {IO_ALIGN_BYTES}"
+        ))
+    } else {
+        None
     }
 }
 
@@ -288,6 +345,38 @@ mod tests {
 
     fn works() -> Result<Result<(), String>, StorageError> {
         Ok(Ok(()))
+    }
+
+    #[test]
+    fn o_direct_alignment_the_store_cannot_meet_is_refused() {
+        assert_eq!(
+            refusal_of(false, 0, 0),
+            None,
+            "not reported: the write decides"
+        );
+        assert_eq!(refusal_of(true, 512, 512), None);
+        assert_eq!(refusal_of(true, 4, 4096), None);
+        assert!(
+            refusal_of(true, 0, 0)
+                .expect("no O_DIRECT")
+                .contains("no O_DIRECT")
+        );
+        let why = refusal_of(true, 8192, 512).expect("memory too coarse");
+        assert!(why.contains("8192-byte memory"), "{why}");
+        assert!(refusal_of(true, 512, 16384).is_some());
+        assert!(
+            refusal_of(true, 3000, 512).is_some(),
+            "4096 is not a multiple"
+        );
+        // The real file system here meets 4096.
+        let dir = tempfile::tempdir_in("/tmp").expect("tempdir");
+        let probe = ProbeFile::create(dir.path())
+            .expect("probe")
+            .expect("O_DIRECT works in /tmp");
+        assert_eq!(
+            dio_alignment_refusal(&probe.file, &probe.path).expect("statx"),
+            None
+        );
     }
 
     #[test]

@@ -533,7 +533,10 @@ impl Storage for SimStorage {
             let live = &st.file(ino)?.live;
             let start = to_usize(offset).min(live.len());
             let end = start.saturating_add(len).min(live.len());
-            Ok(live.get(start..end).unwrap_or_default().to_vec())
+            Ok(live
+                .get(start..end)
+                .ok_or_else(|| errno(libc::EIO))?
+                .to_vec())
         })
     }
 }

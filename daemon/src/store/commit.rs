@@ -178,9 +178,6 @@ impl Store {
             layout.data_len,
             source,
         )?;
-        self.stop_point(id, CommitStep::DataWritten);
-        file.set_len(file_len)?;
-        file.sync_data()?;
         drop(file);
         self.stop_point(id, CommitStep::DataSynced);
 
@@ -224,7 +221,9 @@ impl Store {
         })
     }
 
-    /// Writes header and data; returns the CRC32 of each data chunk.
+    /// Writes header and data, trims the file to its length and syncs it
+    /// (all fenced by the pipeline: nothing touches the file after its first
+    /// error); returns the CRC32 of each data chunk.
     #[expect(
         clippy::too_many_arguments,
         reason = "one call site; the pieces of one write"
@@ -352,6 +351,9 @@ impl Store {
         }
         pipe.drain()?;
         assert_eq!(to_u64(crcs.len()), chunk_count, "one CRC per chunk written");
+        self.stop_point(id, CommitStep::DataWritten);
+        pipe.set_len(header_len + data_len)?;
+        pipe.sync_data()?;
         Ok(crcs)
     }
 

@@ -3,8 +3,10 @@
 //!
 //! Every transfer is 4096-aligned in file offset, length and memory address
 //! (asserted in [`Pipeline::submit`], whatever the backend). After the first
-//! failed or short transfer the file is dead: nothing more is submitted to
-//! it, what is in flight is drained, and the error is returned with its OS
+//! failed or short transfer, or failed `set_len`/`sync_data`, the file is
+//! dead: nothing more is submitted to it, nor is it trimmed or synced (the
+//! pipeline fences every operation on it, as redb's file wrapper does),
+//! what is in flight is drained, and the error is returned with its OS
 //! error intact (the offset beside it as a field).
 //!
 //! Every loop here is bounded. Each turn of a wait either gets back at least
@@ -111,6 +113,30 @@ impl<'f> Pipeline<'f> {
     pub(crate) fn drain(&mut self) -> Result<(), StoreError> {
         self.wait_all();
         self.check()
+    }
+
+    /// Trims the file to `len` once everything in flight is done; refused
+    /// when the file is dead, and kills it when it fails.
+    pub(crate) fn set_len(&mut self, len: u64) -> Result<(), StoreError> {
+        self.drain()?;
+        let result = self.file.set_len(len);
+        result.map_err(|e| self.dead_after(e))
+    }
+
+    /// fdatasync once everything in flight is done; refused when the file
+    /// is dead, and kills it when it fails (never retried).
+    pub(crate) fn sync_data(&mut self) -> Result<(), StoreError> {
+        self.drain()?;
+        let result = self.file.sync_data();
+        result.map_err(|e| self.dead_after(e))
+    }
+
+    /// The error of a failed `set_len`/`sync_data`; the file is dead after it.
+    fn dead_after(&mut self, e: StorageError) -> StoreError {
+        self.failed = Some(StoreError::Storage(StorageError::Dead {
+            path: self.path.clone(),
+        }));
+        StoreError::Storage(e)
     }
 
     /// Waits for at least one read to finish and returns the finished reads

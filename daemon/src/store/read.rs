@@ -442,8 +442,10 @@ impl Store {
 fn chunk_read_len(m: &Manifest, c: &Completion, path: &Path) -> Result<usize, StoreError> {
     let (start, end) = m.chunk_range(c.op.tag);
     let want = to_usize(end - start);
-    // The pipeline hands out successful reads only.
-    let got = c.result.as_ref().map_or(0, |n| *n);
+    let got = match &c.result {
+        Ok(n) => *n,
+        Err(_) => unreachable!("the pipeline hands out successful reads only"),
+    };
     if got < want {
         return Err(StoreError::ShortTransfer {
             op: "read",
