@@ -4,7 +4,8 @@
 //! (safetensors header, the padded tail chunk, chunks of a streamed source,
 //! reads) goes through these buffers, so the store's memory use is the pool's
 //! size whatever the snapshot's size. The pool is one anonymous mapping so
-//! the io_uring backend can register it as a single fixed buffer.
+//! the io_uring backend can register all of it with each ring it builds (as
+//! fixed buffers of at most 1 GiB each).
 //!
 //! A job takes a [`Lease`] of several buffers at once (waiting until that
 //! many are free, or until its deadline: [`PoolError::Timeout`]), so jobs

@@ -9,8 +9,8 @@
 //!   threads per storage (`threaded`), with O_DIRECT, or with buffered I/O
 //!   where O_DIRECT is refused. `probe` chooses, with a logged reason.
 //! * [`fault::FaultyStorage`]: wraps any storage and fails chosen operations
-//!   (ENOSPC mid-write, EIO on write, read, fdatasync, a reap that keeps
-//!   failing, ...).
+//!   (ENOSPC mid-write, EIO on write, read, fdatasync, a short write, a reap
+//!   that keeps failing, ...).
 //! * [`sim::SimStorage`]: in memory, with a durable image beside the live one
 //!   that only fsync/fdatasync move data into; cut at any operation to test
 //!   power loss.
@@ -27,7 +27,7 @@
 //! all (a failing `io_uring_enter`, workers gone); the store then fails the
 //! snapshot. A data file's `Drop` waits for its operations in flight, at most
 //! [`IO_STALL_MAX`] without progress; operations still running after that
-//! are abandoned ([`abandon_in_flight`]): their buffers are leaked, never
+//! are abandoned (`abandon_in_flight`): their buffers are leaked, never
 //! reused, and if any of them is a read into borrowed memory (which the
 //! kernel may still write after the caller got it back) the process aborts,
 //! the one bounded answer that keeps that memory sound.

@@ -210,6 +210,19 @@ impl Store {
         Store::with_storage(config, Arc::new(storage), pool)
     }
 
+    /// As [`Store::open`], with the real storage wrapped by `wrap` (the
+    /// daemon's test-only latency backend:
+    /// `|s| Arc::new(DelayedStorage::new(s, specs))`).
+    pub fn open_wrapped(
+        config: StoreConfig,
+        wrap: impl FnOnce(Arc<dyn Storage>) -> Arc<dyn Storage>,
+    ) -> Result<Store, StoreError> {
+        config.validate()?;
+        let pool = BufferPool::new(config.io_pool_bytes, config.io_buffer_bytes)?;
+        let storage = OsStorage::open(&config.root, config.io_backend, pool.clone())?;
+        Store::with_storage(config, wrap(Arc::new(storage)), pool)
+    }
+
     /// Opens the store for reading only (the CLI's `inspect` and `verify`):
     /// no recovery, nothing written, buffered reads (no probe file is made).
     pub fn open_read_only(mut config: StoreConfig) -> Result<Store, StoreError> {

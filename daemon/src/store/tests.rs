@@ -534,3 +534,42 @@ fn a_bumped_store_reads_older_snapshots_and_an_older_store_refuses_newer_ones() 
         }]
     ));
 }
+
+/// The latency backend wraps the real storage of a store: the first
+/// snapshot's fdatasync takes the delay, the second none.
+#[test]
+fn a_store_over_delayed_storage_delays_only_the_first_snapshots_sync() {
+    use crate::storage::delay::{DelaySpec, DelayedOp, DelayedStorage};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = StoreConfig {
+        root: dir.path().to_path_buf(),
+        io_backend: BackendChoice::Buffered,
+        ..config()
+    };
+    let mut delayed = None;
+    let store = Store::open_wrapped(cfg, |inner| {
+        let d = DelayedStorage::new(
+            inner,
+            vec![DelaySpec {
+                op: DelayedOp::SyncData,
+                delay_ms: 300,
+                first_n: Some(1),
+            }],
+        );
+        delayed = Some(d.clone());
+        Arc::new(d)
+    })
+    .expect("store");
+    let delayed = delayed.expect("wrapped");
+    let started = std::time::Instant::now();
+    write(&store, 1, 1).expect("commit");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    assert_eq!(delayed.delays_applied(), 1);
+    write(&store, 2, 2).expect("commit");
+    assert_eq!(delayed.delays_applied(), 1, "only the first snapshot");
+    let snap = store.find("job", 0, None).expect("find");
+    assert_eq!(
+        read_all(&store, &snap).expect("read"),
+        data(snap.layout.data_len, 2)
+    );
+}
