@@ -2,7 +2,7 @@
 //! seam where a GPU implementation of each plugs in.
 //!
 //! There are no GPU kernels yet. Each computation has a plain-Rust reference
-//! in [`reference`] that defines it, and a trait that the daemon calls it
+//! in [`reference`](mod@reference) that defines it, and a trait that the daemon calls it
 //! through, with a CPU implementation equal to the reference. A GPU kernel
 //! later implements the same trait and is tested against the reference with
 //! the same test body.
