@@ -13,7 +13,7 @@ use std::process::Command;
 
 use common::*;
 use gpusnapd::storage::probe::BackendChoice;
-use gpusnapd::store::{Store, StoreError};
+use gpusnapd::store::{DirectReadBlocker, Store, StoreError};
 
 fn committed(dir: &Path) -> (Store, std::path::PathBuf) {
     let store = open(dir, BackendChoice::Auto);
@@ -219,11 +219,17 @@ fn a_direct_read_into_aligned_memory_round_trips_on_every_backend_and_refuses_a_
         let mut short = Aligned::new(data_len.next_multiple_of(4096) - 4096);
         assert!(matches!(
             store.read_into(&snap, short.bytes_mut()),
-            Err(StoreError::Config(_))
+            Err(StoreError::DirectReadUnsupported {
+                why: DirectReadBlocker::DestinationTooSmall { .. },
+                ..
+            })
         ));
         assert!(matches!(
             store.read_into(&snap, &mut dst.bytes_mut()[1..]),
-            Err(StoreError::Config(_))
+            Err(StoreError::DirectReadUnsupported {
+                why: DirectReadBlocker::UnalignedDestination { .. },
+                ..
+            })
         ));
 
         let victim = snap
@@ -238,6 +244,67 @@ fn a_direct_read_into_aligned_memory_round_trips_on_every_backend_and_refuses_a_
         );
         let err = store
             .read_into(&snap, dst.bytes_mut())
+            .expect_err("the flipped chunk is refused");
+        assert!(
+            matches!(&err, StoreError::ChunkCorrupt { tensors, .. } if tensors.contains(&"opt.m".to_owned())),
+            "{backend:?}: {err}"
+        );
+    }
+}
+
+/// The direct read into memory another process may write (a staging slot):
+/// O_DIRECT into a memfd mapping, every chunk checked through the handle;
+/// a flipped byte on disk is refused, a short or unaligned target is not
+/// overrun.
+#[test]
+fn a_direct_read_into_shared_memory_round_trips_on_every_backend_and_refuses_a_flipped_byte() {
+    for backend in BACKENDS {
+        let dir = scratch();
+        let store = open(dir.path(), backend);
+        write_shared(&store, "job", 1, &mixed_tensors(), 1).expect("write from shared memory");
+        let snap = store.find("job", 0, None).expect("find");
+        let data_len = usize::try_from(snap.manifest.data_len).expect("fits");
+        let dst = SharedMemfd::new(data_len.next_multiple_of(4096));
+        store
+            .read_into_shared(&snap, dst.handle())
+            .expect("direct read");
+        let mut back = vec![0; data_len];
+        dst.handle().copy_to(0, &mut back).expect("in range");
+        let (_, expected) = staged(&mixed_tensors(), 1);
+        assert!(back == *expected.bytes(), "{backend:?}: bytes differ");
+
+        let short = dst
+            .handle()
+            .subrange(0, data_len.next_multiple_of(4096) - 4096)
+            .expect("range");
+        assert!(matches!(
+            store.read_into_shared(&snap, short),
+            Err(StoreError::DirectReadUnsupported {
+                why: DirectReadBlocker::DestinationTooSmall { .. },
+                ..
+            })
+        ));
+        let unaligned = dst.handle().subrange(512, 4096).expect("range");
+        assert!(matches!(
+            store.read_into_shared(&snap, unaligned),
+            Err(StoreError::DirectReadUnsupported {
+                why: DirectReadBlocker::UnalignedDestination { .. },
+                ..
+            })
+        ));
+
+        let victim = snap
+            .layout
+            .tensors
+            .iter()
+            .find(|t| t.name == "opt.m")
+            .expect("tensor");
+        flip_byte(
+            &snap.data_path(),
+            snap.manifest.header_len + victim.offset + 7,
+        );
+        let err = store
+            .read_into_shared(&snap, dst.handle())
             .expect_err("the flipped chunk is refused");
         assert!(
             matches!(&err, StoreError::ChunkCorrupt { tensors, .. } if tensors.contains(&"opt.m".to_owned())),

@@ -4,16 +4,20 @@
 //! (safetensors header, the padded tail chunk, chunks of a streamed source,
 //! reads) goes through these buffers, so the store's memory use is the pool's
 //! size whatever the snapshot's size. The pool is one anonymous mapping so
-//! the io_uring backend can register it as a single fixed buffer.
+//! the io_uring backend can register all of it with each ring it builds (as
+//! fixed buffers of at most 1 GiB each).
 //!
-//! A job takes a [`Lease`] of several buffers at once (blocking until that
-//! many are free), so jobs never deadlock on each other while holding part
-//! of what they need; each [`PoolBuf`] returns to the pool when dropped.
+//! A job takes a [`Lease`] of several buffers at once (waiting until that
+//! many are free, or until its deadline: [`PoolError::Timeout`]), so jobs
+//! never deadlock on each other while holding part of what they need, and
+//! never wait without bound; each [`PoolBuf`] returns to the pool when
+//! dropped.
 
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
 use std::ptr::NonNull;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 /// Alignment of every buffer, file offset and O_DIRECT length in the store.
 pub const IO_ALIGN_BYTES: usize = 4096;
@@ -29,6 +33,15 @@ pub enum PoolError {
     PoolTooSmall { pool_bytes: usize, buf_bytes: usize },
     #[error("asked for {wanted} I/O buffers, but the pool has only {capacity}")]
     LeaseTooLarge { wanted: usize, capacity: usize },
+    #[error(
+        "waited {waited:?} for {wanted} free I/O buffers ({free} free of {capacity}); the pool stayed busy"
+    )]
+    Timeout {
+        wanted: usize,
+        free: usize,
+        capacity: usize,
+        waited: Duration,
+    },
     #[error("mmap of a {bytes}-byte I/O buffer pool failed: {source}")]
     Map {
         bytes: usize,
@@ -141,27 +154,39 @@ impl BufferPool {
         self.lock_free().len()
     }
 
-    /// The whole pool region, for registering it with the kernel once
-    /// (io_uring fixed buffers). Every `PoolBuf` lies inside it.
+    /// The whole pool region, for registering it with the kernel (io_uring
+    /// fixed buffers, once per ring). Every `PoolBuf` lies inside it.
     pub fn region(&self) -> (*mut u8, usize) {
         (self.shared.mapping.ptr.as_ptr(), self.shared.mapping.len)
     }
 
-    /// Takes `count` buffers at once, waiting until that many are free.
-    pub fn lease(&self, count: usize) -> Result<Lease, PoolError> {
+    /// Takes `count` buffers at once, waiting until that many are free, or
+    /// until `deadline` ([`PoolError::Timeout`]).
+    pub fn lease(&self, count: usize, deadline: Instant) -> Result<Lease, PoolError> {
         if count > self.shared.capacity {
             return Err(PoolError::LeaseTooLarge {
                 wanted: count,
                 capacity: self.shared.capacity,
             });
         }
+        let started = Instant::now();
         let mut free = self.lock_free();
         while free.len() < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(PoolError::Timeout {
+                    wanted: count,
+                    free: free.len(),
+                    capacity: self.shared.capacity,
+                    waited: started.elapsed(),
+                });
+            }
             free = self
                 .shared
                 .returned
-                .wait(free)
-                .unwrap_or_else(PoisonError::into_inner);
+                .wait_timeout(free, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
         let at = free.len() - count;
         let indices: Vec<usize> = free.split_off(at);
@@ -289,11 +314,15 @@ impl Drop for PoolBuf {
 mod tests {
     use super::*;
 
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(30)
+    }
+
     #[test]
     fn buffers_are_aligned_disjoint_and_return_on_drop() {
         let pool = BufferPool::new(8 * 4096, 4096).expect("pool");
         assert_eq!(pool.capacity(), 8);
-        let mut lease = pool.lease(8).expect("lease");
+        let mut lease = pool.lease(8, soon()).expect("lease");
         assert_eq!(pool.free_count(), 0);
         let mut starts = Vec::new();
         while let Some(mut b) = lease.take() {
@@ -319,7 +348,7 @@ mod tests {
         ));
         let pool = BufferPool::new(4 * 4096, 4096).expect("pool");
         assert!(matches!(
-            pool.lease(5),
+            pool.lease(5, soon()),
             Err(PoolError::LeaseTooLarge { .. })
         ));
     }
@@ -327,14 +356,41 @@ mod tests {
     #[test]
     fn lease_waits_for_returned_buffers() {
         let pool = BufferPool::new(2 * 4096, 4096).expect("pool");
-        let held = pool.lease(2).expect("lease");
+        let held = pool.lease(2, soon()).expect("lease");
         let waiter = {
             let pool = pool.clone();
-            std::thread::spawn(move || pool.lease(2).map(|l| l.len()))
+            std::thread::spawn(move || pool.lease(2, soon()).map(|l| l.len()))
         };
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(50));
         assert!(!waiter.is_finished());
         drop(held);
         assert_eq!(waiter.join().expect("join").expect("lease"), 2);
+    }
+
+    #[test]
+    fn lease_gives_up_at_its_deadline_with_a_timeout() {
+        let pool = BufferPool::new(3 * 4096, 4096).expect("pool");
+        let _held = pool.lease(2, soon()).expect("lease");
+        let started = Instant::now();
+        let err = pool
+            .lease(2, Instant::now() + Duration::from_millis(100))
+            .expect_err("only one buffer is free");
+        let waited = started.elapsed();
+        assert!(
+            matches!(
+                err,
+                PoolError::Timeout {
+                    wanted: 2,
+                    free: 1,
+                    capacity: 3,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(waited >= Duration::from_millis(100), "{waited:?}");
+        assert!(waited < Duration::from_secs(5), "{waited:?}");
+        // A deadline already past still takes what is free now.
+        assert_eq!(pool.lease(1, Instant::now()).expect("free now").len(), 1);
     }
 }

@@ -354,7 +354,7 @@ mod tests {
             world_size: 1,
             step,
             created_unix_ms: 0,
-            io_backend: BackendKind::Simulated,
+            io_backend: BackendKind::Buffered,
             data_file: "state.safetensors".into(),
             file_len: 4096 + data.len() as u64,
             header_len: 4096,

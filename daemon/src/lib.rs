@@ -24,6 +24,7 @@ pub mod persist;
 pub mod ranks;
 pub mod restore;
 pub mod server;
+pub mod shared_memory;
 pub mod staging;
 pub mod storage;
 pub mod store;

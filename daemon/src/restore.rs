@@ -249,7 +249,7 @@ pub fn fill_from_disk(
     if mapping.is_identity() && data_len > 0 {
         match store.read_into(snapshot, slot) {
             Ok(()) => return Ok(snapshot.manifest.data_len),
-            Err(StoreError::Config(why)) => {
+            Err(StoreError::DirectReadUnsupported { why, .. }) => {
                 tracing::debug!(%why, "direct read not possible; reading through the store's buffers");
             }
             Err(e) => return Err(e.into()),

@@ -71,8 +71,9 @@ proptest! {
             let dir = scratch();
             let store = open(dir.path(), backend);
             write_memory(&store, "mem", 1, &tensors, seed).expect("memory write");
+            write_shared(&store, "shared", 1, &tensors, seed).expect("shared write");
             write_stream(&store, "stream", 1, &tensors, seed).expect("stream write");
-            for job in ["mem", "stream"] {
+            for job in ["mem", "shared", "stream"] {
                 let snapshot = store.find(job, 0, Some(1)).expect("listed");
                 check_pattern(&store, &snapshot, seed).expect("reads back equal");
                 check_with_safetensors(&store, job, 1, &tensors, seed);
@@ -112,28 +113,31 @@ fn an_empty_tensor_set_is_a_valid_snapshot() {
 }
 
 /// io_uring refused (forced by config) makes the fallback write the very
-/// same data file.
+/// same data file; private memory, shared memory and a stream write it too.
 #[test]
-fn every_backend_writes_identical_files() {
+fn every_backend_and_source_writes_identical_files() {
     let tensors = mixed_tensors();
     let mut files = Vec::new();
     for backend in BACKENDS {
-        let dir = scratch();
-        let store = open(dir.path(), backend);
-        write_memory(&store, "same", 9, &tensors, 42).expect("write");
-        let snapshot = store.find("same", 0, None).expect("find");
-        assert_eq!(
-            snapshot.manifest.io_backend.name(),
-            serde_json::to_value(backend)
-                .expect("name")
-                .as_str()
-                .unwrap_or("")
-        );
-        files.push((
-            std::fs::read(snapshot.data_path()).expect("read"),
-            snapshot.manifest.chunk_crc32.clone(),
-        ));
+        for write in [write_memory, write_shared, write_stream] {
+            let dir = scratch();
+            let store = open(dir.path(), backend);
+            write(&store, "same", 9, &tensors, 42).expect("write");
+            let snapshot = store.find("same", 0, None).expect("find");
+            assert_eq!(
+                snapshot.manifest.io_backend.name(),
+                serde_json::to_value(backend)
+                    .expect("name")
+                    .as_str()
+                    .expect("a string")
+            );
+            files.push((
+                std::fs::read(snapshot.data_path()).expect("read"),
+                snapshot.manifest.chunk_crc32.clone(),
+            ));
+        }
     }
+    assert_eq!(files.len(), 9);
     assert!(
         files.windows(2).all(|w| w[0] == w[1]),
         "identical bytes and CRCs"
@@ -156,6 +160,19 @@ fn memory_source_must_match_layout_and_alignment() {
     let unaligned = &bigger.bytes_mut()[1..];
     assert!(matches!(
         store.write_laid_out(&id, &layout, 1, gpusnapd::store::Source::Memory(unaligned)),
+        Err(gpusnapd::store::StoreError::SourceAlignment { .. })
+    ));
+    let (_, shared) = staged_shared(&tensors, 1);
+    let len = shared.handle().len();
+    let short = shared.handle().subrange(0, len - 1).expect("range");
+    assert!(matches!(
+        store.write_laid_out(&id, &layout, 1, gpusnapd::store::Source::Shared(short)),
+        Err(gpusnapd::store::StoreError::SourceLength { .. })
+    ));
+    let bigger = SharedMemfd::new(len + 4096);
+    let unaligned = bigger.handle().subrange(8, len).expect("range");
+    assert!(matches!(
+        store.write_laid_out(&id, &layout, 1, gpusnapd::store::Source::Shared(unaligned)),
         Err(gpusnapd::store::StoreError::SourceAlignment { .. })
     ));
     assert!(store.list(None).expect("list").snapshots.is_empty());

@@ -1,4 +1,5 @@
-//! Plain-Rust references of the kernels.
+//! Plain-Rust references of the kernels: the definitions that every
+//! implementation (CPU or GPU) is tested against.
 
 /// Number of chunks a data section of `data_len` bytes has with `chunk_bytes`
 /// per chunk. A 0-byte section has no chunks.
@@ -19,6 +20,11 @@ pub fn chunk_crc32s(data: &[u8], chunk_bytes: usize) -> Vec<u32> {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    reason = "tests index and unwrap known data"
+)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

@@ -7,10 +7,12 @@
 //! ([`FaultyStorage::faults_fired`]) so a test can check that the fault it
 //! meant to exercise really fired.
 //!
-//! An injected write failure keeps the buffer-ownership rule: the op is
-//! parked with its error on an internal queue, counts as in flight, and comes
-//! back (buffer and all) from the next `reap`, merged with the inner file's
-//! completions.
+//! An injected write or read failure keeps the buffer-ownership rule: the op
+//! is parked with its error on an internal queue, counts as in flight, and
+//! comes back (buffer and all) from the next `reap`, merged with the inner
+//! file's completions. An injected reap failure returns the error and
+//! leaves everything in flight where it is: the inner file's own `Drop`
+//! waits for it when the data file is dropped.
 
 use std::collections::VecDeque;
 use std::io;
@@ -29,6 +31,16 @@ pub struct FaultPlan {
     /// this storage completes with `errno` without being performed; later
     /// writes proceed normally.
     pub fail_write_at: Option<(u64, i32)>,
+    /// `n`: the n-th (0-based) write submitted to any data file of this
+    /// storage (counted with `fail_write_at`) completes reporting half its
+    /// bytes moved, without being performed: a short write.
+    pub short_write_at: Option<u64>,
+    /// `(n, errno)`: the n-th (0-based) read submitted to any data file of
+    /// this storage completes with `errno` without being performed.
+    pub fail_read_at: Option<(u64, i32)>,
+    /// Every `DataFile::reap` fails with this errno, as a ring whose
+    /// `io_uring_enter` keeps failing would.
+    pub fail_reap: Option<i32>,
     /// Every `DataFile::sync_data` (fdatasync) fails with this errno.
     pub fail_sync_data: Option<i32>,
     /// Every `write_file_synced` (the manifest write) fails with this errno.
@@ -47,6 +59,8 @@ struct Shared {
     plan: Mutex<FaultPlan>,
     /// Writes submitted since the plan was set.
     writes_submitted: AtomicU64,
+    /// Reads submitted since the plan was set.
+    reads_submitted: AtomicU64,
     faults_fired: AtomicU64,
 }
 
@@ -95,8 +109,8 @@ impl FaultyStorage {
     }
 
     /// Replaces the plan (for this storage, its clones and data files already
-    /// open) and restarts the write count, so `fail_write_at` counts from
-    /// now. The count of faults fired is kept.
+    /// open) and restarts the write and read counts, so `fail_write_at` and
+    /// `fail_read_at` count from now. The count of faults fired is kept.
     pub fn set_plan(&self, plan: FaultPlan) {
         let mut current = self
             .shared
@@ -105,6 +119,7 @@ impl FaultyStorage {
             .unwrap_or_else(PoisonError::into_inner);
         *current = plan;
         self.shared.writes_submitted.store(0, Ordering::SeqCst);
+        self.shared.reads_submitted.store(0, Ordering::SeqCst);
     }
 
     /// The plan in force.
@@ -121,11 +136,6 @@ impl FaultyStorage {
     /// (injected failures included).
     pub fn writes_submitted(&self) -> u64 {
         self.shared.writes_submitted.load(Ordering::SeqCst)
-    }
-
-    /// The wrapped storage.
-    pub fn inner(&self) -> &Arc<dyn Storage> {
-        &self.inner
     }
 
     fn wrap(&self, inner: Box<dyn DataFile>, path: &Path) -> Box<dyn DataFile> {
@@ -244,33 +254,56 @@ impl DataFile for FaultyDataFile {
     }
 
     fn submit(&mut self, op: IoOp) {
-        if op.kind == OpKind::Write {
-            let n = self.shared.writes_submitted.fetch_add(1, Ordering::SeqCst);
-            if let Some((at, code)) = self.shared.plan().fail_write_at
-                && at == n
-            {
-                self.shared.faults_fired.fetch_add(1, Ordering::SeqCst);
-                tracing::debug!(
-                    path = %self.path.display(),
-                    write = n,
-                    code,
-                    "injected write failure"
-                );
-                self.injected.push_back(Completion {
-                    op,
-                    result: Err(io::Error::from_raw_os_error(code)),
-                });
-                return;
-            }
+        let plan = self.shared.plan();
+        let (count, planned) = match op.kind {
+            OpKind::Write => (&self.shared.writes_submitted, plan.fail_write_at),
+            OpKind::Read => (&self.shared.reads_submitted, plan.fail_read_at),
+        };
+        let n = count.fetch_add(1, Ordering::SeqCst);
+        if op.kind == OpKind::Write && plan.short_write_at == Some(n) {
+            self.shared.faults_fired.fetch_add(1, Ordering::SeqCst);
+            tracing::debug!(path = %self.path.display(), n, "injected short write");
+            let half = op.len / 2;
+            self.injected.push_back(Completion {
+                op,
+                result: Ok(half),
+            });
+            return;
+        }
+        if let Some((at, code)) = planned
+            && at == n
+        {
+            self.shared.faults_fired.fetch_add(1, Ordering::SeqCst);
+            tracing::debug!(
+                path = %self.path.display(),
+                kind = ?op.kind,
+                n,
+                code,
+                "injected transfer failure"
+            );
+            self.injected.push_back(Completion {
+                op,
+                result: Err(io::Error::from_raw_os_error(code)),
+            });
+            return;
         }
         self.inner.submit(op);
     }
 
-    fn reap(&mut self, at_least: usize) -> Vec<Completion> {
+    fn reap(&mut self, at_least: usize) -> Result<Vec<Completion>, StorageError> {
+        let plan = self.shared.plan();
+        self.shared.fire("reap", &self.path, plan.fail_reap)?;
         let mut done: Vec<Completion> = self.injected.drain(..).collect();
         let wanted = at_least.saturating_sub(done.len());
-        done.extend(self.inner.reap(wanted));
-        done
+        match self.inner.reap(wanted) {
+            Ok(more) => done.extend(more),
+            Err(e) => {
+                // Keep what was reaped for the next call.
+                self.injected.extend(done);
+                return Err(e);
+            }
+        }
+        Ok(done)
     }
 
     fn set_len(&mut self, len: u64) -> Result<(), StorageError> {
@@ -295,6 +328,7 @@ mod tests {
     use super::*;
     use crate::buffer_pool::{BufferPool, PoolBuf};
     use crate::storage::IoBuf;
+    use crate::storage::os::tests::soon;
     use crate::storage::sim::SimStorage;
 
     fn root() -> PathBuf {
@@ -335,21 +369,21 @@ mod tests {
     #[test]
     fn default_plan_fails_nothing_and_delegates() {
         let (sim, faulty) = setup(FaultPlan::default());
-        assert_eq!(faulty.backend(), BackendKind::Simulated);
+        assert_eq!(faulty.backend(), BackendKind::Buffered);
         let dir = root().join("d");
         faulty.create_dir(&dir).expect("mkdir");
         faulty
             .write_file_synced(&dir.join("m"), b"m")
             .expect("write");
         let pool = BufferPool::new(2 * 4096, 4096).expect("pool");
-        let mut lease = pool.lease(1).expect("lease");
+        let mut lease = pool.lease(1, soon()).expect("lease");
         let mut file = faulty
             .create_data_file(&dir.join("data"), 4096, 2)
             .expect("create");
-        assert_eq!(file.backend(), BackendKind::Simulated);
+        assert_eq!(file.backend(), BackendKind::Buffered);
         assert_eq!(file.queue_depth(), 2);
         file.submit(write_op(lease.take().expect("buf"), 5, 0));
-        let done = file.reap(1);
+        let done = file.reap(1).expect("reap");
         assert_eq!(done.len(), 1);
         assert!(done.iter().all(|c| c.result.is_ok()));
         file.sync_data().expect("fdatasync");
@@ -381,7 +415,7 @@ mod tests {
             ..FaultPlan::default()
         });
         let pool = BufferPool::new(4 * 4096, 4096).expect("pool");
-        let mut lease = pool.lease(2).expect("lease");
+        let mut lease = pool.lease(2, soon()).expect("lease");
         let mut a = faulty
             .create_data_file(&root().join("a"), 0, 2)
             .expect("create a");
@@ -393,7 +427,7 @@ mod tests {
         for block in 0..2 {
             a.submit(write_op(lease.take().expect("buf"), 1, block));
         }
-        for c in a.reap(2) {
+        for c in a.reap(2).expect("reap") {
             assert_eq!(c.result.as_ref().expect("write"), &4096);
             lease.put_back(into_pool_buf(c));
         }
@@ -402,7 +436,7 @@ mod tests {
         b.submit(write_op(lease.take().expect("buf"), 3, 1));
         assert_eq!(b.in_flight(), 2);
         assert_eq!(faulty.faults_fired(), 1);
-        let mut done = b.reap(2);
+        let mut done = b.reap(2).expect("reap");
         assert_eq!(b.in_flight(), 0);
         assert_eq!(done.len(), 2);
         done.sort_by_key(|c| c.op.tag);
@@ -427,6 +461,45 @@ mod tests {
     }
 
     #[test]
+    fn nth_read_fails_once_and_a_failing_reap_keeps_everything_in_flight() {
+        let (sim, faulty) = setup(FaultPlan {
+            fail_read_at: Some((1, libc::EIO)),
+            ..FaultPlan::default()
+        });
+        sim.write_file_synced(&root().join("m"), &[7; 8192])
+            .expect("write");
+        let pool = BufferPool::new(4 * 4096, 4096).expect("pool");
+        let mut lease = pool.lease(2, soon()).expect("lease");
+        let mut file = faulty.open_data_file(&root().join("m"), 2).expect("open");
+        for block in 0..2 {
+            file.submit(IoOp {
+                kind: OpKind::Read,
+                offset: block * 4096,
+                len: 4096,
+                buf: IoBuf::Pooled(lease.take().expect("buf")),
+                tag: block,
+            });
+        }
+        assert_eq!(faulty.faults_fired(), 1);
+        faulty.set_plan(FaultPlan {
+            fail_reap: Some(libc::EIO),
+            ..FaultPlan::default()
+        });
+        let err = file.reap(2).expect_err("reap fails");
+        assert_eq!(err.raw_os_error(), Some(libc::EIO));
+        assert_eq!(file.in_flight(), 2, "nothing was returned");
+        faulty.set_plan(FaultPlan::default());
+        let mut done = file.reap(2).expect("reap");
+        done.sort_by_key(|c| c.op.tag);
+        assert_eq!(done[0].result.as_ref().expect("read 0"), &4096);
+        assert_eq!(
+            done[1].result.as_ref().expect_err("read 1").raw_os_error(),
+            Some(libc::EIO)
+        );
+        assert_eq!(faulty.faults_fired(), 2);
+    }
+
+    #[test]
     fn reads_are_not_counted_as_writes() {
         let (sim, faulty) = setup(FaultPlan {
             fail_write_at: Some((0, libc::EIO)),
@@ -435,7 +508,7 @@ mod tests {
         sim.write_file_synced(&root().join("m"), b"abc")
             .expect("write");
         let pool = BufferPool::new(2 * 4096, 4096).expect("pool");
-        let mut lease = pool.lease(1).expect("lease");
+        let mut lease = pool.lease(1, soon()).expect("lease");
         let mut file = faulty.open_data_file(&root().join("m"), 1).expect("open");
         file.submit(IoOp {
             kind: OpKind::Read,
@@ -444,7 +517,7 @@ mod tests {
             buf: IoBuf::Pooled(lease.take().expect("buf")),
             tag: 9,
         });
-        let mut done = file.reap(1);
+        let mut done = file.reap(1).expect("reap");
         let c = done.pop().expect("completion");
         assert_eq!(c.result.as_ref().expect("read"), &3);
         assert_eq!(&into_pool_buf(c).space_mut()[..3], b"abc");
@@ -462,9 +535,9 @@ mod tests {
         let mut file = faulty.create_data_file(&path, 4096, 1).expect("create");
         faulty.sync_dir(&root()).expect("fsync");
         let pool = BufferPool::new(2 * 4096, 4096).expect("pool");
-        let mut lease = pool.lease(1).expect("lease");
+        let mut lease = pool.lease(1, soon()).expect("lease");
         file.submit(write_op(lease.take().expect("buf"), 7, 0));
-        assert!(file.reap(1).iter().all(|c| c.result.is_ok()));
+        assert!(file.reap(1).expect("reap").iter().all(|c| c.result.is_ok()));
         assert_eq!(errno_of(file.sync_data()), Some(libc::EIO));
         assert_eq!(errno_of(file.sync_data()), Some(libc::EIO));
         assert_eq!(faulty.faults_fired(), 2);
@@ -517,14 +590,14 @@ mod tests {
     fn set_plan_restarts_the_write_count() {
         let (_sim, faulty) = setup(FaultPlan::default());
         let pool = BufferPool::new(2 * 4096, 4096).expect("pool");
-        let mut lease = pool.lease(1).expect("lease");
+        let mut lease = pool.lease(1, soon()).expect("lease");
         let mut file = faulty
             .create_data_file(&root().join("f"), 0, 1)
             .expect("create");
         let mut buf = lease.take().expect("buf");
         for block in 0..3 {
             file.submit(write_op(buf, 1, block));
-            let c = file.reap(1).pop().expect("completion");
+            let c = file.reap(1).expect("reap").pop().expect("completion");
             assert!(c.result.is_ok());
             buf = into_pool_buf(c);
         }
@@ -533,7 +606,7 @@ mod tests {
             ..FaultPlan::default()
         });
         file.submit(write_op(buf, 1, 3));
-        let c = file.reap(1).pop().expect("completion");
+        let c = file.reap(1).expect("reap").pop().expect("completion");
         assert_eq!(
             c.result.expect_err("injected").raw_os_error(),
             Some(libc::EIO)

@@ -5,22 +5,36 @@
 //! move big aligned blocks with many operations in flight. Backends:
 //!
 //! * [`os::OsStorage`]: the real file system; data files through io_uring
-//!   (`uring`), a `pwrite`/`pread` thread pool with O_DIRECT (`threaded`), or
-//!   the same pool with buffered I/O where O_DIRECT is refused. `probe`
-//!   chooses, with a logged reason.
+//!   (`uring`), or through one bounded pool of `pwrite`/`pread` worker
+//!   threads per storage (`threaded`), with O_DIRECT, or with buffered I/O
+//!   where O_DIRECT is refused. `probe` chooses, with a logged reason.
 //! * [`fault::FaultyStorage`]: wraps any storage and fails chosen operations
-//!   (ENOSPC mid-write, EIO on write or fdatasync, ...).
+//!   (ENOSPC mid-write, EIO on write, read, fdatasync, a short write, a reap
+//!   that keeps failing, ...).
 //! * [`sim::SimStorage`]: in memory, with a durable image beside the live one
 //!   that only fsync/fdatasync move data into; cut at any operation to test
 //!   power loss.
+//! * [`delay::DelayedStorage`]: wraps any storage and delays chosen
+//!   operations (the data writes or the fdatasync of the first N snapshots),
+//!   so tests of timing-dependent behaviour are deterministic.
 //!
 //! Buffer ownership: an [`IoOp`] carries its buffer into the backend and the
 //! [`Completion`] carries it back, so a buffer is never reused while the
-//! kernel may still touch it. A data file's `Drop` waits for everything in
-//! flight.
+//! kernel may still touch it.
+//!
+//! Every wait is bounded. [`DataFile::reap`] returns an error when no
+//! completion arrives for [`IO_STALL_MAX`] or the backend cannot wait at
+//! all (a failing `io_uring_enter`, workers gone); the store then fails the
+//! snapshot. A data file's `Drop` waits for its operations in flight, at most
+//! [`IO_STALL_MAX`] without progress; operations still running after that
+//! are abandoned (`abandon_in_flight`): their buffers are leaked, never
+//! reused, and if any of them is a read into borrowed memory (which the
+//! kernel may still write after the caller got it back) the process aborts,
+//! the one bounded answer that keeps that memory sound.
 
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
+pub mod delay;
 pub mod fault;
 pub mod os;
 pub mod probe;
@@ -31,23 +45,28 @@ pub mod uring;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::buffer_pool::PoolBuf;
 
-/// How a data file's bytes reach the disk. Recorded in every manifest.
+/// Longest a data file waits for a completion before its `reap` fails, and
+/// longest its `Drop` waits without progress for its operations in flight.
+pub const IO_STALL_MAX: Duration = Duration::from_secs(60);
+
+/// How a data file's bytes reach the disk. Recorded in every manifest, so
+/// only real backends are values here: the test file systems report the
+/// backend they imitate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BackendKind {
     /// io_uring, O_DIRECT, registered file and pool buffers.
     IoUring,
-    /// A thread pool of `pwrite`/`pread` with O_DIRECT.
+    /// The storage's pool of `pwrite`/`pread` worker threads, with O_DIRECT.
     Pwrite,
-    /// A thread pool of `pwrite`/`pread` through the page cache, then fdatasync.
+    /// The same pool through the page cache, then fdatasync.
     Buffered,
-    /// The in-memory test file system.
-    Simulated,
 }
 
 impl BackendKind {
@@ -56,7 +75,6 @@ impl BackendKind {
             BackendKind::IoUring => "io_uring",
             BackendKind::Pwrite => "pwrite",
             BackendKind::Buffered => "buffered",
-            BackendKind::Simulated => "simulated",
         }
     }
 
@@ -72,13 +90,19 @@ impl fmt::Display for BackendKind {
     }
 }
 
-/// Errors of the storage layer. Each names the operation and the path.
+/// Errors of the storage layer. Each names the operation and the path; an
+/// OS error is kept as it came (its errno intact), with the context beside
+/// it as fields.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {}{}{}: {source}", path.display(), at_offset(*.offset), to_other(.other.as_deref()))]
     Io {
         op: &'static str,
         path: PathBuf,
+        /// The file offset of a positioned transfer.
+        offset: Option<u64>,
+        /// The second path of a two-path operation (a rename's target).
+        other: Option<PathBuf>,
         #[source]
         source: io::Error,
     },
@@ -97,6 +121,24 @@ pub enum StorageError {
         backend: BackendKind,
         reason: String,
     },
+    #[error(
+        "{path}: no completion for {waited:?} with {in_flight} operation(s) in flight; the file is given up"
+    )]
+    Stalled {
+        path: PathBuf,
+        in_flight: usize,
+        waited: Duration,
+    },
+    #[error("{path}: the I/O worker threads are gone with {in_flight} operation(s) in flight")]
+    WorkersGone { path: PathBuf, in_flight: usize },
+}
+
+fn at_offset(offset: Option<u64>) -> String {
+    offset.map_or_else(String::new, |o| format!(" at offset {o}"))
+}
+
+fn to_other(other: Option<&Path>) -> String {
+    other.map_or_else(String::new, |p| format!(" to {}", p.display()))
 }
 
 impl StorageError {
@@ -104,6 +146,30 @@ impl StorageError {
         StorageError::Io {
             op,
             path: path.to_path_buf(),
+            offset: None,
+            other: None,
+            source,
+        }
+    }
+
+    /// An error of a positioned transfer at `offset` of `path`.
+    pub fn io_at(op: &'static str, path: &Path, offset: u64, source: io::Error) -> Self {
+        StorageError::Io {
+            op,
+            path: path.to_path_buf(),
+            offset: Some(offset),
+            other: None,
+            source,
+        }
+    }
+
+    /// An error of an operation on two paths (rename `from` to `to`).
+    pub fn io_between(op: &'static str, from: &Path, to: &Path, source: io::Error) -> Self {
+        StorageError::Io {
+            op,
+            path: from.to_path_buf(),
+            offset: None,
+            other: Some(to.to_path_buf()),
             source,
         }
     }
@@ -188,6 +254,28 @@ impl RawRegion {
     }
 }
 
+/// Logs, and gives up on, the operations of a data file that are still in
+/// flight after its `Drop` waited as long as it may. Their buffers are never
+/// freed or reused (the caller leaks them). If `borrowed_reads` of them read
+/// into borrowed memory, the kernel (or a worker) may still write memory the
+/// caller has taken back, and no bounded wait makes that sound: the process
+/// aborts, and the supervisor restarts the daemon.
+pub(crate) fn abandon_in_flight(path: &Path, in_flight: usize, borrowed_reads: usize) {
+    tracing::error!(
+        path = %path.display(),
+        in_flight,
+        borrowed_reads,
+        "I/O operations did not complete within the bound; leaking their buffers"
+    );
+    if borrowed_reads > 0 {
+        tracing::error!(
+            path = %path.display(),
+            "a read into borrowed memory may still complete after its owner reuses that memory; aborting"
+        );
+        std::process::abort();
+    }
+}
+
 /// The memory an operation reads from (write) or fills (read).
 #[derive(Debug)]
 pub enum IoBuf {
@@ -198,6 +286,13 @@ pub enum IoBuf {
 }
 
 impl IoBuf {
+    pub fn as_ptr(&self) -> *const u8 {
+        match self {
+            IoBuf::Pooled(b) => b.as_ptr(),
+            IoBuf::Borrowed(r) => r.as_ptr().cast_const(),
+        }
+    }
+
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
         match self {
             IoBuf::Pooled(b) => b.as_mut_ptr(),
@@ -212,6 +307,10 @@ impl IoBuf {
             IoBuf::Borrowed(r) => r.len(),
         }
     }
+
+    pub fn is_borrowed(&self) -> bool {
+        matches!(self, IoBuf::Borrowed(_))
+    }
 }
 
 /// Read or write.
@@ -223,7 +322,8 @@ pub enum OpKind {
 
 /// One positioned transfer of `len` bytes between `buf` and the file at
 /// `offset`. On data files opened with O_DIRECT, `offset`, `len` and the
-/// buffer address are multiples of [`crate::buffer_pool::IO_ALIGN_BYTES`].
+/// buffer address are multiples of [`crate::buffer_pool::IO_ALIGN_BYTES`]
+/// (the store asserts all three for every transfer, whatever the backend).
 #[derive(Debug)]
 pub struct IoOp {
     pub kind: OpKind,
@@ -232,6 +332,14 @@ pub struct IoOp {
     pub buf: IoBuf,
     /// The caller's own label, returned unchanged in the completion.
     pub tag: u64,
+}
+
+impl IoOp {
+    /// A read into borrowed memory: the one kind of operation whose memory
+    /// the kernel writes and the caller gets back.
+    pub fn is_borrowed_read(&self) -> bool {
+        self.kind == OpKind::Read && self.buf.is_borrowed()
+    }
 }
 
 /// A finished operation, with its buffer back.
@@ -259,8 +367,13 @@ pub trait DataFile: Send {
     fn submit(&mut self, op: IoOp);
 
     /// Returns finished operations, waiting until at least
-    /// `min(at_least, in_flight())` are there.
-    fn reap(&mut self, at_least: usize) -> Vec<Completion>;
+    /// `min(at_least, in_flight())` are there. An error means the file
+    /// cannot wait for its operations any more (no completion for
+    /// [`IO_STALL_MAX`], a failing `io_uring_enter`, workers gone): the caller
+    /// treats the file as dead and drops it, whose `Drop` deals with what is
+    /// still in flight. Completions drained before an error are kept for the
+    /// next call.
+    fn reap(&mut self, at_least: usize) -> Result<Vec<Completion>, StorageError>;
 
     /// Sets the file's length (the store trims the padded tail this way).
     fn set_len(&mut self, len: u64) -> Result<(), StorageError>;

@@ -4,18 +4,22 @@
 //! through the backend [`probe::choose`] picked when the storage was opened.
 //! Data files are created with `O_EXCL` and their space reserved with
 //! `fallocate`, so a full disk fails the create rather than a write later.
+//! The `pwrite`/buffered backends share one [`IoWorkers`] pool per storage,
+//! started with the first such data file.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
+use gpusnap_proto::convert::to_u64;
 use nix::errno::Errno;
 use nix::fcntl::FallocateFlags;
 
 use super::probe::{self, BackendChoice};
-use super::threaded::ThreadedFile;
+use super::threaded::{IO_WORKERS, IoWorkers, ThreadedFile};
 use super::uring::UringFile;
 use super::{BackendKind, DataFile, DirEntry, Metadata, Storage, StorageError};
 use crate::buffer_pool::BufferPool;
@@ -30,6 +34,8 @@ pub struct OsStorage {
     backend: BackendKind,
     reason: String,
     pool: BufferPool,
+    /// The `pwrite`/`pread` workers, started with the first threaded file.
+    workers: Mutex<Option<Arc<IoWorkers>>>,
 }
 
 impl OsStorage {
@@ -46,6 +52,7 @@ impl OsStorage {
             backend: chosen.backend,
             reason: chosen.reason,
             pool,
+            workers: Mutex::new(None),
         })
     }
 
@@ -57,6 +64,18 @@ impl OsStorage {
     /// The directory this storage was opened on.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The storage's worker pool, started on first use.
+    pub(crate) fn workers(&self, path: &Path) -> Result<Arc<IoWorkers>, StorageError> {
+        let mut workers = self.workers.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(w) = workers.as_ref() {
+            return Ok(Arc::clone(w));
+        }
+        let started = IoWorkers::start(IO_WORKERS)
+            .map_err(|e| StorageError::io("start I/O workers for", path, e))?;
+        *workers = Some(Arc::clone(&started));
+        Ok(started)
     }
 
     fn data_file(
@@ -85,7 +104,8 @@ impl OsStorage {
             path,
             backend,
             queue_depth,
-        )?))
+            self.workers(path)?,
+        )))
     }
 
     fn direct_flags(&self) -> i32 {
@@ -132,10 +152,7 @@ impl Storage for OsStorage {
     }
 
     fn rename(&self, from: &Path, to: &Path) -> Result<(), StorageError> {
-        std::fs::rename(from, to).map_err(|e| {
-            let msg = format!("to {}: {e}", to.display());
-            StorageError::io("rename", from, io::Error::new(e.kind(), msg))
-        })
+        std::fs::rename(from, to).map_err(|e| StorageError::io_between("rename", from, to, e))
     }
 
     fn remove_dir_all(&self, path: &Path) -> Result<(), StorageError> {
@@ -241,7 +258,7 @@ impl Storage for OsStorage {
         file.take(limit_bytes.saturating_add(1))
             .read_to_end(&mut out)
             .map_err(|e| StorageError::io("read", path, e))?;
-        let read = u64::try_from(out.len()).unwrap_or(u64::MAX);
+        let read = to_u64(out.len());
         if read > limit_bytes {
             return Err(too_large(read));
         }
@@ -253,17 +270,19 @@ impl Storage for OsStorage {
         let mut out = vec![0; len];
         let mut filled = 0;
         while let Some(rest) = out.get_mut(filled..).filter(|r| !r.is_empty()) {
-            let at = u64::try_from(filled)
-                .ok()
-                .and_then(|f| offset.checked_add(f))
-                .ok_or_else(|| {
-                    StorageError::io("pread", path, io::Error::from_raw_os_error(libc::EINVAL))
-                })?;
+            let at = offset.checked_add(to_u64(filled)).ok_or_else(|| {
+                StorageError::io_at(
+                    "pread",
+                    path,
+                    offset,
+                    io::Error::from_raw_os_error(libc::EINVAL),
+                )
+            })?;
             match file.read_at(rest, at) {
                 Ok(0) => break,
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(StorageError::io("pread", path, e)),
+                Err(e) => return Err(StorageError::io_at("pread", path, at, e)),
             }
         }
         out.truncate(filled);
@@ -333,8 +352,13 @@ pub(crate) mod tests {
     /// each completion to `each` (which frees its buffer).
     fn wait_room(f: &mut dyn DataFile, pool: &BufferPool, mut each: impl FnMut(Completion)) {
         while f.in_flight() >= f.queue_depth() || (pool.free_count() == 0 && f.in_flight() > 0) {
-            f.reap(1).into_iter().for_each(&mut each);
+            f.reap(1).expect("reap").into_iter().for_each(&mut each);
         }
+    }
+
+    /// A lease deadline no test reaches.
+    pub(crate) fn soon() -> std::time::Instant {
+        std::time::Instant::now() + std::time::Duration::from_secs(30)
     }
 
     fn check_write(c: Completion) {
@@ -369,7 +393,7 @@ pub(crate) mod tests {
             });
             let at = block * BLOCK_BYTES;
             let buf = if block % 2 == 0 {
-                let mut b = pool.lease(1).expect("lease").take().expect("buf");
+                let mut b = pool.lease(1, soon()).expect("lease").take().expect("buf");
                 b.space_mut()[..BLOCK_BYTES].copy_from_slice(&expected[at..at + BLOCK_BYTES]);
                 IoBuf::Pooled(b)
             } else {
@@ -384,7 +408,7 @@ pub(crate) mod tests {
                 tag: u64::try_from(block).expect("tag"),
             });
         }
-        for c in f.reap(usize::MAX) {
+        for c in f.reap(usize::MAX).expect("reap") {
             check_write(c);
             written += 1;
         }
@@ -403,7 +427,7 @@ pub(crate) mod tests {
             wait_room(f.as_mut(), pool, |c| check_read(c, file_len, &mut dest));
             let at = block * BLOCK_BYTES;
             let buf = if block % 2 == 0 {
-                IoBuf::Pooled(pool.lease(1).expect("lease").take().expect("buf"))
+                IoBuf::Pooled(pool.lease(1, soon()).expect("lease").take().expect("buf"))
             } else {
                 // SAFETY: `dest` outlives `f` and is not touched until then.
                 IoBuf::Borrowed(unsafe { dest.region(at, BLOCK_BYTES) })
@@ -416,7 +440,7 @@ pub(crate) mod tests {
                 tag: u64::try_from(block).expect("tag"),
             });
         }
-        for c in f.reap(usize::MAX) {
+        for c in f.reap(usize::MAX).expect("reap") {
             check_read(c, file_len, &mut dest);
         }
         drop(f);
@@ -451,7 +475,7 @@ pub(crate) mod tests {
         let mut f = storage.create_data_file(&path, 0, 8).expect("create");
         for block in 0..8 {
             let buf = if block < 2 {
-                let mut b = pool.lease(1).expect("lease").take().expect("buf");
+                let mut b = pool.lease(1, soon()).expect("lease").take().expect("buf");
                 b.space_mut().fill(0x5A);
                 IoBuf::Pooled(b)
             } else {

@@ -1,8 +1,10 @@
 //! Chooses the data-file backend for a directory, with a reason to log.
 //!
-//! `Auto` tries, in order: an O_DIRECT file in the directory (create, one
-//! aligned 4096-byte write, remove), refused with EINVAL on some file systems
-//! (ramfs, FUSE, older tmpfs), then falls back to buffered I/O; then an
+//! `Auto` tries, in order: an O_DIRECT file in the directory (create, ask the
+//! kernel for the file's O_DIRECT alignment with `statx(STATX_DIOALIGN)`
+//! where it answers, one aligned 4096-byte write, remove), refused with
+//! EINVAL on some file systems (ramfs, FUSE, older tmpfs) or by an alignment
+//! the store's 4096 bytes do not meet, then falls back to buffered I/O; then an
 //! io_uring ring with the kernel's opcodes checked, the whole buffer pool
 //! registered and the probe file registered and written through it, refused
 //! by seccomp (EPERM), `kernel.io_uring_disabled`, old kernels (ENOSYS) or
@@ -146,6 +148,13 @@ impl ProbeFile {
             Err(e) if refuses_o_direct(&e) => return Ok(Err(format!("open: {e}"))),
             Err(e) => return Err(StorageError::io("create probe file", &path, e)),
         };
+        if let Some(why) = dio_alignment_refusal(&file, &path)? {
+            drop(file);
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), "removing the probe file: {e}");
+            }
+            return Ok(Err(why));
+        }
         let mut probe = ProbeFile {
             file,
             path,
@@ -191,6 +200,7 @@ impl ProbeFile {
         });
         let done = data_file.reap(1);
         drop(data_file);
+        let done = done.map_err(|e| format!("waiting for the write: {e}"))?;
         match done.into_iter().next().map(|c| c.result) {
             Some(Ok(IO_ALIGN_BYTES)) => Ok(()),
             Some(Ok(n)) => Err(format!("a {IO_ALIGN_BYTES}-byte write wrote {n} bytes")),
@@ -205,6 +215,54 @@ impl Drop for ProbeFile {
         if let Err(e) = std::fs::remove_file(&self.path) {
             tracing::warn!(path = %self.path.display(), "removing the probe file: {e}");
         }
+    }
+}
+
+/// Why the O_DIRECT alignment the kernel reports for `file` is one the
+/// store cannot meet (it aligns offsets, lengths and memory to
+/// [`IO_ALIGN_BYTES`]), or `None` when it can or the kernel does not say
+/// (before Linux 6.1, or a file system that does not report it: the probe
+/// write decides then).
+fn dio_alignment_refusal(file: &File, path: &Path) -> Result<Option<String>, StorageError> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: all-zero is a valid `statx` (integers only).
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: an open descriptor, an empty NUL-terminated path with
+    // AT_EMPTY_PATH (the descriptor itself), and a valid out-pointer.
+    let rc = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &raw mut stx,
+        )
+    };
+    if rc != 0 {
+        return Err(StorageError::io("statx", path, io::Error::last_os_error()));
+    }
+    Ok(refusal_of(
+        stx.stx_mask & libc::STATX_DIOALIGN != 0,
+        stx.stx_dio_mem_align,
+        stx.stx_dio_offset_align,
+    ))
+}
+
+/// The decision of [`dio_alignment_refusal`] on what statx reported.
+fn refusal_of(reported: bool, mem_align: u32, offset_align: u32) -> Option<String> {
+    let meets = |align: u32| {
+        usize::try_from(align).is_ok_and(|a| a > 0 && IO_ALIGN_BYTES.is_multiple_of(a))
+    };
+    if !reported {
+        None
+    } else if offset_align == 0 {
+        Some("statx reports no O_DIRECT support for this file".to_owned())
+    } else if !meets(mem_align) || !meets(offset_align) {
+        Some(format!(
+            "O_DIRECT needs {mem_align}-byte memory and {offset_align}-byte offset alignment; the store aligns to {IO_ALIGN_BYTES}"
+        ))
+    } else {
+        None
     }
 }
 
@@ -226,6 +284,34 @@ fn refuses_o_direct(e: &io::Error) -> bool {
 )]
 mod tests {
     use super::*;
+
+    /// The root-only protocol: `true` when the test may go on (running as
+    /// root). Otherwise it fails under `GPUSNAP_REQUIRE_ROOT=1`, or prints
+    /// `skipped: <reason>` (and appends `<test>\t<reason>` to the file
+    /// `GPUSNAP_SKIP_LOG` names) and the caller returns.
+    fn root_or_skip(test: &str, reason: &str) -> bool {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            return true;
+        }
+        assert!(
+            std::env::var_os("GPUSNAP_REQUIRE_ROOT").is_none_or(|v| v != "1"),
+            "{test} needs root, and GPUSNAP_REQUIRE_ROOT=1 forbids skipping"
+        );
+        eprintln!("skipped: {reason}");
+        if let Some(log) = std::env::var_os("GPUSNAP_SKIP_LOG") {
+            use std::io::Write;
+            let logged = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .and_then(|mut f| writeln!(f, "{test}\t{reason}"));
+            if let Err(e) = logged {
+                eprintln!("could not append to GPUSNAP_SKIP_LOG: {e}");
+            }
+        }
+        false
+    }
 
     fn pool() -> BufferPool {
         BufferPool::new(4 * 65536, 65536).expect("pool")
@@ -259,6 +345,38 @@ mod tests {
 
     fn works() -> Result<Result<(), String>, StorageError> {
         Ok(Ok(()))
+    }
+
+    #[test]
+    fn o_direct_alignment_the_store_cannot_meet_is_refused() {
+        assert_eq!(
+            refusal_of(false, 0, 0),
+            None,
+            "not reported: the write decides"
+        );
+        assert_eq!(refusal_of(true, 512, 512), None);
+        assert_eq!(refusal_of(true, 4, 4096), None);
+        assert!(
+            refusal_of(true, 0, 0)
+                .expect("no O_DIRECT")
+                .contains("no O_DIRECT")
+        );
+        let why = refusal_of(true, 8192, 512).expect("memory too coarse");
+        assert!(why.contains("8192-byte memory"), "{why}");
+        assert!(refusal_of(true, 512, 16384).is_some());
+        assert!(
+            refusal_of(true, 3000, 512).is_some(),
+            "4096 is not a multiple"
+        );
+        // The real file system here meets 4096.
+        let dir = tempfile::tempdir_in("/tmp").expect("tempdir");
+        let probe = ProbeFile::create(dir.path())
+            .expect("probe")
+            .expect("O_DIRECT works in /tmp");
+        assert_eq!(
+            dio_alignment_refusal(&probe.file, &probe.path).expect("statx"),
+            None
+        );
     }
 
     #[test]
@@ -300,14 +418,17 @@ mod tests {
     }
 
     /// A ramfs mount refuses O_DIRECT (tmpfs accepts it since Linux 6.6).
-    /// Needs root; skipped where mounting is not allowed.
+    /// Needs root (the root-only protocol).
     #[test]
     fn o_direct_refusing_file_system_gets_buffered_or_an_error() {
-        let dir = tempfile::tempdir_in("/tmp").expect("tempdir");
-        let Some(_mount) = RamfsMount::new(dir.path()) else {
-            eprintln!("skipped: cannot mount ramfs here");
+        if !root_or_skip(
+            "o_direct_refusing_file_system_gets_buffered_or_an_error",
+            "mounting ramfs needs root",
+        ) {
             return;
-        };
+        }
+        let dir = tempfile::tempdir_in("/tmp").expect("tempdir");
+        let _mount = RamfsMount::new(dir.path()).expect("root mounts ramfs");
         let err = choose(dir.path(), BackendChoice::Pwrite, &pool()).expect_err("pwrite");
         assert!(
             matches!(err, StorageError::BackendUnavailable { .. }),
@@ -349,9 +470,14 @@ mod tests {
 
     /// Without CAP_IPC_LOCK, registering a pool bigger than RLIMIT_MEMLOCK
     /// fails with ENOMEM: forced io_uring is refused, Auto takes pwrite.
-    /// Capabilities are per thread, so only a scratch thread loses it.
+    /// Capabilities are per thread, so only a scratch thread loses it. A
+    /// limit too high to exceed is lowered for the test, which only root may
+    /// do safely here: root's other threads keep CAP_IPC_LOCK, so the lower
+    /// limit binds none of the tests running beside this one.
     #[test]
     fn pool_over_memlock_without_ipc_lock_falls_back_to_pwrite() {
+        const TEST: &str = "pool_over_memlock_without_ipc_lock_falls_back_to_pwrite";
+        const MEMLOCK_TESTED_MAX: u64 = 256 << 20;
         let dir = tempfile::tempdir_in("/tmp").expect("tempdir");
         let mut limit = libc::rlimit {
             rlim_cur: 0,
@@ -359,18 +485,26 @@ mod tests {
         };
         // SAFETY: `limit` is a valid out-pointer for the call.
         let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &raw mut limit) };
-        let memlock_bytes = usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX);
-        if rc != 0 || memlock_bytes > 256 << 20 {
-            eprintln!("skipped: RLIMIT_MEMLOCK is too high to exceed");
-            return;
-        }
+        assert_eq!(rc, 0, "getrlimit: {}", io::Error::last_os_error());
+        let _restore = if limit.rlim_cur > MEMLOCK_TESTED_MAX {
+            if !root_or_skip(
+                TEST,
+                "RLIMIT_MEMLOCK is too high to exceed, and only root lowers it without starving other tests",
+            ) {
+                return;
+            }
+            Some(MemlockLowered::to(limit, 64 << 20))
+        } else {
+            None
+        };
+        let memlock_bytes = usize::try_from(limit.rlim_cur.min(64 << 20)).expect("small");
         let pool = BufferPool::new(memlock_bytes + (4 << 20), 1 << 20).expect("pool");
         std::thread::scope(|s| {
             s.spawn(|| {
-                if !drop_ipc_lock_on_this_thread() {
-                    eprintln!("skipped: cannot drop CAP_IPC_LOCK");
-                    return;
-                }
+                assert!(
+                    drop_ipc_lock_on_this_thread(),
+                    "dropping a capability from one's own thread is always allowed"
+                );
                 let err = choose(dir.path(), BackendChoice::IoUring, &pool).expect_err("uring");
                 assert!(
                     matches!(
@@ -387,6 +521,30 @@ mod tests {
                 assert!(c.reason.contains("io_uring unavailable"), "{}", c.reason);
             });
         });
+    }
+
+    /// RLIMIT_MEMLOCK lowered for a test; the old limit back on drop.
+    struct MemlockLowered(libc::rlimit);
+
+    impl MemlockLowered {
+        fn to(old: libc::rlimit, bytes: u64) -> Self {
+            let lower = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: old.rlim_max,
+            };
+            // SAFETY: `lower` is a valid rlimit for the call.
+            let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const lower) };
+            assert_eq!(rc, 0, "setrlimit: {}", io::Error::last_os_error());
+            MemlockLowered(old)
+        }
+    }
+
+    impl Drop for MemlockLowered {
+        fn drop(&mut self) {
+            // SAFETY: the limit read at the start of the test, valid then.
+            let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const self.0) };
+            assert_eq!(rc, 0, "restoring RLIMIT_MEMLOCK");
+        }
     }
 
     /// Clears CAP_IPC_LOCK from the calling thread's effective set.

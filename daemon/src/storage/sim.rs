@@ -21,6 +21,11 @@
 //!
 //! Data files do their copies at submit time and park the completions until
 //! `reap`; there is never anything in the "kernel".
+//!
+//! The simulator reports [`BackendKind::Buffered`] as its backend: it models
+//! page-cache semantics (bytes reach the durable image only at fdatasync)
+//! and asks no alignment of transfers, as the buffered backend does. It has
+//! no backend value of its own, so a manifest never names a test backend.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
@@ -28,9 +33,14 @@ use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use gpusnap_proto::convert::{to_u64, to_usize};
+
 use super::{
     BackendKind, Completion, DataFile, DirEntry, IoOp, Metadata, OpKind, Storage, StorageError,
 };
+
+/// The backend the simulator imitates (see the module doc).
+const IMITATES: BackendKind = BackendKind::Buffered;
 
 type Ino = u64;
 
@@ -370,7 +380,7 @@ impl SimStorage {
 
 impl Storage for SimStorage {
     fn backend(&self) -> BackendKind {
-        BackendKind::Simulated
+        IMITATES
     }
 
     fn create_dir(&self, path: &Path) -> Result<(), StorageError> {
@@ -453,7 +463,7 @@ impl Storage for SimStorage {
             let (parent, name) = split_last(components(path)?)?;
             // fallocate without KEEP_SIZE: the space reads as zeros and the
             // file is `len_bytes` long (live only, until fdatasync).
-            let len = usize::try_from(len_bytes).map_err(|_| errno(libc::EFBIG))?;
+            let len = to_usize(len_bytes);
             let node = Node::File(FileNode {
                 live: vec![0; len],
                 durable: Vec::new(),
@@ -521,18 +531,18 @@ impl Storage for SimStorage {
         self.with("pread", path, |st| {
             let ino = st.lookup(&components(path)?)?;
             let live = &st.file(ino)?.live;
-            let start = usize::try_from(offset)
-                .unwrap_or(usize::MAX)
-                .min(live.len());
+            let start = to_usize(offset).min(live.len());
             let end = start.saturating_add(len).min(live.len());
-            Ok(live.get(start..end).unwrap_or_default().to_vec())
+            Ok(live
+                .get(start..end)
+                .ok_or_else(|| errno(libc::EIO))?
+                .to_vec())
         })
     }
 }
 
 fn len_u64(bytes: &[u8]) -> u64 {
-    // usize is at most 64 bits on every target this daemon builds for.
-    u64::try_from(bytes.len()).unwrap_or(u64::MAX)
+    to_u64(bytes.len())
 }
 
 /// A data file of a [`SimStorage`]: the inode, shared with the file system,
@@ -572,7 +582,7 @@ impl SimDataFile {
             // Checked before any copy: the buffer could not hold the op.
             return Err(errno(libc::EINVAL));
         }
-        let offset = usize::try_from(op.offset).map_err(|_| errno(libc::EFBIG))?;
+        let offset = to_usize(op.offset);
         match op.kind {
             OpKind::Write => {
                 let end = offset
@@ -616,7 +626,7 @@ impl SimDataFile {
 
 impl DataFile for SimDataFile {
     fn backend(&self) -> BackendKind {
-        BackendKind::Simulated
+        IMITATES
     }
 
     fn queue_depth(&self) -> usize {
@@ -632,9 +642,9 @@ impl DataFile for SimDataFile {
         self.done.push_back(Completion { op, result });
     }
 
-    fn reap(&mut self, _at_least: usize) -> Vec<Completion> {
+    fn reap(&mut self, _at_least: usize) -> Result<Vec<Completion>, StorageError> {
         // Everything completed at submit time.
-        self.done.drain(..).collect()
+        Ok(self.done.drain(..).collect())
     }
 
     fn set_len(&mut self, len: u64) -> Result<(), StorageError> {
@@ -645,7 +655,7 @@ impl DataFile for SimDataFile {
             if !writable {
                 return Err(errno(libc::EINVAL));
             }
-            let len = usize::try_from(len).map_err(|_| errno(libc::EFBIG))?;
+            let len = to_usize(len);
             st.file_mut(ino)?.live.resize(len, 0);
             Ok(())
         })
@@ -690,7 +700,9 @@ mod tests {
     /// completion; the file is padded to whole 4096-byte blocks.
     fn write_padded(file: &mut dyn DataFile, data: &[u8]) -> io::Result<usize> {
         let pool = BufferPool::new(2 * 4096, 4096).expect("pool");
-        let mut lease = pool.lease(1).expect("lease");
+        let mut lease = pool
+            .lease(1, crate::storage::os::tests::soon())
+            .expect("lease");
         let mut buf = lease.take().expect("buffer");
         let mut written = 0;
         for (i, chunk) in data.chunks(4096).enumerate() {
@@ -705,7 +717,7 @@ mod tests {
             };
             file.submit(op);
             assert_eq!(file.in_flight(), 1);
-            let mut done = file.reap(1);
+            let mut done = file.reap(1).expect("reap");
             assert_eq!(done.len(), 1);
             let c = done.pop().expect("completion");
             assert_eq!(c.op.tag, u64::try_from(i).expect("tag"));
@@ -766,7 +778,7 @@ mod tests {
             assert!(fs.metadata(&root()).expect("stat").expect("exists").is_dir);
             assert_eq!(names(fs, &root()), Vec::<String>::new());
         }
-        assert_eq!(fs.backend(), BackendKind::Simulated);
+        assert_eq!(fs.backend(), BackendKind::Buffered);
     }
 
     #[test]
@@ -1096,7 +1108,7 @@ mod tests {
             buf: IoBuf::Borrowed(region),
             tag: 3,
         });
-        let done = file.reap(1);
+        let done = file.reap(1).expect("reap");
         assert_eq!(file.in_flight(), 0);
         let [c] = done.as_slice() else {
             panic!("one completion")

@@ -1,17 +1,26 @@
 //! Data files moved through io_uring, with O_DIRECT.
 //!
 //! A [`Ring`] registers the whole buffer pool as fixed buffers (one per GiB,
-//! the kernel's limit per buffer) and a one-slot sparse file table. Building
-//! one pins the pool, so each thread keeps one ring cached: a [`UringFile`]
-//! takes its thread's ring (or builds one), puts its file in slot 0, and on
-//! `Drop` waits for everything in flight, empties the slot and gives the ring
-//! back. The cached ring holds a clone of the pool, so the registered pages
-//! can never be unmapped and replaced by another mapping at the same address.
+//! the kernel's limit per buffer) and a one-slot sparse file table. The pool
+//! is registered once per ring, not once per daemon: building a ring pins
+//! the whole pool (and counts it against RLIMIT_MEMLOCK without
+//! CAP_IPC_LOCK), so each thread that does I/O keeps one ring cached and
+//! there are as many registrations as such threads (lanes, streams, blocking
+//! pool threads). A [`UringFile`] takes its thread's ring (or builds one),
+//! puts its file in slot 0, and on `Drop` waits for everything in flight,
+//! empties the slot and gives the ring back. The cached ring holds a clone of
+//! the pool, so the registered pages can never be unmapped and replaced by
+//! another mapping at the same address.
 //!
 //! Each operation is parked in a slot table, indexed by `user_data`, until its
 //! completion arrives: the buffer lives as long as the kernel may touch it.
 //! Pool buffers go through `WriteFixed`/`ReadFixed`; borrowed memory through
 //! plain `Write`/`Read` on the registered file.
+//!
+//! Waits are bounded: every `io_uring_enter` that waits carries a timeout
+//! (`IORING_FEAT_EXT_ARG`, Linux 5.11, which a ring is refused without), and
+//! `reap` fails after [`IO_STALL_MAX`] without a completion or at the first
+//! error that is not EINTR/EAGAIN/EBUSY, instead of spinning.
 
 use std::cell::RefCell;
 use std::fmt;
@@ -19,12 +28,15 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, Probe, opcode, squeue, types};
 
 use super::threaded::check_op;
-use super::{BackendKind, Completion, DataFile, IoBuf, IoOp, OpKind, StorageError};
+use super::{
+    BackendKind, Completion, DataFile, IO_STALL_MAX, IoBuf, IoOp, OpKind, StorageError,
+    abandon_in_flight,
+};
 use crate::buffer_pool::BufferPool;
 
 /// The kernel refuses a registered buffer larger than this.
@@ -38,7 +50,8 @@ thread_local! {
 }
 
 /// Drops this thread's cached ring, unpinning the pool it registered.
-pub fn release_thread_ring() {
+#[cfg(test)]
+pub(crate) fn release_thread_ring() {
     let ring = CACHED_RING
         .try_with(|c| c.borrow_mut().take())
         .ok()
@@ -70,6 +83,12 @@ impl Ring {
         let entries = u32::try_from(queue_depth.max(1).next_power_of_two())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "queue depth too large"))?;
         let ring = IoUring::new(entries)?;
+        if !ring.params().is_feature_ext_arg() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the kernel's io_uring lacks IORING_FEAT_EXT_ARG (Linux 5.11), needed to bound its waits",
+            ));
+        }
         check_opcodes(&ring)?;
         let (base, len) = pool.region();
         let iovecs: Vec<libc::iovec> = (0..len)
@@ -110,23 +129,38 @@ impl Ring {
         u16::try_from(index).ok()
     }
 
-    /// Submits what is queued and waits for `want` completions, retrying on
-    /// EINTR and riding out EAGAIN/EBUSY (kernel short of memory, completion
-    /// queue full) while no completion is there to drain.
+    /// Submits what is queued and waits for `want` completions, at most
+    /// [`IO_STALL_MAX`] (the wait carries a timeout, ETIME when it expires).
+    /// Retries EINTR and rides out EAGAIN/EBUSY (kernel short of memory,
+    /// completion queue full) while no completion is there to drain, until
+    /// the same deadline; any other error is returned at once.
     fn enter(&mut self, want: usize) -> io::Result<()> {
+        let deadline = Instant::now() + IO_STALL_MAX;
         loop {
-            match self.ring.submit_and_wait(want) {
-                Ok(_) => return Ok(()),
-                Err(e) => match e.raw_os_error() {
-                    Some(libc::EINTR) => {}
-                    Some(libc::EAGAIN | libc::EBUSY) => {
-                        if want == 0 || !self.ring.completion().is_empty() {
-                            return Ok(());
-                        }
-                        std::thread::sleep(Duration::from_millis(1));
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::from_raw_os_error(libc::ETIME));
+            }
+            let entered = if want == 0 {
+                self.ring.submit()
+            } else {
+                let timeout = types::Timespec::from(left);
+                let args = types::SubmitArgs::new().timespec(&timeout);
+                self.ring.submitter().submit_with_args(want, &args)
+            };
+            let Err(e) = entered else {
+                return Ok(());
+            };
+            match e.raw_os_error() {
+                Some(libc::EINTR) => {}
+                Some(libc::ETIME) if !self.ring.completion().is_empty() => return Ok(()),
+                Some(libc::EAGAIN | libc::EBUSY) => {
+                    if want == 0 || !self.ring.completion().is_empty() {
+                        return Ok(());
                     }
-                    _ => return Err(e),
-                },
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                _ => return Err(e),
             }
         }
     }
@@ -288,7 +322,7 @@ impl DataFile for UringFile {
     }
 
     fn submit(&mut self, mut op: IoOp) {
-        debug_assert!(self.in_flight < self.queue_depth, "queue depth exceeded");
+        assert!(self.in_flight < self.queue_depth, "queue depth exceeded");
         self.in_flight += 1;
         let (Some(ring), Some(slot)) = (self.ring.as_mut(), self.free_slots.pop()) else {
             return self.refuse(op, io::Error::other("queue depth exceeded"));
@@ -326,27 +360,53 @@ impl DataFile for UringFile {
         }
     }
 
-    fn reap(&mut self, at_least: usize) -> Vec<Completion> {
+    fn reap(&mut self, at_least: usize) -> Result<Vec<Completion>, StorageError> {
         let want = at_least.min(self.in_flight);
         let mut out = std::mem::take(&mut self.refused);
+        let mut progress_at = Instant::now();
         loop {
+            let before = out.len();
             self.drain(&mut out);
-            let Some(ring) = self.ring.as_mut() else {
-                break;
-            };
-            let pending = !ring.ring.submission().is_empty();
-            if out.len() >= want && !pending {
+            if out.len() > before {
+                progress_at = Instant::now();
+            }
+            if out.len() >= want {
                 break;
             }
-            let need = want.saturating_sub(out.len());
-            if let Err(e) = ring.enter(need) {
-                tracing::error!(path = %self.path.display(), "io_uring wait: {e}");
+            let waited = progress_at.elapsed();
+            let entered = match self.ring.as_mut() {
+                None => Err(io::Error::other("the ring is gone")),
+                Some(_) if waited >= IO_STALL_MAX => {
+                    let error = StorageError::Stalled {
+                        path: self.path.clone(),
+                        in_flight: self.in_flight,
+                        waited,
+                    };
+                    // Returned by the next call; still counted in flight.
+                    self.refused = out;
+                    return Err(error);
+                }
+                Some(ring) => ring.enter(want - out.len()),
+            };
+            if let Err(e) = entered {
                 self.drain(&mut out);
-                break;
+                self.refused = out;
+                if e.raw_os_error() == Some(libc::ETIME) {
+                    return Err(StorageError::Stalled {
+                        path: self.path.clone(),
+                        in_flight: self.in_flight,
+                        waited: progress_at.elapsed(),
+                    });
+                }
+                return Err(StorageError::io("io_uring_enter", &self.path, e));
             }
         }
-        self.in_flight = self.in_flight.saturating_sub(out.len());
-        out
+        assert!(
+            out.len() <= self.in_flight,
+            "more completions than operations"
+        );
+        self.in_flight -= out.len();
+        Ok(out)
     }
 
     fn set_len(&mut self, len: u64) -> Result<(), StorageError> {
@@ -362,15 +422,15 @@ impl Drop for UringFile {
     fn drop(&mut self) {
         // The completions (and their buffers) drop here, after the kernel
         // has finished with them.
-        drop(self.reap(usize::MAX));
-        if self.in_flight > 0 {
+        if let Err(e) = self.reap(usize::MAX) {
+            tracing::error!(path = %self.path.display(), error = %e, "waiting for io_uring operations at close");
+        }
+        let parked: Vec<&IoOp> = self.slots.iter().flatten().collect();
+        if !parked.is_empty() {
             // The kernel may still touch parked buffers: never free them, and
             // leak the ring rather than reuse it.
-            tracing::error!(
-                path = %self.path.display(),
-                in_flight = self.in_flight,
-                "io_uring ops did not complete; leaking their buffers and the ring"
-            );
+            let borrowed_reads = parked.iter().filter(|op| op.is_borrowed_read()).count();
+            abandon_in_flight(&self.path, parked.len(), borrowed_reads);
             std::mem::forget(std::mem::take(&mut self.slots));
             std::mem::forget(self.ring.take());
             return;
@@ -423,6 +483,27 @@ mod tests {
         let storage =
             OsStorage::open(dir.path(), BackendChoice::IoUring, pool.clone()).expect("storage");
         (dir, pool, storage)
+    }
+
+    #[test]
+    fn ring_waits_carry_a_timeout() {
+        let pool = BufferPool::new(4 * 4096, 4096).expect("pool");
+        let mut ring = Ring::build(&pool, 2).expect("ring");
+        assert!(ring.ring.params().is_feature_ext_arg());
+        // Nothing in flight: asking for a completion times out, it does not
+        // hang. (The real bound is IO_STALL_MAX; here the kernel answers
+        // at once that nothing can complete, or the timeout fires.)
+        let started = Instant::now();
+        let timeout = types::Timespec::from(Duration::from_millis(20));
+        let args = types::SubmitArgs::new().timespec(&timeout);
+        let err = ring
+            .ring
+            .submitter()
+            .submit_with_args(1, &args)
+            .expect_err("no completion can arrive");
+        assert_eq!(err.raw_os_error(), Some(libc::ETIME), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        ring.enter(0).expect("submitting nothing");
     }
 
     #[test]

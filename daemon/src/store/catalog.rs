@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use crate::store::Store;
 use crate::store::error::StoreError;
-use crate::store::paths::{self, PARTIAL_SUFFIX, SnapshotId, TRASH_SUFFIX};
+use crate::store::paths::{self, CLAIM_PREFIX, PARTIAL_SUFFIX, SnapshotId, TRASH_SUFFIX};
 use crate::store::read::Snapshot;
 
 /// A directory that looks like a snapshot but is not one.
@@ -91,20 +91,33 @@ impl Store {
             }
         }
         Err(StoreError::NotFound {
-            id: SnapshotId {
-                job: job.to_owned(),
-                rank,
-                step: step.unwrap_or(0),
-            },
+            job: job.to_owned(),
+            rank,
+            step,
         })
     }
 
     /// Start-up recovery: removes every `*.partial` directory (never read,
-    /// never listed) and every `*.trash` one (a removal cut short). Returns
-    /// what was removed.
+    /// never listed), every `*.trash` one (a removal cut short) and every
+    /// `.claiming-*` one in the root (a job claim cut short). Returns what
+    /// was removed.
     pub fn recover(&self) -> Result<Vec<PathBuf>, StoreError> {
         let storage = self.storage();
         let mut removed = Vec::new();
+        let claims: Vec<String> = self
+            .dir_names(self.root())?
+            .into_iter()
+            .filter(|n| n.starts_with(CLAIM_PREFIX))
+            .collect();
+        for name in &claims {
+            let dir = self.root().join(name);
+            storage.remove_dir_all(&dir)?;
+            tracing::warn!(dir = %dir.display(), "removed a job claim left unfinished by a crash");
+            removed.push(dir);
+        }
+        if !claims.is_empty() {
+            storage.sync_dir(self.root())?;
+        }
         for job in self.jobs()? {
             for rank in self.ranks(&job)? {
                 let rank_dir = self.root().join(&job).join(rank.to_string());
@@ -163,13 +176,9 @@ impl Store {
     /// the parent, then remove.
     pub(crate) fn discard_committed(&self, dir: &Path) -> Result<(), StoreError> {
         let storage = self.storage();
-        let Some(name) = dir.file_name().and_then(|n| n.to_str()) else {
-            return Err(StoreError::Config(format!(
-                "{} has no usable name",
-                dir.display()
-            )));
-        };
-        let trash = dir.with_file_name(format!("{name}{TRASH_SUFFIX}"));
+        let mut trash = dir.as_os_str().to_owned();
+        trash.push(TRASH_SUFFIX);
+        let trash = PathBuf::from(trash);
         match storage.remove_dir_all(&trash) {
             Ok(()) => {}
             Err(e) if e.is_not_found() => {}

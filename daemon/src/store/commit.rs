@@ -7,7 +7,8 @@
 //!    full disk fails here, before any byte is written), write the header and
 //!    the data with O_DIRECT in aligned blocks (the last block zero-padded),
 //!    trim to the exact length, fdatasync. CRC32 of each chunk is computed
-//!    from the bytes handed to the kernel, while the transfer is in flight.
+//!    through the store's [`ChunkChecksum`](gpusnap_kernels::ChunkChecksum)
+//!    from the source's bytes, while the transfer is in flight.
 //! 3. Write `MANIFEST.json`, fdatasync.
 //! 4. fsync `step-N.partial/`: both files' entries are durable.
 //! 5. rename `step-N.partial` -> `step-N`: readers see all or nothing.
@@ -22,33 +23,62 @@
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use gpusnap_proto::convert::{to_u64, to_usize};
+
 use crate::buffer_pool::IO_ALIGN_BYTES;
+use crate::shared_memory::{CRC_BOUNCE_BYTES, SharedBytes};
 use crate::storage::{DataFile, IoBuf, OpKind, RawRegion, Storage};
 use crate::store::error::{Fill, StoreError};
 use crate::store::layout::Layout;
-use crate::store::manifest::{self, FORMAT_NAME, FORMAT_VERSION, Manifest};
+use crate::store::manifest::{self, FORMAT_NAME, Manifest};
 use crate::store::paths::{self, SnapshotId};
 use crate::store::pipeline::Pipeline;
 use crate::store::{CommitStep, Store};
 
 /// Where a snapshot's data section comes from.
 pub enum Source<'a> {
-    /// The whole data section in memory, laid out as the layout says, its
-    /// start 4096-byte aligned (a staging mapping). Written with no copy.
+    /// The whole data section in private memory, laid out as the layout
+    /// says, its start 4096-byte aligned. Written with no copy.
     Memory(&'a [u8]),
+    /// The whole data section in memory another process may write (a
+    /// staging slot), laid out and aligned as for `Memory`. Written with
+    /// O_DIRECT straight from the region, no copy; its CRCs are computed
+    /// through the handle.
+    Shared(SharedBytes<'a>),
     /// A producer that fills the data section piece by piece, in order:
     /// `fill(offset, buf)` writes data bytes `offset..offset + buf.len()`.
     /// Memory use stays at the I/O buffer pool's size whatever the snapshot's.
     Stream(&'a mut Fill<'a>),
 }
 
+impl Source<'_> {
+    /// Address and length of a source held in memory.
+    fn memory(&self) -> Option<(usize, usize)> {
+        match self {
+            Source::Memory(m) => Some((m.as_ptr() as usize, m.len())),
+            Source::Shared(s) => Some((s.addr(), s.len())),
+            Source::Stream(_) => None,
+        }
+    }
+}
+
 impl std::fmt::Debug for Source<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Source::Memory(m) => write!(f, "Source::Memory({} bytes)", m.len()),
+            Source::Shared(s) => write!(f, "Source::Shared({} bytes)", s.len()),
             Source::Stream(_) => f.write_str("Source::Stream"),
         }
     }
+}
+
+/// Milliseconds since the Unix epoch, for the manifest's `created_unix_ms`
+/// (informational: nothing is decided by it). A clock set before 1970 reads
+/// as 0; the count saturates in 584 million years.
+fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// What a successful commit reports.
@@ -67,23 +97,21 @@ impl Store {
         source: Source<'_>,
     ) -> Result<Committed, StoreError> {
         if world_size == 0 || id.rank >= world_size {
-            return Err(StoreError::Config(format!(
-                "rank {} is not below world size {world_size}",
-                id.rank
-            )));
+            return Err(StoreError::RankOutsideWorld {
+                id: id.clone(),
+                world_size,
+            });
         }
-        if let Source::Memory(mem) = &source {
-            let actual = u64::try_from(mem.len()).unwrap_or(u64::MAX);
+        if let Some((addr, len)) = source.memory() {
+            let actual = to_u64(len);
             if actual != layout.data_len {
                 return Err(StoreError::SourceLength {
                     expected: layout.data_len,
                     actual,
                 });
             }
-            if !(mem.as_ptr() as usize).is_multiple_of(IO_ALIGN_BYTES) {
-                return Err(StoreError::SourceAlignment {
-                    addr: mem.as_ptr() as usize,
-                });
+            if !addr.is_multiple_of(IO_ALIGN_BYTES) {
+                return Err(StoreError::SourceAlignment { addr });
             }
         }
         let storage = self.storage();
@@ -131,9 +159,10 @@ impl Store {
         final_dir: &Path,
     ) -> Result<Committed, StoreError> {
         let storage = self.storage();
-        let header = layout.encode_header(&manifest::header_metadata(id, world_size))?;
-        let header_len = u64::try_from(header.len())
-            .map_err(|_| StoreError::Config("header too large".into()))?;
+        let format_version = self.format().writes();
+        let header =
+            layout.encode_header(&manifest::header_metadata(id, world_size, format_version))?;
+        let header_len = to_u64(header.len());
         let file_len = header_len + layout.data_len;
         let data_path = partial.join(paths::DATA_FILE);
         let chunk_bytes = self.pool().buf_bytes();
@@ -149,46 +178,41 @@ impl Store {
             layout.data_len,
             source,
         )?;
-        self.stop_point(id, CommitStep::DataWritten);
-        file.set_len(file_len)?;
-        file.sync_data()?;
         drop(file);
         self.stop_point(id, CommitStep::DataSynced);
 
         let manifest = Manifest {
             format: FORMAT_NAME.to_owned(),
-            format_version: FORMAT_VERSION,
+            format_version,
             job: id.job.clone(),
             rank: id.rank,
             world_size,
             step: id.step,
-            created_unix_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            created_unix_ms: unix_ms_now(),
             io_backend: backend,
             data_file: paths::DATA_FILE.to_owned(),
             file_len,
             header_len,
-            header_crc32: crc32fast::hash(&header),
+            header_crc32: self.checksum().chunk_crc32(&header),
             data_len: layout.data_len,
-            chunk_bytes: u64::try_from(chunk_bytes)
-                .map_err(|_| StoreError::Config("chunk too large".into()))?,
+            chunk_bytes: to_u64(chunk_bytes),
             chunk_crc32,
             tensors: layout.tensors.clone(),
         };
-        // What we are about to commit obeys every rule a reader checks.
-        manifest.check().map_err(|source| StoreError::Manifest {
+        let manifest_err = |source| StoreError::Manifest {
             dir: partial.to_path_buf(),
             source,
-        })?;
-        storage.write_file_synced(&partial.join(paths::MANIFEST_FILE), &manifest.to_json())?;
+        };
+        // What we are about to commit obeys every rule a reader checks.
+        manifest.check(self.format()).map_err(manifest_err)?;
+        let json = manifest.to_json().map_err(manifest_err)?;
+        storage.write_file_synced(&partial.join(paths::MANIFEST_FILE), &json)?;
         self.stop_point(id, CommitStep::ManifestSynced);
         storage.sync_dir(partial)?;
         self.stop_point(id, CommitStep::PartialDirSynced);
         storage.rename(partial, final_dir)?;
         self.stop_point(id, CommitStep::Renamed);
-        let rank_dir = final_dir.parent().unwrap_or(final_dir);
-        storage.sync_dir(rank_dir)?;
+        storage.sync_dir(&id.rank_dir(self.root()))?;
         self.stop_point(id, CommitStep::Committed);
         tracing::info!(snapshot = %id, bytes = file_len, tensors = layout.tensors.len(), %backend, "snapshot committed");
         Ok(Committed {
@@ -197,7 +221,9 @@ impl Store {
         })
     }
 
-    /// Writes header and data; returns the CRC32 of each data chunk.
+    /// Writes header and data, trims the file to its length and syncs it
+    /// (all fenced by the pipeline: nothing touches the file after its first
+    /// error); returns the CRC32 of each data chunk.
     #[expect(
         clippy::too_many_arguments,
         reason = "one call site; the pieces of one write"
@@ -213,15 +239,22 @@ impl Store {
         mut source: Source<'_>,
     ) -> Result<Vec<u32>, StoreError> {
         let pool = self.pool();
+        let checksum = &**self.checksum();
         let chunk_bytes = pool.buf_bytes();
         let qd = self.config().queue_depth;
         let lease_len = match source {
             // Pool buffers carry only the header and the padded tail.
-            Source::Memory(_) => 2,
+            Source::Memory(_) | Source::Shared(_) => 2,
             Source::Stream(_) => qd.min(pool.capacity() / 2).max(2),
         };
-        let lease = pool.lease(lease_len)?;
+        let lease = self.lease(lease_len)?;
         let mut pipe = Pipeline::new(file, lease, path);
+        // Shared bytes are checksummed through a private copy, a piece at a
+        // time (the memory may not be borrowed as a slice).
+        let mut bounce = match source {
+            Source::Shared(_) => vec![0u8; CRC_BOUNCE_BYTES.min(chunk_bytes)],
+            Source::Memory(_) | Source::Stream(_) => Vec::new(),
+        };
 
         for (piece_index, piece) in header.chunks(chunk_bytes).enumerate() {
             let mut buf = pipe.take_buffer()?;
@@ -229,29 +262,30 @@ impl Store {
             let (dst, _) = space.split_at_mut(piece.len());
             dst.copy_from_slice(piece);
             buf.set_filled(piece.len());
-            let offset = u64::try_from(piece_index * chunk_bytes).unwrap_or(u64::MAX);
+            let offset = to_u64(piece_index * chunk_bytes);
             pipe.submit(OpKind::Write, offset, piece.len(), IoBuf::Pooled(buf), 0)?;
         }
 
-        let chunk = u64::try_from(chunk_bytes).unwrap_or(u64::MAX);
+        let chunk = to_u64(chunk_bytes);
         let chunk_count = gpusnap_kernels::reference::chunk_count(data_len, chunk);
-        let mut crcs = Vec::with_capacity(usize::try_from(chunk_count).unwrap_or(0));
+        let mut crcs = Vec::with_capacity(to_usize(chunk_count));
         for index in 0..chunk_count {
             let start = index * chunk;
-            let len = usize::try_from((data_len - start).min(chunk)).unwrap_or(chunk_bytes);
+            let len = to_usize((data_len - start).min(chunk));
             let padded = len.next_multiple_of(IO_ALIGN_BYTES);
             let offset = header_len + start;
+            let begin = to_usize(start);
             match &mut source {
                 Source::Memory(mem) => {
-                    let begin = usize::try_from(start).unwrap_or(usize::MAX);
                     let Some(bytes) = mem.get(begin..begin + len) else {
                         unreachable!("source length was checked against the layout");
                     };
                     if padded == len {
                         // SAFETY: `bytes` is borrowed from the caller for this
                         // whole call, and the pipeline drains every transfer
-                        // before `write_data_file` returns (or its Drop runs),
-                        // so the kernel reads it only while it is alive.
+                        // before `write_data_file` returns (or its Drop runs,
+                        // or the data file's Drop waits out what is left), so
+                        // the kernel reads it only while it is alive.
                         let region = unsafe { RawRegion::new(bytes.as_ptr().cast_mut(), len) };
                         pipe.submit(OpKind::Write, offset, len, IoBuf::Borrowed(region), index)?;
                     } else {
@@ -264,7 +298,35 @@ impl Store {
                         pipe.submit(OpKind::Write, offset, padded, IoBuf::Pooled(buf), index)?;
                     }
                     // Computed while the transfer is in flight.
-                    crcs.push(gpusnap_kernels::reference::chunk_crc32(bytes));
+                    crcs.push(checksum.chunk_crc32(bytes));
+                }
+                Source::Shared(mem) => {
+                    let piece = mem.subrange(begin, len)?;
+                    if padded == len {
+                        // SAFETY: the handle's contract keeps the bytes mapped
+                        // for its lifetime, which outlives this call; the
+                        // pipeline drains every transfer before this call
+                        // returns (or its Drop runs, or the data file's Drop
+                        // waits out what is left), and the kernel only reads
+                        // the region.
+                        let region = unsafe { piece.raw_region() };
+                        pipe.submit(OpKind::Write, offset, len, IoBuf::Borrowed(region), index)?;
+                        // Computed while the transfer is in flight, from the
+                        // bytes as the daemon reads them: if the trainer
+                        // writes them meanwhile, the CRC exposes it.
+                        crcs.push(piece.crc32(checksum, &mut bounce));
+                    } else {
+                        // The padded tail: copied out once, and the CRC is of
+                        // exactly the copy written.
+                        let mut buf = pipe.take_buffer()?;
+                        let space = buf.space_mut();
+                        let (dst, rest) = space.split_at_mut(len);
+                        piece.copy_to(0, dst)?;
+                        crcs.push(checksum.chunk_crc32(dst));
+                        rest.fill(0);
+                        buf.set_filled(len);
+                        pipe.submit(OpKind::Write, offset, padded, IoBuf::Pooled(buf), index)?;
+                    }
                 }
                 Source::Stream(fill) => {
                     let mut buf = pipe.take_buffer()?;
@@ -278,7 +340,7 @@ impl Store {
                             source,
                         });
                     }
-                    crcs.push(gpusnap_kernels::reference::chunk_crc32(dst));
+                    crcs.push(checksum.chunk_crc32(dst));
                     if let Some(pad) = rest.get_mut(..padded - len) {
                         pad.fill(0);
                     }
@@ -288,7 +350,10 @@ impl Store {
             }
         }
         pipe.drain()?;
-        debug_assert_eq!(u64::try_from(crcs.len()).ok(), Some(chunk_count));
+        assert_eq!(to_u64(crcs.len()), chunk_count, "one CRC per chunk written");
+        self.stop_point(id, CommitStep::DataWritten);
+        pipe.set_len(header_len + data_len)?;
+        pipe.sync_data()?;
         Ok(crcs)
     }
 

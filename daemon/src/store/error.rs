@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use crate::buffer_pool::PoolError;
+use crate::shared_memory::OutOfRange;
 use crate::storage::StorageError;
 use crate::store::layout::LayoutError;
 use crate::store::manifest::ManifestError;
@@ -42,12 +43,22 @@ pub enum StoreError {
     AlreadyCommitted { id: SnapshotId },
     #[error("snapshot {id} is being written by another writer")]
     InProgress { id: SnapshotId },
-    #[error("snapshot {id} not found")]
-    NotFound { id: SnapshotId },
+    /// No committed snapshot of (job, rank) at `step`, or at all when
+    /// `step` is `None` (the newest was asked for).
+    #[error("{}", not_found(.job, *.rank, *.step))]
+    NotFound {
+        job: String,
+        rank: u32,
+        step: Option<u64>,
+    },
+    #[error("snapshot {id}: rank {} is not below world size {world_size}", .id.rank)]
+    RankOutsideWorld { id: SnapshotId, world_size: u32 },
     #[error("source holds {actual} bytes but the tensors need {expected}")]
     SourceLength { expected: u64, actual: u64 },
     #[error("source memory at {addr:#x} is not 4096-byte aligned")]
     SourceAlignment { addr: usize },
+    #[error("shared memory: {0}")]
+    SharedRange(#[from] OutOfRange),
     #[error("snapshot {id}: the source failed at data offset {offset}: {source}")]
     Source {
         id: SnapshotId,
@@ -98,8 +109,34 @@ pub enum StoreError {
         #[source]
         source: SourceError,
     },
+    #[error("{path}: a direct read is not possible here ({why}); read through the store's buffers")]
+    DirectReadUnsupported {
+        path: PathBuf,
+        why: DirectReadBlocker,
+    },
     #[error("bad store configuration: {0}")]
     Config(String),
+}
+
+/// Why a snapshot cannot be read straight into a destination (O_DIRECT
+/// into the caller's memory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DirectReadBlocker {
+    #[error("the destination at {addr:#x} is not 4096-byte aligned")]
+    UnalignedDestination { addr: usize },
+    #[error("the destination holds {len} bytes, the padded data section needs {needed}")]
+    DestinationTooSmall { len: usize, needed: u64 },
+    #[error("chunks of {chunk_bytes} bytes are not 4096-byte multiples")]
+    UnalignedChunks { chunk_bytes: u64 },
+    #[error("the data section is empty")]
+    EmptyDataSection,
+}
+
+fn not_found(job: &str, rank: u32, step: Option<u64>) -> String {
+    match step {
+        Some(step) => format!("snapshot {job}/{rank}/step-{step} not found"),
+        None => format!("no snapshot of {job}/{rank} found"),
+    }
 }
 
 impl StoreError {

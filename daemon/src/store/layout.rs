@@ -74,24 +74,19 @@ impl Layout {
             return Err(LayoutError::TooManyTensors { count: specs.len() });
         }
         let mut seen = HashSet::with_capacity(specs.len());
-        let mut order: Vec<(usize, u64)> = Vec::with_capacity(specs.len());
-        for (index, spec) in specs.iter().enumerate() {
+        let mut order: Vec<(&TensorSpec, u64)> = Vec::with_capacity(specs.len());
+        for spec in specs {
             let len = spec.validate()?;
             if !seen.insert(spec.name.as_str()) {
                 return Err(LayoutError::DuplicateName(spec.name.clone()));
             }
-            order.push((index, len));
+            order.push((spec, len));
         }
         // Stable: registration order within one element size.
-        order.sort_by_key(|&(index, _)| {
-            std::cmp::Reverse(specs.get(index).map_or(0, |s| s.dtype.size_bytes()))
-        });
+        order.sort_by_key(|&(spec, _)| std::cmp::Reverse(spec.dtype.size_bytes()));
         let mut offset = 0u64;
         let mut tensors = Vec::with_capacity(specs.len());
-        for (index, len) in order {
-            let Some(spec) = specs.get(index) else {
-                unreachable!("index comes from enumerate over specs");
-            };
+        for (spec, len) in order {
             tensors.push(TensorEntry {
                 name: spec.name.clone(),
                 dtype: spec.dtype,

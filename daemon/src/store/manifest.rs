@@ -1,12 +1,36 @@
 //! `MANIFEST.json`: what a committed snapshot is, and how to check it.
 //!
-//! Format rules: `format_version` goes up for any change an older reader
-//! would misread (a field's meaning, the checksum, the data layout). Adding an
-//! optional field does not change it; readers ignore fields they do not know
-//! and refuse versions newer than theirs. Version 1 is the first.
+//! # Format versions, and the rules for changing the format
+//!
+//! Every manifest carries `format_version`, and the safetensors header of
+//! its data file carries the same number (`gpusnap.format_version` in
+//! `__metadata__`). A build at version N writes version N and reads every
+//! version 1..=N ([`FormatVersion`]); it refuses a newer one with
+//! [`ManifestError::UnsupportedVersion`] (so the snapshot is reported, never
+//! misread). A store holds its [`FormatVersion`], so a test can run a store
+//! of a later build against the snapshots of this one.
+//!
+//! 1. Raise [`FORMAT_VERSION`] for any change an older reader would misread
+//!    or refuse: a field's meaning or unit, the checksum or its chunking,
+//!    the data file's layout or header, a new value of a closed field
+//!    (`io_backend`, a tensor's `dtype`), a field that becomes required.
+//! 2. Adding an optional field (`#[serde(default)]`) does not change the
+//!    version: readers ignore fields they do not know.
+//! 3. Never drop an old version: a reader keeps every rule of versions
+//!    1..=N. Whatever depends on the version is a function of the
+//!    manifest's own `format_version`, never of the build's: the header a
+//!    reader rebuilds to compare byte for byte is built with the manifest's
+//!    version ([`Manifest::header_metadata`]), so the first bump does not
+//!    unlist every older snapshot.
+//! 4. Each version has a real snapshot committed under
+//!    `daemon/tests/fixtures/` (version 1: `fixtures/v1`, made by the
+//!    version-1 writer), which every later build must list, verify and read
+//!    byte for byte (`daemon/tests/format_versions.rs`). A bump adds the new
+//!    version's fixture and never regenerates an old one.
 
 use std::collections::BTreeMap;
 
+use gpusnap_proto::convert::to_u64;
 use serde::{Deserialize, Serialize};
 
 use crate::buffer_pool::IO_ALIGN_BYTES;
@@ -18,6 +42,45 @@ use crate::store::paths::{self, SnapshotId};
 pub const FORMAT_NAME: &str = "gpusnap-manifest";
 /// The manifest version this build writes and the newest it reads.
 pub const FORMAT_VERSION: u32 = 1;
+/// The oldest manifest version; every build reads it.
+pub const FORMAT_VERSION_MIN: u32 = 1;
+
+/// The manifest versions a store reads and the one it writes: a build at
+/// version N reads 1..=N and writes N.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FormatVersion(u32);
+
+impl FormatVersion {
+    /// This build's rules.
+    pub const CURRENT: FormatVersion = FormatVersion(FORMAT_VERSION);
+
+    /// The rules of a build at `version` (1 or later). Only this build's
+    /// own version is real; a later one is a simulated bump for tests,
+    /// which writes that number and reads everything up to it.
+    pub fn of_build(version: u32) -> FormatVersion {
+        assert!(
+            version >= FORMAT_VERSION_MIN,
+            "format versions start at {FORMAT_VERSION_MIN}"
+        );
+        FormatVersion(version)
+    }
+
+    /// The version written.
+    pub fn writes(self) -> u32 {
+        self.0
+    }
+
+    /// Whether a manifest of `version` is read.
+    pub fn reads(self, version: u32) -> bool {
+        (FORMAT_VERSION_MIN..=self.0).contains(&version)
+    }
+}
+
+impl Default for FormatVersion {
+    fn default() -> Self {
+        FormatVersion::CURRENT
+    }
+}
 /// Largest manifest accepted, checked before reading it.
 pub const MANIFEST_LEN_MAX: u64 = 256 << 20;
 /// Largest CRC chunk.
@@ -30,8 +93,12 @@ pub enum ManifestError {
     Parse(#[from] serde_json::Error),
     #[error("manifest format is {found:?}, not {FORMAT_NAME:?}")]
     WrongFormat { found: String },
-    #[error("manifest version {found} is newer than this build reads ({FORMAT_VERSION})")]
-    UnsupportedVersion { found: u32 },
+    #[error(
+        "manifest version {found} is not one this build reads ({FORMAT_VERSION_MIN}..={newest})"
+    )]
+    UnsupportedVersion { found: u32, newest: u32 },
+    #[error("manifest does not serialize: {0}")]
+    Serialize(#[source] serde_json::Error),
     #[error("manifest is inconsistent: {0}")]
     Inconsistent(String),
     #[error("manifest tensor table: {0}")]
@@ -79,36 +146,40 @@ impl Manifest {
         }
     }
 
-    /// The metadata written into the safetensors header (`__metadata__`).
+    /// The metadata written into the safetensors header (`__metadata__`),
+    /// of this manifest's own format version (rule 3 of the module doc).
     pub fn header_metadata(&self) -> BTreeMap<String, String> {
-        header_metadata(&self.id(), self.world_size)
+        header_metadata(&self.id(), self.world_size, self.format_version)
     }
 
-    pub fn to_json(&self) -> Vec<u8> {
-        // A struct of strings, integers and enums always serializes.
-        let mut out = serde_json::to_vec_pretty(self).unwrap_or_default();
+    /// The manifest as written to disk: pretty JSON and a newline.
+    pub fn to_json(&self) -> Result<Vec<u8>, ManifestError> {
+        let mut out = serde_json::to_vec_pretty(self).map_err(ManifestError::Serialize)?;
         out.push(b'\n');
-        out
+        Ok(out)
     }
 
-    /// Parses and checks internal consistency (not yet against the file).
-    pub fn parse(bytes: &[u8]) -> Result<(Manifest, Layout), ManifestError> {
+    /// Parses and checks internal consistency (not yet against the file),
+    /// reading the versions `format` reads.
+    pub fn parse(bytes: &[u8], format: FormatVersion) -> Result<(Manifest, Layout), ManifestError> {
         let manifest: Manifest = serde_json::from_slice(bytes)?;
-        let layout = manifest.check()?;
+        let layout = manifest.check(format)?;
         Ok((manifest, layout))
     }
 
-    /// Every rule a manifest obeys, whoever wrote it.
-    pub fn check(&self) -> Result<Layout, ManifestError> {
+    /// Every rule a manifest obeys, whoever wrote it, for a reader of
+    /// `format`.
+    pub fn check(&self, format: FormatVersion) -> Result<Layout, ManifestError> {
         let bad = |why: String| Err(ManifestError::Inconsistent(why));
         if self.format != FORMAT_NAME {
             return Err(ManifestError::WrongFormat {
                 found: self.format.clone(),
             });
         }
-        if self.format_version == 0 || self.format_version > FORMAT_VERSION {
+        if !format.reads(self.format_version) {
             return Err(ManifestError::UnsupportedVersion {
                 found: self.format_version,
+                newest: format.writes(),
             });
         }
         if paths::validate_job(&self.job).is_err() {
@@ -143,7 +214,7 @@ impl Manifest {
             return bad(format!("chunk size {} is not valid", self.chunk_bytes));
         }
         let chunks = gpusnap_kernels::reference::chunk_count(self.data_len, self.chunk_bytes);
-        if u64::try_from(self.chunk_crc32.len()).ok() != Some(chunks) {
+        if to_u64(self.chunk_crc32.len()) != chunks {
             return bad(format!(
                 "{} chunk CRCs for {chunks} chunks",
                 self.chunk_crc32.len()
@@ -173,8 +244,12 @@ impl Manifest {
     }
 }
 
-/// The safetensors `__metadata__` of a snapshot.
-pub fn header_metadata(id: &SnapshotId, world_size: u32) -> BTreeMap<String, String> {
+/// The safetensors `__metadata__` of a snapshot of `format_version`.
+pub fn header_metadata(
+    id: &SnapshotId,
+    world_size: u32,
+    format_version: u32,
+) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("format".to_owned(), "pt".to_owned()),
         ("gpusnap.job".to_owned(), id.job.clone()),
@@ -183,7 +258,7 @@ pub fn header_metadata(id: &SnapshotId, world_size: u32) -> BTreeMap<String, Str
         ("gpusnap.world_size".to_owned(), world_size.to_string()),
         (
             "gpusnap.format_version".to_owned(),
-            FORMAT_VERSION.to_string(),
+            format_version.to_string(),
         ),
     ])
 }
@@ -227,10 +302,42 @@ mod tests {
     #[test]
     fn round_trips_through_json() {
         let m = sample();
-        let (parsed, layout) = Manifest::parse(&m.to_json()).expect("parse");
+        let (parsed, layout) =
+            Manifest::parse(&m.to_json().expect("json"), FormatVersion::CURRENT).expect("parse");
         assert_eq!(parsed, m);
         assert_eq!(layout.data_len, 9000);
         assert_eq!(m.chunk_range(2), (8192, 9000));
+    }
+
+    #[test]
+    fn a_build_reads_every_version_up_to_its_own_and_refuses_newer() {
+        let v1 = FormatVersion::CURRENT;
+        let v2 = FormatVersion::of_build(2);
+        assert_eq!((v1.writes(), v2.writes()), (1, 2));
+        let mut m = sample();
+        let json = m.to_json().expect("json");
+        assert!(Manifest::parse(&json, v1).is_ok());
+        assert!(Manifest::parse(&json, v2).is_ok(), "v2 reads v1");
+        m.format_version = 2;
+        let json = m.to_json().expect("json");
+        assert!(Manifest::parse(&json, v2).is_ok());
+        assert!(matches!(
+            Manifest::parse(&json, v1),
+            Err(ManifestError::UnsupportedVersion {
+                found: 2,
+                newest: 1
+            })
+        ));
+        m.format_version = 0;
+        assert!(Manifest::parse(&m.to_json().expect("json"), v2).is_err());
+    }
+
+    #[test]
+    fn the_header_metadata_carries_the_manifests_own_version() {
+        let mut m = sample();
+        assert_eq!(m.header_metadata()["gpusnap.format_version"], "1");
+        m.format_version = 2;
+        assert_eq!(m.header_metadata()["gpusnap.format_version"], "2");
     }
 
     #[test]
@@ -250,8 +357,11 @@ mod tests {
         for (what, mutate) in cases {
             let mut m = sample();
             mutate(&mut m);
-            assert!(Manifest::parse(&m.to_json()).is_err(), "{what}");
+            assert!(
+                Manifest::parse(&m.to_json().expect("json"), FormatVersion::CURRENT).is_err(),
+                "{what}"
+            );
         }
-        assert!(Manifest::parse(b"{\"format\": 1").is_err());
+        assert!(Manifest::parse(b"{\"format\": 1", FormatVersion::CURRENT).is_err());
     }
 }

@@ -14,6 +14,23 @@
 //! * A committed snapshot is never overwritten; retention never removes the
 //!   newest listed snapshot of a (job, rank).
 //! * Memory use is the I/O buffer pool, whatever the snapshot's size.
+//! * Chunk CRCs are computed and checked only through the store's
+//!   [`ChunkChecksum`] ([`Store::checksum`]; the CPU CRC32 by default), the
+//!   seam where a GPU checksum kernel plugs in.
+//! * Memory another process writes ([`Source::Shared`],
+//!   [`Store::read_into_shared`]) is reached only through its
+//!   [`SharedBytes`](crate::shared_memory::SharedBytes) handle, never as a
+//!   Rust reference.
+//!
+//! The write path: the safetensors header and a data section's padded tail
+//! go through pool buffers; the rest of a `Memory` or `Shared` source is
+//! written with O_DIRECT straight from its memory (no copy), its CRC
+//! computed meanwhile (over the slice for private memory, through the
+//! handle's small bounce buffer for shared memory); a `Stream` source fills
+//! pool buffers. The read path: chunks through pool buffers, checked before
+//! they are handed out ([`Store::read`]), or O_DIRECT straight into the
+//! destination, every chunk checked before Ok ([`Store::read_into`],
+//! [`Store::read_into_shared`]).
 
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
@@ -29,20 +46,22 @@ mod read;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
+use gpusnap_kernels::{ChunkChecksum, CpuCrc32};
 use gpusnap_proto::TensorSpec;
 use serde::{Deserialize, Serialize};
 
-use crate::buffer_pool::{BufferPool, IO_ALIGN_BYTES};
+use crate::buffer_pool::{BufferPool, IO_ALIGN_BYTES, Lease};
 use crate::storage::Storage;
 use crate::storage::os::OsStorage;
 use crate::storage::probe::BackendChoice;
 
 pub use catalog::{Invalid, Listing};
 pub use commit::{Committed, Source};
-pub use error::{Fill, Sink, SourceError, StoreError};
+pub use error::{DirectReadBlocker, Fill, Sink, SourceError, StoreError};
 pub use layout::{Layout, TensorEntry};
-pub use manifest::Manifest;
+pub use manifest::{FormatVersion, Manifest};
 pub use paths::SnapshotId;
 pub use read::{Snapshot, VerifyReport};
 
@@ -65,6 +84,12 @@ pub struct StoreConfig {
     /// sources, reads).
     pub io_pool_bytes: usize,
 }
+
+/// Longest a snapshot or a read waits for its I/O buffers while other
+/// snapshots and reads hold them, before it fails with
+/// [`PoolError::Timeout`](crate::buffer_pool::PoolError::Timeout): long
+/// enough for another lane to finish a large snapshot, short of forever.
+pub const POOL_WAIT_MAX: Duration = Duration::from_secs(300);
 
 impl Default for StoreConfig {
     fn default() -> Self {
@@ -158,6 +183,9 @@ pub struct Store {
     pool: BufferPool,
     stop_point: Option<StopPoint>,
     writing: Mutex<HashSet<SnapshotId>>,
+    format: FormatVersion,
+    checksum: Arc<dyn ChunkChecksum>,
+    pool_wait: Duration,
 }
 
 impl std::fmt::Debug for Store {
@@ -165,6 +193,8 @@ impl std::fmt::Debug for Store {
         f.debug_struct("Store")
             .field("root", &self.config.root)
             .field("backend", &self.storage.backend())
+            .field("format", &self.format)
+            .field("checksum", &self.checksum.name())
             .finish_non_exhaustive()
     }
 }
@@ -178,6 +208,19 @@ impl Store {
         let pool = BufferPool::new(config.io_pool_bytes, config.io_buffer_bytes)?;
         let storage = OsStorage::open(&config.root, config.io_backend, pool.clone())?;
         Store::with_storage(config, Arc::new(storage), pool)
+    }
+
+    /// As [`Store::open`], with the real storage wrapped by `wrap` (the
+    /// daemon's test-only latency backend:
+    /// `|s| Arc::new(DelayedStorage::new(s, specs))`).
+    pub fn open_wrapped(
+        config: StoreConfig,
+        wrap: impl FnOnce(Arc<dyn Storage>) -> Arc<dyn Storage>,
+    ) -> Result<Store, StoreError> {
+        config.validate()?;
+        let pool = BufferPool::new(config.io_pool_bytes, config.io_buffer_bytes)?;
+        let storage = OsStorage::open(&config.root, config.io_backend, pool.clone())?;
+        Store::with_storage(config, wrap(Arc::new(storage)), pool)
     }
 
     /// Opens the store for reading only (the CLI's `inspect` and `verify`):
@@ -200,7 +243,7 @@ impl Store {
         config.validate()?;
         if pool.buf_bytes() != config.io_buffer_bytes {
             return Err(StoreError::Config(format!(
-                "store.io_buffer_bytes is {} but the pool's buffers are {}",
+                "store.io_buffer_bytes: {} but the pool's buffers are {}",
                 config.io_buffer_bytes,
                 pool.buf_bytes()
             )));
@@ -217,12 +260,46 @@ impl Store {
             pool,
             stop_point: None,
             writing: Mutex::new(HashSet::new()),
+            format: FormatVersion::CURRENT,
+            checksum: Arc::new(CpuCrc32),
+            pool_wait: POOL_WAIT_MAX,
         }
     }
 
     /// Installs a hook called at each commit step.
     pub fn set_stop_point(&mut self, hook: StopPoint) {
         self.stop_point = Some(hook);
+    }
+
+    /// The manifest versions this store reads and the one it writes.
+    pub fn format(&self) -> FormatVersion {
+        self.format
+    }
+
+    /// Makes this store read and write as a build of `format` would (tests
+    /// simulate a format bump with it; production keeps
+    /// [`FormatVersion::CURRENT`]).
+    pub fn set_format(&mut self, format: FormatVersion) {
+        self.format = format;
+    }
+
+    /// The chunk checksum every commit and read goes through; the hot tier
+    /// uses the same.
+    pub fn checksum(&self) -> &Arc<dyn ChunkChecksum> {
+        &self.checksum
+    }
+
+    /// Sets how long a snapshot or a read waits for pool buffers
+    /// ([`POOL_WAIT_MAX`] unless set).
+    pub fn set_pool_wait(&mut self, wait: Duration) {
+        self.pool_wait = wait;
+    }
+
+    /// Replaces the chunk checksum (a GPU kernel, or a test's counting
+    /// one). It must compute exactly the CRC32 of
+    /// `gpusnap_kernels::reference`, or every snapshot reads as corrupt.
+    pub fn set_checksum(&mut self, checksum: Arc<dyn ChunkChecksum>) {
+        self.checksum = checksum;
     }
 
     pub fn root(&self) -> &Path {
@@ -276,6 +353,11 @@ impl Store {
         if let Some(hook) = &self.stop_point {
             hook(id, step);
         }
+    }
+
+    /// `count` pool buffers, waiting at most the pool wait for them.
+    pub(crate) fn lease(&self, count: usize) -> Result<Lease, StoreError> {
+        Ok(self.pool.lease(count, Instant::now() + self.pool_wait)?)
     }
 }
 

@@ -1,4 +1,10 @@
 //! Names on disk: `<root>/<job>/<rank>/step-<N>/` and what is valid in them.
+//!
+//! Besides job directories the root holds `.claiming-<job>` directories
+//! while a job is being claimed (see `owners`): a job directory appears
+//! only by renaming one of those, its OWNER already inside. Their names
+//! start with a dot, which no job name may, so they are never listed as
+//! jobs; start-up recovery removes any a crash left.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -17,6 +23,13 @@ pub const DATA_FILE: &str = "state.safetensors";
 pub const MANIFEST_FILE: &str = "MANIFEST.json";
 /// Longest job name, in bytes.
 pub const JOB_NAME_LEN_MAX: usize = 128;
+/// Prefix of a job directory being built by a claim, in the root.
+pub const CLAIM_PREFIX: &str = ".claiming-";
+
+/// The name a claim builds `job`'s directory under before renaming it.
+pub fn claim_dir_name(job: &str) -> String {
+    format!("{CLAIM_PREFIX}{job}")
+}
 
 /// Why a job name or snapshot id is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -115,6 +128,13 @@ fn parse_canonical_u64(digits: &str) -> Option<u64> {
 )]
 mod tests {
     use super::*;
+
+    #[test]
+    fn claim_directories_are_never_job_names() {
+        let name = claim_dir_name("llama-7b");
+        assert_eq!(name, ".claiming-llama-7b");
+        assert!(validate_job(&name).is_err());
+    }
 
     #[test]
     fn layout_matches_design() {

@@ -1,8 +1,20 @@
 //! Keeps a data file's queue full: submits aligned transfers, reaps
 //! completions, recycles pool buffers, and stops at the first error.
 //!
-//! After the first failed or short transfer the file is dead: nothing more is
-//! submitted to it, what is in flight is drained, and the error is returned.
+//! Every transfer is 4096-aligned in file offset, length and memory address
+//! (asserted in [`Pipeline::submit`], whatever the backend). After the first
+//! failed or short transfer, or failed `set_len`/`sync_data`, the file is
+//! dead: nothing more is submitted to it, nor is it trimmed or synced (the
+//! pipeline fences every operation on it, as redb's file wrapper does),
+//! what is in flight is drained, and the error is returned with its OS
+//! error intact (the offset beside it as a field).
+//!
+//! Every loop here is bounded. Each turn of a wait either gets back at least
+//! one completion (so at most as many turns as operations in flight) or
+//! ends with the file's first error; a failed `reap` (the backend cannot
+//! wait any more: a stall, a failing `io_uring_enter`, workers gone) fails
+//! the file and nothing is reaped from it again: whatever is still in
+//! flight is left to the data file's own bounded `Drop`.
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +28,8 @@ pub(crate) struct Pipeline<'f> {
     lease: Lease,
     path: PathBuf,
     failed: Option<StoreError>,
+    /// A reap failed: the file cannot give its operations back any more.
+    wedged: bool,
     /// Completions of reads kept for the caller, in completion order.
     done_reads: Vec<Completion>,
 }
@@ -28,6 +42,7 @@ impl<'f> Pipeline<'f> {
             lease,
             path: path.to_path_buf(),
             failed: None,
+            wedged: false,
             done_reads: Vec::new(),
         }
     }
@@ -66,18 +81,22 @@ impl<'f> Pipeline<'f> {
         buf: IoBuf,
         tag: u64,
     ) -> Result<(), StoreError> {
+        let align = IO_ALIGN_BYTES as u64;
         assert!(
-            offset.is_multiple_of(IO_ALIGN_BYTES as u64) && len.is_multiple_of(IO_ALIGN_BYTES),
+            offset.is_multiple_of(align) && len.is_multiple_of(IO_ALIGN_BYTES),
             "unaligned transfer: offset {offset} len {len}"
         );
+        assert!(
+            (buf.as_ptr() as usize).is_multiple_of(IO_ALIGN_BYTES),
+            "transfer memory at {:p} is not {IO_ALIGN_BYTES}-byte aligned",
+            buf.as_ptr()
+        );
         assert!(len <= buf.capacity(), "transfer larger than its buffer");
-        while self.file.in_flight() >= self.file.queue_depth() {
+        while self.failed.is_none() && self.file.in_flight() >= self.file.queue_depth() {
             self.reap(1);
         }
         if let Err(e) = self.check() {
-            if let IoBuf::Pooled(b) = buf {
-                self.lease.put_back(b);
-            }
+            self.recycle(buf);
             return Err(e);
         }
         self.file.submit(IoOp {
@@ -92,11 +111,32 @@ impl<'f> Pipeline<'f> {
 
     /// Waits for everything in flight; the first error, if any.
     pub(crate) fn drain(&mut self) -> Result<(), StoreError> {
-        while self.file.in_flight() > 0 {
-            let n = self.file.in_flight();
-            self.reap(n);
-        }
+        self.wait_all();
         self.check()
+    }
+
+    /// Trims the file to `len` once everything in flight is done; refused
+    /// when the file is dead, and kills it when it fails.
+    pub(crate) fn set_len(&mut self, len: u64) -> Result<(), StoreError> {
+        self.drain()?;
+        let result = self.file.set_len(len);
+        result.map_err(|e| self.dead_after(e))
+    }
+
+    /// fdatasync once everything in flight is done; refused when the file
+    /// is dead, and kills it when it fails (never retried).
+    pub(crate) fn sync_data(&mut self) -> Result<(), StoreError> {
+        self.drain()?;
+        let result = self.file.sync_data();
+        result.map_err(|e| self.dead_after(e))
+    }
+
+    /// The error of a failed `set_len`/`sync_data`; the file is dead after it.
+    fn dead_after(&mut self, e: StorageError) -> StoreError {
+        self.failed = Some(StoreError::Storage(StorageError::Dead {
+            path: self.path.clone(),
+        }));
+        StoreError::Storage(e)
     }
 
     /// Waits for at least one read to finish and returns the finished reads
@@ -140,9 +180,46 @@ impl<'f> Pipeline<'f> {
         }
     }
 
+    fn fail(&mut self, e: StoreError) {
+        if self.failed.is_none() {
+            self.failed = Some(e);
+        }
+    }
+
+    /// Reaps everything in flight (errors and all), unless the file is
+    /// wedged. Each turn returns every operation asked for, or wedges.
+    fn wait_all(&mut self) {
+        while !self.wedged && self.file.in_flight() > 0 {
+            let n = self.file.in_flight();
+            self.reap(n);
+        }
+    }
+
+    /// One reap of at least `at_least` completions, which always makes
+    /// progress: it returns that many (the backend's contract, asserted) or
+    /// fails the file for good.
     fn reap(&mut self, at_least: usize) {
-        for c in self.file.reap(at_least) {
-            self.complete(c);
+        if self.wedged {
+            return;
+        }
+        let want = at_least.min(self.file.in_flight());
+        match self.file.reap(at_least) {
+            Ok(done) => {
+                assert!(
+                    done.len() >= want,
+                    "{}: reap returned {} of the {want} completions it must wait for",
+                    self.path.display(),
+                    done.len()
+                );
+                for c in done {
+                    self.complete(c);
+                }
+            }
+            Err(e) => {
+                self.wedged = true;
+                tracing::error!(path = %self.path.display(), error = %e, in_flight = self.file.in_flight(), "the data file cannot wait for its transfers; failing it");
+                self.fail(StoreError::Storage(e));
+            }
         }
     }
 
@@ -152,48 +229,43 @@ impl<'f> Pipeline<'f> {
             OpKind::Write => "write",
             OpKind::Read => "read",
         };
-        let error = match &result {
-            Err(e) => Some(StoreError::Storage(StorageError::io(
-                op_name,
-                &self.path,
-                std::io::Error::new(e.kind(), format!("at offset {}: {e}", op.offset)),
-            ))),
+        match result {
+            Err(e) => {
+                self.fail(StoreError::Storage(StorageError::io_at(
+                    op_name, &self.path, op.offset, e,
+                )));
+                self.recycle(op.buf);
+            }
             // Reads may stop short at the end of the file; the reader checks.
-            Ok(n) if op.kind == OpKind::Write && *n != op.len => Some(StoreError::ShortTransfer {
-                op: op_name,
-                path: self.path.clone(),
-                offset: op.offset,
-                expected: op.len,
-                done: *n,
-            }),
-            Ok(_) => None,
-        };
-        if let Some(e) = error
-            && self.failed.is_none()
-        {
-            self.failed = Some(e);
+            Ok(n) if op.kind == OpKind::Write && n != op.len => {
+                self.fail(StoreError::ShortTransfer {
+                    op: op_name,
+                    path: self.path.clone(),
+                    offset: op.offset,
+                    expected: op.len,
+                    done: n,
+                });
+                self.recycle(op.buf);
+            }
+            Ok(n) if op.kind == OpKind::Read && self.failed.is_none() => {
+                self.done_reads.push(Completion { op, result: Ok(n) });
+            }
+            Ok(_) => self.recycle(op.buf),
         }
-        match op.kind {
-            OpKind::Read if self.failed.is_none() => {
-                self.done_reads.push(Completion { op, result })
-            }
-            _ => {
-                if let IoBuf::Pooled(b) = op.buf {
-                    self.lease.put_back(b);
-                }
-            }
+    }
+
+    fn recycle(&mut self, buf: IoBuf) {
+        if let IoBuf::Pooled(b) = buf {
+            self.lease.put_back(b);
         }
     }
 }
 
 impl Drop for Pipeline<'_> {
     fn drop(&mut self) {
-        // Buffers and borrowed memory must not be touched after we return.
-        while self.file.in_flight() > 0 {
-            let n = self.file.in_flight();
-            for c in self.file.reap(n) {
-                drop(c);
-            }
-        }
+        // Buffers and borrowed memory must not be touched after we return:
+        // wait for everything (bounded: see the module doc); a wedged file's
+        // own `Drop` waits for (or abandons) what is left.
+        self.wait_all();
     }
 }

@@ -4,17 +4,21 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::buffer_pool::IO_ALIGN_BYTES;
-use crate::storage::{IoBuf, OpKind, RawRegion};
+use gpusnap_kernels::ChunkChecksum;
+use gpusnap_proto::convert::{to_u64, to_usize};
+
+use crate::buffer_pool::{IO_ALIGN_BYTES, PoolBuf};
+use crate::shared_memory::{CRC_BOUNCE_BYTES, SharedBytes};
+use crate::storage::{Completion, IoBuf, OpKind, StorageError};
 use crate::store::Store;
-use crate::store::error::{Sink, StoreError};
+use crate::store::error::{DirectReadBlocker, Sink, StoreError};
+use crate::store::layout::Layout;
+use crate::store::manifest::{MANIFEST_LEN_MAX, Manifest, ManifestError};
+use crate::store::paths::{self, SnapshotId};
+use crate::store::pipeline::Pipeline;
 
 /// Sees each chunk, unverified, in order: `(chunk_index, bytes)`.
 type ChunkVisitor<'a> = dyn FnMut(u64, &[u8]) -> Result<(), StoreError> + 'a;
-use crate::store::layout::Layout;
-use crate::store::manifest::{MANIFEST_LEN_MAX, Manifest};
-use crate::store::paths::{self, SnapshotId};
-use crate::store::pipeline::Pipeline;
 
 /// A snapshot whose manifest parses and matches its data file (length and
 /// header). Its data is checked chunk by chunk as it is read.
@@ -36,16 +40,30 @@ impl Snapshot {
 }
 
 impl Snapshot {
-    /// Checks chunk `index`'s bytes against its CRC32 in the manifest; the
+    /// Checks chunk `index`'s bytes against its CRC32 in the manifest.
+    fn check_chunk(
+        &self,
+        index: u64,
+        bytes: &[u8],
+        checksum: &dyn ChunkChecksum,
+    ) -> Result<(), StoreError> {
+        self.check_crc(index, checksum.chunk_crc32(bytes))
+    }
+
+    /// Checks the CRC32 `found` of chunk `index` against the manifest; the
     /// error names the chunk, its byte range and the tensors in it.
-    fn check_chunk(&self, index: u64, bytes: &[u8]) -> Result<(), StoreError> {
+    fn check_crc(&self, index: u64, found: u32) -> Result<(), StoreError> {
         let m = &self.manifest;
-        let expected = m
-            .chunk_crc32
-            .get(usize::try_from(index).unwrap_or(usize::MAX))
-            .copied();
-        let found = gpusnap_kernels::reference::chunk_crc32(bytes);
-        if expected == Some(found) {
+        let Some(&expected) = m.chunk_crc32.get(to_usize(index)) else {
+            return Err(StoreError::Manifest {
+                dir: self.dir.clone(),
+                source: ManifestError::Inconsistent(format!(
+                    "no CRC for chunk {index} of {}",
+                    m.chunk_crc32.len()
+                )),
+            });
+        };
+        if expected == found {
             return Ok(());
         }
         let (start, end) = m.chunk_range(index);
@@ -54,7 +72,7 @@ impl Snapshot {
             chunk: index,
             start,
             end,
-            expected: expected.unwrap_or(0),
+            expected,
             found,
             tensors: self.layout.tensors_in(start, end),
         })
@@ -95,10 +113,10 @@ impl Store {
             .filter(|m| !m.is_dir)
             .map(|m| m.len);
         let Some(actual) = actual else {
-            return Err(StoreError::Storage(crate::storage::StorageError::io(
+            return Err(StoreError::Storage(StorageError::io(
                 "open",
                 &data_path,
-                std::io::Error::from(std::io::ErrorKind::NotFound),
+                std::io::Error::from_raw_os_error(libc::ENOENT),
             )));
         };
         if actual != manifest.file_len {
@@ -108,10 +126,11 @@ impl Store {
                 actual,
             });
         }
-        let header_len = usize::try_from(manifest.header_len).unwrap_or(usize::MAX);
-        let on_disk = storage.read_at(&data_path, 0, header_len)?;
+        let on_disk = storage.read_at(&data_path, 0, to_usize(manifest.header_len))?;
+        // Rebuilt with the manifest's own format version (never the
+        // build's), so every version this build reads is listed.
         let rebuilt = layout.encode_header(&manifest.header_metadata())?;
-        if on_disk != rebuilt || crc32fast::hash(&on_disk) != manifest.header_crc32 {
+        if on_disk != rebuilt || self.checksum().chunk_crc32(&on_disk) != manifest.header_crc32 {
             return Err(StoreError::HeaderCorrupt {
                 path: data_path,
                 header_len: manifest.header_len,
@@ -149,7 +168,7 @@ impl Store {
             dir: dir.to_path_buf(),
             source,
         };
-        let (manifest, layout) = Manifest::parse(&bytes).map_err(manifest_err)?;
+        let (manifest, layout) = Manifest::parse(&bytes, self.format()).map_err(manifest_err)?;
         if let Some(id) = expected {
             manifest.check_place(id).map_err(manifest_err)?;
         }
@@ -166,7 +185,11 @@ impl Store {
         let dir = id.dir(self.root());
         match self.read_manifest(&dir, Some(id)) {
             Err(StoreError::ManifestMissing { .. }) if self.storage().metadata(&dir)?.is_none() => {
-                Err(StoreError::NotFound { id: id.clone() })
+                Err(StoreError::NotFound {
+                    job: id.job.clone(),
+                    rank: id.rank,
+                    step: Some(id.step),
+                })
             }
             other => other,
         }
@@ -179,8 +202,9 @@ impl Store {
     pub fn read(&self, snapshot: &Snapshot, sink: &mut Sink<'_>) -> Result<(), StoreError> {
         let path = snapshot.data_path();
         let m = &snapshot.manifest;
+        let checksum = &**self.checksum();
         self.read_chunks(snapshot, &mut |index, bytes| {
-            snapshot.check_chunk(index, bytes)?;
+            snapshot.check_chunk(index, bytes, checksum)?;
             let (start, _) = m.chunk_range(index);
             sink(start, bytes).map_err(|source| StoreError::Sink {
                 path: path.clone(),
@@ -195,78 +219,111 @@ impl Store {
     /// returns Ok. `dst` must start 4096-aligned and hold the data section
     /// rounded up to 4096 bytes (the last transfer is padded); the chunks
     /// must be 4096-byte multiples. Otherwise, or for an empty section,
-    /// [`StoreError::Config`] says why and [`Store::read`] is the way.
+    /// [`StoreError::DirectReadUnsupported`] says why and [`Store::read`] is
+    /// the way.
     pub fn read_into(&self, snapshot: &Snapshot, dst: &mut [u8]) -> Result<(), StoreError> {
+        let checksum = &**self.checksum();
+        let target = SharedBytes::from_private(dst);
+        self.read_direct(snapshot, target, &mut |piece| {
+            // SAFETY: `piece` lies inside `dst`, private memory this call
+            // borrows exclusively; its read has completed, so nothing writes
+            // those bytes while the slice lives (reads in flight cover other
+            // chunks).
+            let bytes = unsafe { std::slice::from_raw_parts(piece.as_ptr(), piece.len()) };
+            checksum.chunk_crc32(bytes)
+        })
+    }
+
+    /// As [`Store::read_into`], into memory another process may write (a
+    /// staging slot): O_DIRECT into the region, and every chunk's CRC32
+    /// checked through the handle (never a slice over the shared bytes)
+    /// before Ok. The preconditions and the errors are `read_into`'s.
+    pub fn read_into_shared(
+        &self,
+        snapshot: &Snapshot,
+        dst: SharedBytes<'_>,
+    ) -> Result<(), StoreError> {
+        let checksum = &**self.checksum();
+        let chunk_bytes = to_usize(snapshot.manifest.chunk_bytes).max(1);
+        let mut bounce = vec![0u8; CRC_BOUNCE_BYTES.min(chunk_bytes)];
+        self.read_direct(snapshot, dst, &mut |piece| {
+            piece.crc32(checksum, &mut bounce)
+        })
+    }
+
+    /// The direct read: O_DIRECT of every chunk into its place in `dst`,
+    /// `queue_depth` in flight, each chunk's CRC32 (`crc_of` its bytes)
+    /// checked as it completes while later reads are in flight.
+    fn read_direct(
+        &self,
+        snapshot: &Snapshot,
+        dst: SharedBytes<'_>,
+        crc_of: &mut dyn FnMut(SharedBytes<'_>) -> u32,
+    ) -> Result<(), StoreError> {
         let m = &snapshot.manifest;
         let path = snapshot.data_path();
         let align = IO_ALIGN_BYTES as u64;
         let padded_len = m.data_len.next_multiple_of(align);
-        if !(dst.as_ptr() as usize).is_multiple_of(IO_ALIGN_BYTES)
-            || (dst.len() as u64) < padded_len
-            || m.chunk_bytes == 0
-            || !m.chunk_bytes.is_multiple_of(align)
-            || m.data_len == 0
-        {
-            return Err(StoreError::Config(format!(
-                "{}: a direct read needs an aligned destination of {padded_len} bytes (got {} at {:#x}) and aligned chunks (chunk {})",
-                path.display(),
-                dst.len(),
-                dst.as_ptr() as usize,
-                m.chunk_bytes
-            )));
+        let blocker = if !dst.addr().is_multiple_of(IO_ALIGN_BYTES) {
+            Some(DirectReadBlocker::UnalignedDestination { addr: dst.addr() })
+        } else if to_u64(dst.len()) < padded_len {
+            Some(DirectReadBlocker::DestinationTooSmall {
+                len: dst.len(),
+                needed: padded_len,
+            })
+        } else if m.chunk_bytes == 0 || !m.chunk_bytes.is_multiple_of(align) {
+            Some(DirectReadBlocker::UnalignedChunks {
+                chunk_bytes: m.chunk_bytes,
+            })
+        } else if m.data_len == 0 {
+            Some(DirectReadBlocker::EmptyDataSection)
+        } else {
+            None
+        };
+        if let Some(why) = blocker {
+            return Err(StoreError::DirectReadUnsupported { path, why });
         }
-        let chunk_count = u64::try_from(m.chunk_crc32.len()).unwrap_or(0);
+        let chunk_count = to_u64(m.chunk_crc32.len());
         let qd = self.config().queue_depth;
         let mut file = self.storage().open_data_file(&path, qd)?;
-        let lease = self.pool().lease(1)?;
-        let base = dst.as_mut_ptr();
-        {
-            let mut pipe = Pipeline::new(&mut *file, lease, &path);
-            let mut submitted = 0u64;
-            let mut finished = 0u64;
-            while finished < chunk_count {
-                while submitted < chunk_count && pipe.in_flight() < qd {
-                    let (start, end) = m.chunk_range(submitted);
-                    let len = usize::try_from(end - start).unwrap_or(usize::MAX);
-                    let padded = len.next_multiple_of(IO_ALIGN_BYTES);
-                    let begin = usize::try_from(start).unwrap_or(usize::MAX);
-                    assert!(
-                        begin + padded <= dst.len(),
-                        "direct read past its destination"
-                    );
-                    // SAFETY: `begin..begin + padded` lies inside `dst`
-                    // (asserted), which is borrowed mutably for this whole
-                    // call; the pipeline drains every read before this block
-                    // ends (or its Drop does), so the kernel writes it only
-                    // while the borrow lives, and nothing else touches it.
-                    let region = unsafe { RawRegion::new(base.add(begin), padded) };
-                    pipe.submit(
-                        OpKind::Read,
-                        m.header_len + start,
-                        padded,
-                        IoBuf::Borrowed(region),
-                        submitted,
-                    )?;
-                    submitted += 1;
-                }
-                for c in pipe.next_reads()? {
-                    let (start, _) = m.chunk_range(c.op.tag);
-                    let want = chunk_read_len(m, &c, &path)?;
-                    // Checked while later reads are in flight; the caller
-                    // sees none of `dst` before every chunk is checked.
-                    let begin = usize::try_from(start).unwrap_or(usize::MAX);
-                    // SAFETY: this chunk's read has completed, so the kernel
-                    // no longer writes `begin..begin + want` (inside `dst`,
-                    // asserted at submission); reads in flight cover other
-                    // chunks.
-                    let bytes = unsafe { std::slice::from_raw_parts(base.add(begin), want) };
-                    snapshot.check_chunk(c.op.tag, bytes)?;
-                    finished += 1;
-                }
+        let lease = self.lease(1)?;
+        let mut pipe = Pipeline::new(&mut *file, lease, &path);
+        let mut submitted = 0u64;
+        let mut finished = 0u64;
+        while finished < chunk_count {
+            while submitted < chunk_count && pipe.in_flight() < qd {
+                let (start, end) = m.chunk_range(submitted);
+                let padded = to_usize(end - start).next_multiple_of(IO_ALIGN_BYTES);
+                // Inside `dst`: its length was checked against the padded
+                // data section above.
+                let target = dst.subrange(to_usize(start), padded)?;
+                // SAFETY: `dst` is valid for this whole call (its maker's
+                // contract, or the caller's exclusive borrow); the pipeline
+                // waits for every read before this function returns (or its
+                // Drop does, or the data file's Drop waits out or abandons
+                // what is left), and nothing here touches a chunk's bytes
+                // before its read completed.
+                let region = unsafe { target.raw_region() };
+                pipe.submit(
+                    OpKind::Read,
+                    m.header_len + start,
+                    padded,
+                    IoBuf::Borrowed(region),
+                    submitted,
+                )?;
+                submitted += 1;
             }
-            pipe.drain()?;
+            for c in pipe.next_reads()? {
+                let (start, _) = m.chunk_range(c.op.tag);
+                let want = chunk_read_len(m, &c, &path)?;
+                // Checked while later reads are in flight; the caller sees
+                // none of `dst` before every chunk is checked.
+                let piece = dst.subrange(to_usize(start), want)?;
+                snapshot.check_crc(c.op.tag, crc_of(piece))?;
+                finished += 1;
+            }
         }
-        Ok(())
+        pipe.drain()
     }
 
     /// Re-reads every chunk of the snapshot in `dir` and reports every
@@ -287,9 +344,10 @@ impl Store {
         };
         let mut corrupt = Vec::new();
         let mut checked = 0u64;
+        let checksum = &**self.checksum();
         let result = self.read_chunks(&snapshot, &mut |index, bytes| {
             checked += 1;
-            if let Err(e) = snapshot.check_chunk(index, bytes) {
+            if let Err(e) = snapshot.check_chunk(index, bytes, checksum) {
                 corrupt.push(e);
             }
             Ok(())
@@ -314,24 +372,24 @@ impl Store {
         let path = snapshot.data_path();
         let pool = self.pool();
         let buf_bytes = pool.buf_bytes();
-        if m.chunk_bytes > u64::try_from(buf_bytes).unwrap_or(u64::MAX) {
+        if m.chunk_bytes > to_u64(buf_bytes) {
             return Err(StoreError::ChunkLargerThanBuffer {
                 path,
                 chunk_bytes: m.chunk_bytes,
                 buf_bytes,
             });
         }
-        let chunk_count = u64::try_from(m.chunk_crc32.len()).unwrap_or(0);
+        let chunk_count = to_u64(m.chunk_crc32.len());
         if chunk_count == 0 {
             return Ok(());
         }
         let qd = self.config().queue_depth;
         let mut file = self.storage().open_data_file(&path, qd)?;
-        let lease = pool.lease(qd.min(pool.capacity() / 2).max(1))?;
+        let lease = self.lease(qd.min(pool.capacity() / 2).max(1))?;
         let mut pipe = Pipeline::new(&mut *file, lease, &path);
         let mut next_submit = 0u64;
         let mut next_deliver = 0u64;
-        let mut ready: BTreeMap<u64, (crate::buffer_pool::PoolBuf, usize)> = BTreeMap::new();
+        let mut ready: BTreeMap<u64, (PoolBuf, usize)> = BTreeMap::new();
         while next_deliver < chunk_count {
             // Keep the queue full while buffers last.
             while next_submit < chunk_count && pipe.in_flight() < qd {
@@ -339,8 +397,7 @@ impl Store {
                     break;
                 };
                 let (start, end) = m.chunk_range(next_submit);
-                let len = usize::try_from(end - start).unwrap_or(usize::MAX);
-                let padded = len.next_multiple_of(IO_ALIGN_BYTES);
+                let padded = to_usize(end - start).next_multiple_of(IO_ALIGN_BYTES);
                 pipe.submit(
                     OpKind::Read,
                     m.header_len + start,
@@ -382,14 +439,13 @@ impl Store {
 
 /// The length of the chunk a finished read was for, or the error when the
 /// read moved fewer bytes (the file ends early).
-fn chunk_read_len(
-    m: &Manifest,
-    c: &crate::storage::Completion,
-    path: &Path,
-) -> Result<usize, StoreError> {
+fn chunk_read_len(m: &Manifest, c: &Completion, path: &Path) -> Result<usize, StoreError> {
     let (start, end) = m.chunk_range(c.op.tag);
-    let want = usize::try_from(end - start).unwrap_or(usize::MAX);
-    let got = c.result.as_ref().map_or(0, |n| *n);
+    let want = to_usize(end - start);
+    let got = match &c.result {
+        Ok(n) => *n,
+        Err(_) => unreachable!("the pipeline hands out successful reads only"),
+    };
     if got < want {
         return Err(StoreError::ShortTransfer {
             op: "read",

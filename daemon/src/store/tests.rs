@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use gpusnap_kernels::{ChunkChecksum, CpuCrc32};
 use gpusnap_proto::{Dtype, TensorSpec};
 
 use super::*;
@@ -74,7 +75,8 @@ fn stream_round_trip_reads_back_equal_bytes() {
     let committed = write(&store, 5, 1).expect("commit");
     assert_eq!(
         committed.manifest.io_backend,
-        crate::storage::BackendKind::Simulated
+        crate::storage::BackendKind::Buffered,
+        "the simulator reports the backend it imitates"
     );
     let snap = store.find("job", 0, None).expect("find newest");
     assert_eq!(snap.manifest.step, 5);
@@ -327,4 +329,247 @@ fn committed_manifest_reads_only_the_manifest_and_tells_missing_from_broken() {
             ..
         })
     ));
+}
+
+/// A checksum that counts what it is given and delegates to the CPU one, or
+/// (when `flip`) answers one bit off.
+#[derive(Debug, Default)]
+struct CountingChecksum {
+    bytes: std::sync::atomic::AtomicU64,
+    flip: bool,
+}
+
+impl CountingChecksum {
+    fn bytes(&self) -> u64 {
+        self.bytes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl ChunkChecksum for CountingChecksum {
+    fn name(&self) -> &'static str {
+        "counting"
+    }
+
+    fn update(&self, crc: u32, piece: &[u8]) -> u32 {
+        self.bytes
+            .fetch_add(piece.len() as u64, std::sync::atomic::Ordering::SeqCst);
+        let crc = CpuCrc32.update(crc, piece);
+        if self.flip { crc ^ 1 } else { crc }
+    }
+}
+
+/// Commit and read compute every CRC through the store's checksum, none
+/// beside it: a counting checksum sees the header and every data byte once
+/// per commit and per read, and a wrong one makes the same snapshot unread-
+/// able (the header check and every chunk fail).
+#[test]
+fn commit_and_read_checksum_only_through_the_store_checksum() {
+    let sim = SimStorage::new(Path::new(ROOT));
+    let mut store = store_on(&sim);
+    let counting = Arc::new(CountingChecksum::default());
+    store.set_checksum(counting.clone());
+    assert_eq!(store.checksum().name(), "counting");
+    let committed = write(&store, 1, 4).expect("commit");
+    let (header, data) = (committed.manifest.header_len, committed.manifest.data_len);
+    // The header and each data byte once, and the header again when
+    // retention opens the snapshots of the rank.
+    assert_eq!(counting.bytes(), 2 * header + data);
+
+    let snap = store.find("job", 0, None).expect("find");
+    assert_eq!(
+        counting.bytes(),
+        3 * header + data,
+        "finding checks the header"
+    );
+    read_all(&store, &snap).expect("read");
+    assert_eq!(
+        counting.bytes(),
+        3 * header + 2 * data,
+        "reading checks each byte"
+    );
+    assert!(store.verify(&snap.dir).is_ok());
+
+    let mut wrong = store_on(&sim);
+    wrong.set_checksum(Arc::new(CountingChecksum {
+        flip: true,
+        ..CountingChecksum::default()
+    }));
+    assert!(matches!(
+        wrong.open_dir(&snap.dir, None),
+        Err(StoreError::HeaderCorrupt { .. })
+    ));
+    let report = wrong.verify(&snap.dir);
+    assert!(!report.is_ok());
+    // With the structure vouched for by the right checksum, every chunk
+    // fails the wrong one.
+    let err = read_all(&wrong, &snap).expect_err("every chunk fails");
+    assert!(
+        matches!(err, StoreError::ChunkCorrupt { chunk: 0, .. }),
+        "{err}"
+    );
+}
+
+/// Memory another process writes goes in through `Source::Shared` and out
+/// through `read_into_shared`, on a memfd mapped twice (the trainer's and
+/// the daemon's mappings), with its CRCs computed through the handle.
+#[test]
+fn shared_memory_source_and_direct_read_round_trip_through_a_memfd() {
+    use crate::shared_memory::testing::SharedPair;
+
+    let sim = SimStorage::new(Path::new(ROOT));
+    let store = store_on(&sim);
+    let layout = Layout::plan(&tensors()).expect("layout");
+    let len = usize::try_from(layout.data_len).expect("fits");
+    let padded = len.next_multiple_of(4096);
+    let source = SharedPair::new(padded);
+    let bytes = data(layout.data_len, 6);
+    source.trainer_writes(0, &bytes);
+    let id = SnapshotId::new("job", 0, 1).expect("id");
+    let shared = source.daemon().subrange(0, len).expect("range");
+    let committed = store
+        .write_laid_out(&id, &layout, 1, Source::Shared(shared))
+        .expect("commit from shared memory");
+    assert_eq!(
+        committed.manifest.chunk_crc32,
+        gpusnap_kernels::reference::chunk_crc32s(&bytes, store.pool().buf_bytes())
+    );
+    let snap = store.find("job", 0, None).expect("find");
+    assert_eq!(read_all(&store, &snap).expect("read"), bytes);
+
+    let target = SharedPair::new(padded);
+    target.trainer_writes(0, &vec![0xAB; padded]);
+    store
+        .read_into_shared(&snap, target.daemon())
+        .expect("direct read into shared memory");
+    assert_eq!(target.trainer_reads(0, len), bytes, "the trainer sees it");
+    let empty = SharedPair::new(4096);
+    assert!(matches!(
+        store.read_into_shared(&snap, empty.daemon()),
+        Err(StoreError::DirectReadUnsupported {
+            why: DirectReadBlocker::DestinationTooSmall { .. },
+            ..
+        })
+    ));
+}
+
+/// A pool held by others makes a snapshot fail with a timeout at the
+/// store's pool wait, not wait forever; it commits once the pool is free.
+#[test]
+fn a_snapshot_waiting_on_a_busy_pool_times_out() {
+    let sim = SimStorage::new(Path::new(ROOT));
+    let mut store = store_on(&sim);
+    store.set_pool_wait(std::time::Duration::from_millis(100));
+    let held = store
+        .pool()
+        .lease(store.pool().capacity(), std::time::Instant::now())
+        .expect("every buffer");
+    let started = std::time::Instant::now();
+    let err = write(&store, 1, 1).expect_err("no buffer frees up");
+    assert!(
+        matches!(
+            err,
+            StoreError::Pool(crate::buffer_pool::PoolError::Timeout { .. })
+        ),
+        "{err}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    drop(held);
+    write(&store, 1, 1).expect("commits once the pool is free");
+}
+
+#[test]
+fn the_newest_of_nothing_is_not_found_without_a_step_zero() {
+    let sim = SimStorage::new(Path::new(ROOT));
+    let store = store_on(&sim);
+    let err = store.find("job", 3, None).expect_err("nothing there");
+    assert!(
+        matches!(
+            &err,
+            StoreError::NotFound {
+                step: None,
+                rank: 3,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(err.to_string(), "no snapshot of job/3 found");
+    write(&store, 5, 1).expect("commit");
+    let err = store.find("job", 0, Some(6)).expect_err("no step 6");
+    assert_eq!(err.to_string(), "snapshot job/0/step-6 not found");
+}
+
+/// A store of a later (simulated) format reads this build's snapshots; this
+/// build refuses the later one's, and reports it instead of listing it.
+#[test]
+fn a_bumped_store_reads_older_snapshots_and_an_older_store_refuses_newer_ones() {
+    let sim = SimStorage::new(Path::new(ROOT));
+    let v1 = store_on(&sim);
+    write(&v1, 1, 1).expect("v1 commit");
+    let mut v2 = store_on(&sim);
+    v2.set_format(FormatVersion::of_build(2));
+    let committed = write(&v2, 2, 2).expect("v2 commit");
+    assert_eq!(committed.manifest.format_version, 2);
+    let steps: Vec<(u64, u32)> = v2
+        .list(None)
+        .expect("list")
+        .snapshots
+        .iter()
+        .map(|s| (s.manifest.step, s.manifest.format_version))
+        .collect();
+    assert_eq!(steps, [(1, 1), (2, 2)]);
+    let listing = v1.list(None).expect("list");
+    assert_eq!(listing.snapshots.len(), 1);
+    assert!(matches!(
+        &listing.invalid[..],
+        [Invalid {
+            error: StoreError::Manifest {
+                source: manifest::ManifestError::UnsupportedVersion {
+                    found: 2,
+                    newest: 1
+                },
+                ..
+            },
+            ..
+        }]
+    ));
+}
+
+/// The latency backend wraps the real storage of a store: the first
+/// snapshot's fdatasync takes the delay, the second none.
+#[test]
+fn a_store_over_delayed_storage_delays_only_the_first_snapshots_sync() {
+    use crate::storage::delay::{DelaySpec, DelayedOp, DelayedStorage};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = StoreConfig {
+        root: dir.path().to_path_buf(),
+        io_backend: BackendChoice::Buffered,
+        ..config()
+    };
+    let mut delayed = None;
+    let store = Store::open_wrapped(cfg, |inner| {
+        let d = DelayedStorage::new(
+            inner,
+            vec![DelaySpec {
+                op: DelayedOp::SyncData,
+                delay_ms: 300,
+                first_n: Some(1),
+            }],
+        );
+        delayed = Some(d.clone());
+        Arc::new(d)
+    })
+    .expect("store");
+    let delayed = delayed.expect("wrapped");
+    let started = std::time::Instant::now();
+    write(&store, 1, 1).expect("commit");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    assert_eq!(delayed.delays_applied(), 1);
+    write(&store, 2, 2).expect("commit");
+    assert_eq!(delayed.delays_applied(), 1, "only the first snapshot");
+    let snap = store.find("job", 0, None).expect("find");
+    assert_eq!(
+        read_all(&store, &snap).expect("read"),
+        data(snap.layout.data_len, 2)
+    );
 }

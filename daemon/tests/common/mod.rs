@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use gpusnap::{Dtype, TensorSpec};
 use gpusnapd::buffer_pool::BufferPool;
+use gpusnapd::shared_memory::SharedBytes;
 use gpusnapd::storage::Storage;
 use gpusnapd::storage::os::OsStorage;
 use gpusnapd::storage::probe::BackendChoice;
@@ -82,6 +83,100 @@ impl Drop for Aligned {
         // SAFETY: allocated in `new` with this very layout.
         unsafe { std::alloc::dealloc(self.ptr, layout) };
     }
+}
+
+/// A memfd mapped `MAP_SHARED`, as staging memory is: reached only through
+/// its [`SharedBytes`] handle.
+pub struct SharedMemfd {
+    _fd: std::os::fd::OwnedFd,
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl SharedMemfd {
+    pub fn new(len: usize) -> Self {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let map_len = len.max(1);
+        // SAFETY: the name is a NUL-terminated string; the result is checked.
+        let raw = unsafe { libc::memfd_create(c"gpusnap-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(
+            raw >= 0,
+            "memfd_create: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: `raw` is a new descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let size = libc::off_t::try_from(map_len).expect("size");
+        // SAFETY: a valid descriptor; the result is checked.
+        let rc = unsafe { libc::ftruncate(fd.as_raw_fd(), size) };
+        assert_eq!(rc, 0, "ftruncate: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh shared mapping of our memfd at an address the
+        // kernel picks; the result is checked against MAP_FAILED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(
+            ptr,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        SharedMemfd {
+            _fd: fd,
+            ptr: ptr.cast(),
+            len,
+        }
+    }
+
+    pub fn handle(&self) -> SharedBytes<'_> {
+        // SAFETY: the mapping lives as long as `self`, readable and
+        // writable; this test reaches it only through handles.
+        unsafe { SharedBytes::new(self.ptr, self.len) }
+    }
+}
+
+impl Drop for SharedMemfd {
+    fn drop(&mut self) {
+        // SAFETY: mapped in `new` with this length; no handle outlives
+        // `self` (they borrow it).
+        let rc = unsafe { libc::munmap(self.ptr.cast(), self.len.max(1)) };
+        assert_eq!(rc, 0, "munmap");
+    }
+}
+
+/// A data section for `tensors` in a memfd mapping, filled with `seed`'s
+/// pattern.
+pub fn staged_shared(tensors: &[TensorSpec], seed: u64) -> (Layout, SharedMemfd) {
+    let layout = Layout::plan(tensors).expect("layout");
+    let len = usize::try_from(layout.data_len).expect("fits");
+    let mem = SharedMemfd::new(len);
+    let mut bytes = vec![0; len];
+    fill_pattern(seed, 0, &mut bytes);
+    mem.handle().copy_from(0, &bytes).expect("in range");
+    (layout, mem)
+}
+
+/// Writes snapshot `step` of `tensors` from a memfd mapping with `seed`'s
+/// pattern (`Source::Shared`).
+pub fn write_shared(
+    store: &Store,
+    job: &str,
+    step: u64,
+    tensors: &[TensorSpec],
+    seed: u64,
+) -> Result<(), StoreError> {
+    let (layout, mem) = staged_shared(tensors, seed);
+    let id = SnapshotId::new(job, 0, step).expect("id");
+    store
+        .write_laid_out(&id, &layout, 1, Source::Shared(mem.handle()))
+        .map(|_| ())
 }
 
 /// Byte `i` of the data section of snapshot `seed`.
