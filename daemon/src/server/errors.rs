@@ -119,7 +119,9 @@ impl Refusal {
     pub fn owner(e: &OwnerError) -> Refusal {
         let kind = match e {
             OwnerError::NotOwner { .. } => ErrorKind::PermissionDenied,
-            OwnerError::Malformed { .. } => ErrorKind::Storage,
+            // A job directory whose OWNER is missing or unreadable: nobody
+            // may use it until an operator repairs it (the message names it).
+            OwnerError::BadOwner { .. } => ErrorKind::PermissionDenied,
             OwnerError::Store(s) => return Refusal::store(s),
         };
         Refusal::new(kind, e.to_string())
@@ -160,13 +162,19 @@ pub fn wire_kind(e: &StoreError) -> ErrorKind {
         | StoreError::ChunkCorrupt { .. } => ErrorKind::Corrupt,
         StoreError::NotFound { .. } => ErrorKind::NotFound,
         StoreError::AlreadyCommitted { .. } | StoreError::InProgress { .. } => ErrorKind::Busy,
-        StoreError::Name(_) | StoreError::Layout(_) => ErrorKind::InvalidRegistration,
+        StoreError::Name(_) | StoreError::Layout(_) | StoreError::RankOutsideWorld { .. } => {
+            ErrorKind::InvalidRegistration
+        }
         StoreError::Source { source, .. } => source
             .downcast_ref::<StreamError>()
             .map_or(ErrorKind::Internal, stream_kind),
         // The daemon's own staging always matches its layout, reads feed a
-        // sink that never fails, and the rest are checked at start: a bug.
+        // sink that never fails, a direct read that cannot be done falls
+        // back before it is reported, and the rest are checked at start: a
+        // bug.
         StoreError::Sink { .. }
+        | StoreError::SharedRange(_)
+        | StoreError::DirectReadUnsupported { .. }
         | StoreError::SourceLength { .. }
         | StoreError::SourceAlignment { .. }
         | StoreError::ChunkLargerThanBuffer { .. }
@@ -178,7 +186,9 @@ fn storage_kind(e: &StorageError) -> ErrorKind {
     match e {
         StorageError::Io { .. }
         | StorageError::Dead { .. }
-        | StorageError::BackendUnavailable { .. } => ErrorKind::Storage,
+        | StorageError::BackendUnavailable { .. }
+        | StorageError::Stalled { .. }
+        | StorageError::WorkersGone { .. } => ErrorKind::Storage,
         StorageError::TooLarge { .. } => ErrorKind::Corrupt,
     }
 }
@@ -186,6 +196,7 @@ fn storage_kind(e: &StorageError) -> ErrorKind {
 fn pool_kind(e: &PoolError) -> ErrorKind {
     match e {
         PoolError::Map { .. } => ErrorKind::Storage,
+        PoolError::Timeout { .. } => ErrorKind::Timeout,
         PoolError::BadBufferSize { .. }
         | PoolError::PoolTooSmall { .. }
         | PoolError::LeaseTooLarge { .. } => ErrorKind::Internal,
@@ -250,8 +261,11 @@ mod tests {
             (full.kind, full.os_error),
             (ErrorKind::Storage, Some(OsError::ENOSPC))
         );
-        let id = SnapshotId::new("j".to_owned(), 0, 3).expect("id");
-        let missing = Refusal::store(&StoreError::NotFound { id });
+        let missing = Refusal::store(&StoreError::NotFound {
+            job: "j".to_owned(),
+            rank: 0,
+            step: Some(3),
+        });
         assert_eq!(
             (missing.kind, missing.os_error),
             (ErrorKind::NotFound, None)
