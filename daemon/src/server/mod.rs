@@ -122,6 +122,7 @@ impl Daemon {
         let budget = StagingBudget::new(config.staging.budget_bytes.0, Arc::clone(&metrics));
         let hot = Arc::new(HotTier::new(
             config.hot_tier.budget_bytes.0,
+            Arc::clone(store.checksum()),
             Arc::clone(&metrics),
         ));
         let hooks = Arc::new(Hooks::new(config.testing.as_ref()));
