@@ -703,8 +703,8 @@ mod tests {
             Arc::clone(&metrics),
         ));
         let hooks = Arc::new(Hooks::new(Some(&TestingConfig {
-            panic_once_on_request: None,
             panic_persisting_step: Some(panic_step),
+            ..TestingConfig::default()
         })));
         let engine = Engine::new(
             store,
