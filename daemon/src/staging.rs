@@ -28,8 +28,7 @@
 //! any time (a correct one only into a slot `Capturing` for it and a ring
 //! chunk it has not announced; a buggy or hostile one anywhere). The daemon
 //! therefore never forms a `&[u8]` or `&mut [u8]` over staging: it reaches
-//! a slot through a handle built on
-//! [`SharedBytes`](crate::shared_memory::SharedBytes) (raw-pointer copies,
+//! a slot through a handle built on [`SharedBytes`] (raw-pointer copies,
 //! checksums through a private bounce buffer, the raw region for O_DIRECT),
 //! and only through the slot's guard, so the handle lives no longer than
 //! the slot's state:
