@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use gpusnap_proto::{BusyPolicy, FRAME_BYTES_MAX};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::storage::delay::DelaySpec;
 use crate::store::StoreConfig;
 
 /// Default config file.
@@ -22,6 +23,11 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/gpusnap/gpusnapd.toml";
 /// The environment variable that must be `1` for a `[testing]` table to be
 /// accepted.
 pub const TESTING_ENV: &str = "GPUSNAP_TESTING";
+
+/// Longest delay `testing.delays` may give one operation: the longest wait
+/// the daemon has elsewhere (`daemon.slot_wait_s`'s default), so an injected
+/// delay is always bounded.
+pub const TESTING_DELAY_MS_MAX: u64 = 600_000;
 
 /// Request names (`RequestBody::name`), which `testing.panic_once_on_request`
 /// may name.
@@ -188,6 +194,15 @@ pub struct TestingConfig {
     /// Every persist of this step, in a lane or streamed, panics before it
     /// writes anything, as a bug would.
     pub panic_persisting_step: Option<u64>,
+    /// The latency backend: the store's storage is wrapped in a
+    /// [`DelayedStorage`](crate::storage::delay::DelayedStorage) that
+    /// delays the operations these specs name, e.g.
+    /// `[{ op = "sync_data", delay_ms = 2000, first_n = 1 }]` (the first
+    /// snapshot's fdatasync takes two seconds longer), so a test of what
+    /// happens while a persist runs does not race the disk. Each delay is
+    /// 1..=[`TESTING_DELAY_MS_MAX`] ms, and a `first_n` at least 1. Empty:
+    /// the storage is not wrapped.
+    pub delays: Vec<DelaySpec>,
 }
 
 impl TestingConfig {
@@ -195,7 +210,27 @@ impl TestingConfig {
         let TestingConfig {
             panic_once_on_request,
             panic_persisting_step: _,
+            delays,
         } = self;
+        for (index, spec) in delays.iter().enumerate() {
+            let invalid = |why: String| {
+                Err(ConfigError::Invalid {
+                    key: "testing.delays",
+                    why: format!("entry {index} ({:?}): {why}", spec.op),
+                })
+            };
+            if !(1..=TESTING_DELAY_MS_MAX).contains(&spec.delay_ms) {
+                return invalid(format!(
+                    "delay_ms {} is not in 1..={TESTING_DELAY_MS_MAX}",
+                    spec.delay_ms
+                ));
+            }
+            if spec.first_n == Some(0) {
+                return invalid(
+                    "first_n = 0 delays nothing; leave first_n out to delay every operation".into(),
+                );
+            }
+        }
         if let Some(name) = panic_once_on_request
             && !REQUEST_NAMES.contains(&name.as_str())
         {
@@ -505,9 +540,65 @@ mod tests {
         let TestingConfig {
             panic_once_on_request,
             panic_persisting_step,
+            delays,
         } = config.testing.expect("a [testing] table");
         assert!(panic_once_on_request.is_some(), "{block}");
         assert!(panic_persisting_step.is_some(), "{block}");
+        assert!(!delays.is_empty(), "{block}");
+    }
+
+    #[test]
+    fn testing_delays_are_specs_of_the_latency_backend_and_bounded() {
+        use crate::storage::delay::DelayedOp;
+        let text = "[testing]\ndelays = [{ op = \"sync_data\", delay_ms = 2000, first_n = 1 }, { op = \"data_read\", delay_ms = 5 }]\n";
+        let config: Config = toml::from_str(text).expect("parses");
+        config
+            .validate_with(Some(OsStr::new("1")))
+            .expect("valid with GPUSNAP_TESTING=1");
+        let delays = &config.testing.as_ref().expect("table").delays;
+        assert_eq!(
+            delays,
+            &[
+                DelaySpec {
+                    op: DelayedOp::SyncData,
+                    delay_ms: 2000,
+                    first_n: Some(1)
+                },
+                DelaySpec {
+                    op: DelayedOp::DataRead,
+                    delay_ms: 5,
+                    first_n: None
+                },
+            ]
+        );
+        let err = config.validate_with(None).expect_err("refused").to_string();
+        assert!(err.contains("GPUSNAP_TESTING=1"), "{err}");
+        for (bad, says) in [
+            ("{ op = \"rename\", delay_ms = 0 }", "delay_ms 0"),
+            ("{ op = \"rename\", delay_ms = 600001 }", "delay_ms 600001"),
+            (
+                "{ op = \"rename\", delay_ms = 1, first_n = 0 }",
+                "first_n = 0",
+            ),
+        ] {
+            let config: Config =
+                toml::from_str(&format!("[testing]\ndelays = [{bad}]\n")).expect("parses");
+            let err = config
+                .validate_with(Some(OsStr::new("1")))
+                .expect_err(bad)
+                .to_string();
+            assert!(
+                err.contains("testing.delays") && err.contains(says) && err.contains("Rename"),
+                "{bad}: {err}"
+            );
+        }
+        assert!(
+            toml::from_str::<Config>(
+                "[testing]\ndelays = [{ op = \"fsync_all\", delay_ms = 1 }]\n"
+            )
+            .is_err(),
+            "an operation the backend does not know"
+        );
     }
 
     #[test]

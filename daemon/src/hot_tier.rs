@@ -3,7 +3,11 @@
 //!
 //! An entry is a copy of a committed data section with the manifest's chunk
 //! CRCs; a restore from it checks every chunk's CRC before handing bytes
-//! out, exactly as a read from disk does. An entry is only ever replaced by
+//! out, exactly as a read from disk does, and through the same
+//! [`ChunkChecksum`] as the store (`Store::checksum`), the seam a GPU
+//! checksum kernel plugs into. The copy itself is made by the caller into
+//! the buffer the tier gives it ([`HotTier::offer`]): the persist lane
+//! copies out of the slot's handle, never through a slice over staging. An entry is only ever replaced by
 //! a newer step of the same (job, rank): [`HotTier::offer`] checks the step
 //! when it reserves room and again when it inserts (the copy in between runs
 //! outside the lock), so two lanes of one rank racing (an older connection's
@@ -12,6 +16,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use gpusnap_kernels::ChunkChecksum;
 use gpusnap_proto::convert::{gauge, to_u64, to_usize};
 
 use crate::metrics::Metrics;
@@ -27,10 +32,13 @@ pub struct HotSnapshot {
     pub chunk_bytes: u64,
     pub chunk_crc32: Vec<u32>,
     pub data: HotBuffer,
+    /// The checksum its chunks are verified with (the store's).
+    pub checksum: Arc<dyn ChunkChecksum>,
 }
 
 impl HotSnapshot {
-    /// Checks chunk `index`'s CRC and returns its bytes.
+    /// Checks chunk `index`'s CRC (through [`HotSnapshot::checksum`]) and
+    /// returns its bytes.
     pub fn verified_chunk(&self, index: usize) -> Result<(u64, &[u8]), HotError> {
         let chunk = to_usize(self.chunk_bytes);
         let start = index.saturating_mul(chunk);
@@ -43,7 +51,7 @@ impl HotSnapshot {
                 chunk: index,
             });
         };
-        if gpusnap_kernels::reference::chunk_crc32(bytes) != expected {
+        if self.checksum.chunk_crc32(bytes) != expected {
             return Err(HotError::Corrupt {
                 step: self.step,
                 chunk: index,
@@ -149,6 +157,22 @@ impl Drop for HotBuffer {
     }
 }
 
+/// Room reserved in a tier's budget for a copy in progress; given back
+/// when dropped unless the copy became an entry.
+struct Reservation<'t> {
+    tier: &'t HotTier,
+    len: u64,
+    inserted: bool,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.inserted {
+            self.tier.release_reserved(self.len);
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Entry {
     snapshot: Arc<HotSnapshot>,
@@ -167,15 +191,23 @@ struct State {
 pub struct HotTier {
     budget_bytes: u64,
     state: Mutex<State>,
+    checksum: Arc<dyn ChunkChecksum>,
     metrics: Arc<Metrics>,
 }
 
 impl HotTier {
-    pub fn new(budget_bytes: u64, metrics: Arc<Metrics>) -> HotTier {
+    /// A tier of `budget_bytes` whose restores verify chunks through
+    /// `checksum` (the store's, so hot and disk agree).
+    pub fn new(
+        budget_bytes: u64,
+        checksum: Arc<dyn ChunkChecksum>,
+        metrics: Arc<Metrics>,
+    ) -> HotTier {
         metrics.hot_tier_budget_bytes.set(gauge(budget_bytes));
         HotTier {
             budget_bytes,
             state: Mutex::new(State::default()),
+            checksum,
             metrics,
         }
     }
@@ -188,18 +220,26 @@ impl HotTier {
         self.lock().bytes
     }
 
-    /// Keeps a copy of a just-committed snapshot whose data section is
-    /// `data`, unless a newer step of the same (job, rank) is already hot or
-    /// it cannot fit the budget. Evicts least recently used entries of other
-    /// ranks to make room. Returns whether it was kept.
+    /// Keeps a copy of a just-committed snapshot, unless a newer step of the
+    /// same (job, rank) is already hot or it cannot fit the budget: `copy`
+    /// fills the buffer it is given (`manifest.data_len` bytes) with the
+    /// data section, once, and only if the snapshot is kept. Evicts least
+    /// recently used entries of other ranks to make room. Returns whether
+    /// it was kept.
     ///
     /// The copy runs outside the lock, between two critical sections: the
     /// first checks the step and reserves the room, the second checks the
     /// step again and inserts. A newer step that landed in between wins; the
     /// copy made here is then dropped and its reservation given back.
-    pub fn offer(&self, key: &RankKey, manifest: &Manifest, layout: &Layout, data: &[u8]) -> bool {
-        let len = to_u64(data.len());
-        assert_eq!(len, manifest.data_len, "hot copy of the wrong size");
+    pub fn offer(
+        &self,
+        key: &RankKey,
+        manifest: &Manifest,
+        layout: &Layout,
+        copy: impl FnOnce(&mut [u8]),
+    ) -> bool {
+        let len = manifest.data_len;
+        let data_len = to_usize(len);
         if len > self.budget_bytes {
             return false;
         }
@@ -242,21 +282,28 @@ impl HotTier {
             self.publish(&state);
             old.and_then(|e| Arc::try_unwrap(e.snapshot).ok())
                 .map(|s| s.data)
-                .filter(|d| d.len() == data.len())
+                .filter(|d| d.len() == data_len)
+        };
+        // Given back unless the copy is inserted below: a failed allocation,
+        // a newer step that won, or a panic in `copy`.
+        let mut reservation = Reservation {
+            tier: self,
+            len,
+            inserted: false,
         };
         let mut buf = match reuse {
             Some(buf) => buf,
-            None => match HotBuffer::new(data.len()) {
+            None => match HotBuffer::new(data_len) {
                 Ok(buf) => buf,
                 Err(e) => {
                     // No memory for it: the snapshot is on disk all the same.
-                    self.release_reserved(len);
                     tracing::warn!(bytes = len, error = %e, "no memory for a hot copy; restores of this rank read from disk");
                     return false;
                 }
             },
         };
-        buf.copy_from_slice(data);
+        assert_eq!(buf.len(), data_len, "a hot buffer of the wrong size");
+        copy(&mut buf);
         let snapshot = Arc::new(HotSnapshot {
             step: manifest.step,
             world_size: manifest.world_size,
@@ -264,6 +311,7 @@ impl HotTier {
             chunk_bytes: manifest.chunk_bytes,
             chunk_crc32: manifest.chunk_crc32.clone(),
             data: buf,
+            checksum: Arc::clone(&self.checksum),
         });
         let mut state = self.lock();
         if state
@@ -271,15 +319,16 @@ impl HotTier {
             .get(key)
             .is_some_and(|e| e.snapshot.step >= manifest.step)
         {
-            // A newer step of this rank landed while this one was copied.
-            state.bytes -= len;
-            self.publish(&state);
+            // A newer step of this rank landed while this one was copied;
+            // the reservation goes back as it is dropped.
             drop(state);
             tracing::debug!(job = %key.job, rank = key.rank, step = manifest.step, "a newer step became hot meanwhile; this copy is dropped");
             return false;
         }
         state.clock += 1;
         let last_used = state.clock;
+        // The reserved room is the entry's now.
+        reservation.inserted = true;
         if let Some(prev) = state.entries.insert(
             key.clone(),
             Entry {
@@ -341,7 +390,18 @@ mod tests {
     use super::*;
     use crate::storage::BackendKind;
     use crate::store::manifest::{FORMAT_NAME, FORMAT_VERSION};
+    use gpusnap_kernels::CpuCrc32;
     use gpusnap_proto::{Dtype, TensorSpec};
+
+    fn tier(budget_bytes: u64) -> HotTier {
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        HotTier::new(budget_bytes, Arc::new(CpuCrc32), metrics)
+    }
+
+    /// The copy a caller hands `offer`: `data`, into the tier's buffer.
+    fn copy_of(data: &[u8]) -> impl FnOnce(&mut [u8]) + '_ {
+        move |buf| buf.copy_from_slice(data)
+    }
 
     fn snapshot(step: u64, data: &[u8]) -> (Manifest, Layout) {
         let layout =
@@ -369,40 +429,41 @@ mod tests {
 
     #[test]
     fn keeps_the_newest_step_and_evicts_the_least_recently_used() {
-        let metrics = Arc::new(Metrics::new().expect("metrics"));
-        let hot = HotTier::new(16, metrics);
+        let hot = tier(16);
         let a = RankKey::new("a", 0);
         let b = RankKey::new("b", 0);
         let (m, l) = snapshot(5, &[1; 8]);
-        assert!(hot.offer(&a, &m, &l, &[1; 8]));
+        assert!(hot.offer(&a, &m, &l, copy_of(&[1; 8])));
         let (m_old, l_old) = snapshot(4, &[2; 8]);
         assert!(
-            !hot.offer(&a, &m_old, &l_old, &[2; 8]),
+            !hot.offer(&a, &m_old, &l_old, copy_of(&[2; 8])),
             "older step refused"
         );
         let (m, l) = snapshot(1, &[3; 8]);
-        assert!(hot.offer(&b, &m, &l, &[3; 8]));
+        assert!(hot.offer(&b, &m, &l, copy_of(&[3; 8])));
         assert_eq!(hot.bytes(), 16);
         assert!(hot.get(&a, None).is_some(), "touch a: b is now the LRU");
         let c = RankKey::new("c", 0);
         let (m, l) = snapshot(9, &[4; 8]);
-        assert!(hot.offer(&c, &m, &l, &[4; 8]));
+        assert!(hot.offer(&c, &m, &l, copy_of(&[4; 8])));
         assert!(hot.get(&b, None).is_none(), "b evicted");
         assert_eq!(hot.step(&a), Some(5));
         assert!(hot.get(&a, Some(4)).is_none());
         let (m, l) = snapshot(2, &[0; 32]);
-        assert!(!hot.offer(&b, &m, &l, &[0; 32]), "over the whole budget");
+        assert!(
+            !hot.offer(&b, &m, &l, copy_of(&[0; 32])),
+            "over the whole budget"
+        );
         assert_eq!(hot.bytes(), 16);
     }
 
     #[test]
     fn a_corrupted_hot_chunk_is_detected() {
-        let metrics = Arc::new(Metrics::new().expect("metrics"));
-        let hot = HotTier::new(64, metrics);
+        let hot = tier(64);
         let key = RankKey::new("a", 0);
         let data: Vec<u8> = (0..10).collect();
         let (m, l) = snapshot(1, &data);
-        assert!(hot.offer(&key, &m, &l, &data));
+        assert!(hot.offer(&key, &m, &l, copy_of(&data)));
         let snap = hot.get(&key, Some(1)).expect("hot");
         assert_eq!(snap.chunk_count(), 3);
         assert_eq!(snap.verified_chunk(2).expect("ok"), (8, &data[8..]));
@@ -413,6 +474,7 @@ mod tests {
             chunk_bytes: snap.chunk_bytes,
             chunk_crc32: snap.chunk_crc32.clone(),
             data: HotBuffer::from_slice(&snap.data).expect("buffer"),
+            checksum: Arc::clone(&snap.checksum),
         };
         bad.data[5] ^= 1;
         assert!(matches!(
@@ -427,10 +489,9 @@ mod tests {
     fn a_racing_older_offer_never_replaces_the_newer_step() {
         const LEN: usize = 256 << 10;
         const ITERATIONS: usize = 400;
-        let metrics = Arc::new(Metrics::new().expect("metrics"));
         // Room for both copies at once: nothing is evicted, only the race
         // decides.
-        let hot = HotTier::new(4 * LEN as u64, metrics);
+        let hot = tier(4 * LEN as u64);
         let key = RankKey::new("race", 0);
         let (old_data, new_data) = (vec![1u8; LEN], vec![2u8; LEN]);
         let (old_m, old_l) = snapshot(1, &old_data);
@@ -441,11 +502,11 @@ mod tests {
             let (older, newer) = std::thread::scope(|s| {
                 let older = s.spawn(|| {
                     barrier.wait();
-                    hot.offer(&key, &old_m, &old_l, &old_data)
+                    hot.offer(&key, &old_m, &old_l, copy_of(&old_data))
                 });
                 let newer = s.spawn(|| {
                     barrier.wait();
-                    hot.offer(&key, &new_m, &new_l, &new_data)
+                    hot.offer(&key, &new_m, &new_l, copy_of(&new_data))
                 });
                 (older.join().expect("older"), newer.join().expect("newer"))
             });
@@ -458,5 +519,63 @@ mod tests {
             assert!(kept.data.iter().all(|&b| b == 2), "iteration {iteration}");
             assert_eq!(hot.bytes(), LEN as u64, "iteration {iteration}");
         }
+    }
+
+    /// A checksum that counts its calls (and computes the real CRC32).
+    #[derive(Debug, Default)]
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    impl ChunkChecksum for Counting {
+        fn name(&self) -> &'static str {
+            "counting"
+        }
+
+        fn update(&self, crc: u32, piece: &[u8]) -> u32 {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            CpuCrc32.update(crc, piece)
+        }
+    }
+
+    #[test]
+    fn hot_chunks_are_verified_through_the_tier_s_checksum() {
+        let counting = Arc::new(Counting::default());
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let hot = HotTier::new(64, Arc::clone(&counting) as Arc<dyn ChunkChecksum>, metrics);
+        let key = RankKey::new("a", 0);
+        let data: Vec<u8> = (0..10).collect();
+        let (m, l) = snapshot(1, &data);
+        assert!(hot.offer(&key, &m, &l, copy_of(&data)));
+        assert_eq!(
+            counting.0.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "no CRC at insert"
+        );
+        let snap = hot.get(&key, Some(1)).expect("hot");
+        for index in 0..snap.chunk_count() {
+            snap.verified_chunk(index).expect("intact");
+        }
+        assert_eq!(
+            counting.0.load(std::sync::atomic::Ordering::SeqCst),
+            3,
+            "one checksum call per chunk, through the trait"
+        );
+    }
+
+    #[test]
+    fn a_copy_that_panics_gives_its_reservation_back() {
+        let hot = tier(64);
+        let key = RankKey::new("a", 0);
+        let (m, l) = snapshot(1, &[7; 16]);
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            hot.offer(&key, &m, &l, |_| panic!("a copy that fails"))
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(hot.bytes(), 0, "the reserved room came back");
+        assert!(hot.get(&key, None).is_none());
+        assert!(
+            hot.offer(&key, &m, &l, copy_of(&[7; 16])),
+            "room for it again"
+        );
+        assert_eq!(hot.bytes(), 16);
     }
 }

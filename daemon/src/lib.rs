@@ -2,13 +2,16 @@
 //!
 //! * [`config`]: the TOML configuration, every key checked at start.
 //! * [`server`]: the control socket, connections, the request state machine.
-//! * [`staging`]: the sealed memfd each registration captures into.
+//! * [`staging`]: the sealed memfd each registration captures into, reached
+//!   only through slot handles ([`shared_memory`]), never a slice.
 //! * [`persist`]: the engine that commits captured slots to the store.
 //! * [`hot_tier`]: the newest snapshot of each (job, rank) kept in memory.
 //! * [`restore`]: filling a staging slot from the hot tier or the disk.
 //! * [`ranks`], [`owners`]: per-(job, rank) state and job ownership by uid.
 //! * [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
-//! * [`testing`]: the test-only fault injection of the `[testing]` table.
+//! * [`testing`]: the test-only fault injection and latency backend of the
+//!   `[testing]` table.
+//! * [`shared_memory`]: handles on memory another process writes.
 //! * [`buffer_pool`]: bounded, aligned I/O buffers.
 //! * [`storage`]: the narrow file-system interface and its backends
 //!   (io_uring, pwrite pool, buffered; fault injection; power-loss simulation).

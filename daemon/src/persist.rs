@@ -2,7 +2,10 @@
 //! threads, then tells the client.
 //!
 //! * Each registration has a lane: one thread that persists its captured
-//!   slots in capture order, straight from the staging mapping (no copy).
+//!   slots in capture order, straight from the staging mapping (no copy):
+//!   the slot's guard gives its memory ([`PersistingSlot::memory`]), whose
+//!   store source is `Source::Shared` (O_DIRECT from the slot, the CRCs
+//!   through its handle), never a slice over memory the trainer maps.
 //!   The lane holds the staging area, so a snapshot captured by a trainer
 //!   that then dies is still committed; the staging memory goes back to the
 //!   budget when the lane has drained.
@@ -15,8 +18,10 @@
 //!   its trainer is blocked on it, and its memory is the ring. If the client
 //!   goes away mid-stream the source fails and nothing is committed.
 //!
-//! After a commit the lane offers the slot to the hot tier (a copy), then
-//! frees the slot.
+//! After a commit the lane offers the slot to the hot tier (one copy out of
+//! the slot's handle), then frees the slot. A streamed capture copies each
+//! ring chunk out of its handle ([`StagingArea::ring_chunk`]) into a pool
+//! buffer.
 //!
 //! Clean-up is structural. A lane job carries a [`PersistingSlot`] (freed
 //! when dropped) and an [`InFlight`] (the step untracked when dropped), so a
@@ -36,7 +41,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use gpusnap_proto::ReplyBody;
-use gpusnap_proto::convert::{gauge, nanos, to_usize};
+use gpusnap_proto::convert::{gauge, nanos, to_u64, to_usize};
 
 use crate::config::PersistConfig;
 use crate::hot_tier::HotTier;
@@ -412,12 +417,24 @@ impl Engine {
         let hot = result.as_ref().ok().map(|c| c.manifest.clone());
         self.report(core, in_flight, started, result, false);
         if let Some(manifest) = hot {
-            // SAFETY: the slot is `Persisting` until `slot` is dropped below
-            // (the guard), after the slice is gone; the client does not
-            // write it meanwhile, and if it breaks that rule it corrupts
-            // only this hot copy, which its chunk CRCs expose at restore.
-            let data = unsafe { staging.slot_data(slot.index()) };
-            if self.hot.offer(&core.key, &manifest, staging.layout(), data) {
+            // Copied out of the slot's handle while the guard holds it
+            // `Persisting`: a client that writes it meanwhile corrupts only
+            // this hot copy, which its chunk CRCs expose at restore (the
+            // restore then reads from disk).
+            let memory = slot.memory();
+            assert_eq!(
+                to_u64(memory.len()),
+                manifest.data_len,
+                "the committed data section is the slot's"
+            );
+            let kept = self
+                .hot
+                .offer(&core.key, &manifest, staging.layout(), |copy| {
+                    if let Err(e) = memory.copy_out(0, copy) {
+                        unreachable!("the hot copy is the slot's length (asserted): {e}");
+                    }
+                });
+            if kept {
                 tracing::debug!(job = %core.key.job, rank = core.key.rank, step = slot.step(), "kept hot");
             }
         }
@@ -438,16 +455,14 @@ impl Engine {
         };
         self.hooks.on_persist(slot.step());
         let id = core.id(slot.step())?;
-        let staging = &core.staging;
-        // SAFETY: the slot is `Persisting` (the guard `slot`, borrowed for
-        // this call, holds it so) until the lane drops the guard, after the
-        // slice is gone.
-        let data = unsafe { staging.slot_data(slot.index()) };
+        // Host staging is `Source::Shared`: O_DIRECT straight from the slot,
+        // no copy, the CRCs computed through its handle. The handle borrows
+        // the guard, which holds the slot `Persisting` for this whole call.
         Ok(self.store.write_laid_out(
             &id,
-            staging.layout(),
+            core.staging.layout(),
             core.world_size,
-            Source::Memory(data),
+            slot.memory().source(),
         )?)
     }
 
@@ -546,10 +561,11 @@ impl Engine {
                 if got != seq {
                     return Err(StreamError::OutOfOrder { got, expected: seq }.into());
                 }
-                // SAFETY: the client announced chunk `seq` and is not told its
-                // ring position is free until `taken` below.
-                let src = unsafe { staging.ring_chunk(seq, dst.len()) };
-                dst.copy_from_slice(src);
+                // The client announced chunk `seq` and is not told its ring
+                // position is free until `taken` below.
+                if let Err(e) = staging.ring_chunk(seq, dst.len()).copy_out(dst) {
+                    unreachable!("the ring chunk is the destination's length: {e}");
+                }
                 taken
                     .blocking_send(seq)
                     .map_err(|_| StreamError::ClientGone { seq })?;
@@ -681,10 +697,14 @@ mod tests {
             .expect("store"),
         );
         let metrics = Arc::new(Metrics::new().expect("metrics"));
-        let hot = Arc::new(HotTier::new(1 << 20, Arc::clone(&metrics)));
+        let hot = Arc::new(HotTier::new(
+            1 << 20,
+            Arc::clone(store.checksum()),
+            Arc::clone(&metrics),
+        ));
         let hooks = Arc::new(Hooks::new(Some(&TestingConfig {
-            panic_once_on_request: None,
             panic_persisting_step: Some(panic_step),
+            ..TestingConfig::default()
         })));
         let engine = Engine::new(
             store,
@@ -749,6 +769,72 @@ mod tests {
             .into_persisting();
         let in_flight = rig.engine.track(&rig.core.key, step).expect("new step");
         (slot, in_flight)
+    }
+
+    /// The data section of step `step` as the store reads it back.
+    fn read_back(rig: &Rig, step: u64) -> Vec<u8> {
+        let store = &rig.engine.store;
+        let snapshot = store.find("j", 0, Some(step)).expect("committed");
+        let mut read = Vec::new();
+        store
+            .read(&snapshot, &mut |_, bytes| {
+                read.extend_from_slice(bytes);
+                Ok(())
+            })
+            .expect("verified read");
+        read
+    }
+
+    #[test]
+    fn the_slot_and_the_ring_are_written_as_the_trainer_filled_them_and_the_slot_kept_hot() {
+        let mut rig = rig(99, BusyPolicy::Stream);
+        let info = rig.core.staging.info().clone();
+        let trainer = crate::staging::testing::TrainerMapping::of(&rig.core.staging);
+        let lane = rig.engine.spawn_lane(Arc::clone(&rig.core)).expect("lane");
+        let data: Vec<u8> = (0..info.data_bytes)
+            .map(|i| (i.wrapping_mul(7) >> 2).to_le_bytes()[0])
+            .collect();
+
+        // A slot: written from its memory, then copied into the hot tier.
+        let (slot, in_flight) = capture(&rig, 1);
+        trainer.write(to_usize(u64::from(slot.index()) * info.slot_bytes), &data);
+        lane.persist(slot, in_flight).expect("queued");
+        assert!(matches!(
+            next_event(&mut rig.events),
+            ReplyBody::Committed { step: 1, .. }
+        ));
+        assert!(rig.engine.wait_drained(Duration::from_secs(30)));
+        assert_eq!(read_back(&rig, 1), data);
+        let hot = rig
+            .engine
+            .hot
+            .get(&rig.core.key, Some(1))
+            .expect("kept hot");
+        assert_eq!(&hot.data[..], &data[..]);
+        for index in 0..hot.chunk_count() {
+            hot.verified_chunk(index)
+                .expect("the hot copy matches the CRCs");
+        }
+
+        // A stream: each ring chunk copied out as the trainer announced it.
+        let streamed: Vec<u8> = data.iter().rev().copied().collect();
+        let in_flight = rig.engine.track(&rig.core.key, 2).expect("new step");
+        let mut feed = rig
+            .engine
+            .start_stream(Arc::clone(&rig.core), in_flight)
+            .expect("stream");
+        for seq in 0..info.chunk_count() {
+            let (start, end) = info.chunk_range(seq);
+            let piece = &streamed[to_usize(start)..to_usize(end)];
+            trainer.write(to_usize(info.ring_position(seq)), piece);
+            feed.filled.send(seq).expect("the stream takes chunks");
+            assert_eq!(feed.taken.blocking_recv(), Some(seq));
+        }
+        assert!(matches!(
+            next_event(&mut rig.events),
+            ReplyBody::Committed { step: 2, .. }
+        ));
+        assert_eq!(read_back(&rig, 2), streamed);
     }
 
     #[test]

@@ -4,6 +4,14 @@
 //! restart; the data then moves piece by piece). [`fill_slot`] is the whole
 //! restore of one slot: which snapshot, hot or disk, and the fall back to
 //! disk when the hot copy fails its CRCs.
+//!
+//! The slot is reached only through its [`FillTarget`]
+//! ([`LentSlot::fill_target`]), never as a slice: from the hot tier,
+//! verified private bytes are copied in through it (on a few threads, each
+//! placing disjoint ranges); from disk, when the snapshot is laid out as the
+//! registration, the store reads straight into the slot with O_DIRECT
+//! (`Store::read_into_shared` into [`FillTarget::direct_read`]), and
+//! otherwise hands verified pieces that are copied in.
 
 use std::collections::HashMap;
 
@@ -12,7 +20,7 @@ use gpusnap_proto::convert::{to_u64, to_usize};
 
 use crate::hot_tier::{HotSnapshot, HotTier};
 use crate::ranks::RankKey;
-use crate::staging::{LentSlot, StagingArea};
+use crate::staging::{FillTarget, LentSlot};
 use crate::store::{Layout, Snapshot, Store, StoreError};
 
 /// Why a snapshot cannot fill a registration.
@@ -120,18 +128,16 @@ impl Mapping {
     }
 
     /// Copies the verified bytes `src_start..` of the snapshot's data section
-    /// to their places in `slot`.
-    pub fn place(&self, src_start: u64, bytes: &[u8], slot: &mut [u8]) {
-        let writer = SlotWriter::new(slot);
-        self.place_through(src_start, bytes, &writer);
-    }
-
-    /// As [`Mapping::place`], through a writer several threads share: each
-    /// source byte has exactly one destination, so threads placing disjoint
-    /// source ranges write disjoint bytes of the slot.
-    fn place_through(&self, src_start: u64, bytes: &[u8], slot: &SlotWriter<'_>) {
-        assert_eq!(slot.len as u64, self.data_len, "slot of the wrong size");
-        let src_end = src_start + bytes.len() as u64;
+    /// to their places in `target`. Each source byte has exactly one
+    /// destination, so threads placing disjoint source ranges write disjoint
+    /// bytes of the target.
+    pub fn place(&self, src_start: u64, bytes: &[u8], target: &FillTarget<'_>) {
+        assert_eq!(
+            to_u64(target.len()),
+            self.data_len,
+            "a fill target of the wrong size"
+        );
+        let src_end = src_start + to_u64(bytes.len());
         let first = self.runs.partition_point(|r| r.src + r.len <= src_start);
         for run in self.runs.iter().skip(first) {
             if run.src >= src_end {
@@ -139,10 +145,14 @@ impl Mapping {
             }
             let from = run.src.max(src_start);
             let to = (run.src + run.len).min(src_end);
-            let len = usize::try_from(to - from).expect("a chunk fits in memory");
-            let src_off = usize::try_from(from - src_start).expect("within the chunk");
-            let dst_off = usize::try_from(run.dst + (from - run.src)).expect("within the slot");
-            slot.write(dst_off, &bytes[src_off..src_off + len]);
+            let src_off = to_usize(from - src_start);
+            let piece = bytes
+                .get(src_off..src_off + to_usize(to - from))
+                .expect("the run's part lies inside the piece");
+            let dst_off = to_usize(run.dst + (from - run.src));
+            if let Err(e) = target.copy_in(dst_off, piece) {
+                unreachable!("a run lies inside the registration's data section: {e}");
+            }
         }
     }
 
@@ -161,68 +171,30 @@ impl Mapping {
     }
 }
 
-/// A slot that several threads write disjoint ranges of.
-struct SlotWriter<'a> {
-    ptr: *mut u8,
-    len: usize,
-    _slot: std::marker::PhantomData<&'a mut [u8]>,
-}
-
-// SAFETY: the writer only copies into `ptr..ptr + len`, borrowed mutably for
-// 'a; its users write disjoint ranges (see `Mapping::place_through`).
-unsafe impl Sync for SlotWriter<'_> {}
-
-impl<'a> SlotWriter<'a> {
-    fn new(slot: &'a mut [u8]) -> SlotWriter<'a> {
-        SlotWriter {
-            ptr: slot.as_mut_ptr(),
-            len: slot.len(),
-            _slot: std::marker::PhantomData,
-        }
-    }
-
-    fn write(&self, offset: usize, bytes: &[u8]) {
-        assert!(
-            offset
-                .checked_add(bytes.len())
-                .is_some_and(|end| end <= self.len),
-            "write of {} bytes at {offset} past a {}-byte slot",
-            bytes.len(),
-            self.len
-        );
-        // SAFETY: in bounds (asserted); no other thread writes these bytes
-        // (disjoint ranges) and nobody reads the slot while it is filled.
-        unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(offset), bytes.len());
-        }
-    }
-}
-
 /// Threads a hot restore verifies and copies with.
 fn restore_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
 }
 
-/// Fills `slot` from a hot snapshot, each chunk's CRC checked before its
-/// bytes are copied; chunks are spread over a few threads.
+/// Fills `target` from a hot snapshot, each chunk's CRC checked before its
+/// bytes are copied in; chunks are spread over a few threads.
 pub fn fill_from_hot(
     hot: &HotSnapshot,
     mapping: &Mapping,
-    slot: &mut [u8],
+    target: FillTarget<'_>,
 ) -> Result<u64, RestoreError> {
     let chunks = hot.chunk_count();
     let threads = restore_threads().min(chunks.max(1));
     let per_thread = chunks.div_ceil(threads.max(1));
-    let writer = SlotWriter::new(slot);
     std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|t| {
-                let writer = &writer;
+                let target = &target;
                 scope.spawn(move || -> Result<(), RestoreError> {
                     let first = t * per_thread;
                     for index in first..(first + per_thread).min(chunks) {
                         let (start, bytes) = hot.verified_chunk(index)?;
-                        mapping.place_through(start, bytes, writer);
+                        mapping.place(start, bytes, target);
                     }
                     Ok(())
                 })
@@ -235,19 +207,22 @@ pub fn fill_from_hot(
     Ok(to_u64(hot.data.len()))
 }
 
-/// Fills a slot from a snapshot on disk, every chunk's CRC checked. `slot`
-/// is the whole slot (the data section and its padding). When the snapshot
-/// is laid out exactly as the registration (the usual case) the store reads
-/// straight into the slot; otherwise through its buffers, piece by piece.
+/// Fills `target` from a snapshot on disk, every chunk's CRC checked. When
+/// the snapshot is laid out exactly as the registration (the usual case)
+/// and the target has a region for it, the store reads straight into the
+/// slot with O_DIRECT; otherwise through its buffers, each verified piece
+/// copied in.
 pub fn fill_from_disk(
     store: &Store,
     snapshot: &Snapshot,
     mapping: &Mapping,
-    slot: &mut [u8],
+    target: FillTarget<'_>,
 ) -> Result<u64, RestoreError> {
-    let data_len = to_usize(mapping.data_len);
-    if mapping.is_identity() && data_len > 0 {
-        match store.read_into(snapshot, slot) {
+    if mapping.is_identity()
+        && mapping.data_len > 0
+        && let Some(region) = target.direct_read()
+    {
+        match store.read_into_shared(snapshot, region) {
             Ok(()) => return Ok(snapshot.manifest.data_len),
             Err(StoreError::DirectReadUnsupported { why, .. }) => {
                 tracing::debug!(%why, "direct read not possible; reading through the store's buffers");
@@ -255,9 +230,8 @@ pub fn fill_from_disk(
             Err(e) => return Err(e.into()),
         }
     }
-    let data = &mut slot[..data_len];
     store.read(snapshot, &mut |start, bytes| {
-        mapping.place(start, bytes, data);
+        mapping.place(start, bytes, &target);
         Ok(())
     })?;
     Ok(snapshot.manifest.data_len)
@@ -274,15 +248,13 @@ pub struct Filled {
     pub bytes: u64,
 }
 
-/// Fills the lent `slot` of `staging` (registered as `key`) with the
-/// snapshot of `step` (the newest when `None`): from the hot tier when it
-/// holds that step, else from disk. `Ok(None)`: `key` has no snapshot at
-/// all.
+/// Fills the lent `slot` (its registration is `key`) with the snapshot of
+/// `step` (the newest when `None`): from the hot tier when it holds that
+/// step, else from disk. `Ok(None)`: `key` has no snapshot at all.
 pub fn fill_slot(
     store: &Store,
     hot: &HotTier,
     key: &RankKey,
-    staging: &StagingArea,
     slot: &LentSlot,
     step: Option<u64>,
 ) -> Result<Option<Filled>, RestoreError> {
@@ -292,14 +264,18 @@ pub fn fill_slot(
         Err(e) => return Err(e.into()),
     };
     let found = snapshot.manifest.step;
-    // SAFETY: the slot is `Lent` (the guard `slot`, borrowed for this call,
-    // holds it so) and not yet reported to the client, which reads a lent
-    // slot only once told; the slice does not outlive this call.
-    let whole = unsafe { staging.slot_whole_mut(slot.index()) };
-    let data_len = to_usize(staging.info().data_bytes);
+    let staging = slot.staging();
+    // Borrowed from the guard, which holds the slot `Lent` for this whole
+    // call; the client reads it only once told it is restored.
+    let target = slot.fill_target();
+    assert_eq!(
+        to_u64(target.len()),
+        staging.info().data_bytes,
+        "the fill target is the slot's data section"
+    );
     if let Some(hot_copy) = hot.get(key, Some(found)) {
         let mapping = Mapping::plan(&hot_copy.layout, staging.layout(), found)?;
-        match fill_from_hot(&hot_copy, &mapping, &mut whole[..data_len]) {
+        match fill_from_hot(&hot_copy, &mapping, target) {
             Ok(bytes) => {
                 return Ok(Some(Filled {
                     step: found,
@@ -314,7 +290,7 @@ pub fn fill_slot(
         }
     }
     let mapping = Mapping::plan(&snapshot.layout, staging.layout(), found)?;
-    let bytes = fill_from_disk(store, &snapshot, &mapping, whole)?;
+    let bytes = fill_from_disk(store, &snapshot, &mapping, target)?;
     Ok(Some(Filled {
         step: found,
         source: RestoreSource::Disk,
@@ -363,9 +339,10 @@ mod tests {
         assert!(moved.run_count() > 1 && !moved.is_identity());
         let src = fill(&stored);
         let mut slot = vec![0u8; registered.data_len as usize];
+        let target = FillTarget::from_private(&mut slot);
         // Odd chunk boundaries, as the store's reader may cut them.
         for (i, piece) in src.chunks(3).enumerate() {
-            moved.place((i * 3) as u64, piece, &mut slot);
+            moved.place((i * 3) as u64, piece, &target);
         }
         assert_eq!(slot, fill(&registered));
     }
@@ -383,21 +360,125 @@ mod tests {
             chunk_bytes: 2,
             chunk_crc32: gpusnap_kernels::reference::chunk_crc32s(&data, 2),
             data: crate::hot_tier::HotBuffer::from_slice(&data).expect("buffer"),
+            checksum: std::sync::Arc::new(gpusnap_kernels::CpuCrc32),
         };
         let mut slot = vec![0u8; registered.data_len as usize];
         assert_eq!(
-            fill_from_hot(&hot, &mapping, &mut slot).expect("fill"),
+            fill_from_hot(&hot, &mapping, FillTarget::from_private(&mut slot)).expect("fill"),
             stored.data_len
         );
         assert_eq!(slot, fill(&registered));
         hot.data[7] ^= 0x40;
         assert!(matches!(
-            fill_from_hot(&hot, &mapping, &mut slot),
+            fill_from_hot(&hot, &mapping, FillTarget::from_private(&mut slot)),
             Err(RestoreError::Hot(crate::hot_tier::HotError::Corrupt {
                 chunk: 3,
                 ..
             }))
         ));
+    }
+
+    /// A registration of three tensors over several 4096-byte chunks, in
+    /// the order `order` names them.
+    fn big_specs(order: &[usize]) -> Vec<TensorSpec> {
+        let all = [
+            TensorSpec::new("a", Dtype::F32, [3000]),
+            TensorSpec::new("b", Dtype::U8, [5001]),
+            TensorSpec::new("c", Dtype::F64, [700]),
+        ];
+        order.iter().map(|&i| all[i].clone()).collect()
+    }
+
+    #[test]
+    fn a_lent_slot_is_filled_from_disk_and_from_the_hot_tier_through_its_handle() {
+        use crate::hot_tier::HotBuffer;
+        use crate::metrics::Metrics;
+        use crate::staging::testing::TrainerMapping;
+        use crate::staging::{StagingArea, StagingBudget, StagingPlan};
+        use crate::store::{SnapshotId, Source, StoreConfig};
+        use std::sync::Arc;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(StoreConfig {
+            root: dir.path().to_path_buf(),
+            io_backend: crate::storage::probe::BackendChoice::Buffered,
+            io_buffer_bytes: 4096,
+            io_pool_bytes: 16 * 4096,
+            ..StoreConfig::default()
+        })
+        .expect("store");
+        let stored = Layout::plan(&big_specs(&[0, 1, 2])).expect("plan");
+        assert!(stored.data_len > 5 * 4096, "several chunks");
+        let data = fill(&stored);
+        // Page-aligned private memory, as the store's Memory source wants.
+        let aligned = HotBuffer::from_slice(&data).expect("buffer");
+        let id = SnapshotId::new("j".to_owned(), 0, 1).expect("id");
+        let committed = store
+            .write_laid_out(&id, &stored, 1, Source::Memory(&aligned))
+            .expect("commit");
+        let key = RankKey::new("j", 0);
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let hot = HotTier::new(1 << 20, Arc::clone(store.checksum()), Arc::clone(&metrics));
+        let budget = StagingBudget::new(1 << 20, metrics);
+        let plan = StagingPlan {
+            double: false,
+            policy: gpusnap_proto::BusyPolicy::Block,
+            chunk_bytes: 4096,
+            ring_chunks: 0,
+        };
+
+        // The same layout: the store reads straight into the slot; a
+        // reordered registration: verified pieces copied in by name.
+        for order in [[0, 1, 2], [2, 0, 1]] {
+            let staging =
+                Arc::new(StagingArea::create(big_specs(&order), plan, &budget).expect("staging"));
+            let registered = staging.layout().clone();
+            let trainer = TrainerMapping::of(&staging);
+            let lent = staging.claim_lent().expect("slot");
+            let filled = fill_slot(&store, &hot, &key, &lent, None)
+                .expect("restore")
+                .expect("a snapshot");
+            assert_eq!(
+                filled,
+                Filled {
+                    step: 1,
+                    source: RestoreSource::Disk,
+                    bytes: stored.data_len
+                }
+            );
+            let at = usize::try_from(u64::from(lent.index()) * staging.info().slot_bytes)
+                .expect("offset");
+            assert_eq!(
+                trainer.read(at, registered.data_len as usize),
+                fill(&registered),
+                "order {order:?}"
+            );
+        }
+
+        // Hot: the committed data section copied in, each chunk verified.
+        assert!(hot.offer(&key, &committed.manifest, &stored, |buf| {
+            buf.copy_from_slice(&data);
+        }));
+        let staging =
+            Arc::new(StagingArea::create(big_specs(&[1, 2, 0]), plan, &budget).expect("staging"));
+        let registered = staging.layout().clone();
+        let trainer = TrainerMapping::of(&staging);
+        let lent = staging.claim_lent().expect("slot");
+        let filled = fill_slot(&store, &hot, &key, &lent, Some(1))
+            .expect("restore")
+            .expect("a snapshot");
+        assert_eq!(filled.source, RestoreSource::Memory);
+        let at =
+            usize::try_from(u64::from(lent.index()) * staging.info().slot_bytes).expect("offset");
+        assert_eq!(
+            trainer.read(at, registered.data_len as usize),
+            fill(&registered)
+        );
+        assert!(
+            fill_slot(&store, &hot, &RankKey::new("other", 0), &lent, None)
+                .expect("nothing to restore is not an error")
+                .is_none()
+        );
     }
 
     #[test]

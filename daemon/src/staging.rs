@@ -21,6 +21,54 @@
 //! dropped, so a connection that ends in any way (a panic too) and a lane
 //! that panics mid-persist give their slots back. A capturing slot becomes a
 //! persisting one only by being handed over ([`CapturingSlot::into_persisting`]).
+//!
+//! # Slot memory is a handle, never a slice
+//!
+//! The trainer maps the memfd read-write and can write any byte of it at
+//! any time (a correct one only into a slot `Capturing` for it and a ring
+//! chunk it has not announced; a buggy or hostile one anywhere). The daemon
+//! therefore never forms a `&[u8]` or `&mut [u8]` over staging: it reaches
+//! a slot through a handle built on [`SharedBytes`] (raw-pointer copies,
+//! checksums through a private bounce buffer, the raw region for O_DIRECT),
+//! and only through the slot's guard, so the handle lives no longer than
+//! the slot's state:
+//!
+//! * [`PersistingSlot::memory`] gives the persist engine a [`SlotMemory`]:
+//!   the [`Source`] the store writes ([`SlotMemory::source`]) and the copy
+//!   out into the hot tier ([`SlotMemory::copy_out`]);
+//! * [`LentSlot::fill_target`] gives a restore a [`FillTarget`]: verified
+//!   private bytes copied in ([`FillTarget::copy_in`]) and, where the
+//!   memory allows it, the region a store read fills with O_DIRECT
+//!   ([`FillTarget::direct_read`]);
+//! * [`StagingArea::ring_chunk`] gives a streamed capture a [`RingChunk`]
+//!   to copy out of.
+//!
+//! What holds for each handle (the SAFETY argument, made once in
+//! `StagingArea::shared`): the bytes are mapped (the [`StagingArea`] owns
+//! the mapping and unmaps it only when dropped, and every handle borrows a
+//! guard or the area that keeps it alive); they are in bounds (asserted
+//! against the mapping when the handle is made, and every operation checks
+//! its range against the handle); and the only concurrent writer is the
+//! trainer, which can only corrupt its own snapshot, which the chunk CRCs
+//! expose: a chunk's CRC is computed from the bytes as the daemon read
+//! them, so a write that lands between the persist's O_DIRECT transfer and
+//! its CRC read of the same bytes, or after the commit and before the hot
+//! copy, shows as a CRC mismatch when that chunk is read back (from disk,
+//! or from the hot tier, which then falls back to disk). A write before
+//! both reads is simply part of the snapshot the trainer asked for.
+//!
+//! # The seam for GPU staging
+//!
+//! Every slot today is host memory ([`StagingMemory::HostMemfd`]), and the
+//! handles say so in one private enum. Staging in GPU memory (a later
+//! `StagingMemory::CudaVmm`) adds a variant there, and each operation gets
+//! its arm: the persist's [`Source`] becomes a device-to-host stream through
+//! pinned buffers (today `Source::Shared`, O_DIRECT straight from the slot),
+//! the hot copy a device-to-host copy, and the restore's fill target takes
+//! verified host bytes and copies them in (today `copy_in`, or a direct read
+//! from disk into the slot with `Store::read_into_shared`), with
+//! [`FillTarget::direct_read`] `None` until GPUDirect Storage can fill
+//! device memory.
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::ptr::NonNull;
@@ -32,8 +80,9 @@ use gpusnap_proto::{BusyPolicy, StagingInfo, StagingMemory};
 
 use crate::buffer_pool::IO_ALIGN_BYTES;
 use crate::metrics::Metrics;
-use crate::store::Layout;
+use crate::shared_memory::{OutOfRange, SharedBytes};
 use crate::store::layout::LayoutError;
+use crate::store::{Layout, Source};
 
 /// Why a staging area cannot be made.
 #[derive(Debug, thiserror::Error)]
@@ -177,12 +226,13 @@ pub struct StagingArea {
     _lease: BudgetLease,
 }
 
-// SAFETY: the mapping is shared memory owned by this value for its whole
-// life; access to each slot is arbitrated by the `slots` table (see the
-// module doc), and the raw pointer is only dereferenced under that protocol.
+// SAFETY: the mapping is owned by this value for its whole life and is
+// reached only through `SharedBytes` handles (raw-pointer copies that assume
+// nothing of concurrent writers), from whichever thread; the slot table is
+// behind a mutex.
 unsafe impl Send for StagingArea {}
-// SAFETY: as for Send: every method that hands out slot memory checks or is
-// documented against the slot table, which is behind a mutex.
+// SAFETY: as for Send: `&StagingArea` hands out only `SharedBytes`-based
+// handles, never a reference over the mapping.
 unsafe impl Sync for StagingArea {}
 
 impl StagingArea {
@@ -390,70 +440,59 @@ impl StagingArea {
         &self.slot_freed
     }
 
-    /// The data section in slot `slot`, for the persist engine to write.
-    ///
-    /// # Safety
-    /// The slot must be `Persisting` (the client has finished writing and is
-    /// told not to touch it until the commit; a client that breaks this can
-    /// only corrupt its own snapshot, which the chunk CRCs then expose), and
-    /// the returned slice must not outlive that state.
-    pub unsafe fn slot_data(&self, slot: u32) -> &[u8] {
-        let (ptr, len) = self.slot_range(slot);
-        // SAFETY: `slot_range` stays inside the live mapping; the caller
-        // guarantees no one writes the slot while the slice lives.
-        unsafe { std::slice::from_raw_parts(ptr, len) }
-    }
-
-    /// The whole of slot `slot` (`slot_bytes`: the data section and its
-    /// padding to 4096), for a restore that reads straight into it.
-    ///
-    /// # Safety
-    /// The slot must be `Lent` and not yet reported to the client (nobody
-    /// else reads or writes it), and the slice must not outlive that.
-    #[expect(
-        clippy::mut_from_ref,
-        reason = "shared memory arbitrated by the slot table"
-    )]
-    pub unsafe fn slot_whole_mut(&self, slot: u32) -> &mut [u8] {
-        let (ptr, _) = self.slot_range(slot);
-        let len = to_usize(self.info.slot_bytes);
-        let start = u64::from(slot) * self.info.slot_bytes;
-        assert!(
-            start + self.info.slot_bytes <= to_u64(self.map_len),
-            "slot past the mapping"
-        );
-        // SAFETY: inside the live mapping (asserted); the caller guarantees
-        // exclusive access for the slice's life.
-        unsafe { std::slice::from_raw_parts_mut(ptr, len) }
-    }
-
-    /// Ring position of stream chunk `seq`, `len` bytes of it.
-    ///
-    /// # Safety
-    /// The client must have announced the chunk (`ChunkFilled`) and not been
-    /// told it is free; the slice must not outlive that.
-    pub unsafe fn ring_chunk(&self, seq: u64, len: usize) -> &[u8] {
-        let offset = self.info.ring_position(seq);
+    /// The ring position of stream chunk `seq`, `len` bytes of it, for a
+    /// streamed capture to copy out of. By the protocol the client writes a
+    /// ring position only after being told it is free (`ChunkFree`) and
+    /// before announcing it (`ChunkFilled`), and the stream copies a chunk
+    /// out only between its `ChunkFilled` and its `ChunkFree`; a client that
+    /// breaks this can only tear its own streamed snapshot (the copy is what
+    /// is checksummed and written).
+    pub fn ring_chunk(&self, seq: u64, len: usize) -> RingChunk<'_> {
         assert!(
             self.info.ring_chunks > 0 && to_u64(len) <= self.info.chunk_bytes,
             "ring chunk {seq} of {len} bytes outside the ring"
         );
-        let start = to_usize(offset);
-        assert!(start + len <= self.map_len, "ring chunk past the mapping");
-        // SAFETY: bounds checked above against the live mapping; the caller
-        // guarantees the client does not write this position meanwhile.
-        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(start), len) }
+        RingChunk {
+            bytes: self.shared(to_usize(self.info.ring_position(seq)), len),
+        }
     }
 
-    fn slot_range(&self, slot: u32) -> (*mut u8, usize) {
+    /// The memory of slot `slot`: its data section and the whole slot (the
+    /// data section and its padding to 4096). Only the slot guards call
+    /// this, so the memory is reached only while the slot is claimed.
+    fn slot_memory(&self, slot: u32) -> Memory<'_> {
         assert!(slot < self.info.slots, "slot {slot} out of range");
-        let start = u64::from(slot) * self.info.slot_bytes;
-        let len = to_usize(self.info.data_bytes);
-        let start = to_usize(start);
-        assert!(start + len <= self.map_len, "slot past the mapping");
+        let start = to_usize(u64::from(slot) * self.info.slot_bytes);
         assert!(start.is_multiple_of(IO_ALIGN_BYTES), "slot not aligned");
-        // SAFETY: `start` is within the mapping (asserted above).
-        (unsafe { self.map.as_ptr().add(start) }, len)
+        assert!(
+            self.info.data_bytes <= self.info.slot_bytes,
+            "a slot's data section is larger than the slot"
+        );
+        Memory::HostMemfd {
+            data: self.shared(start, to_usize(self.info.data_bytes)),
+            whole: self.shared(start, to_usize(self.info.slot_bytes)),
+        }
+    }
+
+    /// A handle on the `len` bytes of the mapping at `offset`.
+    fn shared(&self, offset: usize, len: usize) -> SharedBytes<'_> {
+        assert!(
+            offset
+                .checked_add(len)
+                .is_some_and(|end| end <= self.map_len),
+            "staging bytes {offset}..+{len} past the {}-byte mapping",
+            self.map_len
+        );
+        // SAFETY: mapped: `map` is the MAP_SHARED mapping of `map_len` bytes
+        // this area made and unmaps only in its Drop, and the handle borrows
+        // `self`, so it cannot outlive the mapping. In bounds: asserted
+        // above, so the pointer arithmetic stays inside it. The only
+        // concurrent writer is the trainer (its own mapping of the memfd),
+        // which can only corrupt its own snapshot, which the chunk CRCs
+        // expose; this process reaches the bytes only through `SharedBytes`
+        // handles and the O_DIRECT regions the store makes of them, never
+        // through a Rust reference.
+        unsafe { SharedBytes::new(self.map.as_ptr().add(offset), len) }
     }
 
     fn lock_slots(&self) -> std::sync::MutexGuard<'_, Vec<SlotState>> {
@@ -535,6 +574,13 @@ impl PersistingSlot {
     pub fn staging(&self) -> &Arc<StagingArea> {
         &self.0.staging
     }
+
+    /// The slot's memory, for the persist engine to write and the hot tier
+    /// to copy: borrowed from this guard, so it is reached only while the
+    /// slot is `Persisting`.
+    pub fn memory(&self) -> SlotMemory<'_> {
+        SlotMemory(self.0.staging.slot_memory(self.0.slot))
+    }
 }
 
 /// A slot a restore fills and lends to the client, until it releases it;
@@ -547,12 +593,149 @@ impl LentSlot {
     pub fn index(&self) -> u32 {
         self.0.slot
     }
+
+    pub fn staging(&self) -> &Arc<StagingArea> {
+        &self.0.staging
+    }
+
+    /// The slot as a restore's fill target: borrowed from this guard, so it
+    /// is reached only while the slot is `Lent` (and, by the protocol, not
+    /// yet reported to the client, which reads it only once told).
+    pub fn fill_target(&self) -> FillTarget<'_> {
+        FillTarget(self.0.staging.slot_memory(self.0.slot))
+    }
+}
+
+/// What a slot's bytes are: the seam where GPU staging plugs in (see the
+/// module doc). Private, so a handle is made only by a guard.
+#[derive(Debug, Clone, Copy)]
+enum Memory<'a> {
+    /// [`StagingMemory::HostMemfd`]: the slot in the host memfd, as its data
+    /// section and as the whole slot (the data section and its padding to
+    /// 4096, the length a direct read fills).
+    HostMemfd {
+        data: SharedBytes<'a>,
+        whole: SharedBytes<'a>,
+    },
+}
+
+/// A persisting slot's memory ([`PersistingSlot::memory`]): what the store
+/// writes and what the hot tier copies. Copies of it name the same bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotMemory<'a>(Memory<'a>);
+
+impl<'a> SlotMemory<'a> {
+    /// Bytes of the data section.
+    pub fn len(&self) -> usize {
+        match self.0 {
+            Memory::HostMemfd { data, .. } => data.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The data section as the store's source: host memory is written with
+    /// O_DIRECT straight from the slot, no copy, its CRCs computed through
+    /// the handle.
+    pub fn source(&self) -> Source<'a> {
+        match self.0 {
+            Memory::HostMemfd { data, .. } => Source::Shared(data),
+        }
+    }
+
+    /// Copies the data bytes at `offset..offset + dst.len()` into `dst`
+    /// (private memory: the hot tier's copy).
+    pub fn copy_out(&self, offset: usize, dst: &mut [u8]) -> Result<(), OutOfRange> {
+        match self.0 {
+            Memory::HostMemfd { data, .. } => data.copy_to(offset, dst),
+        }
+    }
+}
+
+/// A lent slot as a restore fills it ([`LentSlot::fill_target`]). `Copy`
+/// and `Sync`: several threads may copy into disjoint ranges at once.
+#[derive(Debug, Clone, Copy)]
+pub struct FillTarget<'a>(Memory<'a>);
+
+impl<'a> FillTarget<'a> {
+    /// Bytes of the data section.
+    pub fn len(&self) -> usize {
+        match self.0 {
+            Memory::HostMemfd { data, .. } => data.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copies verified private bytes `src` to data bytes
+    /// `offset..offset + src.len()`.
+    pub fn copy_in(&self, offset: usize, src: &[u8]) -> Result<(), OutOfRange> {
+        match self.0 {
+            Memory::HostMemfd { data, .. } => data.copy_from(offset, src),
+        }
+    }
+
+    /// The memory a store read may fill with O_DIRECT
+    /// (`Store::read_into_shared`): the whole slot, 4096-aligned, its length
+    /// the data section rounded up to 4096. `None` where the memory cannot
+    /// be the target of a read from disk; the restore then copies in piece
+    /// by piece.
+    pub fn direct_read(&self) -> Option<SharedBytes<'a>> {
+        match self.0 {
+            Memory::HostMemfd { whole, .. } => Some(whole),
+        }
+    }
+
+    /// A fill target over private memory (tests of the restore's copies):
+    /// `bytes` is the data section and the whole slot at once.
+    #[cfg(test)]
+    pub(crate) fn from_private(bytes: &'a mut [u8]) -> FillTarget<'a> {
+        let shared = SharedBytes::from_private(bytes);
+        FillTarget(Memory::HostMemfd {
+            data: shared,
+            whole: shared,
+        })
+    }
+}
+
+/// One ring chunk of a streamed capture ([`StagingArea::ring_chunk`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RingChunk<'a> {
+    bytes: SharedBytes<'a>,
+}
+
+impl RingChunk<'_> {
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// Copies the whole chunk into `dst` (private memory: a pool buffer the
+    /// store writes and checksums), which must be the chunk's length.
+    pub fn copy_out(&self, dst: &mut [u8]) -> Result<(), OutOfRange> {
+        if dst.len() != self.bytes.len() {
+            return Err(OutOfRange {
+                offset: 0,
+                len: dst.len(),
+                region_len: self.bytes.len(),
+            });
+        }
+        self.bytes.copy_to(0, dst)
+    }
 }
 
 impl Drop for StagingArea {
     fn drop(&mut self) {
         // SAFETY: `map` was returned by mmap with exactly `map_len` bytes and
-        // is unmapped only here; no slice handed out can outlive `self`.
+        // is unmapped only here; every handle on it borrows `self` (or a
+        // guard holding it), so none outlives the mapping.
         if let Err(e) = unsafe { nix::sys::mman::munmap(self.map.cast(), self.map_len) } {
             tracing::error!(error = %e, "munmap of a staging area failed");
         }
@@ -603,8 +786,65 @@ fn registration_offsets(specs: &[TensorSpec], layout: &Layout) -> Vec<u64> {
         .collect()
 }
 
+/// Test support: the trainer's side of a staging area.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::ptr::NonNull;
+
+    use super::{StagingArea, map_shared};
+
+    /// A staging memfd mapped a second time, as the trainer maps it.
+    pub(crate) struct TrainerMapping {
+        ptr: NonNull<u8>,
+        len: usize,
+    }
+
+    impl TrainerMapping {
+        pub(crate) fn of(area: &StagingArea) -> TrainerMapping {
+            let file = area.memfd.try_clone().expect("dup");
+            let len = area.map_len;
+            TrainerMapping {
+                ptr: map_shared(&file, len).expect("mmap"),
+                len,
+            }
+        }
+
+        pub(crate) fn write(&self, offset: usize, bytes: &[u8]) {
+            assert!(offset + bytes.len() <= self.len);
+            // SAFETY: inside this test's own mapping (asserted); the daemon
+            // side reaches the same bytes only through handles.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    bytes.as_ptr(),
+                    self.ptr.as_ptr().add(offset),
+                    bytes.len(),
+                );
+            }
+        }
+
+        pub(crate) fn read(&self, offset: usize, len: usize) -> Vec<u8> {
+            assert!(offset + len <= self.len);
+            let mut out = vec![0; len];
+            // SAFETY: inside this test's own mapping (asserted), copied into
+            // a private vector.
+            unsafe {
+                std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(offset), out.as_mut_ptr(), len);
+            }
+            out
+        }
+    }
+
+    impl Drop for TrainerMapping {
+        fn drop(&mut self) {
+            // SAFETY: the mapping made in `of`, with this length.
+            unsafe { nix::sys::mman::munmap(self.ptr.cast(), self.len) }.expect("munmap");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::testing::TrainerMapping;
     use super::*;
     use gpusnap_proto::Dtype;
 
@@ -670,6 +910,87 @@ mod tests {
         let file = a.memfd.try_clone().expect("dup");
         assert!(file.set_len(10).is_err(), "shrinking is sealed");
         assert_eq!(file.metadata().expect("stat").len(), a.info().memfd_bytes);
+    }
+
+    #[test]
+    fn slot_handles_reach_the_trainer_s_bytes_only_through_their_guards_and_bounds() {
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let budget = StagingBudget::new(1 << 20, metrics);
+        let a = Arc::new(
+            StagingArea::create(specs(), plan(BusyPolicy::Stream), &budget).expect("create"),
+        );
+        let info = a.info().clone();
+        assert_eq!(
+            (info.slots, info.data_bytes, info.slot_bytes),
+            (2, 4005, 4096)
+        );
+        let trainer = TrainerMapping::of(&a);
+        let data: Vec<u8> = (0..4005u32)
+            .map(|i| u8::try_from(i % 251).expect("below 251"))
+            .collect();
+
+        // A persisting slot's memory: what the trainer wrote into it, as the
+        // store's source (the data section, aligned) and as a copy out.
+        let persisting = a.claim_capturing(3).expect("slot").into_persisting();
+        let at = to_usize(u64::from(persisting.index()) * info.slot_bytes);
+        trainer.write(at, &data);
+        let memory = persisting.memory();
+        assert_eq!(memory.len(), 4005);
+        match memory.source() {
+            Source::Shared(bytes) => {
+                assert_eq!(bytes.len(), 4005);
+                assert_eq!(bytes.addr() % IO_ALIGN_BYTES, 0, "O_DIRECT from the slot");
+            }
+            other => panic!("a host slot is written as shared memory, not {other:?}"),
+        }
+        let mut out = vec![0; 4005];
+        memory.copy_out(0, &mut out).expect("in range");
+        assert_eq!(out, data);
+        memory
+            .copy_out(4000, &mut out[..5])
+            .expect("the last bytes");
+        assert!(
+            memory.copy_out(4000, &mut out[..6]).is_err(),
+            "the padding is not data"
+        );
+
+        // A lent slot's fill target: bytes copied in are the trainer's to
+        // read; a direct read may fill the whole padded slot.
+        let lent = a.claim_lent().expect("slot");
+        assert_ne!(lent.index(), persisting.index());
+        let at = to_usize(u64::from(lent.index()) * info.slot_bytes);
+        let target = lent.fill_target();
+        assert_eq!(target.len(), 4005);
+        target.copy_in(10, b"restored").expect("in range");
+        assert_eq!(trainer.read(at + 10, 8), b"restored");
+        assert!(target.copy_in(4000, b"sixsix").is_err());
+        let whole = target
+            .direct_read()
+            .expect("host memory is read into directly");
+        assert_eq!((whole.len(), whole.addr() % IO_ALIGN_BYTES), (4096, 0));
+
+        // A ring chunk: its position in the memfd, copied out whole.
+        let chunk = vec![0xA5; 4096];
+        trainer.write(to_usize(info.ring_position(5)), &chunk);
+        let ring = a.ring_chunk(5, 4096);
+        let mut out = vec![0; 4096];
+        ring.copy_out(&mut out).expect("whole chunk");
+        assert_eq!(out, chunk);
+        assert!(
+            ring.copy_out(&mut out[..100]).is_err(),
+            "a chunk is copied whole"
+        );
+        let last = a.ring_chunk(1, 100);
+        assert_eq!(last.len(), 100);
+    }
+
+    #[test]
+    #[should_panic(expected = "outside the ring")]
+    fn a_ring_chunk_larger_than_a_ring_position_is_refused() {
+        let metrics = Arc::new(Metrics::new().expect("metrics"));
+        let budget = StagingBudget::new(1 << 20, metrics);
+        let a = StagingArea::create(specs(), plan(BusyPolicy::Stream), &budget).expect("create");
+        let _ = a.ring_chunk(0, 4097);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! when running as root: failed, counted by its errno), restores from
 //! memory and disk and one that fails, a restart that seeds the newest
 //! committed step from the store, and on a second daemon (policy stream) a
-//! capture streamed while the only slot persists.
+//! capture streamed while the only slot persists (its first persist made
+//! slow by the latency backend, `[testing] delays`, so nothing races).
 //!
 //! [`METRICS`] lists every family once: a metric added to the daemon fails
 //! this test until it is listed here and shown to move.
@@ -50,8 +51,9 @@ const METRICS: [&str; 19] = [
 /// provoke here (a full tmpfs).
 const NEEDS_ROOT: [&str; 1] = ["gpusnap_snapshot_failures_total"];
 
-/// Pairs of back-to-back snapshots tried before the stream case gives up.
-const STREAM_ATTEMPTS: u64 = 5;
+/// `[testing] delays` of the stream daemon: the first snapshot's fdatasync
+/// takes two seconds longer, so the next one finds the only slot busy.
+const FIRST_PERSIST_SLOW: &str = "[{ op = \"sync_data\", delay_ms = 2000, first_n = 1 }]";
 
 /// Every `"gpusnap_..."` name the daemon's metric definitions register (the
 /// source outside its tests), so a new metric is noticed even before any
@@ -172,52 +174,44 @@ fn full_job_dir(daemon: &Daemon, job: &str) -> Option<Mount> {
     Some(Mount(dir))
 }
 
-/// A daemon whose single slot persists slowly, under policy stream: pairs
-/// of back-to-back snapshots until the second one streams. Returns that
-/// daemon's exported families.
+/// A daemon with a single slot whose first persist is slow (the latency
+/// backend), under policy stream: steps 1 and 2 back to back, and the
+/// second streams. Returns that daemon's exported families.
 fn streamed_family(moved: &mut Moved) -> BTreeSet<String> {
     let daemon = Daemon::start(&[
         ("staging", "policy", "\"stream\""),
         ("staging", "double", "false"),
         ("staging", "stream_ring_bytes", "262144"),
         ("store", "io_buffer_bytes", "65536"),
-        ("store", "queue_depth", "1"),
-        ("store", "keep_snapshots", "32"),
+        ("testing", "delays", FIRST_PERSIST_SLOW),
     ]);
     let sample = "gpusnap_streamed_snapshots_total{job=\"met-stream\"}";
-    let state = State::new(8, 64 << 20);
+    let state = State::new(8, 1 << 20);
     let mut c = client(&daemon, "met-stream", 0, 1);
     state.register(&mut c);
     let images = [Image::of(&state, 1), Image::of(&state, 2)];
-    for attempt in 0..STREAM_ATTEMPTS {
-        let (a, b) = (2 * attempt + 1, 2 * attempt + 2);
-        images[0].load(&state);
+    for (step, image) in (1..=2).zip(&images) {
+        image.load(&state);
         assert!(matches!(
-            c.snapshot(a).expect("snapshot"),
+            c.snapshot(step).expect("snapshot"),
             SnapshotOutcome::Captured(_)
         ));
-        images[1].load(&state);
-        assert!(matches!(
-            c.snapshot(b).expect("snapshot"),
-            SnapshotOutcome::Captured(_)
-        ));
-        c.wait_committed(a).expect("commit");
-        c.wait_committed(b).expect("commit");
-        let m = Scrape::of(&daemon);
-        if m.get(sample) > 0.0 {
-            moved.check(
-                "gpusnap_streamed_snapshots_total",
-                m.get(sample) >= 1.0,
-                "a capture that found the slot busy streamed",
-            );
-            return m.families;
-        }
     }
-    panic!("no streamed capture in {STREAM_ATTEMPTS} pairs of back-to-back snapshots");
+    c.wait_committed(2).expect("the streamed step commits");
+    c.wait_committed(1).expect("the slow step commits");
+    let m = Scrape::of(&daemon);
+    moved.check(
+        "gpusnap_streamed_snapshots_total",
+        m.get(sample) == 1.0,
+        "the capture that found the slot busy streamed",
+    );
+    m.families
 }
 
 #[test]
 fn every_metric_moves() {
+    // The stream daemon's config has a [testing] table.
+    daemon::allow_testing_table();
     let mut daemon = Daemon::start(&[
         ("store", "io_buffer_bytes", "65536"),
         ("store", "queue_depth", "1"),

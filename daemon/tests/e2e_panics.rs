@@ -15,8 +15,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use daemon::{
-    Daemon, Image, State, client, dir_names, snapshot_committed, staging_settled, wait_for,
-    wait_rank_free,
+    Daemon, Image, State, allow_testing_table, client, dir_names, snapshot_committed,
+    staging_settled, wait_for, wait_rank_free,
 };
 use gpusnap::proto::ErrorKind;
 use gpusnap::{Error, SnapshotOutcome, Step};
@@ -26,19 +26,6 @@ use serde_json::json;
 /// A stop that waits for nothing finishes well within this (the launcher's
 /// shutdown deadline is 30 s).
 const QUICK_STOP: Duration = Duration::from_secs(10);
-
-/// Puts `GPUSNAP_TESTING=1` in this process's environment, which the
-/// daemons the tests start inherit (the launcher passes its environment on).
-fn allow_testing_table() {
-    static SET: std::sync::Once = std::sync::Once::new();
-    SET.call_once(|| {
-        // SAFETY: every test of this binary that starts a daemon calls this
-        // first, and `Once` holds the others until it returns; until then no
-        // test has started a thread or a child, and std's own environment
-        // readers (`Command`, `env::var`) take the lock `set_var` takes.
-        unsafe { std::env::set_var("GPUSNAP_TESTING", "1") };
-    });
-}
 
 /// Waits until nothing is in flight and no live registration holds staging,
 /// then checks the budget in use is zero (status and the gauge agree).

@@ -540,14 +540,7 @@ impl Conn {
         // The slot travels with the fill and comes back with its result; a
         // panic in the fill drops it there, freeing it.
         let joined = tokio::task::spawn_blocking(move || {
-            let filled = restore::fill_slot(
-                &daemon.store,
-                &daemon.hot,
-                &filler.key,
-                &filler.staging,
-                &slot,
-                step,
-            );
+            let filled = restore::fill_slot(&daemon.store, &daemon.hot, &filler.key, &slot, step);
             (slot, filled)
         })
         .await;

@@ -95,7 +95,12 @@ impl Daemon {
     pub fn open(config: Config) -> Result<Arc<Daemon>, ServerError> {
         config.validate()?;
         let metrics = Arc::new(Metrics::new()?);
-        let store = Arc::new(Store::open(config.store.clone())?);
+        // The latency backend when `[testing] delays` asks (validated above:
+        // only with GPUSNAP_TESTING=1).
+        let store = Arc::new(crate::testing::open_store(
+            config.store.clone(),
+            config.testing.as_ref(),
+        )?);
         metrics
             .io_backend
             .with_label_values(&[store.storage().backend().name()])
@@ -122,6 +127,7 @@ impl Daemon {
         let budget = StagingBudget::new(config.staging.budget_bytes.0, Arc::clone(&metrics));
         let hot = Arc::new(HotTier::new(
             config.hot_tier.budget_bytes.0,
+            Arc::clone(store.checksum()),
             Arc::clone(&metrics),
         ));
         let hooks = Arc::new(Hooks::new(config.testing.as_ref()));

@@ -599,11 +599,18 @@ impl SimDataFile {
                 // SAFETY: `op.len <= op.buf.capacity()` was checked above, so
                 // the source range lies inside the buffer: a pool buffer this
                 // op owns, or a RawRegion whose creator promised it readable
-                // and unchanged until the op completes (it completes inside
-                // this call). It cannot overlap `dst`, which lives in the
-                // simulator's own Vec.
-                let src = unsafe { std::slice::from_raw_parts(op.buf.as_mut_ptr(), op.len) };
-                dst.copy_from_slice(src);
+                // until the op completes (it completes inside this call). It
+                // cannot overlap `dst`, which lives in the simulator's own
+                // Vec and is `op.len` long. A raw copy, as the kernel makes:
+                // a region may be staging memory another process writes, so
+                // no slice is formed over it.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        op.buf.as_mut_ptr().cast_const(),
+                        dst.as_mut_ptr(),
+                        op.len,
+                    );
+                }
                 Ok(op.len)
             }
             OpKind::Read => {
@@ -614,10 +621,13 @@ impl SimDataFile {
                 // SAFETY: `src.len() <= op.len <= op.buf.capacity()`, so the
                 // destination range lies inside the buffer: a pool buffer
                 // this op owns exclusively, or a RawRegion whose creator
-                // promised it writable and untouched by others until the op
-                // completes. It cannot overlap `src`, the simulator's Vec.
-                let dst = unsafe { std::slice::from_raw_parts_mut(op.buf.as_mut_ptr(), src.len()) };
-                dst.copy_from_slice(src);
+                // promised it writable until the op completes. It cannot
+                // overlap `src`, the simulator's Vec. A raw copy, as the
+                // kernel makes: a region may be staging memory another
+                // process maps, so no slice is formed over it.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(src.as_ptr(), op.buf.as_mut_ptr(), src.len());
+                }
                 Ok(src.len())
             }
         }

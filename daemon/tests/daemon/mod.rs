@@ -16,6 +16,22 @@ use gpusnapd_testkit::{DaemonProcess, Defaults, Launch};
 /// One setting: (table, key, TOML value).
 pub type Setting<'a> = (&'a str, &'a str, &'a str);
 
+/// Puts `GPUSNAP_TESTING=1` in this process's environment, which the
+/// daemons the tests start inherit (the launcher passes its environment on),
+/// so their configs may have a `[testing]` table. Every test of a binary
+/// that starts such a daemon calls this before it starts any daemon.
+pub fn allow_testing_table() {
+    static SET: std::sync::Once = std::sync::Once::new();
+    SET.call_once(|| {
+        // SAFETY: every test of the binary calls this before it starts a
+        // daemon or a child, and `Once` holds the others until it returns;
+        // std's own environment readers (`Command`, `env::var`) take the
+        // lock `set_var` takes, and nothing else in these tests reads the
+        // environment through libc meanwhile.
+        unsafe { std::env::set_var("GPUSNAP_TESTING", "1") };
+    });
+}
+
 /// A scratch directory on the real disk (O_DIRECT must work).
 pub fn scratch() -> tempfile::TempDir {
     let base = std::env::var_os("CARGO_TARGET_TMPDIR").map_or_else(std::env::temp_dir, Into::into);
