@@ -73,6 +73,22 @@ pub enum RequestBody {
 }
 
 impl RequestBody {
+    /// Every request's name, as [`RequestBody::name`] says it (the golden
+    /// tests keep the two equal).
+    pub const NAMES: [&'static str; 11] = [
+        "hello",
+        "register",
+        "begin",
+        "chunk_filled",
+        "captured",
+        "abort",
+        "restore",
+        "release",
+        "list",
+        "status",
+        "describe",
+    ];
+
     /// The message's name, for logs and errors.
     pub fn name(&self) -> &'static str {
         match self {
@@ -189,6 +205,28 @@ pub enum ReplyBody {
 }
 
 impl ReplyBody {
+    /// Every reply's and event's name, as [`ReplyBody::name`] says it (the
+    /// golden tests keep the two equal).
+    pub const NAMES: [&'static str; 17] = [
+        "welcome",
+        "registered",
+        "slot",
+        "stream",
+        "skipped",
+        "chunk_free",
+        "accepted",
+        "aborted",
+        "restored",
+        "no_snapshot",
+        "released",
+        "listing",
+        "status",
+        "described",
+        "error",
+        "committed",
+        "failed",
+    ];
+
     /// An error reply of `kind` with no OS error behind it.
     pub fn error(kind: ErrorKind, message: impl Into<String>) -> ReplyBody {
         ReplyBody::Error {
