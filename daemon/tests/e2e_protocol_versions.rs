@@ -17,6 +17,8 @@ use serde_json::{Value, json};
 struct RawJson {
     s: UnixStream,
     id: u64,
+    /// The text of the last frame read, as the daemon wrote it.
+    last_text: String,
 }
 
 impl RawJson {
@@ -24,7 +26,11 @@ impl RawJson {
         let s = UnixStream::connect(&daemon.socket).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(60)))
             .expect("timeout");
-        RawJson { s, id: 0 }
+        RawJson {
+            s,
+            id: 0,
+            last_text: String::new(),
+        }
     }
 
     fn send(&mut self, body: Value) {
@@ -40,6 +46,7 @@ impl RawJson {
         let mut body = vec![0u8; proto::frame_len(header).expect("frame")];
         self.s.read_exact(&mut body).expect("body");
         let v: Value = serde_json::from_slice(&body).expect("JSON");
+        self.last_text = String::from_utf8(body).expect("UTF-8");
         Some((v["id"].as_u64().expect("id"), v["body"].clone()))
     }
 
@@ -81,27 +88,35 @@ fn a_version_1_client_is_served_in_version_1_words_end_to_end() {
         registered.get("memory").is_none(),
         "version 1 knows no staging kinds: {registered}"
     );
-    let keys: Vec<&str> = registered
-        .as_object()
-        .expect("object")
-        .keys()
-        .map(String::as_str)
+    // The fields in the order the daemon wrote them: version 1's order.
+    let text = raw.last_text.clone();
+    let keys = [
+        "type",
+        "memfd_bytes",
+        "slots",
+        "slot_bytes",
+        "data_bytes",
+        "offsets",
+        "ring_offset",
+        "ring_chunks",
+        "chunk_bytes",
+        "policy",
+    ];
+    let positions: Vec<usize> = keys
+        .iter()
+        .map(|k| {
+            text.find(&format!("\"{k}\":"))
+                .unwrap_or_else(|| panic!("no {k} in {text}"))
+        })
         .collect();
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "version-1 fields in version-1 order: {text}"
+    );
     assert_eq!(
-        keys,
-        [
-            "type",
-            "memfd_bytes",
-            "slots",
-            "slot_bytes",
-            "data_bytes",
-            "offsets",
-            "ring_offset",
-            "ring_chunks",
-            "chunk_bytes",
-            "policy"
-        ],
-        "exactly the version-1 fields, in version-1 order"
+        registered.as_object().expect("object").len(),
+        keys.len(),
+        "exactly the version-1 fields: {registered}"
     );
     let slot = raw.call(json!({ "type": "begin", "step": 1 }), &mut events);
     assert_eq!(slot["type"], "slot", "{slot}");

@@ -34,8 +34,6 @@
 //!   tests; a version's file never changes once released. Dropping a
 //!   version raises [`PROTOCOL_VERSION_MIN`] and deletes its file.
 
-use serde_json::Value;
-
 use crate::frame::{self, FrameError};
 use crate::message::Reply;
 
@@ -66,14 +64,16 @@ pub fn negotiate(client: u32) -> Result<u32, VersionMismatch> {
 /// The frame of `reply` as protocol `version` says it (a version this
 /// build serves). [`FrameError::NotInVersion`] when that version cannot
 /// say it (a kind of staging memory it predates).
+///
+/// Each older version has a module that says, message by message, what
+/// differs from the next version up; a reply that does not differ is
+/// encoded as it is. The next protocol version adds such a module for the
+/// version it replaces, and an older version's encoding goes through each
+/// step in turn.
 pub fn encode_reply(reply: &Reply, version: u32) -> Result<Vec<u8>, FrameError> {
     match version {
         PROTOCOL_VERSION => frame::encode(reply),
-        1 => {
-            let mut value = serde_json::to_value(reply)?;
-            to_version_1(&mut value)?;
-            frame::frame(serde_json::to_vec(&value)?)
-        }
+        1 => v1::encode(reply),
         other => Err(FrameError::NotInVersion {
             what: "any reply".into(),
             version: other,
@@ -81,37 +81,118 @@ pub fn encode_reply(reply: &Reply, version: u32) -> Result<Vec<u8>, FrameError> 
     }
 }
 
-/// Rewrites a version-2 reply as version 1 says it: no `memory` in
-/// `registered` (only a host memfd can be said), no `os_error`. Key order
-/// is kept (serde_json's `preserve_order`), so the bytes are those a
-/// version-1 daemon wrote.
-fn to_version_1(reply: &mut Value) -> Result<(), FrameError> {
-    let Some(body) = reply.get_mut("body").and_then(Value::as_object_mut) else {
-        return Ok(());
-    };
-    match body.get("type").and_then(Value::as_str) {
-        Some("registered") => {
-            let host = serde_json::to_value(crate::StagingMemory::HostMemfd)?;
-            match body.shift_remove("memory") {
-                Some(memory) if memory == host => {}
-                memory => {
-                    return Err(FrameError::NotInVersion {
-                        what: format!("staging memory {}", describe(memory.as_ref())),
-                        version: 1,
-                    });
-                }
-            }
-        }
-        Some("error" | "failed") => {
-            body.shift_remove("os_error");
-        }
-        _ => {}
-    }
-    Ok(())
-}
+/// Version 1's words for the replies version 2 changed: `registered`
+/// without `memory` (version 1 knows only a host memfd), `error` and
+/// `failed` without `os_error`. Each is a borrowed view with version 1's
+/// fields in version 1's order, so the bytes are those a version-1 daemon
+/// wrote (the golden file was written by one), with no copy of the reply.
+mod v1 {
+    use serde::Serialize;
 
-fn describe(value: Option<&Value>) -> String {
-    value.map_or_else(|| "(none)".to_owned(), Value::to_string)
+    use crate::frame::{self, FrameError};
+    use crate::message::{ErrorKind, Reply, ReplyBody};
+    use crate::staging::{BusyPolicy, StagingInfo, StagingMemory};
+
+    #[derive(Serialize)]
+    struct Frame<B> {
+        id: u64,
+        body: B,
+    }
+
+    #[derive(Serialize)]
+    #[serde(tag = "type", rename = "registered")]
+    struct Registered<'a> {
+        memfd_bytes: u64,
+        slots: u32,
+        slot_bytes: u64,
+        data_bytes: u64,
+        offsets: &'a [u64],
+        ring_offset: u64,
+        ring_chunks: u32,
+        chunk_bytes: u64,
+        policy: BusyPolicy,
+    }
+
+    #[derive(Serialize)]
+    #[serde(tag = "type", rename = "error")]
+    struct Error<'a> {
+        kind: ErrorKind,
+        message: &'a str,
+    }
+
+    #[derive(Serialize)]
+    #[serde(tag = "type", rename = "failed")]
+    struct Failed<'a> {
+        step: u64,
+        kind: ErrorKind,
+        message: &'a str,
+    }
+
+    pub(super) fn encode(reply: &Reply) -> Result<Vec<u8>, FrameError> {
+        let id = reply.id;
+        match &reply.body {
+            ReplyBody::Registered(info) => frame::encode(&Frame {
+                id,
+                body: registered(info)?,
+            }),
+            ReplyBody::Error {
+                kind,
+                message,
+                os_error: _,
+            } => frame::encode(&Frame {
+                id,
+                body: Error {
+                    kind: *kind,
+                    message,
+                },
+            }),
+            ReplyBody::Failed {
+                step,
+                kind,
+                message,
+                os_error: _,
+            } => frame::encode(&Frame {
+                id,
+                body: Failed {
+                    step: *step,
+                    kind: *kind,
+                    message,
+                },
+            }),
+            // No wildcard: a reply added later must decide here what
+            // version 1 says for it.
+            ReplyBody::Welcome { .. }
+            | ReplyBody::Slot { .. }
+            | ReplyBody::Stream { .. }
+            | ReplyBody::Skipped { .. }
+            | ReplyBody::ChunkFree { .. }
+            | ReplyBody::Accepted { .. }
+            | ReplyBody::Aborted { .. }
+            | ReplyBody::Restored { .. }
+            | ReplyBody::NoSnapshot
+            | ReplyBody::Released
+            | ReplyBody::Listing { .. }
+            | ReplyBody::Status(_)
+            | ReplyBody::Described { .. }
+            | ReplyBody::Committed { .. } => frame::encode(reply),
+        }
+    }
+
+    fn registered(info: &StagingInfo) -> Result<Registered<'_>, FrameError> {
+        match info.memory {
+            StagingMemory::HostMemfd => Ok(Registered {
+                memfd_bytes: info.memfd_bytes,
+                slots: info.slots,
+                slot_bytes: info.slot_bytes,
+                data_bytes: info.data_bytes,
+                offsets: &info.offsets,
+                ring_offset: info.ring_offset,
+                ring_chunks: info.ring_chunks,
+                chunk_bytes: info.chunk_bytes,
+                policy: info.policy,
+            }),
+        }
+    }
 }
 
 #[cfg(test)]

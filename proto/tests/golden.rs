@@ -1,14 +1,16 @@
 //! Golden frames: every message of every protocol version a current
 //! daemon serves, as committed files (`golden/v<N>.frames`). Requests
 //! decode to the expected message and re-encode byte for byte; replies
-//! encode for that version byte for byte, and decode again (with this
-//! build's types, for the current version). A version's file never changes
+//! encode for that version byte for byte, and decode and re-encode byte
+//! for byte again: with this build's types for the current version, with
+//! the frozen types of that version (`v1_types.rs`) for an older one. A version's file never changes
 //! once released: a diff in one is a break of the protocol.
 //!
 //! `GPUSNAP_BLESS_GOLDEN=1` writes the file of the current version when it
 //! does not exist yet (a new version); it never rewrites one.
 
 mod samples;
+mod v1_types;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -59,6 +61,15 @@ fn render(frames: &[(String, Vec<u8>)]) -> String {
             )
         })
         .collect()
+}
+
+fn frame_of(body: Vec<u8>) -> Vec<u8> {
+    let mut frame = u32::try_from(body.len())
+        .expect("small")
+        .to_le_bytes()
+        .to_vec();
+    frame.extend_from_slice(&body);
+    frame
 }
 
 /// Parses a golden file into (name, frame bytes).
@@ -143,7 +154,14 @@ fn every_served_version_decodes_and_reencodes_byte_for_byte() {
                 let reply: Reply = decode(body).expect("reply decodes");
                 assert_eq!(&encode(&reply).expect("encode"), want, "v{version} {name}");
             } else {
-                let _: serde_json::Value = serde_json::from_slice(body).expect("JSON");
+                assert_eq!(version, 1, "a frozen copy of each older version's types");
+                let reply: v1_types::Reply = serde_json::from_slice(body)
+                    .unwrap_or_else(|e| panic!("v1 {name}: a version-1 client refuses it: {e}"));
+                assert_eq!(
+                    &frame_of(serde_json::to_vec(&reply).expect("encode")),
+                    want,
+                    "v1 {name}: re-encoded by the version-1 types"
+                );
             }
         }
     }
@@ -217,7 +235,7 @@ fn the_samples_cover_every_message() {
 }
 
 #[test]
-fn a_staging_kind_version_1_cannot_say_is_refused_not_dropped() {
+fn version_1_registered_says_no_memory_and_unserved_versions_are_refused() {
     // Only a host memfd exists today; a v1 frame of it has no `memory`.
     let reply = samples::replies(1)
         .into_iter()

@@ -149,24 +149,40 @@ impl Layout {
 
     /// The safetensors prefix of the file: length, JSON header, space padding.
     /// Its length is a multiple of 4096.
+    ///
+    /// The header's bytes are part of the on-disk format (a reader rebuilds
+    /// it and compares byte for byte), so their order is fixed here, not by
+    /// `serde_json`'s map type (which a cargo feature anywhere in the build,
+    /// `preserve_order`, would change): entries sorted by name, each
+    /// tensor's fields as `data_offsets`, `dtype`, `shape`, exactly what the
+    /// version-1 writer wrote.
     pub fn encode_header(
         &self,
         metadata: &BTreeMap<String, String>,
     ) -> Result<Vec<u8>, LayoutError> {
-        let mut map = serde_json::Map::new();
+        #[derive(Serialize)]
+        struct Entry<'a> {
+            data_offsets: [u64; 2],
+            dtype: &'static str,
+            shape: &'a [u64],
+        }
+        #[derive(Serialize)]
+        #[serde(untagged)]
+        enum Value<'a> {
+            Metadata(&'a BTreeMap<String, String>),
+            Tensor(Entry<'a>),
+        }
+        let mut map: BTreeMap<&str, Value<'_>> = BTreeMap::new();
         if !metadata.is_empty() {
-            map.insert(
-                "__metadata__".to_owned(),
-                serde_json::to_value(metadata).map_err(|_| LayoutError::Overflow)?,
-            );
+            map.insert("__metadata__", Value::Metadata(metadata));
         }
         for t in &self.tensors {
             map.insert(
-                t.name.clone(),
-                serde_json::json!({
-                    "dtype": t.dtype.name(),
-                    "shape": t.shape,
-                    "data_offsets": [t.offset, t.end()],
+                &t.name,
+                Value::Tensor(Entry {
+                    data_offsets: [t.offset, t.end()],
+                    dtype: t.dtype.name(),
+                    shape: &t.shape,
                 }),
             );
         }
