@@ -300,7 +300,7 @@ impl Client {
         self.refuse_open_capture()?;
         self.retry("register", |c| c.registered().map(drop))?;
         self.staging()
-            .ok_or_else(|| Error::Internal("registration has no staging".into()))
+            .ok_or_else(|| Error::internal("registration has no staging"))
     }
 
     /// Restores `step` into every registered buffer. `Ok(None)`: there is

@@ -9,9 +9,11 @@ use crate::proto::{ErrorKind, OsError};
 /// Everything that can go wrong in the client.
 ///
 /// Errors the daemon reports keep its message and, where the daemon sends
-/// one, the operating system's error behind them ([`Error::os_error`]);
-/// [`Error::from_daemon`] maps each [`ErrorKind`] to exactly one variant and
-/// [`Error::daemon_kind`] maps it back.
+/// one, the operating system's error behind them ([`Error::os_error`]:
+/// the daemon sends one with [`Error::Storage`], [`Error::Internal`] and
+/// [`Error::SnapshotFailed`]); [`Error::from_daemon`] maps each
+/// [`ErrorKind`] to exactly one variant and [`Error::daemon_kind`] maps it
+/// back.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -71,15 +73,21 @@ pub enum Error {
     /// A wait ran past its bound (`after`; zero when the daemon reported it).
     #[error("timed out after {after:?} waiting for {what}")]
     Timeout { what: String, after: Duration },
-    /// A bug or an unexpected condition in the daemon.
-    #[error("internal daemon error: {0}")]
-    Internal(String),
+    /// A bug or an unexpected condition, in the daemon or in this client
+    /// (`os_error`: the errno of a system call of the daemon's own that
+    /// failed, such as creating or mapping a staging memfd, or starting a
+    /// thread; never set by the client itself).
+    #[error("internal error: {message}")]
+    Internal {
+        message: String,
+        os_error: Option<OsError>,
+    },
     /// The daemon refused this snapshot because staging was busy (policy `skip`).
     #[error("snapshot of step {step} was skipped: {reason}")]
     Skipped { step: u64, reason: String },
     /// The snapshot was captured but the daemon could not commit it
     /// (`os_error`: the errno behind it, when an I/O error was the cause).
-    #[error("snapshot of step {step} failed ({kind:?}): {message}")]
+    #[error("snapshot of step {step} failed ({}): {message}", kind.name())]
     SnapshotFailed {
         step: u64,
         kind: ErrorKind,
@@ -124,14 +132,25 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// An [`Error::Internal`] of this client's own (no OS error).
+    pub(crate) fn internal(message: impl Into<String>) -> Error {
+        Error::Internal {
+            message: message.into(),
+            os_error: None,
+        }
+    }
+
     /// The variant for an error the daemon reported. `os_error` is kept by
-    /// [`Error::Storage`], the kind the daemon reports I/O failures as.
+    /// [`Error::Storage`] (a failed I/O of the store) and
+    /// [`Error::Internal`] (a failed system call of the daemon's own), the
+    /// kinds the daemon sends one with; on any other kind it is logged and
+    /// dropped.
     pub fn from_daemon(kind: ErrorKind, message: String, os_error: Option<OsError>) -> Error {
-        if os_error.is_some() && kind != ErrorKind::Storage {
+        if os_error.is_some() && !matches!(kind, ErrorKind::Storage | ErrorKind::Internal) {
             tracing::debug!(
-                ?kind,
+                kind = kind.name(),
                 ?os_error,
-                "an OS error on a daemon error of another kind"
+                "an OS error on a daemon error of a kind that keeps none"
             );
         }
         match kind {
@@ -155,7 +174,7 @@ impl Error {
                 what: message,
                 after: Duration::ZERO,
             },
-            ErrorKind::Internal => Error::Internal(message),
+            ErrorKind::Internal => Error::Internal { message, os_error },
         }
     }
 
@@ -177,7 +196,7 @@ impl Error {
             Error::Storage { .. } => ErrorKind::Storage,
             Error::ShuttingDown(_) => ErrorKind::ShuttingDown,
             Error::Timeout { .. } => ErrorKind::Timeout,
-            Error::Internal(_) => ErrorKind::Internal,
+            Error::Internal { .. } => ErrorKind::Internal,
             Error::SnapshotFailed { kind, .. } => *kind,
             Error::DaemonUnavailable { .. }
             | Error::Disconnected(_)
@@ -192,11 +211,14 @@ impl Error {
         })
     }
     /// The operating system's error behind this one: the errno the daemon
-    /// reported ([`Error::Storage`], [`Error::SnapshotFailed`]) or that a
-    /// local call returned ([`Error::Io`], [`Error::DaemonUnavailable`]).
+    /// reported ([`Error::Storage`], [`Error::Internal`],
+    /// [`Error::SnapshotFailed`]) or that a local call returned
+    /// ([`Error::Io`], [`Error::DaemonUnavailable`]).
     pub fn os_error(&self) -> Option<OsError> {
         match self {
-            Error::Storage { os_error, .. } | Error::SnapshotFailed { os_error, .. } => *os_error,
+            Error::Storage { os_error, .. }
+            | Error::Internal { os_error, .. }
+            | Error::SnapshotFailed { os_error, .. } => *os_error,
             Error::Io(e) | Error::DaemonUnavailable { source: e, .. } => {
                 e.raw_os_error().map(OsError::from_raw)
             }
@@ -214,7 +236,6 @@ impl Error {
             | Error::Corrupt(_)
             | Error::ShuttingDown(_)
             | Error::Timeout { .. }
-            | Error::Internal(_)
             | Error::Skipped { .. }
             | Error::Lost { .. }
             | Error::BufferLength { .. }
@@ -264,7 +285,10 @@ impl Error {
                 what: what.clone(),
                 after: *after,
             },
-            Error::Internal(m) => Error::Internal(m.clone()),
+            Error::Internal { message, os_error } => Error::Internal {
+                message: message.clone(),
+                os_error: *os_error,
+            },
             Error::Skipped { step, reason } => Error::Skipped {
                 step: *step,
                 reason: reason.clone(),
@@ -306,48 +330,9 @@ impl Error {
 mod tests {
     use super::*;
 
-    /// Every kind, written as a match so a new kind fails to compile here.
-    fn all_kinds() -> Vec<ErrorKind> {
-        let probe = ErrorKind::Protocol;
-        match probe {
-            ErrorKind::Protocol
-            | ErrorKind::TooLarge
-            | ErrorKind::VersionMismatch
-            | ErrorKind::NotRegistered
-            | ErrorKind::InvalidRegistration
-            | ErrorKind::Busy
-            | ErrorKind::PermissionDenied
-            | ErrorKind::StagingFull
-            | ErrorKind::Mismatch
-            | ErrorKind::NotFound
-            | ErrorKind::Corrupt
-            | ErrorKind::Storage
-            | ErrorKind::ShuttingDown
-            | ErrorKind::Timeout
-            | ErrorKind::Internal => {}
-        }
-        vec![
-            ErrorKind::Protocol,
-            ErrorKind::TooLarge,
-            ErrorKind::VersionMismatch,
-            ErrorKind::NotRegistered,
-            ErrorKind::InvalidRegistration,
-            ErrorKind::Busy,
-            ErrorKind::PermissionDenied,
-            ErrorKind::StagingFull,
-            ErrorKind::Mismatch,
-            ErrorKind::NotFound,
-            ErrorKind::Corrupt,
-            ErrorKind::Storage,
-            ErrorKind::ShuttingDown,
-            ErrorKind::Timeout,
-            ErrorKind::Internal,
-        ]
-    }
-
     #[test]
     fn every_daemon_kind_maps_to_its_own_variant_and_back() {
-        let kinds = all_kinds();
+        let kinds = ErrorKind::ALL;
         let mut variants = std::collections::HashSet::new();
         for kind in &kinds {
             let err = Error::from_daemon(*kind, format!("msg-{kind:?}"), None);
@@ -359,7 +344,7 @@ mod tests {
     }
 
     #[test]
-    fn the_os_error_of_a_storage_error_is_kept_and_a_replay_is_the_same_error() {
+    fn the_os_error_of_a_storage_or_internal_error_is_kept_and_a_replay_is_the_same_error() {
         let err = Error::from_daemon(
             ErrorKind::Storage,
             "write: No space left on device".into(),
@@ -370,6 +355,27 @@ mod tests {
         assert_eq!(again.to_string(), err.to_string());
         assert_eq!(again.os_error(), Some(OsError::ENOSPC));
         assert!(matches!(again, Error::Storage { .. }));
+        // The daemon's own failed system calls come as Internal, errno kept.
+        let err = Error::from_daemon(
+            ErrorKind::Internal,
+            "memfd_create: Too many open files".into(),
+            Some(OsError::EMFILE),
+        );
+        assert!(
+            matches!(
+                &err,
+                Error::Internal {
+                    os_error: Some(OsError::EMFILE),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(err.os_error(), Some(OsError::EMFILE));
+        assert_eq!(err.replay().os_error(), Some(OsError::EMFILE));
+        assert_eq!(err.replay().to_string(), err.to_string());
+        // The client's own internal errors have none.
+        assert_eq!(Error::internal("a bug").os_error(), None);
         // Other kinds have no OS error field.
         let err = Error::from_daemon(ErrorKind::Corrupt, "crc".into(), Some(OsError::EIO));
         assert_eq!(err.os_error(), None);

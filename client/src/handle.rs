@@ -531,7 +531,7 @@ impl Client {
                 .checked_add(span.len())
                 .and_then(|end| sources.get(i)?.subrange(start..end));
             let (Some(src), Some(r)) = (piece, self.tensors.get(i)) else {
-                return Err(Error::Internal(format!(
+                return Err(Error::internal(format!(
                     "chunk {seq}: segment outside tensor {i}"
                 )));
             };

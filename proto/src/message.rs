@@ -316,6 +316,48 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind, in declaration order (a test keeps the list complete
+    /// and each [`name`](ErrorKind::name) equal to its wire form).
+    pub const ALL: [ErrorKind; 15] = [
+        ErrorKind::Protocol,
+        ErrorKind::TooLarge,
+        ErrorKind::VersionMismatch,
+        ErrorKind::NotRegistered,
+        ErrorKind::InvalidRegistration,
+        ErrorKind::Busy,
+        ErrorKind::PermissionDenied,
+        ErrorKind::StagingFull,
+        ErrorKind::Mismatch,
+        ErrorKind::NotFound,
+        ErrorKind::Corrupt,
+        ErrorKind::Storage,
+        ErrorKind::ShuttingDown,
+        ErrorKind::Timeout,
+        ErrorKind::Internal,
+    ];
+
+    /// The kind's name as the wire says it (`"storage"`), for messages,
+    /// logs and the Python exceptions' `kind`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            ErrorKind::Protocol => "protocol",
+            ErrorKind::TooLarge => "too_large",
+            ErrorKind::VersionMismatch => "version_mismatch",
+            ErrorKind::NotRegistered => "not_registered",
+            ErrorKind::InvalidRegistration => "invalid_registration",
+            ErrorKind::Busy => "busy",
+            ErrorKind::PermissionDenied => "permission_denied",
+            ErrorKind::StagingFull => "staging_full",
+            ErrorKind::Mismatch => "mismatch",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Corrupt => "corrupt",
+            ErrorKind::Storage => "storage",
+            ErrorKind::ShuttingDown => "shutting_down",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Internal => "internal",
+        }
+    }
+
     /// Whether the daemon closes the connection after this error.
     pub const fn closes_connection(self) -> bool {
         matches!(
@@ -416,6 +458,39 @@ mod tests {
         ));
         assert!(decode::<Request>(br#"{"id":1,"body":{"type":"nope"}}"#).is_err());
         assert!(decode::<Request>(br#"{"id":1,"body":{"type":"status"},"x":1}"#).is_err());
+    }
+
+    #[test]
+    fn every_error_kind_is_listed_once_and_named_as_the_wire_names_it() {
+        // A new kind fails to compile here: list it in `ALL` too.
+        let reminder = |kind: ErrorKind| match kind {
+            ErrorKind::Protocol
+            | ErrorKind::TooLarge
+            | ErrorKind::VersionMismatch
+            | ErrorKind::NotRegistered
+            | ErrorKind::InvalidRegistration
+            | ErrorKind::Busy
+            | ErrorKind::PermissionDenied
+            | ErrorKind::StagingFull
+            | ErrorKind::Mismatch
+            | ErrorKind::NotFound
+            | ErrorKind::Corrupt
+            | ErrorKind::Storage
+            | ErrorKind::ShuttingDown
+            | ErrorKind::Timeout
+            | ErrorKind::Internal => {}
+        };
+        let mut names = std::collections::HashSet::new();
+        for kind in ErrorKind::ALL {
+            reminder(kind);
+            let wire = serde_json::to_string(&kind).expect("serialize");
+            assert_eq!(wire, format!("\"{}\"", kind.name()), "{kind:?}");
+            assert_eq!(
+                serde_json::from_str::<ErrorKind>(&wire).expect("parse"),
+                kind
+            );
+            assert!(names.insert(kind.name()), "{kind:?} listed twice");
+        }
     }
 
     #[test]

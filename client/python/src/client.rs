@@ -280,7 +280,10 @@ impl NativeClient {
     fn sync_registration(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let info = self.call(py, |c| {
             let info = c.sync_registration()?;
-            serde_json::to_value(info).map_err(|e| gpusnap::Error::Internal(e.to_string()))
+            serde_json::to_value(info).map_err(|e| gpusnap::Error::Internal {
+                message: e.to_string(),
+                os_error: None,
+            })
         })?;
         to_python(py, &info)
     }
@@ -377,7 +380,10 @@ impl NativeClient {
     fn status(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let value = self.call(py, |c| {
             let status = c.status()?;
-            serde_json::to_value(status).map_err(|e| gpusnap::Error::Internal(e.to_string()))
+            serde_json::to_value(status).map_err(|e| gpusnap::Error::Internal {
+                message: e.to_string(),
+                os_error: None,
+            })
         })?;
         to_python(py, &value)
     }

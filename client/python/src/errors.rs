@@ -4,10 +4,12 @@
 //!
 //! [`to_py`] is the only way a Rust error becomes a Python one. Exceptions
 //! that concern one step carry it as their `step` attribute; those an
-//! operating system error can be behind (`StorageError`, `SnapshotFailed`,
-//! `IoError`, `DaemonUnavailable`) carry `errno` (an int) and `os_error`
-//! (its name, `"ENOSPC"`), both None when there is none; `SnapshotFailed`
-//! carries the daemon's error `kind` too (`"storage"`, `"internal"`...).
+//! operating system error can be behind (`StorageError`, `InternalError`,
+//! `SnapshotFailed`, `IoError`, `DaemonUnavailable`) carry `errno` (an int,
+//! None when there is none) and `os_error` (its name, `"ENOSPC"`; None when
+//! there is none or the errno has no name the protocol lists, `errno` still
+//! carrying the number); `SnapshotFailed` carries the daemon's error `kind`
+//! too (`"storage"`, `"internal"`...).
 
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
@@ -221,15 +223,20 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
         CaptureInProgress,
         IoError,
     );
+    // Class-level defaults, so that one of these raised without an OS
+    // error (by the Python layer, or a panic turned InternalError) still
+    // answers `errno` and `os_error` with None.
+    for class in [
+        py.get_type::<DaemonUnavailable>(),
+        py.get_type::<StorageError>(),
+        py.get_type::<InternalError>(),
+        py.get_type::<SnapshotFailed>(),
+        py.get_type::<IoError>(),
+    ] {
+        class.setattr("errno", py.None())?;
+        class.setattr("os_error", py.None())?;
+    }
     Ok(())
-}
-
-/// The wire name of a daemon error kind (`"storage"`).
-fn kind_name(kind: gpusnap::proto::ErrorKind) -> String {
-    serde_json::to_value(kind)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_else(|| format!("{kind:?}"))
 }
 
 /// The Python exception for a client error.
@@ -244,12 +251,16 @@ pub fn to_py(err: gpusnap::Error) -> PyErr {
         _ => None,
     };
     let kind = match &err {
-        E::SnapshotFailed { kind, .. } => Some(kind_name(*kind)),
+        E::SnapshotFailed { kind, .. } => Some(kind.name()),
         _ => None,
     };
     let may_have_os_error = matches!(
         &err,
-        E::Storage { .. } | E::SnapshotFailed { .. } | E::Io(_) | E::DaemonUnavailable { .. }
+        E::Storage { .. }
+            | E::Internal { .. }
+            | E::SnapshotFailed { .. }
+            | E::Io(_)
+            | E::DaemonUnavailable { .. }
     );
     let os_error = err.os_error();
     let py_err = match err {
@@ -269,7 +280,7 @@ pub fn to_py(err: gpusnap::Error) -> PyErr {
         E::Storage { .. } => StorageError::new_err(message),
         E::ShuttingDown(_) => ShuttingDown::new_err(message),
         E::Timeout { .. } => Timeout::new_err(message),
-        E::Internal(_) => InternalError::new_err(message),
+        E::Internal { .. } => InternalError::new_err(message),
         E::Skipped { .. } => Skipped::new_err(message),
         E::SnapshotFailed { .. } => SnapshotFailed::new_err(message),
         E::Lost { .. } => Lost::new_err(message),
@@ -295,7 +306,7 @@ pub fn to_py(err: gpusnap::Error) -> PyErr {
         }
         if may_have_os_error {
             let _ = value.setattr("errno", os_error.map(|e| e.raw()));
-            let _ = value.setattr("os_error", os_error.map(|e| e.to_string()));
+            let _ = value.setattr("os_error", os_error.and_then(|e| e.name()));
         }
     });
     py_err

@@ -77,6 +77,56 @@ def test_a_storage_error_of_a_restore_carries_its_errno(tmp_path):
     assert "restore" in fake.requests
 
 
+def test_an_internal_error_of_the_daemon_carries_its_errno(tmp_path):
+    # The daemon reports a failed system call of its own (a staging memfd
+    # it could not create, a thread it could not start) as internal, with
+    # the errno behind it.
+    def refuse(_: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "type": "error",
+            "kind": "internal",
+            "message": "memfd_create: Too many open files (os error 24)",
+            "os_error": "EMFILE",
+        }
+
+    fake = FakeDaemon(tmp_path, answers={"restore": refuse})
+    try:
+        with gpusnap.Client("osjob", socket=fake.socket) as c:
+            c.register("x", np.zeros(8, dtype=np.float32))
+            with pytest.raises(gpusnap.InternalError) as info:
+                c.restore(3)
+    finally:
+        fake.close()
+    assert info.value.errno == errno.EMFILE
+    assert info.value.os_error == "EMFILE"
+
+
+def test_an_errno_the_protocol_does_not_name_is_a_number_without_a_name(tmp_path):
+    # EHWPOISON (133) is not among the names the protocol lists: the wire
+    # carries the number, `errno` has it, and `os_error` is None (never a
+    # made-up name such as "errno 133").
+    def refuse(_: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "error", "kind": "storage", "message": "read: poisoned", "os_error": 133}
+
+    fake = FakeDaemon(tmp_path, answers={"restore": refuse})
+    try:
+        with gpusnap.Client("osjob", socket=fake.socket) as c:
+            c.register("x", np.zeros(8, dtype=np.float32))
+            with pytest.raises(gpusnap.StorageError) as info:
+                c.restore(3)
+    finally:
+        fake.close()
+    assert (info.value.errno, info.value.os_error) == (133, None)
+
+
+def test_an_internal_error_without_an_os_error_says_none():
+    from gpusnap import _native
+
+    with pytest.raises(gpusnap.InternalError) as info:
+        _native._panic_inside_a_call()
+    assert (info.value.errno, info.value.os_error) == (None, None)
+
+
 def test_no_daemon_carries_the_connect_errno(tmp_path):
     with pytest.raises(gpusnap.DaemonUnavailable) as info:
         gpusnap.Client("j", socket=tmp_path / "none.sock", connect_timeout=0.1)

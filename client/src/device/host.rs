@@ -120,7 +120,7 @@ impl Batcher {
 }
 
 fn misrouted(what: &str) -> Error {
-    Error::Internal(format!(
+    Error::internal(format!(
         "the host device was given a {what} of device memory (the client routes each buffer to its own device)"
     ))
 }
@@ -272,7 +272,7 @@ mod tests {
             Staging::map(fd, testing::one_slot(&[64 << 10]), vec![64 << 10], &[]).expect("map");
         let refused = device.capture(captures(&unattached, &[&t]));
         assert!(
-            matches!(&refused, Err(Error::Internal(m)) if m.contains("before attach")),
+            matches!(&refused, Err(Error::Internal { message: m, .. }) if m.contains("before attach")),
             "{:?}",
             refused.map(drop)
         );
@@ -339,7 +339,7 @@ mod tests {
             dst: span,
         }]);
         assert!(
-            matches!(&refused, Err(Error::Internal(m)) if m.contains("device memory")),
+            matches!(&refused, Err(Error::Internal { message: m, .. }) if m.contains("device memory")),
             "{:?}",
             refused.map(drop)
         );

@@ -172,7 +172,7 @@ impl Job {
     fn outcome(&self) -> Result<Duration> {
         let state = self.lock();
         if let Some(panic) = &state.panicked {
-            return Err(Error::Internal(format!("a host copy panicked: {panic}")));
+            return Err(Error::internal(format!("a host copy panicked: {panic}")));
         }
         let finished = state
             .finished
@@ -347,8 +347,8 @@ impl CopyPool {
                 drop(state);
                 // No thread ever saw the job: dropping it drops the pieces.
                 drop(job);
-                return Err(Error::Internal(
-                    "host device: copies before attach (no copy thread started)".into(),
+                return Err(Error::internal(
+                    "host device: copies before attach (no copy thread started)",
                 ));
             }
             for _ in 0..wake {

@@ -200,7 +200,7 @@ impl DoubleDevice {
         if !mine {
             self.shared
                 .violation(format!("{what} of {buffer:?}, not a buffer of this device"));
-            return Err(Error::Internal("device double: a foreign buffer".into()));
+            return Err(Error::internal("device double: a foreign buffer"));
         }
         Ok(Arc::clone(buffer))
     }
@@ -221,9 +221,7 @@ impl DoubleDevice {
             }
         }
         let Some(region) = region else {
-            return Err(Error::Internal(
-                "device double: staging not attached".into(),
-            ));
+            return Err(Error::internal("device double: staging not attached"));
         };
         self.shared.jobs.fetch_add(1, Ordering::SeqCst);
         self.shared
@@ -243,7 +241,7 @@ impl DoubleDevice {
             .as_ref()
             .expect("the double is running")
             .send(job)
-            .map_err(|_| Error::Internal("device double: its thread is gone".into()))?;
+            .map_err(|_| Error::internal("device double: its thread is gone"))?;
         let ticket = DoubleTicket {
             done,
             region,
@@ -359,7 +357,7 @@ impl Device for DoubleDevice {
             let Source::Device(src) = src else {
                 self.shared
                     .violation(format!("a capture of host memory ({src:?})"));
-                return Err(Error::Internal("device double: host memory".into()));
+                return Err(Error::internal("device double: host memory"));
             };
             let buffer = self.own(src.buffer(), "a capture")?;
             jobs.push(DoubleCopy::Capture {
@@ -385,7 +383,7 @@ impl Device for DoubleDevice {
             let Target::Device(dst) = dst else {
                 self.shared
                     .violation(format!("a restore into host memory ({dst:?})"));
-                return Err(Error::Internal("device double: host memory".into()));
+                return Err(Error::internal("device double: host memory"));
             };
             let buffer = self.own(dst.buffer(), "a restore")?;
             jobs.push(DoubleCopy::Restore {

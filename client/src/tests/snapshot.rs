@@ -400,7 +400,9 @@ fn a_failed_copy_aborts_the_snapshot_and_a_second_wait_reports_the_same_error(me
     assert_eq!(second.to_string(), first.to_string());
     drop(handle);
     // The conversation is still in step.
-    assert!(matches!(client.status(), Err(Error::Internal(m)) if m == "still here"));
+    assert!(
+        matches!(client.status(), Err(Error::Internal { message: m, .. }) if m == "still here")
+    );
     drop(client);
     fake.join();
 }
