@@ -371,7 +371,7 @@ impl Client {
             .zip(targets)
             .zip(&self.tensors)
             .map(|((src, dst), r)| (r.device, RestoreCopy { src, dst }));
-        route::restore(&self.devices, copies)?.wait().map(drop)
+        route::restore_and_wait(&self.devices, copies).map(drop)
     }
 
     /// Committed snapshots of this job.

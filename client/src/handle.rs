@@ -420,8 +420,8 @@ impl Client {
                 return Ok(SnapshotOutcome::Skipped { step, reason });
             }
             Begun::Slot(slot) => match self
-                .copy_slot(&staging, slot, sources)
-                .and_then(Tickets::wait)
+                .slot_copies(&staging, slot, sources)
+                .and_then(|copies| route::capture_and_wait(&self.devices, copies))
             {
                 Ok(capture) => capture,
                 Err(e) => {
@@ -492,12 +492,23 @@ impl Drop for SnapshotHandle<'_> {
 impl Client {
     /// Starts the copies of every source into its place in `slot`.
     fn copy_slot(&self, staging: &Staging, slot: u32, sources: &[Source]) -> Result<Tickets> {
+        route::capture(&self.devices, self.slot_copies(staging, slot, sources)?)
+    }
+
+    /// The copies of every source into its place in `slot`, each with the
+    /// index of its device.
+    fn slot_copies(
+        &self,
+        staging: &Staging,
+        slot: u32,
+        sources: &[Source],
+    ) -> Result<Vec<(usize, CaptureCopy)>> {
         // SAFETY: the daemon handed `slot` to this capture, and this client
         // runs one capture or restore at a time and waits for all of its
-        // tickets before the next (a device drops its spans before its
+        // copies before the next (a device drops its spans before its
         // ticket is done), so no other span over the slot is alive.
         let spans = unsafe { staging.slot_spans(slot) }?;
-        let copies = spans
+        Ok(spans
             .into_iter()
             .zip(sources)
             .zip(&self.tensors)
@@ -509,12 +520,13 @@ impl Client {
                         dst,
                     },
                 )
-            });
-        route::capture(&self.devices, copies)
+            })
+            .collect())
     }
 
     /// Copies stream chunk `seq` into its ring position (holes are zeroed)
-    /// and waits for the copies.
+    /// and returns when they are done (the host device copies a chunk on
+    /// this thread).
     fn copy_chunk(&self, staging: &Staging, seq: u64, sources: &[Source]) -> Result<()> {
         // SAFETY: this ring position is free (its previous chunk's ChunkFree
         // came, or it was never used), one stream runs at a time, and the
@@ -537,6 +549,6 @@ impl Client {
             };
             copies.push((r.device, CaptureCopy { src, dst: span }));
         }
-        route::capture(&self.devices, copies)?.wait().map(drop)
+        route::capture_and_wait(&self.devices, copies).map(drop)
     }
 }

@@ -2,8 +2,12 @@
 //! memory kinds, so each snapshot's (or restore's) copies are grouped by
 //! the device that copies each buffer, every device's copies are started
 //! (each returns a ticket), and the whole is done when every ticket is.
+//! Where the caller waits at once ([`capture_and_wait`], [`restore_and_wait`]),
+//! the last device's copies run through its `*_and_wait` call (on the
+//! calling thread, for the host device) while the others' tickets run.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::device::{CaptureCopy, CopyTicket, Device, RestoreCopy, Tickets};
 use crate::error::Result;
@@ -13,23 +17,44 @@ pub(crate) fn capture(
     devices: &[Arc<dyn Device>],
     copies: impl IntoIterator<Item = (usize, CaptureCopy)>,
 ) -> Result<Tickets> {
-    start(devices, copies, |device, group| device.capture(group))
+    let groups = group(devices, copies);
+    start(devices, groups, |device, group| device.capture(group))
 }
 
-/// Starts `copies` (each with the index of its device in `devices`).
-pub(crate) fn restore(
+/// Copies `copies` and returns when they are done (the longest device's
+/// time).
+pub(crate) fn capture_and_wait(
+    devices: &[Arc<dyn Device>],
+    copies: impl IntoIterator<Item = (usize, CaptureCopy)>,
+) -> Result<Duration> {
+    run(
+        devices,
+        group(devices, copies),
+        |device, group| device.capture(group),
+        |device, group| device.capture_and_wait(group),
+    )
+}
+
+/// Copies `copies` and returns when they are done (the longest device's
+/// time).
+pub(crate) fn restore_and_wait(
     devices: &[Arc<dyn Device>],
     copies: impl IntoIterator<Item = (usize, RestoreCopy)>,
-) -> Result<Tickets> {
-    start(devices, copies, |device, group| device.restore(group))
+) -> Result<Duration> {
+    run(
+        devices,
+        group(devices, copies),
+        |device, group| device.restore(group),
+        |device, group| device.restore_and_wait(group),
+    )
 }
 
-fn start<C>(
+/// `copies` grouped by device: one group per entry of `devices`.
+fn group<C>(
     devices: &[Arc<dyn Device>],
     copies: impl IntoIterator<Item = (usize, C)>,
-    start_one: impl Fn(&dyn Device, Vec<C>) -> Result<Box<dyn CopyTicket>>,
-) -> Result<Tickets> {
-    let groups: Vec<Vec<C>> = if let [_] = devices {
+) -> Vec<Vec<C>> {
+    if let [_] = devices {
         // The common case, one device: no regrouping.
         vec![
             copies
@@ -49,7 +74,15 @@ fn start<C>(
                 .push(copy);
         }
         groups
-    };
+    }
+}
+
+/// Starts every non-empty group on its device.
+fn start<C>(
+    devices: &[Arc<dyn Device>],
+    groups: Vec<Vec<C>>,
+    start_one: impl Fn(&dyn Device, Vec<C>) -> Result<Box<dyn CopyTicket>>,
+) -> Result<Tickets> {
     let mut tickets = Tickets::with_capacity(devices.len());
     for (device, group) in devices.iter().zip(groups) {
         if group.is_empty() {
@@ -68,4 +101,34 @@ fn start<C>(
         }
     }
     Ok(tickets)
+}
+
+/// Starts every non-empty group but the last, runs the last with
+/// `run_one` (which returns when its copies are done), then waits for the
+/// others: the longest time, or the first error (every started copy is
+/// waited for either way).
+fn run<C>(
+    devices: &[Arc<dyn Device>],
+    mut groups: Vec<Vec<C>>,
+    start_one: impl Fn(&dyn Device, Vec<C>) -> Result<Box<dyn CopyTicket>>,
+    run_one: impl FnOnce(&dyn Device, Vec<C>) -> Result<Duration>,
+) -> Result<Duration> {
+    let Some(last) = groups.iter().rposition(|g| !g.is_empty()) else {
+        return Ok(Duration::ZERO);
+    };
+    let last_group = std::mem::take(groups.get_mut(last).expect("found above"));
+    let tickets = start(devices, groups, start_one)?;
+    let device = devices.get(last).expect("one group per device");
+    let here = run_one(&**device, last_group);
+    let others = tickets.wait();
+    match (here, others) {
+        (Ok(a), Ok(b)) => Ok(a.max(b)),
+        (Err(e), others) => {
+            if let Err(other) = others {
+                tracing::warn!(error = %other, "a copy beside a failed one failed too");
+            }
+            Err(e)
+        }
+        (Ok(_), Err(e)) => Err(e),
+    }
 }

@@ -1,6 +1,7 @@
 //! The host backend: `memcpy` on a pool of threads the device keeps.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::pool::{Batch, CopyPool, Piece};
 use super::{
@@ -12,6 +13,10 @@ use crate::error::{Error, Result};
 /// cut into pieces of at most that (so one huge tensor goes parallel too);
 /// pieces are grouped into batches of about `piece_bytes`, which up to
 /// `threads` pool threads (and the thread that waits) take one at a time.
+/// [`capture_and_wait`](Device::capture_and_wait) and
+/// [`restore_and_wait`](Device::restore_and_wait) copy on the calling
+/// thread and wake a pool thread only for each batch after the first (a
+/// stream chunk, one batch, wakes none).
 ///
 /// The threads start at the first [`attach`](Device::attach) and live as
 /// long as the device (clones share them); a capture or restore starts no
@@ -136,6 +141,25 @@ impl Device for HostDevice {
     }
 
     fn capture(&self, copies: Vec<CaptureCopy>) -> Result<Box<dyn CopyTicket>> {
+        Ok(Box::new(self.pool.submit(self.capture_batches(copies)?)?))
+    }
+
+    fn restore(&self, copies: Vec<RestoreCopy>) -> Result<Box<dyn CopyTicket>> {
+        Ok(Box::new(self.pool.submit(self.restore_batches(copies)?)?))
+    }
+
+    fn capture_and_wait(&self, copies: Vec<CaptureCopy>) -> Result<Duration> {
+        self.pool.run(self.capture_batches(copies)?)
+    }
+
+    fn restore_and_wait(&self, copies: Vec<RestoreCopy>) -> Result<Duration> {
+        self.pool.run(self.restore_batches(copies)?)
+    }
+}
+
+impl HostDevice {
+    /// The pieces of `copies`, in batches.
+    fn capture_batches(&self, copies: Vec<CaptureCopy>) -> Result<Vec<Batch>> {
         let piece_bytes = self.piece_bytes;
         let mut batcher = Batcher::new(piece_bytes);
         for CaptureCopy { src, dst } in copies {
@@ -155,10 +179,11 @@ impl Device for HostDevice {
             }
             batcher.push(Piece::Capture { src, dst });
         }
-        Ok(Box::new(self.pool.submit(batcher.finish())?))
+        Ok(batcher.finish())
     }
 
-    fn restore(&self, copies: Vec<RestoreCopy>) -> Result<Box<dyn CopyTicket>> {
+    /// The pieces of `copies`, in batches.
+    fn restore_batches(&self, copies: Vec<RestoreCopy>) -> Result<Vec<Batch>> {
         let piece_bytes = self.piece_bytes;
         let mut batcher = Batcher::new(piece_bytes);
         for RestoreCopy { src, dst } in copies {
@@ -178,7 +203,7 @@ impl Device for HostDevice {
             }
             batcher.push(Piece::Restore { src, dst });
         }
-        Ok(Box::new(self.pool.submit(batcher.finish())?))
+        Ok(batcher.finish())
     }
 }
 
@@ -287,6 +312,56 @@ mod tests {
         }
         let (_again, _) = staging_for(&[&t], &device);
         assert_eq!(device.threads_started(), 3, "threads are per device");
+    }
+
+    #[test]
+    fn a_copy_the_caller_waits_for_runs_its_first_batch_on_the_caller_and_wakes_no_worker_for_it() {
+        let device = HostDevice::new(3).with_piece_bytes(4096);
+        let small = tensor(1000, 6);
+        let (staging, reader) = staging_for(&[&small], &device);
+        let pool = &device.pool;
+        // A stream chunk: one batch, copied by the waiting caller alone.
+        let took = device
+            .capture_and_wait(captures(&staging, &[&small]))
+            .expect("copied");
+        assert!(took > Duration::ZERO);
+        assert_eq!(pool.woken(), 0, "a single-batch job woke a worker");
+        let mut back = vec![0u8; 1000];
+        reader.read_exact_at(&mut back, 0).expect("read");
+        assert_eq!(&back[..], &small.read()[..]);
+        // The same copy started in the background wakes one worker: the
+        // caller may not wait for it soon.
+        device
+            .capture(captures(&staging, &[&small]))
+            .expect("capture")
+            .wait()
+            .expect("copied");
+        assert_eq!(pool.woken(), 1);
+        // Five batches waited for at once: four more workers' worth, cut to
+        // the pool's three; the bytes are exact.
+        let big = tensor(5 * 4096, 7);
+        let (staging, reader) = staging_for(&[&big], &device);
+        device
+            .capture_and_wait(captures(&staging, &[&big]))
+            .expect("copied");
+        assert_eq!(pool.woken(), 1 + 3);
+        let mut back = vec![0u8; 5 * 4096];
+        reader.read_exact_at(&mut back, 0).expect("read");
+        assert!(back[..] == big.read()[..], "bytes differ");
+        // A restore waited for at once: two batches, one worker.
+        let into = HostTensor::zeros(Dtype::U8, [2 * 4096]).expect("zeros");
+        let (staging, _) = staging_for(&[&into], &device);
+        // SAFETY: the only spans of this staging.
+        let spans = unsafe { staging.slot_spans(0) }.expect("spans");
+        let copies = spans
+            .into_iter()
+            .map(|src| RestoreCopy {
+                src,
+                dst: Buffer::from(&into).target(),
+            })
+            .collect();
+        device.restore_and_wait(copies).expect("restored");
+        assert_eq!(pool.woken(), 1 + 3 + 1);
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //! (capture) or sources (restore) are [`StagingSpan`]s: disjoint regions of
 //! the daemon's staging memfd, mapped into this process. It starts them and
 //! returns a [`CopyTicket`] at once; the client waits for the ticket (or
-//! polls it) before it tells the daemon the data is there.
+//! polls it) before it tells the daemon the data is there. Where the client
+//! would wait at once (a stream chunk, a restore), it calls
+//! [`Device::capture_and_wait`] / [`Device::restore_and_wait`], which a
+//! device may run on the calling thread.
 //!
 //! Every piece of a copy is owned: a [`Source`] holds the read lease of its
 //! buffer, a [`Target`] the write lease, a span the mapping. A ticket that
@@ -35,6 +38,7 @@ mod span;
 mod ticket;
 
 use std::fmt;
+use std::time::Duration;
 
 pub use host::HostDevice;
 pub(crate) use host::default_threads as host_default_threads;
@@ -75,6 +79,21 @@ pub trait Device: Send + Sync + fmt::Debug {
 
     /// Starts copying every staging `src` into its `dst` buffer.
     fn restore(&self, copies: Vec<RestoreCopy>) -> Result<Box<dyn CopyTicket>>;
+
+    /// [`capture`](Device::capture), then waits for its ticket: what the
+    /// client calls where it would wait at once (each stream chunk). A
+    /// device may run the copies on the calling thread instead of handing
+    /// them to its own (the host device runs one batch there and wakes a
+    /// pool thread only for each further one).
+    fn capture_and_wait(&self, copies: Vec<CaptureCopy>) -> Result<Duration> {
+        self.capture(copies)?.wait()
+    }
+
+    /// [`restore`](Device::restore), then waits for its ticket (a restore
+    /// copies out of its slot and waits at once).
+    fn restore_and_wait(&self, copies: Vec<RestoreCopy>) -> Result<Duration> {
+        self.restore(copies)?.wait()
+    }
 }
 
 /// What [`Device::attach`] set up for one registration; dropping it undoes

@@ -2,10 +2,13 @@
 //! attach) and kept for the device's lifetime, and the jobs they run.
 //!
 //! A job is one `capture` or `restore` call: batches of pieces (each piece
-//! one `memcpy` of at most the device's piece size). Up to `threads` pool
-//! workers are woken per job and take batches until none is left; the
-//! thread that waits for the job takes batches too, so a small job (a
-//! stream chunk) often runs on the waiter alone. A piece owns its source,
+//! one `memcpy` of at most the device's piece size). A job started in the
+//! background ([`CopyPool::submit`]) wakes up to `threads` pool workers,
+//! which take batches until none is left; the thread that waits for the
+//! job takes batches too. A job whose caller waits at once
+//! ([`CopyPool::run`]: a stream chunk, a restore) wakes one worker fewer,
+//! since the caller takes a batch itself: a single-batch job (a stream
+//! chunk) runs on the caller and wakes no thread. A piece owns its source,
 //! target and span, and is dropped right after its copy: when a job reports
 //! done, nothing of it holds a lease or a span any more.
 
@@ -231,6 +234,8 @@ struct PoolState {
     queue: VecDeque<Arc<Job>>,
     /// Worker threads started.
     started: usize,
+    /// Workers woken for jobs so far (one per queue entry).
+    woken: usize,
     /// The pool's owner is gone: workers exit once the queue is empty.
     shutdown: bool,
 }
@@ -295,6 +300,7 @@ impl CopyPool {
                 state: Mutex::new(PoolState {
                     queue: VecDeque::new(),
                     started: 0,
+                    woken: 0,
                     shutdown: false,
                 }),
                 work: Condvar::new(),
@@ -328,9 +334,29 @@ impl CopyPool {
         Ok(())
     }
 
-    /// Queues `batches` as one job and wakes up to `threads` workers.
+    /// Workers woken for jobs since the pool was made.
+    #[cfg(test)]
+    pub(super) fn woken(&self) -> usize {
+        self.shared.lock().woken
+    }
+
+    /// Queues `batches` as one job copied in the background: wakes up to
+    /// `threads` workers (one per batch).
     pub(super) fn submit(&self, batches: Vec<Batch>) -> Result<HostTicket> {
         let wake = batches.len().min(self.shared.threads);
+        self.queue(batches, wake)
+    }
+
+    /// Copies `batches` and returns when they are done (the time they
+    /// took): the calling thread takes batches itself, so only one worker
+    /// per further batch is woken (up to `threads`), none for one batch.
+    pub(super) fn run(&self, batches: Vec<Batch>) -> Result<Duration> {
+        let wake = batches.len().saturating_sub(1).min(self.shared.threads);
+        Box::new(self.queue(batches, wake)?).wait()
+    }
+
+    /// Queues `batches` as one job and wakes `wake` workers for it.
+    fn queue(&self, batches: Vec<Batch>, wake: usize) -> Result<HostTicket> {
         let now = Instant::now();
         let job = Arc::new(Job {
             state: Mutex::new(JobState {
@@ -354,6 +380,7 @@ impl CopyPool {
             for _ in 0..wake {
                 state.queue.push_back(Arc::clone(&job));
             }
+            state.woken += wake;
         }
         for _ in 0..wake {
             self.shared.work.notify_one();
