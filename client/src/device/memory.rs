@@ -159,6 +159,21 @@ impl DeviceSource {
         }
     }
 
+    /// Bytes `offset..offset + len` of `buffer`, unchecked: what a slicing
+    /// bug would make, for a device double's tests.
+    #[cfg(test)]
+    pub(crate) fn unchecked(
+        buffer: Arc<dyn DeviceBuffer>,
+        offset: usize,
+        len: usize,
+    ) -> DeviceSource {
+        DeviceSource {
+            buffer,
+            offset,
+            len,
+        }
+    }
+
     /// The buffer.
     pub fn buffer(&self) -> &Arc<dyn DeviceBuffer> {
         &self.buffer
@@ -206,6 +221,21 @@ impl DeviceTarget {
         DeviceTarget {
             buffer,
             offset: 0,
+            len,
+        }
+    }
+
+    /// Bytes `offset..offset + len` of `buffer`, unchecked: what a slicing
+    /// bug would make, for a device double's tests.
+    #[cfg(test)]
+    pub(crate) fn unchecked(
+        buffer: Arc<dyn DeviceBuffer>,
+        offset: usize,
+        len: usize,
+    ) -> DeviceTarget {
+        DeviceTarget {
+            buffer,
+            offset,
             len,
         }
     }

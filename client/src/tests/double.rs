@@ -4,20 +4,30 @@
 //! * Its buffers ([`DoubleBuffer`], registered as `Buffer::Device`) live in
 //!   memfds this process never maps: like GPU memory, the client cannot
 //!   reach their bytes except through the double's copies.
-//! * Its copies run on its own thread, after a delay: a ticket is not done
-//!   when `capture`/`restore` returns, and the client has to wait for it.
+//! * Its copies run on its own thread, and only once they are released:
+//!   when their ticket is waited for (or dropped), or when the test calls
+//!   [`DoubleDevice::release`]. A ticket is therefore never done when
+//!   `capture`/`restore` returns, and "not done yet" is certain, not a
+//!   matter of timing: the client has to wait for it.
 //! * It records every misuse as a violation, and [`DoubleDevice::check`]
 //!   (called after every test body) fails the test on any: a copy into
 //!   staging it was not attached to, a detach while its copies run, a copy
 //!   of host memory or of another device's buffer, unequal lengths, a
-//!   ticket dropped before it was waited for.
+//!   source or target range past the end of its buffer, two copies in
+//!   flight over the same staging bytes (in one job or in two), a write to
+//!   a buffer ([`DoubleBuffer::overwrite`]) while a capture still reads it,
+//!   a ticket dropped before it was waited for, a job never released within
+//!   [`WAIT_MAX`]. A misuse it can refuse (a range past a buffer, foreign
+//!   memory) fails the call too; none panics its thread.
+//! * As the [`Device`] contract asks, a job's copies (their spans and
+//!   buffers) are dropped before its ticket reports done, a failed job's
+//!   too.
 //! * It can fail its next attach, or its next capture (from the ticket, as
 //!   an asynchronous copy error arrives).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -30,9 +40,8 @@ use crate::device::{
 };
 use crate::{Error, Result};
 
-/// How long the double's thread lets a job sit before it copies.
-const LATENCY: Duration = Duration::from_millis(3);
-/// A ticket wait longer than this is a hung double: the test fails.
+/// A ticket wait, or a job left unreleased, longer than this is a hung
+/// double or a test that forgot its job: the test fails.
 const WAIT_MAX: Duration = Duration::from_secs(20);
 
 /// What the double's thread runs.
@@ -51,11 +60,66 @@ enum DoubleCopy {
     },
 }
 
+impl DoubleCopy {
+    fn span(&self) -> &StagingSpan {
+        match self {
+            DoubleCopy::Capture { dst, .. } => dst,
+            DoubleCopy::Restore { src, .. } => src,
+        }
+    }
+
+    /// Staging addresses `start..end` of the copy.
+    fn staging_range(&self) -> (usize, usize) {
+        let span = self.span();
+        let start = span.as_ptr() as usize;
+        (start, start + span.len())
+    }
+
+    /// Copies; an error is a violation the caller records.
+    fn copy(self) -> Result<(), String> {
+        match self {
+            DoubleCopy::Capture {
+                buffer,
+                offset,
+                mut dst,
+            } => {
+                let mut bytes = vec![0u8; dst.len()];
+                memory_of(&buffer)
+                    .read_exact_at(&mut bytes, offset as u64)
+                    .map_err(|e| format!("reading {buffer:?} at {offset}: {e}"))?;
+                dst.copy_from(&bytes);
+            }
+            DoubleCopy::Restore {
+                src,
+                buffer,
+                offset,
+            } => {
+                let mut bytes = vec![0u8; src.len()];
+                src.copy_to(&mut bytes);
+                memory_of(&buffer)
+                    .write_all_at(&bytes, offset as u64)
+                    .map_err(|e| format!("writing {buffer:?} at {offset}: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
 struct Job {
+    id: usize,
     copies: Vec<DoubleCopy>,
     /// Fail instead of copying (an injected copy error).
     fail: Option<String>,
     done: Arc<Done>,
+    /// The double's thread may run it.
+    released: bool,
+}
+
+/// Jobs started and not yet run, and whether the device is gone.
+#[derive(Default)]
+struct Queue {
+    jobs: Vec<Job>,
+    closed: bool,
 }
 
 /// A job's end, as its ticket sees it.
@@ -65,18 +129,32 @@ struct Done {
     changed: Condvar,
 }
 
-/// State the device, its thread, its tickets and its attachments share.
+/// State the device, its thread, its tickets, buffers and attachments
+/// share.
 #[derive(Default)]
 struct Shared {
     /// Regions attached now: (id, base, len).
     attached: Mutex<Vec<(usize, usize, usize)>>,
-    /// Jobs started and not finished, per attached region id.
+    /// Regions of jobs whose ticket has not finished, one entry per job.
     in_flight: Mutex<Vec<usize>>,
+    /// Staging addresses of copies not yet dropped: (job, start, end).
+    spans: Mutex<Vec<(usize, usize, usize)>>,
+    /// Buffers a capture has still to read: (job, buffer address).
+    reading: Mutex<Vec<(usize, usize)>>,
+    queue: Mutex<Queue>,
+    queue_changed: Condvar,
     violations: Mutex<Vec<String>>,
     attaches: AtomicUsize,
     detaches: AtomicUsize,
     jobs: AtomicUsize,
-    next_id: AtomicUsize,
+    next_region: AtomicUsize,
+    next_job: AtomicUsize,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Shared")
+    }
 }
 
 impl Shared {
@@ -101,13 +179,88 @@ impl Shared {
         }
         found
     }
+
+    /// Records the staging ranges of job `id`'s copies, flagging any that
+    /// overlaps another copy in flight (of this job or of another).
+    fn claim_spans(&self, id: usize, copies: &[DoubleCopy]) {
+        let mut spans = self.spans.lock().expect("spans");
+        for copy in copies.iter().filter(|c| !c.span().is_empty()) {
+            let (start, end) = copy.staging_range();
+            if let Some(&(other, s, e)) = spans.iter().find(|&&(_, s, e)| start < e && s < end) {
+                let whose = if other == id {
+                    "the same job".to_owned()
+                } else {
+                    format!("job {other}, still in flight")
+                };
+                self.violation(format!(
+                    "job {id} copies through staging {start:#x}..{end:#x}, which overlaps {s:#x}..{e:#x} of {whose}"
+                ));
+            }
+            spans.push((id, start, end));
+        }
+    }
+
+    /// Lets the double's thread run job `id` (every job when `None`).
+    fn release(&self, id: Option<usize>) {
+        let mut queue = self.queue.lock().expect("queue");
+        for job in queue
+            .jobs
+            .iter_mut()
+            .filter(|j| id.is_none_or(|id| j.id == id))
+        {
+            job.released = true;
+        }
+        drop(queue);
+        self.queue_changed.notify_all();
+    }
+
+    /// The next job to run; `None` once the device is gone and every job
+    /// has run. Jobs no ticket releases within [`WAIT_MAX`] are a violation
+    /// (and run then, so that nothing hangs).
+    fn next_job(&self) -> Option<Job> {
+        let mut queue = self.queue.lock().expect("queue");
+        loop {
+            let closed = queue.closed;
+            if let Some(i) = queue.jobs.iter().position(|j| j.released || closed) {
+                return Some(queue.jobs.remove(i));
+            }
+            if closed {
+                return None;
+            }
+            let (guard, waited) = self
+                .queue_changed
+                .wait_timeout(queue, WAIT_MAX)
+                .expect("queue");
+            queue = guard;
+            if waited.timed_out() && !queue.jobs.is_empty() {
+                let held = queue.jobs.len();
+                drop(queue);
+                self.violation(format!(
+                    "{held} jobs held for {WAIT_MAX:?}: their tickets were neither waited for nor dropped"
+                ));
+                self.release(None);
+                queue = self.queue.lock().expect("queue");
+            }
+        }
+    }
+
+    /// Job `id`'s copies are gone: its spans and buffers are free.
+    fn job_dropped(&self, id: usize) {
+        self.spans
+            .lock()
+            .expect("spans")
+            .retain(|&(job, _, _)| job != id);
+        self.reading
+            .lock()
+            .expect("reading")
+            .retain(|&(job, _)| job != id);
+    }
 }
 
 /// The double. Make it with [`DoubleDevice::new`] (it is always in an
 /// `Arc`: its buffers name it).
 pub struct DoubleDevice {
     shared: Arc<Shared>,
-    jobs: Mutex<Option<Sender<Job>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     fail_attach: Mutex<Option<String>>,
     fail_capture: Mutex<Option<String>>,
@@ -125,15 +278,16 @@ impl std::fmt::Debug for DoubleDevice {
 
 impl DoubleDevice {
     pub fn new() -> Arc<DoubleDevice> {
-        let (tx, rx) = channel();
         let shared = Arc::new(Shared::default());
-        let thread = std::thread::Builder::new()
-            .name("device-double".into())
-            .spawn(move || run(&rx))
-            .expect("spawn the double's thread");
+        let thread = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("device-double".into())
+                .spawn(move || run(&shared))
+                .expect("spawn the double's thread")
+        };
         Arc::new_cyclic(|this| DoubleDevice {
             shared,
-            jobs: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
             fail_attach: Mutex::new(None),
             fail_capture: Mutex::new(None),
@@ -152,6 +306,12 @@ impl DoubleDevice {
             memory,
             len: bytes.len(),
         })
+    }
+
+    /// Lets every job started so far run, without waiting for any: what a
+    /// device does on its own, after a while.
+    pub fn release(&self) {
+        self.shared.release(None);
     }
 
     /// The next attach fails with `reason`.
@@ -191,31 +351,38 @@ impl DoubleDevice {
         );
     }
 
-    /// `buffer`, when it is one of this device's (else a violation).
-    fn own(&self, buffer: &Arc<dyn DeviceBuffer>, what: &str) -> Result<Arc<dyn DeviceBuffer>> {
-        let mine = buffer
+    /// `buffer`, when it is one of this device's and `offset..offset + len`
+    /// lies inside it (else a violation).
+    fn own(
+        &self,
+        buffer: &Arc<dyn DeviceBuffer>,
+        offset: usize,
+        len: usize,
+        what: &str,
+    ) -> Result<Arc<dyn DeviceBuffer>> {
+        let Some(mine) = buffer
             .as_any()
             .downcast_ref::<DoubleBuffer>()
-            .is_some_and(|b| std::ptr::eq(Arc::as_ptr(&b.device), self));
-        if !mine {
+            .filter(|b| std::ptr::eq(Arc::as_ptr(&b.device), self))
+        else {
             self.shared
                 .violation(format!("{what} of {buffer:?}, not a buffer of this device"));
             return Err(Error::internal("device double: a foreign buffer"));
+        };
+        if offset.checked_add(len).is_none_or(|end| end > mine.len) {
+            self.shared.violation(format!(
+                "{what} of bytes {offset}..{} of {mine:?}, past its end",
+                offset.saturating_add(len)
+            ));
+            return Err(Error::internal("device double: a range past a buffer"));
         }
         Ok(Arc::clone(buffer))
     }
 
     fn submit(&self, copies: Vec<DoubleCopy>, fail: Option<String>) -> Result<Box<dyn CopyTicket>> {
-        let region = copies.first().and_then(|c| match c {
-            DoubleCopy::Capture { dst, .. } => self.shared.region_of(dst),
-            DoubleCopy::Restore { src, .. } => self.shared.region_of(src),
-        });
+        let region = copies.first().and_then(|c| self.shared.region_of(c.span()));
         for c in copies.iter().skip(1) {
-            let span = match c {
-                DoubleCopy::Capture { dst, .. } => dst,
-                DoubleCopy::Restore { src, .. } => src,
-            };
-            if self.shared.region_of(span) != region {
+            if self.shared.region_of(c.span()) != region {
                 self.shared
                     .violation("one job's copies span two stagings".into());
             }
@@ -223,6 +390,16 @@ impl DoubleDevice {
         let Some(region) = region else {
             return Err(Error::internal("device double: staging not attached"));
         };
+        let id = self.shared.next_job.fetch_add(1, Ordering::SeqCst);
+        self.shared.claim_spans(id, &copies);
+        self.shared
+            .reading
+            .lock()
+            .expect("reading")
+            .extend(copies.iter().filter_map(|c| match c {
+                DoubleCopy::Capture { buffer, .. } => Some((id, buffer_address(buffer))),
+                DoubleCopy::Restore { .. } => None,
+            }));
         self.shared.jobs.fetch_add(1, Ordering::SeqCst);
         self.shared
             .in_flight
@@ -230,19 +407,16 @@ impl DoubleDevice {
             .expect("in flight")
             .push(region);
         let done = Arc::new(Done::default());
-        let job = Job {
+        self.shared.queue.lock().expect("queue").jobs.push(Job {
+            id,
             copies,
             fail,
             done: Arc::clone(&done),
-        };
-        self.jobs
-            .lock()
-            .expect("jobs")
-            .as_ref()
-            .expect("the double is running")
-            .send(job)
-            .map_err(|_| Error::internal("device double: its thread is gone"))?;
+            released: false,
+        });
+        self.shared.queue_changed.notify_all();
         let ticket = DoubleTicket {
+            job: id,
             done,
             region,
             shared: Arc::clone(&self.shared),
@@ -258,7 +432,8 @@ impl DoubleDevice {
 
 impl Drop for DoubleDevice {
     fn drop(&mut self) {
-        drop(self.jobs.lock().expect("jobs").take());
+        self.shared.queue.lock().expect("queue").closed = true;
+        self.shared.queue_changed.notify_all();
         if let Some(thread) = self.thread.lock().expect("thread").take()
             && thread.thread().id() != std::thread::current().id()
         {
@@ -275,47 +450,42 @@ fn memory_of(buffer: &Arc<dyn DeviceBuffer>) -> &File {
         .memory
 }
 
-/// The double's thread: each job after [`LATENCY`], in order.
-fn run(jobs: &Receiver<Job>) {
-    for job in jobs {
-        std::thread::sleep(LATENCY);
+/// Where a buffer lives, to name it in the double's records.
+fn buffer_address(buffer: &Arc<dyn DeviceBuffer>) -> usize {
+    Arc::as_ptr(buffer).cast::<()>() as usize
+}
+
+/// The double's thread: each job once it is released, until the device is
+/// gone.
+fn run(shared: &Shared) {
+    while let Some(job) = shared.next_job() {
+        let Job {
+            id,
+            copies,
+            fail,
+            done,
+            ..
+        } = job;
         let started = Instant::now();
-        let result = match job.fail {
-            Some(reason) => Err(reason),
+        let result = match fail {
+            Some(reason) => {
+                drop(copies);
+                Err(reason)
+            }
             None => {
-                for copy in job.copies {
-                    match copy {
-                        DoubleCopy::Capture {
-                            buffer,
-                            offset,
-                            mut dst,
-                        } => {
-                            let mut bytes = vec![0u8; dst.len()];
-                            memory_of(&buffer)
-                                .read_exact_at(&mut bytes, offset as u64)
-                                .expect("read device memory");
-                            dst.copy_from(&bytes);
-                        }
-                        DoubleCopy::Restore {
-                            src,
-                            buffer,
-                            offset,
-                        } => {
-                            let mut bytes = vec![0u8; src.len()];
-                            src.copy_to(&mut bytes);
-                            memory_of(&buffer)
-                                .write_all_at(&bytes, offset as u64)
-                                .expect("write device memory");
-                        }
-                    }
+                // Each copy is dropped after it ran; after an error, the
+                // rest are dropped uncopied.
+                let copied = copies.into_iter().try_for_each(DoubleCopy::copy);
+                if let Err(e) = &copied {
+                    shared.violation(format!("job {id}: {e}"));
                 }
-                Ok(started.elapsed().max(Duration::from_nanos(1)))
+                copied.map(|()| started.elapsed().max(Duration::from_nanos(1)))
             }
         };
-        // The copies (their spans and buffers) are dropped: now the job
-        // may end.
-        *job.done.result.lock().expect("done") = Some(result);
-        job.done.changed.notify_all();
+        // Every copy (its span and buffer) is gone: now the job may end.
+        shared.job_dropped(id);
+        *done.result.lock().expect("done") = Some(result);
+        done.changed.notify_all();
     }
 }
 
@@ -331,7 +501,7 @@ impl Device for DoubleDevice {
                 reason,
             });
         }
-        let id = self.shared.next_id.fetch_add(1, Ordering::SeqCst);
+        let id = self.shared.next_region.fetch_add(1, Ordering::SeqCst);
         self.shared.attached.lock().expect("attached").push((
             id,
             staging.as_ptr() as usize,
@@ -359,7 +529,7 @@ impl Device for DoubleDevice {
                     .violation(format!("a capture of host memory ({src:?})"));
                 return Err(Error::internal("device double: host memory"));
             };
-            let buffer = self.own(src.buffer(), "a capture")?;
+            let buffer = self.own(src.buffer(), src.offset(), dst.len(), "a capture")?;
             jobs.push(DoubleCopy::Capture {
                 buffer,
                 offset: src.offset(),
@@ -385,7 +555,7 @@ impl Device for DoubleDevice {
                     .violation(format!("a restore into host memory ({dst:?})"));
                 return Err(Error::internal("device double: host memory"));
             };
-            let buffer = self.own(dst.buffer(), "a restore")?;
+            let buffer = self.own(dst.buffer(), dst.offset(), src.len(), "a restore")?;
             jobs.push(DoubleCopy::Restore {
                 src,
                 buffer,
@@ -401,12 +571,6 @@ impl Device for DoubleDevice {
 struct DoubleAttached {
     shared: Arc<Shared>,
     id: usize,
-}
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Shared")
-    }
 }
 
 impl AttachedStaging for DoubleAttached {}
@@ -434,6 +598,7 @@ impl Drop for DoubleAttached {
 
 /// One job's ticket.
 struct DoubleTicket {
+    job: usize,
     done: Arc<Done>,
     region: usize,
     shared: Arc<Shared>,
@@ -441,8 +606,10 @@ struct DoubleTicket {
 }
 
 impl DoubleTicket {
-    /// Waits for the job's end (a hung double fails the test).
+    /// Releases the job and waits for its end (a hung double fails the
+    /// test).
     fn finish(&self) -> Result<Duration, String> {
+        self.shared.release(Some(self.job));
         let deadline = Instant::now() + WAIT_MAX;
         let mut result = self.done.result.lock().expect("done");
         loop {
@@ -511,9 +678,24 @@ impl DoubleBuffer {
         bytes
     }
 
-    /// Overwrites the bytes, as a kernel of the trainer would.
+    /// Overwrites the bytes, as a kernel of the trainer would: a violation
+    /// while a capture of this buffer has still to read it.
     pub fn overwrite(&self, bytes: &[u8]) {
         assert_eq!(bytes.len(), self.len);
+        let me = std::ptr::from_ref(self).cast::<()>() as usize;
+        let shared = &self.device.shared;
+        let read_by = shared
+            .reading
+            .lock()
+            .expect("reading")
+            .iter()
+            .find(|&&(_, buffer)| buffer == me)
+            .map(|&(job, _)| job);
+        if let Some(job) = read_by {
+            shared.violation(format!(
+                "a write to {self:?} while job {job}, a capture of it, is in flight"
+            ));
+        }
         self.memory.write_all_at(bytes, 0).expect("write");
     }
 }
@@ -536,6 +718,7 @@ impl DeviceBuffer for DoubleBuffer {
 mod tests {
     use super::*;
     use crate::Buffer;
+    use crate::device::{DeviceSource, DeviceTarget};
     use crate::staging::{Staging, testing};
 
     fn staging(devices: &[Arc<dyn Device>]) -> Staging {
@@ -544,14 +727,25 @@ mod tests {
         Staging::map(fd, info, vec![64], devices).expect("map")
     }
 
-    fn capture_of(buffer: &Arc<DoubleBuffer>, staging: &Staging) -> Vec<CaptureCopy> {
-        // SAFETY: one set of spans at a time in this test.
-        let dst = unsafe { staging.slot_spans(0) }
+    fn span(staging: &Staging) -> StagingSpan {
+        // SAFETY: each test makes one set of spans at a time, except where
+        // it says otherwise.
+        unsafe { staging.slot_spans(0) }
             .expect("spans")
             .pop()
-            .expect("one");
+            .expect("one")
+    }
+
+    fn capture_of(buffer: &Arc<DoubleBuffer>, staging: &Staging) -> Vec<CaptureCopy> {
         let src = Buffer::Device(Arc::clone(buffer) as Arc<dyn DeviceBuffer>).source();
-        vec![CaptureCopy { src, dst }]
+        vec![CaptureCopy {
+            src,
+            dst: span(staging),
+        }]
+    }
+
+    fn dyn_buffer(buffer: &Arc<DoubleBuffer>) -> Arc<dyn DeviceBuffer> {
+        Arc::clone(buffer) as Arc<dyn DeviceBuffer>
     }
 
     #[test]
@@ -561,23 +755,19 @@ mod tests {
         // Staging the double was never attached to.
         let unattached = staging(&[]);
         assert!(double.capture(capture_of(&buffer, &unattached)).is_err());
-        // Attached: the copy runs later than the call returns.
+        // Attached: the copy waits for its ticket.
         let attached = staging(&[Arc::clone(&double) as Arc<dyn Device>]);
         let ticket = double
             .capture(capture_of(&buffer, &attached))
             .expect("capture");
-        assert!(!ticket.is_done());
+        assert!(!ticket.is_done(), "a job runs only once released");
         drop(ticket);
-        // Host memory is not the double's to copy.
+        // Host memory is not the double's to copy (the ticket above is
+        // gone: its drop waited for its copy).
         let host = crate::HostTensor::zeros(crate::Dtype::U8, [64]).expect("zeros");
-        // SAFETY: the ticket above is gone (its drop waited for its copy).
-        let dst = unsafe { attached.slot_spans(0) }
-            .expect("spans")
-            .pop()
-            .expect("one");
         let copies = vec![CaptureCopy {
             src: Buffer::Host(host).source(),
-            dst,
+            dst: span(&attached),
         }];
         assert!(double.capture(copies).is_err());
         let violations = double.violations();
@@ -587,5 +777,176 @@ mod tests {
         assert!(violations[2].contains("a capture of host memory"));
         let checked = std::panic::catch_unwind(|| double.check());
         assert!(checked.is_err(), "check fails the test on violations");
+    }
+
+    #[test]
+    fn a_job_runs_only_once_its_ticket_is_waited_for_or_the_test_releases_it() {
+        let double = DoubleDevice::new();
+        let buffer = double.buffer(&[7; 64]);
+        let attached = staging(&[Arc::clone(&double) as Arc<dyn Device>]);
+        let ticket = double
+            .capture(capture_of(&buffer, &attached))
+            .expect("capture");
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!ticket.is_done(), "not released: not run, however long");
+        double.release();
+        let deadline = Instant::now() + WAIT_MAX;
+        while !ticket.is_done() {
+            assert!(Instant::now() < deadline, "a released job never ran");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        ticket.wait().expect("copied");
+        double.check();
+    }
+
+    #[test]
+    fn a_range_past_the_end_of_a_buffer_is_a_violation_and_an_error_not_a_panic() {
+        let double = DoubleDevice::new();
+        let buffer = double.buffer(&[7; 64]);
+        let attached = staging(&[Arc::clone(&double) as Arc<dyn Device>]);
+        let past = DeviceSource::unchecked(dyn_buffer(&buffer), 32, 64);
+        let refused = double.capture(vec![CaptureCopy {
+            src: Source::Device(past),
+            dst: span(&attached),
+        }]);
+        assert!(refused.is_err());
+        let past = DeviceTarget::unchecked(dyn_buffer(&buffer), usize::MAX, 64);
+        let refused = double.restore(vec![RestoreCopy {
+            src: span(&attached),
+            dst: Target::Device(past),
+        }]);
+        assert!(refused.is_err());
+        let violations = double.violations();
+        assert_eq!(violations.len(), 2, "{violations:#?}");
+        assert!(
+            violations[0].contains("a capture of bytes 32..96"),
+            "{violations:#?}"
+        );
+        assert!(
+            violations[1].contains("a restore of bytes"),
+            "{violations:#?}"
+        );
+        assert!(violations.iter().all(|v| v.contains("past its end")));
+        // The double still works.
+        double
+            .capture(capture_of(&buffer, &attached))
+            .expect("capture")
+            .wait()
+            .expect("copied");
+        assert_eq!(double.violations().len(), 2);
+    }
+
+    #[test]
+    fn copies_over_the_same_staging_bytes_in_flight_at_once_are_a_violation() {
+        let double = DoubleDevice::new();
+        let (a, b) = (double.buffer(&[1; 64]), double.buffer(&[2; 64]));
+        let attached = staging(&[Arc::clone(&double) as Arc<dyn Device>]);
+        let first = double.capture(capture_of(&a, &attached)).expect("capture");
+        // SAFETY: this breaks `slot_spans`'s contract on purpose (a second
+        // span over the slot of a job in flight); the double copies both
+        // jobs one after the other on its one thread, so no two accesses
+        // race.
+        let second_span = unsafe { attached.slot_spans(0) }
+            .expect("spans")
+            .pop()
+            .expect("one");
+        let second = double
+            .capture(vec![CaptureCopy {
+                src: Buffer::Device(dyn_buffer(&b)).source(),
+                dst: second_span,
+            }])
+            .expect("capture");
+        let violations = double.violations();
+        assert_eq!(violations.len(), 1, "{violations:#?}");
+        assert!(
+            violations[0].contains("overlaps") && violations[0].contains("still in flight"),
+            "{violations:#?}"
+        );
+        first.wait().expect("copied");
+        second.wait().expect("copied");
+        // Within one job too.
+        let (head, tail) = span(&attached).split_at(32);
+        // SAFETY: as above: `head` and this span overlap on purpose, and
+        // the double's one thread copies them one after the other.
+        let again = unsafe { attached.slot_spans(0) }
+            .expect("spans")
+            .pop()
+            .expect("one")
+            .split_at(16)
+            .1;
+        let src = |from: usize, len: usize| {
+            Buffer::Device(dyn_buffer(&a))
+                .source()
+                .subrange(from..from + len)
+                .expect("inside")
+        };
+        let both = double
+            .capture(vec![
+                CaptureCopy {
+                    src: src(0, 32),
+                    dst: head,
+                },
+                CaptureCopy {
+                    src: src(16, 48),
+                    dst: again,
+                },
+            ])
+            .expect("capture");
+        drop(tail);
+        both.wait().expect("copied");
+        let violations = double.violations();
+        assert_eq!(violations.len(), 2, "{violations:#?}");
+        assert!(violations[1].contains("of the same job"), "{violations:#?}");
+        // Spans of finished jobs are free again: no violation.
+        double
+            .capture(capture_of(&a, &attached))
+            .expect("capture")
+            .wait()
+            .expect("copied");
+        assert_eq!(double.violations().len(), 2);
+    }
+
+    #[test]
+    fn a_write_to_a_buffer_a_capture_still_reads_is_a_violation() {
+        let double = DoubleDevice::new();
+        let buffer = double.buffer(&[7; 64]);
+        let attached = staging(&[Arc::clone(&double) as Arc<dyn Device>]);
+        let ticket = double
+            .capture(capture_of(&buffer, &attached))
+            .expect("capture");
+        buffer.overwrite(&[8; 64]);
+        let violations = double.violations();
+        assert_eq!(violations.len(), 1, "{violations:#?}");
+        assert!(
+            violations[0].contains("a write to DoubleBuffer(64 bytes) while job"),
+            "{violations:#?}"
+        );
+        ticket.wait().expect("copied");
+        // Once the capture has read it, the trainer may write.
+        buffer.overwrite(&[9; 64]);
+        assert_eq!(double.violations().len(), 1);
+    }
+
+    #[test]
+    fn a_failed_job_drops_its_copies_before_its_ticket_reports_done() {
+        let double = DoubleDevice::new();
+        let buffer = double.buffer(&[7; 64]);
+        let attached = staging(&[Arc::clone(&double) as Arc<dyn Device>]);
+        let alone = Arc::strong_count(&buffer);
+        double.fail_next_capture("copy engine fault");
+        let ticket = double
+            .capture(capture_of(&buffer, &attached))
+            .expect("capture");
+        assert_eq!(Arc::strong_count(&buffer), alone + 1, "the job holds it");
+        let err = ticket.wait().unwrap_err();
+        assert!(
+            matches!(&err, Error::BackendUnavailable { reason, .. } if reason == "copy engine fault"),
+            "{err}"
+        );
+        // Done was reported: the copy's buffer and span are gone already.
+        assert_eq!(Arc::strong_count(&buffer), alone);
+        assert!(double.shared.spans.lock().expect("spans").is_empty());
+        assert!(double.shared.reading.lock().expect("reading").is_empty());
+        double.check();
     }
 }

@@ -628,7 +628,10 @@ fn snapshot_begin_returns_while_the_device_still_copies() {
     register_all(&mut client, &ts);
     client.begin_snapshot(1).expect("begin");
     let open = client.capture.as_ref().expect("open");
-    assert!(!open.copies_done(), "the double's copies run after a delay");
+    assert!(
+        !open.copies_done(),
+        "the double runs a job only once it is released"
+    );
     let outcome = client.finish_snapshot().expect("finish");
     assert!(
         matches!(outcome, SnapshotOutcome::Captured(_)),
