@@ -365,15 +365,47 @@ mod tests {
     }
 
     #[test]
-    fn a_ticket_dropped_unwaited_returns_only_after_its_copies_let_go_of_the_buffers() {
-        let big = tensor(48 << 20, 4);
-        let device = HostDevice::new(2).with_piece_bytes(1 << 20);
+    fn a_ticket_dropped_unwaited_waits_for_its_running_copy_and_lets_go_of_the_buffers() {
+        use crate::device::pool::{Batch, Gate};
+        use std::sync::atomic::{AtomicBool, Ordering};
+
+        let big = tensor(4 << 20, 4);
+        // One worker: it takes the gated batch (taken first: batches are
+        // taken from the back), the tensor's batches wait behind it.
+        let device = HostDevice::new(1).with_piece_bytes(1 << 20);
         let (staging, _) = staging_for(&[&big], &device);
-        let ticket = device
-            .capture(captures(&staging, &[&big]))
-            .expect("capture");
-        drop(ticket);
-        // Every lease went with the drop: a writer gets in at once.
+        let gate = Arc::new(Gate::default());
+        let mut batches = device
+            .capture_batches(captures(&staging, &[&big]))
+            .expect("batches");
+        assert_eq!(batches.len(), 4);
+        let gated: Batch = vec![Piece::Gated(Arc::clone(&gate))];
+        batches.push(gated);
+        let ticket = device.pool.submit(batches).expect("submit");
+        gate.wait_entered();
+        // The drop must not return while the gated copy runs.
+        let returned = Arc::new(AtomicBool::new(false));
+        let dropper = {
+            let (returned, gate) = (Arc::clone(&returned), Arc::clone(&gate));
+            std::thread::spawn(move || {
+                drop(ticket);
+                returned.store(true, Ordering::SeqCst);
+                gate.passed()
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !returned.load(Ordering::SeqCst),
+            "the drop returned while a copy was still running"
+        );
+        gate.open();
+        let passed_before_return = dropper.join().expect("dropper");
+        assert!(
+            passed_before_return,
+            "the drop returned before the copy ended"
+        );
+        // The batches no thread took were cancelled and every lease went
+        // with the drop: a writer gets in at once.
         let started = Instant::now();
         big.write().fill(0);
         assert!(started.elapsed() < Duration::from_millis(100));

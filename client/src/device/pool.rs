@@ -29,8 +29,17 @@ const COPY_WAIT_WARN: Duration = Duration::from_secs(5);
 
 /// One `memcpy`, owning both of its sides.
 pub(super) enum Piece {
-    Capture { src: HostSource, dst: StagingSpan },
-    Restore { src: StagingSpan, dst: HostTarget },
+    Capture {
+        src: HostSource,
+        dst: StagingSpan,
+    },
+    Restore {
+        src: StagingSpan,
+        dst: HostTarget,
+    },
+    /// A copy that takes as long as its test wants: it waits for the gate.
+    #[cfg(test)]
+    Gated(Arc<Gate>),
 }
 
 impl Piece {
@@ -38,6 +47,8 @@ impl Piece {
         match self {
             Piece::Capture { src, .. } => src.len(),
             Piece::Restore { dst, .. } => dst.len(),
+            #[cfg(test)]
+            Piece::Gated(_) => 0,
         }
     }
 
@@ -53,7 +64,66 @@ impl Piece {
                 // SAFETY: as above.
                 src.copy_to(unsafe { dst.as_mut_slice() });
             }
+            #[cfg(test)]
+            Piece::Gated(gate) => gate.pass(),
         }
+    }
+}
+
+/// What a [`Piece::Gated`] waits for: the test sees it enter, opens it,
+/// and sees it pass.
+#[cfg(test)]
+#[derive(Default)]
+pub(super) struct Gate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[cfg(test)]
+#[derive(Default)]
+struct GateState {
+    entered: bool,
+    open: bool,
+    passed: bool,
+}
+
+#[cfg(test)]
+impl Gate {
+    const WAIT_MAX: Duration = Duration::from_secs(20);
+
+    fn wait_for(&self, what: &str, until: impl Fn(&GateState) -> bool) {
+        let deadline = Instant::now() + Self::WAIT_MAX;
+        let mut state = self.state.lock().expect("gate");
+        while !until(&state) {
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .unwrap_or_else(|| panic!("a gated copy: {what} took over {:?}", Self::WAIT_MAX));
+            state = self.changed.wait_timeout(state, left).expect("gate").0;
+        }
+    }
+
+    /// The copy: waits until the gate is open.
+    fn pass(&self) {
+        self.state.lock().expect("gate").entered = true;
+        self.changed.notify_all();
+        self.wait_for("the gate to open", |s| s.open);
+        self.state.lock().expect("gate").passed = true;
+        self.changed.notify_all();
+    }
+
+    /// Waits until a copy thread is inside the gate.
+    pub(super) fn wait_entered(&self) {
+        self.wait_for("a thread to enter", |s| s.entered);
+    }
+
+    pub(super) fn open(&self) {
+        self.state.lock().expect("gate").open = true;
+        self.changed.notify_all();
+    }
+
+    /// Whether the gated copy has finished.
+    pub(super) fn passed(&self) -> bool {
+        self.state.lock().expect("gate").passed
     }
 }
 
