@@ -3,7 +3,9 @@
 //! copies go through.
 //!
 //! Everything the daemon said about the layout is checked before the first
-//! byte is copied: [`StagingInfo::check`], tensors that do not overlap, the
+//! byte is copied: the kind of memory (a host memfd is the one this client
+//! maps; any other kind is refused, named), [`StagingInfo::check`], tensors
+//! that do not overlap, the
 //! memfd's real size (`fstat`) equal to `memfd_bytes`, and its seals: a
 //! memfd the daemon could still shrink would turn a copy into `SIGBUS`, so
 //! one without `F_SEAL_SHRINK` and `F_SEAL_GROW` is refused.
@@ -20,8 +22,8 @@ use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 
 use crate::device::{AttachedStaging, Device, StagingRegion, StagingSpan};
 use crate::error::{Error, Result};
-use crate::proto::StagingInfo;
 use crate::proto::convert::{to_u64, to_usize};
+use crate::proto::{StagingInfo, StagingMemory};
 
 /// The mapping of one staging memfd and what each device attached to it.
 /// Shared by the registration's [`Staging`] and every span; unmapped when
@@ -83,6 +85,22 @@ fn protocol(msg: impl Into<String>) -> Error {
     Error::Protocol(msg.into())
 }
 
+/// Whether this client can map staging memory of `memory`'s kind: a host
+/// memfd it maps shared. A kind a newer protocol crate adds (a CUDA VMM
+/// export) is refused, naming it, until this module learns to map it.
+fn check_memory(memory: &StagingMemory) -> Result<()> {
+    match memory {
+        StagingMemory::HostMemfd => Ok(()),
+        // `StagingMemory` is non-exhaustive across crates: this arm is every
+        // kind the protocol crate has and this client does not map.
+        other => Err(protocol(format!(
+            "staging memory of kind {:?} cannot be mapped by this client (it maps {:?} only)",
+            other.name(),
+            StagingMemory::HostMemfd.name()
+        ))),
+    }
+}
+
 impl Staging {
     /// Checks `info` against the registration and the memfd, maps it, and
     /// attaches every device in `devices` (an attach error fails the whole
@@ -93,6 +111,7 @@ impl Staging {
         tensor_bytes: Vec<u64>,
         devices: &[Arc<dyn Device>],
     ) -> Result<Staging> {
+        check_memory(&info.memory)?;
         info.check(&tensor_bytes)
             .map_err(|e| protocol(format!("staging description refused: {e}")))?;
         let mut by_offset: Vec<usize> = (0..tensor_bytes.len()).collect();
@@ -441,6 +460,15 @@ mod tests {
             "{err}"
         );
         map(memfd(3 * 4096), info(), vec![36, 60]).expect("a sealed memfd maps");
+    }
+
+    #[test]
+    fn a_host_memfd_is_the_staging_memory_this_client_maps() {
+        // The only kind the protocol has today; the refusal of any other
+        // is the non-exhaustive arm of `check_memory`.
+        check_memory(&StagingMemory::HostMemfd).expect("a host memfd maps");
+        assert_eq!(info().memory, StagingMemory::HostMemfd);
+        map(memfd(3 * 4096), info(), vec![36, 60]).expect("maps");
     }
 
     #[test]
