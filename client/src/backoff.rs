@@ -4,8 +4,9 @@
 //! Retries nest (a registration refused as busy reconnects, a reconnect
 //! retries a missing socket, the handshake retries a reset), so each loop
 //! is handed its caller's deadline rather than starting a fresh bound of
-//! its own: a registration waits at most its one bound, not the sum of
-//! every level's.
+//! its own: a registration retries for at most its one bound, not the sum
+//! of every level's (the replies of the try in progress have their own
+//! bound, the call timeout).
 
 use std::time::{Duration, Instant};
 

@@ -36,8 +36,11 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// How long a registration refused as `Busy` (another connection holds
     /// this job and rank) is retried on new connections; `None`: as long as
-    /// `connect_timeout`. One deadline bounds the whole registration, its
-    /// reconnects included.
+    /// `connect_timeout`. One deadline bounds the retries of the whole
+    /// registration, its reconnects included: no connection is tried later
+    /// than `max(connect_timeout, busy_timeout)` after it began; the try
+    /// under way then may still wait `call_timeout` for each of its replies
+    /// (the handshake's and the registration's).
     pub busy_timeout: Option<Duration>,
     /// Bound on every wait for a reply (60 s).
     pub call_timeout: Duration,
@@ -553,8 +556,15 @@ impl Client {
     /// one the daemon has not finished closing (a trainer that just closed
     /// or died), which lets go within milliseconds. A second live trainer
     /// of the same rank still gets `Busy`, after that wait. Reconnecting
-    /// shares the deadline: the whole registration waits at most
-    /// `max(connect_timeout, busy_timeout)`.
+    /// shares the deadline: no connection is tried, and no try is retried,
+    /// later than `max(connect_timeout, busy_timeout)` after this call
+    /// began. Each reply is waited for up to `call_timeout` (a slow
+    /// registration, say one that allocates a large staging area, is never
+    /// cut short by a deadline that ran out meanwhile), so the try under
+    /// way at the deadline may end up to two `call_timeout`s (Hello, then
+    /// Register) after it; a new tensor set first waits, up to
+    /// `commit_timeout`, for the commits of steps in flight on the old
+    /// connection.
     pub(crate) fn registered(&mut self) -> Result<Arc<Staging>> {
         let started = Instant::now();
         let bound = self

@@ -430,7 +430,8 @@ class _Connection:
     """How a rank connects. ``busy_timeout`` bounds how long the native
     client retries a registration refused as ``Busy`` (another connection
     holds the (job, rank)), with the client crate's own backoff and one
-    deadline for the whole registration; None: ``connect_timeout``."""
+    deadline for all of the registration's retries; None:
+    ``connect_timeout``."""
 
     socket: str | None
     connect_timeout: float
