@@ -73,3 +73,30 @@ pub(crate) fn frame(body: Vec<u8>) -> Result<Vec<u8>, FrameError> {
 pub fn decode<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, FrameError> {
     Ok(serde_json::from_slice(body)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_len_holds_a_frame_to_the_lower_of_the_callers_limit_and_the_protocols() {
+        let header = |len: u32| len.to_le_bytes();
+        assert_eq!(body_len(header(4096), 4096).expect("at the limit"), 4096);
+        assert!(matches!(
+            body_len(header(4097), 4096),
+            Err(FrameError::TooLarge {
+                len: 4097,
+                limit: 4096
+            })
+        ));
+        // A limit above the protocol's is the protocol's.
+        assert!(matches!(
+            body_len(header(FRAME_BYTES_MAX + 1), u32::MAX),
+            Err(FrameError::TooLarge {
+                limit: FRAME_BYTES_MAX,
+                ..
+            })
+        ));
+        assert!(matches!(body_len(header(0), 4096), Err(FrameError::Empty)));
+    }
+}

@@ -7,7 +7,9 @@ use std::io::IoSlice;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::Duration;
 
-use gpusnap_proto::{self as proto, ErrorKind, FRAME_HEADER_BYTES, Reply, ReplyBody, Request};
+use gpusnap_proto::{
+    self as proto, ErrorKind, FRAME_HEADER_BYTES, FrameError, Reply, ReplyBody, Request,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -61,14 +63,14 @@ pub async fn read_request(
         }
         got += n;
     }
-    let len = u32::from_le_bytes(header);
-    if len > limit {
-        return Err(WireError::TooLarge {
-            len: u64::from(len),
-            limit,
-        });
-    }
-    let len = proto::frame_len(header).map_err(|e| WireError::Malformed(e.to_string()))?;
+    // The configured limit (`daemon.frame_bytes_max`, at most the
+    // protocol's), checked before the body is allocated.
+    let len = proto::body_len(header, limit).map_err(|e| match e {
+        FrameError::TooLarge { len, limit } => WireError::TooLarge { len, limit },
+        e @ (FrameError::Empty | FrameError::Malformed(_) | FrameError::NotInVersion { .. }) => {
+            WireError::Malformed(e.to_string())
+        }
+    })?;
     let mut body = vec![0u8; len];
     match tokio::time::timeout(BODY_WAIT, rd.read_exact(&mut body)).await {
         Err(_) => return Err(WireError::SlowBody),
