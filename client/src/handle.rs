@@ -59,7 +59,6 @@ impl std::fmt::Debug for OpenCapture {
 impl OpenCapture {
     /// Whether the copies have finished (never blocks; true once they
     /// have, or when there were none to run).
-    #[cfg_attr(not(test), expect(dead_code, reason = "polled by tests only"))]
     pub(crate) fn copies_done(&self) -> bool {
         match &self.state {
             State::Copying { tickets, .. } => tickets.is_done(),
@@ -134,6 +133,17 @@ impl Client {
     /// The step of the open capture, if one is open.
     pub fn open_capture(&self) -> Option<u64> {
         self.capture.as_ref().map(|c| c.step)
+    }
+
+    /// Whether the copies of the open capture have finished, without
+    /// blocking: `Some(true)` once every device's copies are done (the
+    /// rest of [`finish_snapshot`](Client::finish_snapshot) is telling the
+    /// daemon and awaiting its answer), `Some(false)` while they run,
+    /// `None` when no capture is open. A trainer can poll it to decide
+    /// when to finish; the buffers must still not be written before
+    /// `finish_snapshot` returns.
+    pub fn copies_done(&self) -> Option<bool> {
+        self.capture.as_ref().map(OpenCapture::copies_done)
     }
 
     /// Finishes the open capture: waits for the copies, tells the daemon
@@ -446,6 +456,16 @@ impl SnapshotHandle<'_> {
     /// The step being captured.
     pub fn step(&self) -> u64 {
         self.step
+    }
+
+    /// Whether the copies into staging have finished, without blocking
+    /// (true too once the capture was waited for, or when it needed no
+    /// copies: a skip, a stream, which copies before `snapshot_begin`
+    /// returns). After it turns true, [`wait_captured`](SnapshotHandle::wait_captured)
+    /// only tells the daemon and awaits its answer; the buffers must still
+    /// not be written before it returns.
+    pub fn copies_done(&self) -> bool {
+        self.finished.is_some() || self.client.copies_done().unwrap_or(true)
     }
 
     /// Waits for the copies, tells the daemon the capture is complete and

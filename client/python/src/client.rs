@@ -293,6 +293,12 @@ impl NativeClient {
         self.call(py, |c| c.begin_snapshot(step))
     }
 
+    /// Whether the open capture's copies have finished, without blocking;
+    /// None when no capture is open.
+    fn copies_done(&self, py: Python<'_>) -> PyResult<Option<bool>> {
+        self.call(py, |c| Ok(c.copies_done()))
+    }
+
     /// Finishes the open capture; returns what it came to as a dict.
     fn finish(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let outcome = self.call(py, |c| c.finish_snapshot())?;

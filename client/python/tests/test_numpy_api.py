@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import time
+
 import numpy as np
 import pytest
 
@@ -55,6 +57,26 @@ def test_overlapped_snapshot_and_context_manager(daemon):
         assert h2.done
         snap.wait_committed(2)
         assert snap.stats.captured == 2 and snap.stats.failed == 0
+
+
+def test_the_copies_of_a_begun_snapshot_finish_without_a_wait_and_say_so(daemon):
+    a = np.arange(1 << 20, dtype=np.float32)
+    with client(daemon) as snap:
+        snap.register("a", a)
+        snap.prepare()
+        h = snap.snapshot_begin(1)
+        deadline = time.monotonic() + 20
+        while not h.copies_done():
+            assert time.monotonic() < deadline, "the copies never finished in the background"
+            time.sleep(0.001)
+        assert not h.done, "only the copies finished: the capture is still open"
+        assert h.wait_captured().step == 1
+        assert h.copies_done()
+        h.wait_committed()
+        # A handle whose begin failed says its copies are done (there are none).
+        snap.close()
+        failed = snap.snapshot_begin(2)
+        assert failed.copies_done()
 
 
 def test_rng_state_comes_back(daemon):

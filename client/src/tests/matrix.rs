@@ -78,6 +78,10 @@ pub trait Memory {
     /// The next capture's copies fail, from their ticket, with `reason`.
     fn fail_next_capture(&self, reason: &str);
 
+    /// Lets the copies started so far run without anyone waiting for them
+    /// (the host device's always do; the double holds them until then).
+    fn let_copies_run(&self);
+
     /// Fails the test if the device saw a misuse.
     fn check(&self);
 }
@@ -146,6 +150,8 @@ impl Memory for OnHost {
         *self.device.fail_next.lock().expect("fail") = Some(reason.to_owned());
     }
 
+    fn let_copies_run(&self) {}
+
     fn check(&self) {}
 }
 
@@ -175,6 +181,10 @@ impl Memory for OnDouble {
 
     fn fail_next_capture(&self, reason: &str) {
         self.device.fail_next_capture(reason);
+    }
+
+    fn let_copies_run(&self) {
+        self.device.release();
     }
 
     fn check(&self) {

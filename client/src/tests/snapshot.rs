@@ -66,7 +66,55 @@ device_matrix!(
     events_interleaved_with_replies_are_recorded_for_later,
     a_failed_copy_aborts_the_snapshot_and_a_second_wait_reports_the_same_error,
     a_busy_rank_is_retried_on_a_new_connection_until_it_is_free,
+    the_copies_of_an_open_capture_finish_in_the_background_and_say_so,
 );
+
+/// Polls `done` until it is true (bounded: a copy that never finishes in
+/// the background fails the test).
+fn poll_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} never became true");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn the_copies_of_an_open_capture_finish_in_the_background_and_say_so(memory: &dyn Memory) {
+    let (_dir, path) = fake::socket_dir();
+    let ts = tensors(memory);
+    let want = bytes_of(&ts);
+    let fake = Fake::start(
+        &path,
+        vec![conn(move |c| {
+            let info = c.open(&Layout::default());
+            for step in [1, 2] {
+                c.begin_slot(0);
+                let r = c.expect("captured");
+                assert_eq!(c.slot_data(0), expected_data(&info, &want));
+                c.reply(r.id, ReplyBody::Accepted { step });
+            }
+            c.until_closed();
+        })],
+    );
+    let mut client = memory.client(fake::config(&path));
+    register_all(&mut client, &ts);
+    assert_eq!(client.copies_done(), None, "no capture is open");
+    // Without a handle: nobody waits, yet the copies finish.
+    client.begin_snapshot(1).expect("begin");
+    memory.let_copies_run();
+    poll_until("copies_done", || client.copies_done() == Some(true));
+    client.finish_snapshot().expect("finish");
+    assert_eq!(client.copies_done(), None);
+    // With a handle.
+    let mut handle = client.snapshot_begin(2).expect("begin");
+    memory.let_copies_run();
+    poll_until("the handle's copies_done", || handle.copies_done());
+    handle.wait_captured().expect("captured");
+    assert!(handle.copies_done(), "still true once waited for");
+    drop(handle);
+    drop(client);
+    fake.join();
+}
 
 fn snapshot_copies_exact_bytes_into_the_slot_at_the_layout_offsets(memory: &dyn Memory) {
     let (_dir, path) = fake::socket_dir();
@@ -627,9 +675,9 @@ fn snapshot_begin_returns_while_the_device_still_copies() {
     let mut client = memory.client(fake::config(&path));
     register_all(&mut client, &ts);
     client.begin_snapshot(1).expect("begin");
-    let open = client.capture.as_ref().expect("open");
-    assert!(
-        !open.copies_done(),
+    assert_eq!(
+        client.copies_done(),
+        Some(false),
         "the double runs a job only once it is released"
     );
     let outcome = client.finish_snapshot().expect("finish");

@@ -553,6 +553,20 @@ class SnapshotHandle:
         """Whether the capture finished (either way)."""
         return self._pending.done
 
+    def copies_done(self) -> bool:
+        """Whether the copies into the daemon's staging have finished,
+        without blocking (True too once the capture finished or failed).
+        Once True, ``wait_captured()`` only tells the daemon and awaits its
+        answer; the registered tensors must still not be written before it
+        returns."""
+        if self._pending.done:
+            return True
+        client = self._client
+        if client.open_step != self.step:
+            return True
+        done = client._native.copies_done()
+        return True if done is None else done
+
     def __enter__(self) -> SnapshotHandle:
         return self
 
