@@ -267,6 +267,12 @@ impl HostTensor {
     pub fn same_storage(&self, other: &HostTensor) -> bool {
         Arc::ptr_eq(&self.shared, &other.shared)
     }
+
+    /// The storage's start address and byte length (to compare with other
+    /// memory; never dereferenced).
+    fn address_range(&self) -> (usize, usize) {
+        (self.shared.data.as_ptr() as usize, self.shared.len)
+    }
 }
 
 /// Shared read access to a [`HostTensor`]'s bytes.
@@ -413,12 +419,26 @@ impl RawBuffer {
     }
 
     fn overlaps(&self, other: &RawBuffer) -> bool {
-        let (a, b) = (self.ptr.as_ptr() as usize, other.ptr.as_ptr() as usize);
-        self.len > 0
-            && other.len > 0
-            && a < b.saturating_add(other.len)
-            && b < a.saturating_add(self.len)
+        ranges_overlap(
+            (self.ptr.as_ptr() as usize, self.len),
+            (other.ptr.as_ptr() as usize, other.len),
+        )
     }
+}
+
+/// Whether address ranges `(start, len)` share a byte (an empty range
+/// shares none).
+fn ranges_overlap((a, a_len): (usize, usize), (b, b_len): (usize, usize)) -> bool {
+    a_len > 0 && b_len > 0 && a < b.saturating_add(b_len) && b < a.saturating_add(a_len)
+}
+
+/// Whether two device buffers share memory: the same object always does;
+/// buffers of different devices never do; otherwise the buffers say.
+fn device_buffers_alias(a: &Arc<dyn DeviceBuffer>, b: &Arc<dyn DeviceBuffer>) -> bool {
+    if std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b)) {
+        return true;
+    }
+    crate::device::same_device(&a.device(), &b.device()) && (a.overlaps(&**b) || b.overlaps(&**a))
 }
 
 /// A registered buffer: a [`HostTensor`] or a [`RawBuffer`] (host memory,
@@ -475,15 +495,22 @@ impl Buffer {
     }
 
     /// Whether registering both would alias memory (a restore would then
-    /// write one place twice, or wait on itself).
+    /// write the same bytes twice, or wait on itself): host buffers by
+    /// their address ranges (two tensors, a tensor and raw memory, two raw
+    /// buffers), device buffers by the device's say
+    /// ([`DeviceBuffer::overlaps`]; buffers of different devices never
+    /// alias). Host memory and a device's memory are different memories.
     pub(crate) fn aliases(&self, other: &Buffer) -> bool {
         match (self, other) {
             (Buffer::Host(a), Buffer::Host(b)) => a.same_storage(b),
-            (Buffer::Raw(a), Buffer::Raw(b)) => a.overlaps(b),
-            (Buffer::Device(a), Buffer::Device(b)) => {
-                std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
+            (Buffer::Host(t), Buffer::Raw(r)) | (Buffer::Raw(r), Buffer::Host(t)) => {
+                let (start, len) = t.address_range();
+                ranges_overlap((r.ptr.as_ptr() as usize, r.len), (start, len))
             }
-            (Buffer::Host(_) | Buffer::Raw(_) | Buffer::Device(_), _) => false,
+            (Buffer::Raw(a), Buffer::Raw(b)) => a.overlaps(b),
+            (Buffer::Device(a), Buffer::Device(b)) => device_buffers_alias(a, b),
+            (Buffer::Host(_) | Buffer::Raw(_), Buffer::Device(_))
+            | (Buffer::Device(_), Buffer::Host(_) | Buffer::Raw(_)) => false,
         }
     }
 
@@ -862,5 +889,80 @@ mod tests {
         };
         assert!(Buffer::from(a.clone()).aliases(&Buffer::from(b)));
         assert!(!Buffer::from(a).aliases(&Buffer::from(c)));
+    }
+
+    #[test]
+    fn a_raw_buffer_over_a_host_tensors_storage_aliases_it_either_way() {
+        let t = HostTensor::zeros(Dtype::U8, [64]).expect("zeros");
+        let other = HostTensor::zeros(Dtype::U8, [64]).expect("zeros");
+        let base = t.read().as_ptr().cast_mut();
+        // SAFETY: the buffers are compared, never copied through; `t`
+        // outlives them.
+        let (inside, tail, after) = unsafe {
+            (
+                RawBuffer::new(base.add(8), 16),
+                RawBuffer::new(base.add(63), 1),
+                RawBuffer::new(base.add(64), 16),
+            )
+        };
+        let tensor = Buffer::from(&t);
+        for raw in [&inside, &tail] {
+            let raw = Buffer::from(raw.clone());
+            assert!(tensor.aliases(&raw), "{raw:?}");
+            assert!(raw.aliases(&tensor), "{raw:?}");
+        }
+        assert!(!tensor.aliases(&Buffer::from(after.clone())));
+        assert!(!Buffer::from(after).aliases(&tensor));
+        assert!(!Buffer::from(&other).aliases(&Buffer::from(inside)));
+    }
+
+    /// A device buffer that is a view of bytes `range` of one allocation of
+    /// its device.
+    #[derive(Debug)]
+    struct View {
+        device: Arc<dyn crate::Device>,
+        range: Range<usize>,
+    }
+
+    impl DeviceBuffer for View {
+        fn device(&self) -> Arc<dyn crate::Device> {
+            Arc::clone(&self.device)
+        }
+        fn byte_len(&self) -> usize {
+            self.range.len()
+        }
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
+        fn overlaps(&self, other: &dyn DeviceBuffer) -> bool {
+            other
+                .as_any()
+                .downcast_ref::<View>()
+                .is_some_and(|o| self.range.start < o.range.end && o.range.start < self.range.end)
+        }
+    }
+
+    #[test]
+    fn device_buffers_alias_when_their_device_says_so_and_never_across_devices() {
+        let one: Arc<dyn crate::Device> = Arc::new(crate::HostDevice::new(1));
+        let two: Arc<dyn crate::Device> = Arc::new(crate::HostDevice::new(1));
+        let view = |device: &Arc<dyn crate::Device>, range: Range<usize>| {
+            let b: Arc<dyn DeviceBuffer> = Arc::new(View {
+                device: Arc::clone(device),
+                range,
+            });
+            Buffer::Device(b)
+        };
+        let a = view(&one, 0..64);
+        assert!(a.aliases(&a.clone()), "the same buffer");
+        assert!(a.aliases(&view(&one, 32..96)), "overlapping views");
+        assert!(!a.aliases(&view(&one, 64..128)), "adjacent views");
+        assert!(
+            !a.aliases(&view(&two, 0..64)),
+            "the same range of another device is other memory"
+        );
+        let host = HostTensor::zeros(Dtype::U8, [64]).expect("zeros");
+        assert!(!a.aliases(&Buffer::from(&host)));
+        assert!(!Buffer::from(&host).aliases(&a));
     }
 }

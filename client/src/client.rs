@@ -259,6 +259,16 @@ impl Client {
                 actual,
             });
         }
+        if let Buffer::Device(d) = &buffer
+            && !same_device(&d.device(), &d.device())
+        {
+            // Devices are told apart by their `Arc` (DeviceBuffer::device's
+            // contract): a new one per call would make a device per buffer.
+            return Err(Error::InvalidRegistration(format!(
+                "the buffer of {:?} ({d:?}) names a different device object on each call of DeviceBuffer::device; it must return one Arc",
+                spec.name
+            )));
+        }
         if let Some(other) = self.tensors.iter().find(|r| r.buffer.aliases(&buffer)) {
             return Err(Error::InvalidRegistration(format!(
                 "the buffer of {:?} shares memory with the one of {:?}",

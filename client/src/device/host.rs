@@ -415,12 +415,14 @@ mod tests {
         assert_eq!(empty.wait().expect("nothing"), Duration::ZERO);
     }
 
+    /// A buffer of another device (one `Arc`, as `DeviceBuffer::device`
+    /// promises) handed to the host device by mistake.
     #[derive(Debug)]
-    struct Elsewhere;
+    struct Elsewhere(Arc<dyn Device>);
 
     impl crate::device::DeviceBuffer for Elsewhere {
         fn device(&self) -> Arc<dyn Device> {
-            Arc::new(HostDevice::new(1))
+            Arc::clone(&self.0)
         }
         fn byte_len(&self) -> usize {
             64
@@ -440,7 +442,8 @@ mod tests {
             .expect("spans")
             .pop()
             .expect("one");
-        let buffer: Arc<dyn crate::device::DeviceBuffer> = Arc::new(Elsewhere);
+        let buffer: Arc<dyn crate::device::DeviceBuffer> =
+            Arc::new(Elsewhere(Arc::new(HostDevice::new(1))));
         let refused = device.capture(vec![CaptureCopy {
             src: Buffer::Device(buffer).source(),
             dst: span,

@@ -25,6 +25,12 @@ use crate::buffer::{HostSource, HostTarget};
 /// through [`as_any`](DeviceBuffer::as_any).
 pub trait DeviceBuffer: Send + Sync + fmt::Debug + 'static {
     /// The device whose `capture` and `restore` copy this buffer.
+    ///
+    /// Every call returns the same `Arc` (a clone of one handle the buffer
+    /// keeps), and every buffer of one device returns that device's one
+    /// `Arc`: the client tells devices apart by that pointer (one entry,
+    /// and one attach per registration, per device). A registration whose
+    /// buffer returns a different `Arc` on a second call is refused.
     fn device(&self) -> Arc<dyn Device>;
 
     /// Bytes of the buffer.
@@ -32,6 +38,18 @@ pub trait DeviceBuffer: Send + Sync + fmt::Debug + 'static {
 
     /// `self`, for the device to downcast to its own buffer type.
     fn as_any(&self) -> &dyn Any;
+
+    /// Whether this buffer shares memory with `other`, another buffer of
+    /// the same device (the client asks only about those; the same object
+    /// always aliases itself, buffers of different devices never do):
+    /// registering both would make a restore write those bytes twice. The
+    /// default says no; a device whose buffers can be views of one
+    /// allocation (CUDA tensors of one storage) compares their address
+    /// ranges.
+    fn overlaps(&self, other: &dyn DeviceBuffer) -> bool {
+        let _ = other;
+        false
+    }
 }
 
 /// The bytes of one registered buffer (or a range of it) to capture.

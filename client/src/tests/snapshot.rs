@@ -857,6 +857,57 @@ fn a_device_that_cannot_attach_fails_the_registration_with_its_error() {
     memory.check();
 }
 
+/// Breaks `DeviceBuffer::device`'s contract: a new device object per call.
+#[derive(Debug)]
+struct Fickle;
+
+impl crate::device::DeviceBuffer for Fickle {
+    fn device(&self) -> Arc<dyn Device> {
+        Arc::new(HostDevice::new(1))
+    }
+    fn byte_len(&self) -> usize {
+        8
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+#[test]
+fn a_device_buffer_naming_a_new_device_on_each_call_is_refused_and_one_device_is_one_entry() {
+    let (_dir, path) = fake::socket_dir();
+    let fake = Fake::start(
+        &path,
+        vec![conn(|c| {
+            c.hello();
+            c.until_closed();
+        })],
+    );
+    let memory = OnDouble::new();
+    let mut client = memory.client(fake::config(&path));
+    let fickle: Arc<dyn crate::device::DeviceBuffer> = Arc::new(Fickle);
+    let err = client
+        .register("f", Dtype::U8, [8u64], Buffer::Device(fickle))
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidRegistration(m) if m.contains("must return one Arc")),
+        "{err}"
+    );
+    assert_eq!(client.tensors().count(), 0);
+    // Two buffers of one device: one device entry (attached once).
+    register_all(
+        &mut client,
+        &[
+            tensor(&memory, "a", Dtype::U8, &[8], 1),
+            tensor(&memory, "b", Dtype::U8, &[8], 2),
+        ],
+    );
+    assert_eq!(client.devices().len(), 1);
+    drop(client);
+    fake.join();
+    memory.check();
+}
+
 /// A device buffer of another device than the one that copies it: its
 /// copies are routed to the buffer's own device, never to the host.
 #[test]
