@@ -20,9 +20,14 @@ pub struct Backoff {
 }
 
 impl Backoff {
-    /// Pauses of `start`, doubling up to `max` (at least `start`), until
-    /// `deadline`.
+    /// The shortest pause: a `start` below it is raised to it, so that a
+    /// zero start never turns the loop into a busy spin until the deadline.
+    pub const PAUSE_MIN: Duration = Duration::from_millis(1);
+
+    /// Pauses of `start` (at least [`Backoff::PAUSE_MIN`]), doubling up to
+    /// `max` (at least `start`), until `deadline`.
     pub fn new(start: Duration, max: Duration, deadline: Instant) -> Backoff {
+        let start = start.max(Self::PAUSE_MIN);
         Backoff {
             max: max.max(start),
             deadline,
@@ -88,5 +93,25 @@ mod tests {
 
         let mut past = Backoff::new(ms(1), ms(1), Instant::now());
         assert_eq!(past.next_pause(), None);
+    }
+
+    #[test]
+    fn a_zero_start_pauses_at_least_a_millisecond_and_still_doubles() {
+        let ms = Duration::from_millis;
+        let far = Instant::now() + Duration::from_secs(60);
+        let mut b = Backoff::new(Duration::ZERO, Duration::ZERO, far);
+        let pauses: Vec<Duration> = (0..3).map(|_| b.next_pause().expect("before")).collect();
+        assert_eq!(pauses, vec![ms(1), ms(1), ms(1)], "max is at least start");
+        let mut b = Backoff::new(Duration::ZERO, ms(4), far);
+        let pauses: Vec<Duration> = (0..4).map(|_| b.next_pause().expect("before")).collect();
+        assert_eq!(pauses, vec![ms(1), ms(2), ms(4), ms(4)]);
+        // Against a near deadline, a zero start sleeps instead of spinning:
+        // about 50 pauses of 1 ms or more, not millions of tries.
+        let mut b = Backoff::new(Duration::ZERO, Duration::ZERO, Instant::now() + ms(50));
+        let mut tries = 0;
+        while b.pause() {
+            tries += 1;
+        }
+        assert!((1..=60).contains(&tries), "{tries} tries in 50 ms");
     }
 }
