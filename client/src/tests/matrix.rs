@@ -19,12 +19,23 @@
 //! #[test]
 //! fn cuda() {
 //!     let Some(memory) = OnCuda::new() else {
-//!         return skip("no CUDA device"); // the root-only skip protocol
+//!         return skip_without_device(concat!(stringify!($body), "::cuda"), "no CUDA device");
 //!     };
 //!     super::$body(&memory);
 //!     memory.check();
 //! }
 //! ```
+//!
+//! That arm needs a device, not root, so it has a skip of its own rather
+//! than the root-only protocol (`tests/run` forbids root-only skips with
+//! `GPUSNAP_REQUIRE_ROOT=1` on every machine, most of which have no GPU):
+//! `skip_without_device(test, reason)`, written beside `OnCuda`, does
+//! what the root-only helper does under its own switch. Without a device,
+//! when `GPUSNAP_REQUIRE_CUDA=1` (set only where a GPU is known to be, a
+//! GPU runner) it panics ("needs a CUDA device, and GPUSNAP_REQUIRE_CUDA=1
+//! forbids skipping"); otherwise it prints `skipped: <reason>` to stderr,
+//! appends `<test>\t<reason>` to the file `GPUSNAP_SKIP_LOG` names (so the
+//! run's skip count shows it), and returns.
 //!
 //! Every body then runs as `<body>::cuda` too.
 
