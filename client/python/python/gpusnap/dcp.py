@@ -894,6 +894,11 @@ class StorageReader(_StorageReader):
                 t = torch.empty(shape, dtype=torch_dtype)
                 _register(client, name, t)
                 buffers[name] = t
+            # A held (job, rank) answers the registration this restore sends
+            # first with Busy, which the native client retries up to
+            # busy_timeout; the restore request itself is never answered
+            # Busy (the store's InProgress and AlreadyCommitted, the kinds
+            # the daemon sends as Busy, come only from writes).
             info = client.restore(step)
             if info is None:
                 raise NotFound(f"job {self.job!r} rank {rank} has no step {step}")
