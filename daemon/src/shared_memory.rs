@@ -236,10 +236,11 @@ impl<'a> SharedBytes<'a> {
     /// The region for a kernel operation (O_DIRECT) on these bytes.
     ///
     /// # Safety
-    /// The operation given the region completes (its completion is reaped,
-    /// or its data file's `Drop` waits it out) before `'a` ends; for a read
-    /// into the region, nothing in this process reaches these bytes until
-    /// then.
+    /// The operation given the region completes before `'a` ends: its
+    /// completion is reaped, or its data file's `Drop` waits it out or,
+    /// failing that, aborts the process (the storage module's rule for
+    /// borrowed memory). For a read into the region, nothing in this process
+    /// reaches these bytes until then.
     pub unsafe fn raw_region(&self) -> RawRegion {
         // SAFETY: the bytes are mapped readable and writable for 'a (the
         // constructor's contract), and the caller keeps the operation inside

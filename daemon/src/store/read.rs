@@ -300,9 +300,11 @@ impl Store {
                 // SAFETY: `dst` is valid for this whole call (its maker's
                 // contract, or the caller's exclusive borrow); the pipeline
                 // waits for every read before this function returns (or its
-                // Drop does, or the data file's Drop waits out or abandons
-                // what is left), and nothing here touches a chunk's bytes
-                // before its read completed.
+                // Drop does); a read it cannot drain is left to the data
+                // file's Drop, which waits it out or, failing that, aborts
+                // the process (the storage module's rule for borrowed
+                // memory); and nothing here touches a chunk's bytes before
+                // its read completed.
                 let region = unsafe { target.raw_region() };
                 pipe.submit(
                     OpKind::Read,
