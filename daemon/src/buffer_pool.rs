@@ -49,6 +49,20 @@ pub enum PoolError {
     },
 }
 
+impl PoolError {
+    /// The operating system's error behind this one, if a system call
+    /// failed.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            PoolError::Map { source, .. } => source.raw_os_error(),
+            PoolError::BadBufferSize { .. }
+            | PoolError::PoolTooSmall { .. }
+            | PoolError::LeaseTooLarge { .. }
+            | PoolError::Timeout { .. } => None,
+        }
+    }
+}
+
 /// An anonymous, page-aligned mapping; unmapped on drop.
 #[derive(Debug)]
 struct Mapping {

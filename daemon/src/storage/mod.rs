@@ -183,7 +183,11 @@ impl StorageError {
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {
             StorageError::Io { source, .. } => source.raw_os_error(),
-            _ => None,
+            StorageError::TooLarge { .. }
+            | StorageError::Dead { .. }
+            | StorageError::BackendUnavailable { .. }
+            | StorageError::Stalled { .. }
+            | StorageError::WorkersGone { .. } => None,
         }
     }
 
