@@ -231,6 +231,13 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// A lease of no buffer, for work whose transfers all use borrowed
+    /// memory (a direct read into the caller's destination): it waits for
+    /// no one holding the pool.
+    pub fn empty() -> Lease {
+        Lease { bufs: Vec::new() }
+    }
+
     pub fn take(&mut self) -> Option<PoolBuf> {
         self.bufs.pop()
     }

@@ -477,6 +477,39 @@ fn a_snapshot_waiting_on_a_busy_pool_times_out() {
     write(&store, 1, 1).expect("commits once the pool is free");
 }
 
+/// The regression: a direct read leased a pool buffer it never used, so a
+/// restore failed with `PoolError::Timeout` while persists held the pool.
+/// It needs none: it reads the same bytes while every buffer is held.
+#[test]
+fn a_direct_read_needs_no_pool_buffer() {
+    use crate::shared_memory::testing::SharedPair;
+
+    let sim = SimStorage::new(Path::new(ROOT));
+    let mut store = store_on(&sim);
+    let committed = write(&store, 1, 4).expect("commit");
+    let len = usize::try_from(committed.manifest.data_len).expect("fits");
+    let snap = store.find("job", 0, Some(1)).expect("find");
+    store.set_pool_wait(std::time::Duration::from_millis(100));
+    let held = store
+        .pool()
+        .lease(store.pool().capacity(), std::time::Instant::now())
+        .expect("every buffer");
+    let target = SharedPair::new(len.next_multiple_of(4096));
+    store
+        .read_into_shared(&snap, target.daemon())
+        .expect("a direct read while the pool is held");
+    assert_eq!(
+        target.trainer_reads(0, len),
+        data(committed.manifest.data_len, 4)
+    );
+    let mut private = crate::hot_tier::HotBuffer::new(len.next_multiple_of(4096)).expect("buffer");
+    store
+        .read_into(&snap, &mut private)
+        .expect("the same into private memory");
+    assert_eq!(&private[..len], &data(committed.manifest.data_len, 4)[..]);
+    drop(held);
+}
+
 #[test]
 fn the_newest_of_nothing_is_not_found_without_a_step_zero() {
     let sim = SimStorage::new(Path::new(ROOT));
