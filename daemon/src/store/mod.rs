@@ -204,10 +204,7 @@ impl Store {
     /// chooses the I/O backend (logged with its reason), and runs start-up
     /// recovery.
     pub fn open(config: StoreConfig) -> Result<Store, StoreError> {
-        config.validate()?;
-        let pool = BufferPool::new(config.io_pool_bytes, config.io_buffer_bytes)?;
-        let storage = OsStorage::open(&config.root, config.io_backend, pool.clone())?;
-        Store::with_storage(config, Arc::new(storage), pool)
+        Store::open_wrapped(config, |real| real)
     }
 
     /// As [`Store::open`], with the real storage wrapped by `wrap` (the
