@@ -28,8 +28,10 @@
 //! directory without its OWNER. A failed claim removes its temporary
 //! directory; nothing is ever written into an existing job directory.
 //!
-//! Claims are serialized within the daemon, and the store creates job
-//! directories itself only for jobs a registration claimed first.
+//! Claims are serialized within the daemon, and the daemon's store never
+//! creates a job directory (`JobDirs::Claimed`): a commit whose job
+//! directory vanished after its claim fails (`StoreError::JobMissing`)
+//! instead of making the job again without its OWNER.
 
 use std::collections::HashMap;
 use std::fmt;

@@ -288,6 +288,11 @@ mod tests {
         config.store.root = dir.path().join("root");
         config.metrics.listen = String::new();
         let daemon = Daemon::open(config).expect("daemon");
+        assert_eq!(
+            daemon.store.job_dirs(),
+            crate::store::JobDirs::Claimed,
+            "the daemon's commits never make a job directory"
+        );
         let key = RankKey::new("j", 0);
         assert_eq!(already_have(&daemon, &key, 1), Ok(None));
         // The rank's directory is a file: looking up its step fails with

@@ -154,7 +154,7 @@ pub fn wire_kind(e: &StoreError) -> ErrorKind {
     match e {
         StoreError::Storage(s) => storage_kind(s),
         StoreError::Pool(p) => pool_kind(p),
-        StoreError::ShortTransfer { .. } => ErrorKind::Storage,
+        StoreError::ShortTransfer { .. } | StoreError::JobMissing { .. } => ErrorKind::Storage,
         StoreError::Manifest { .. }
         | StoreError::ManifestMissing { .. }
         | StoreError::LengthMismatch { .. }

@@ -97,10 +97,11 @@ impl Daemon {
         let metrics = Arc::new(Metrics::new()?);
         // The latency backend when `[testing] delays` asks (validated above:
         // only with GPUSNAP_TESTING=1).
-        let store = Arc::new(crate::testing::open_store(
-            config.store.clone(),
-            config.testing.as_ref(),
-        )?);
+        let mut store = crate::testing::open_store(config.store.clone(), config.testing.as_ref())?;
+        // Job directories appear only through claims, with their OWNER
+        // inside (`crate::owners`): a commit never makes one.
+        store.set_job_dirs(crate::store::JobDirs::Claimed);
+        let store = Arc::new(store);
         metrics
             .io_backend
             .with_label_values(&[store.storage().backend().name()])

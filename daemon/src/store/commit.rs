@@ -33,7 +33,7 @@ use crate::store::layout::Layout;
 use crate::store::manifest::{self, FORMAT_NAME, Manifest};
 use crate::store::paths::{self, SnapshotId};
 use crate::store::pipeline::Pipeline;
-use crate::store::{CommitStep, Store};
+use crate::store::{CommitStep, JobDirs, Store};
 
 /// Where a snapshot's data section comes from.
 pub enum Source<'a> {
@@ -159,7 +159,7 @@ impl Store {
         if storage.metadata(&final_dir)?.is_some() {
             return Err(StoreError::AlreadyCommitted { id: id.clone() });
         }
-        self.ensure_dir_durable(&id.rank_dir(root))?;
+        self.ensure_rank_dir(id)?;
         let partial = id.partial_dir(root);
         if storage.metadata(&partial)?.is_some() {
             tracing::warn!(dir = %partial.display(), "removing a partial snapshot left by an earlier failed attempt");
@@ -386,9 +386,34 @@ impl Store {
         Ok(crcs)
     }
 
-    /// Creates `dir` and any missing parents below the root, fsyncing each
-    /// parent that gained an entry, so the new directory survives power loss.
-    pub(crate) fn ensure_dir_durable(&self, dir: &Path) -> Result<(), StoreError> {
+    /// Makes the rank directory of `id` durable, with its job directory
+    /// too when commits make job directories ([`JobDirs::MadeByCommits`]);
+    /// under [`JobDirs::Claimed`] a missing job directory is
+    /// [`StoreError::JobMissing`] and is never made here.
+    fn ensure_rank_dir(&self, id: &SnapshotId) -> Result<(), StoreError> {
+        let root = self.root();
+        let top = match self.job_dirs() {
+            JobDirs::MadeByCommits => root.to_path_buf(),
+            JobDirs::Claimed => {
+                let job_dir = id.job_dir(root);
+                if self.storage().metadata(&job_dir)?.is_none() {
+                    return Err(StoreError::JobMissing {
+                        job: id.job.clone(),
+                        dir: job_dir,
+                    });
+                }
+                job_dir
+            }
+        };
+        self.ensure_dir_durable(&id.rank_dir(root), &top)
+    }
+
+    /// Creates `dir` and any missing parents below `top` (which must exist),
+    /// fsyncing each parent that gained an entry, so the new directory
+    /// survives power loss. Each directory is made by one `mkdir`, never
+    /// with its parents: one that vanished meanwhile fails the call with
+    /// its ENOENT instead of being made again.
+    pub(crate) fn ensure_dir_durable(&self, dir: &Path, top: &Path) -> Result<(), StoreError> {
         let storage: &dyn Storage = self.storage();
         if storage.metadata(dir)?.is_some() {
             return Ok(());
@@ -396,7 +421,7 @@ impl Store {
         let mut missing = vec![dir.to_path_buf()];
         let mut cursor = dir.parent();
         while let Some(parent) = cursor {
-            if parent == self.root() || storage.metadata(parent)?.is_some() {
+            if parent == top || storage.metadata(parent)?.is_some() {
                 break;
             }
             missing.push(parent.to_path_buf());

@@ -51,6 +51,11 @@ pub enum StoreError {
         rank: u32,
         step: Option<u64>,
     },
+    #[error(
+        "job {job:?}: its directory {} is missing (it was claimed, then removed); the snapshot is not written, and registering the job again claims it anew",
+        .dir.display()
+    )]
+    JobMissing { job: String, dir: PathBuf },
     #[error("snapshot {id}: rank {} is not below world size {world_size}", .id.rank)]
     RankOutsideWorld { id: SnapshotId, world_size: u32 },
     #[error("source holds {actual} bytes but the tensors need {expected}")]
@@ -156,6 +161,7 @@ impl StoreError {
             | StoreError::InProgress { .. }
             | StoreError::NotFound { .. }
             | StoreError::RankOutsideWorld { .. }
+            | StoreError::JobMissing { .. }
             | StoreError::SourceLength { .. }
             | StoreError::SourceAlignment { .. }
             | StoreError::SharedRange(_)

@@ -173,6 +173,19 @@ impl CommitStep {
     ];
 }
 
+/// Who makes job directories (`<root>/<job>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobDirs {
+    /// A commit makes a missing job directory itself (benchmarks, tests,
+    /// stores written without the daemon's ownership claims). The default.
+    MadeByCommits,
+    /// Only an ownership claim makes one (the daemon: `crate::owners`, which
+    /// puts the OWNER inside first). A commit whose job directory is missing
+    /// fails with [`StoreError::JobMissing`] instead of making a job without
+    /// an owner, which everyone would then be refused.
+    Claimed,
+}
+
 /// Called at each commit step; `None` in production.
 pub type StopPoint = Arc<dyn Fn(&SnapshotId, CommitStep) + Send + Sync>;
 
@@ -186,6 +199,7 @@ pub struct Store {
     format: FormatVersion,
     checksum: Arc<dyn ChunkChecksum>,
     pool_wait: Duration,
+    job_dirs: JobDirs,
 }
 
 impl std::fmt::Debug for Store {
@@ -260,6 +274,7 @@ impl Store {
             format: FormatVersion::CURRENT,
             checksum: Arc::new(CpuCrc32),
             pool_wait: POOL_WAIT_MAX,
+            job_dirs: JobDirs::MadeByCommits,
         }
     }
 
@@ -284,6 +299,16 @@ impl Store {
     /// uses the same.
     pub fn checksum(&self) -> &Arc<dyn ChunkChecksum> {
         &self.checksum
+    }
+
+    /// Sets who makes job directories ([`JobDirs::MadeByCommits`] unless
+    /// set; the daemon sets [`JobDirs::Claimed`]).
+    pub fn set_job_dirs(&mut self, job_dirs: JobDirs) {
+        self.job_dirs = job_dirs;
+    }
+
+    pub fn job_dirs(&self) -> JobDirs {
+        self.job_dirs
     }
 
     /// Sets how long a snapshot or a read waits for pool buffers

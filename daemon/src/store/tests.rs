@@ -510,6 +510,45 @@ fn a_direct_read_needs_no_pool_buffer() {
     drop(held);
 }
 
+/// Under `JobDirs::Claimed` (the daemon's store) a commit whose job
+/// directory vanished after its claim fails naming it, and makes nothing: a
+/// job directory without its OWNER would be refused to everyone.
+#[test]
+fn a_claimed_store_never_makes_a_missing_job_directory() {
+    let sim = SimStorage::new(Path::new(ROOT));
+    let mut store = store_on(&sim);
+    assert_eq!(store.job_dirs(), JobDirs::MadeByCommits);
+    store.set_job_dirs(JobDirs::Claimed);
+    let job_dir = Path::new(ROOT).join("job");
+    match write(&store, 1, 1) {
+        Err(StoreError::JobMissing { job, dir }) => {
+            assert_eq!((job.as_str(), dir.as_path()), ("job", job_dir.as_path()));
+        }
+        other => panic!("a commit into a missing job directory: {other:?}"),
+    }
+    assert!(
+        sim.metadata(&job_dir).expect("stat").is_none(),
+        "nothing made"
+    );
+    // A claim made it: the rank directory below it is made as before.
+    sim.create_dir(&job_dir).expect("the claim's directory");
+    write(&store, 1, 1).expect("commits under the claimed job");
+    assert_eq!(store.find("job", 0, None).expect("find").manifest.step, 1);
+    // The default store (benchmarks, tests) makes the job itself.
+    store.set_job_dirs(JobDirs::MadeByCommits);
+    let id = SnapshotId::new("other", 0, 1).expect("id");
+    let layout = Layout::plan(&tensors()).expect("layout");
+    let bytes = data(layout.data_len, 2);
+    let mut fill = |offset: u64, dst: &mut [u8]| -> Result<(), SourceError> {
+        let start = usize::try_from(offset)?;
+        dst.copy_from_slice(&bytes[start..start + dst.len()]);
+        Ok(())
+    };
+    store
+        .write_laid_out(&id, &layout, 1, Source::Stream(&mut fill))
+        .expect("the job directory made by the commit");
+}
+
 #[test]
 fn the_newest_of_nothing_is_not_found_without_a_step_zero() {
     let sim = SimStorage::new(Path::new(ROOT));
