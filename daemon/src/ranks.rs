@@ -66,12 +66,6 @@ pub struct RankHold {
     conn: u64,
 }
 
-impl RankHold {
-    pub fn key(&self) -> &RankKey {
-        &self.key
-    }
-}
-
 impl Drop for RankHold {
     fn drop(&mut self) {
         self.ranks.release(&self.key, self.conn);
@@ -206,7 +200,6 @@ mod tests {
         let ranks = Arc::new(Ranks::default());
         let key = RankKey::new("j", 0);
         let first = ranks.acquire(&key, 1).expect("first");
-        assert_eq!(first.key(), &key);
         assert_eq!(ranks.acquire(&key, 2).map(|_| ()), Err(1));
         assert_eq!(
             ranks.acquire(&key, 1).map(|_| ()),

@@ -268,9 +268,10 @@ impl StagingArea {
             0
         };
         let ring_bytes = u64::from(ring_chunks) * plan.chunk_bytes;
-        let mut tried = Vec::new();
         let slot_counts: &[u32] = if plan.double { &[2, 1] } else { &[1] };
         let mut reserved = None;
+        // The last refusal (the fewest slots), which the error reports.
+        let mut refused = None;
         for &slots in slot_counts {
             let needed = u64::from(slots) * slot_bytes + ring_bytes;
             match budget.try_reserve(needed) {
@@ -278,11 +279,13 @@ impl StagingArea {
                     reserved = Some((slots, lease));
                     break;
                 }
-                Err(free) => tried.push((slots, needed, free)),
+                Err(free) => refused = Some((slots, needed, free)),
             }
         }
         let Some((slots, lease)) = reserved else {
-            let &(slots, needed, free) = tried.last().expect("every slot count was tried");
+            let Some((slots, needed, free)) = refused else {
+                unreachable!("at least one slot count is tried");
+            };
             return Err(StagingError::BudgetExceeded {
                 needed,
                 slots,
@@ -348,15 +351,15 @@ impl StagingArea {
         let memfd = memfd.into_file();
         // Allocate every page now: the budget is real memory from the start
         // (a shortage fails the registration, never a capture with SIGBUS),
-        // and no capture or restore pays for first-touch faults.
-        if memfd_bytes > 0 {
-            let len = i64::try_from(memfd_bytes)
-                .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))
-                .map_err(memfd_error("fallocate"))?;
-            nix::fcntl::fallocate(&memfd, nix::fcntl::FallocateFlags::empty(), 0, len)
-                .map_err(std::io::Error::from)
-                .map_err(memfd_error("fallocate"))?;
-        }
+        // and no capture or restore pays for first-touch faults. Never
+        // empty: a slot is at least 4096 bytes, and there is one.
+        assert!(memfd_bytes >= align, "a staging area holds a slot");
+        let len = i64::try_from(memfd_bytes)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))
+            .map_err(memfd_error("fallocate"))?;
+        nix::fcntl::fallocate(&memfd, nix::fcntl::FallocateFlags::empty(), 0, len)
+            .map_err(std::io::Error::from)
+            .map_err(memfd_error("fallocate"))?;
         let map_len = to_usize(memfd_bytes);
         let map = map_shared(&memfd, map_len).map_err(|source| StagingError::Map {
             len: memfd_bytes,
