@@ -363,12 +363,34 @@ impl Store {
         world_size: u32,
         source: Source<'_>,
     ) -> Result<Committed, StoreError> {
-        let _writing = WritingGuard::claim(self, id)?;
-        let committed = self.commit_snapshot(id, layout, world_size, source)?;
-        if let Err(e) = self.prune(&id.job, id.rank) {
-            tracing::error!(snapshot = %id, error = %e, "retention failed; older snapshots stay until the next commit");
-        }
+        let committed = self.commit_laid_out(id, layout, world_size, source)?;
+        self.apply_retention(&id.job, id.rank);
         Ok(committed)
+    }
+
+    /// Writes and commits one snapshot, as [`Store::write_laid_out`], but
+    /// applies no retention: the caller runs [`Store::apply_retention`]
+    /// when it suits it (the persist engine: once the commit is reported
+    /// and its write permit is back).
+    pub fn commit_laid_out(
+        &self,
+        id: &SnapshotId,
+        layout: &Layout,
+        world_size: u32,
+        source: Source<'_>,
+    ) -> Result<Committed, StoreError> {
+        let _writing = WritingGuard::claim(self, id)?;
+        self.commit_snapshot(id, layout, world_size, source)
+    }
+
+    /// Retention for (job, rank) ([`Store::prune`]: the newest
+    /// `keep_snapshots` listed snapshots stay, so the newest listed one is
+    /// never removed); a failure is logged, and what it left stays until
+    /// the next commit's retention.
+    pub fn apply_retention(&self, job: &str, rank: u32) {
+        if let Err(e) = self.prune(job, rank) {
+            tracing::error!(job, rank, error = %e, "retention failed; older snapshots stay until the next commit");
+        }
     }
 
     fn stop_point(&self, id: &SnapshotId, step: CommitStep) {

@@ -153,6 +153,35 @@ fn retention_keeps_the_newest_k() {
     assert_eq!(steps, [4, 5]);
 }
 
+/// `commit_laid_out` applies no retention (the persist engine prunes after
+/// reporting the commit, outside its write permit); `apply_retention` then
+/// keeps the newest `keep_snapshots`, the newest among them.
+#[test]
+fn a_commit_without_retention_keeps_every_snapshot_until_retention_runs() {
+    let sim = SimStorage::new(Path::new(ROOT));
+    let store = store_on(&sim);
+    let layout = Layout::plan(&tensors()).expect("layout");
+    for step in 1..=4 {
+        let bytes = data(layout.data_len, 1);
+        let mut fill = |offset: u64, dst: &mut [u8]| -> Result<(), SourceError> {
+            let start = usize::try_from(offset)?;
+            dst.copy_from_slice(&bytes[start..start + dst.len()]);
+            Ok(())
+        };
+        let id = SnapshotId::new("job", 0, step).expect("id");
+        store
+            .commit_laid_out(&id, &layout, 1, Source::Stream(&mut fill))
+            .expect("commit");
+    }
+    let steps = |store: &Store| -> Vec<u64> {
+        let listing = store.list(Some("job")).expect("list");
+        listing.snapshots.iter().map(|s| s.manifest.step).collect()
+    };
+    assert_eq!(steps(&store), [1, 2, 3, 4], "nothing pruned by the commits");
+    store.apply_retention("job", 0);
+    assert_eq!(steps(&store), [3, 4], "keep_snapshots = 2, the newest kept");
+}
+
 #[test]
 fn recovery_removes_partial_directories() {
     let sim = SimStorage::new(Path::new(ROOT));
