@@ -182,9 +182,20 @@ impl Owners {
         }
     }
 
-    /// Whether `uid` may see `job`.
+    /// Whether `uid` may see `job`. A job whose owner cannot be read (an
+    /// I/O error, a directory without a valid OWNER) is not visible to
+    /// anyone but root, and the reason is logged naming the job.
     pub fn visible(&self, store: &Store, job: &str, uid: u32) -> bool {
-        uid == 0 || matches!(self.owner(store, job), Ok(Some(owner)) if owner == uid)
+        if uid == 0 {
+            return true;
+        }
+        match self.owner(store, job) {
+            Ok(owner) => owner == Some(uid),
+            Err(error) => {
+                tracing::warn!(job, uid, %error, "cannot tell who owns the job; it is hidden from this client");
+                false
+            }
+        }
     }
 
     /// Makes `<root>/<job>` appear with `uid` in its OWNER.
