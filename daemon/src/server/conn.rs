@@ -96,9 +96,11 @@ pub(super) struct StreamCapture {
 /// when dropped.
 #[derive(Debug)]
 pub(super) struct Session {
-    pub(super) core: Arc<SessionCore>,
-    /// Dropped first: the lane finishes what was captured, then exits.
+    /// Dropped first (fields drop in declaration order): the lane finishes
+    /// what was captured, then exits; then the session leaves the listing
+    /// and the rank is free.
     pub(super) lane: Lane,
+    pub(super) core: Arc<SessionCore>,
     _entry: SessionEntry,
     _hold: RankHold,
 }
@@ -409,8 +411,8 @@ impl Conn {
         );
         self.phase = Phase::Registered(
             Session {
-                core,
                 lane,
+                core,
                 _entry: entry,
                 _hold: hold,
             },
