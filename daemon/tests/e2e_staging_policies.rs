@@ -20,11 +20,12 @@
 //! and the parent SIGKILLs it there.
 
 mod daemon;
+mod raw;
 
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use daemon::{
     Daemon, Image, Setting, State, allow_testing_table, client, dir_names, snapshot_committed,
@@ -33,6 +34,7 @@ use daemon::{
 use gpusnap::device::{AttachedStaging, CaptureCopy, CopyTicket, RestoreCopy, StagingRegion};
 use gpusnap::proto::BusyPolicy;
 use gpusnap::{Device, Error, HostDevice, SnapshotOutcome, Step};
+use raw::Raw;
 
 /// How much longer the first snapshot's persist takes (its fdatasync, on
 /// the latency backend).
@@ -311,6 +313,59 @@ fn policy_block_waits_for_the_slot_and_both_steps_commit_intact() {
     restore_exact(&mut c, &state, 2, &images[1]);
     assert_eq!(verify_all(&daemon.root), 2);
     staging_is_what(&daemon, &c);
+}
+
+/// The regression: a `Begin` waiting for the only slot under policy block
+/// had no shutdown branch, so a SIGTERM waited until the slot came free
+/// (here: step 1's fdatasync, made 60 s long) or `slot_wait_s` passed. Now
+/// the wait ends with `ShuttingDown` and the daemon exits within the
+/// shutdown deadline (1 s) plus moments.
+#[test]
+fn a_daemon_stopping_while_a_begin_waits_for_the_slot_exits_at_once() {
+    const STOP_MAX: Duration = Duration::from_secs(8);
+    allow_testing_table();
+    let mut daemon = Daemon::start(&[
+        ("staging", "policy", "\"block\""),
+        ("staging", "double", "false"),
+        ("daemon", "shutdown_deadline_s", "1"),
+        (
+            "testing",
+            "delays",
+            "[{ op = \"sync_data\", delay_ms = 60000, first_n = 1 }]",
+        ),
+    ]);
+    let mut raw = Raw::connect(&daemon.socket);
+    assert_eq!(raw.register("stopping", 1024)["type"], "registered");
+    let accepted = raw.capture(1);
+    assert_eq!(accepted["type"], "accepted", "{accepted}");
+    // Step 1 persists for a minute from the only slot: step 2 waits.
+    raw.send(serde_json::json!({ "type": "begin", "step": 2 }));
+    daemon::wait_for(
+        "the begin of step 2 waits for the slot",
+        Duration::from_secs(30),
+        || daemon.log().contains("every staging slot is busy; waiting for one"),
+    );
+    let asked = Instant::now();
+    assert!(daemon.stop().success());
+    let took = asked.elapsed();
+    assert!(
+        took < STOP_MAX,
+        "the stop took {took:?} with a begin waiting for the slot"
+    );
+    let reply = loop {
+        let (id, body) = raw.next().expect("the begin's reply before the close");
+        if id != 0 {
+            break body;
+        }
+    };
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert_eq!(reply["kind"], "shutting_down", "{reply}");
+    assert!(
+        reply["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("waited for a staging slot")),
+        "{reply}"
+    );
 }
 
 #[test]

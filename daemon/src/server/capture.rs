@@ -11,7 +11,9 @@ use gpusnap_proto::{BusyPolicy, ErrorKind, ReplyBody};
 use crate::metrics::SnapshotOutcome;
 use crate::ranks::RankKey;
 use crate::server::Daemon;
-use crate::server::conn::{Activity, Capture, Conn, Handled, StreamCapture};
+use crate::server::conn::{
+    Activity, Capture, Conn, Handled, StreamCapture, stopping, until_stopping,
+};
 use crate::server::errors::Refusal;
 use crate::store::SnapshotId;
 
@@ -157,8 +159,16 @@ impl Conn {
             }
         }
         stream.next_seq += 1;
-        let wait =
-            tokio::time::timeout(crate::persist::STREAM_CHUNK_WAIT, stream.feed.taken.recv()).await;
+        let mut shutdown = self.daemon.shutdown.subscribe();
+        let wait = tokio::select! {
+            wait = tokio::time::timeout(crate::persist::STREAM_CHUNK_WAIT, stream.feed.taken.recv()) => wait,
+            () = until_stopping(&mut shutdown) => {
+                // The stream's source fails as its feed is dropped: nothing
+                // of the step is committed.
+                drop(self.take_activity());
+                return Err(stopping("waited for the stream to take a ring chunk"));
+            }
+        };
         match wait {
             Ok(Some(taken)) => {
                 assert_eq!(taken, seq, "the engine takes ring chunks in order");

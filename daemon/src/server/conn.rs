@@ -105,6 +105,21 @@ pub(super) struct Session {
     _hold: RankHold,
 }
 
+/// The refusal of a request whose wait the daemon's stop cut short; `what`
+/// says what it waited for.
+pub(super) fn stopping(what: &str) -> Refusal {
+    Refusal::new(
+        ErrorKind::ShuttingDown,
+        format!("the daemon is stopping; the request {what} and is not served"),
+    )
+}
+
+/// Resolves once the daemon is stopping (at once if it already is).
+pub(super) async fn until_stopping(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    // An error means the sender is gone, and with it the daemon.
+    let _ = shutdown.wait_for(|stopping| *stopping).await;
+}
+
 /// Who is on the other end.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Peer {
@@ -475,7 +490,7 @@ impl Conn {
 
     /// Waits (at most `daemon.slot_wait_s`) until `claim` gets a slot,
     /// delivering events (commits free slots) and noticing the client
-    /// leaving.
+    /// leaving and the daemon stopping (`ShuttingDown` at once).
     pub(super) async fn wait_for_slot<T>(
         &mut self,
         staging: &StagingArea,
@@ -483,6 +498,8 @@ impl Conn {
     ) -> Result<T, Refusal> {
         let wait = Duration::from_secs(self.daemon.config.daemon.slot_wait_s);
         let deadline = tokio::time::Instant::now() + wait;
+        let mut shutdown = self.daemon.shutdown.subscribe();
+        let mut logged = false;
         loop {
             let notified = staging.slot_freed().notified();
             tokio::pin!(notified);
@@ -490,8 +507,20 @@ impl Conn {
             if let Some(slot) = claim() {
                 return Ok(slot);
             }
+            if !logged {
+                logged = true;
+                tracing::info!(
+                    conn = self.id,
+                    slots = staging.info().slots,
+                    wait_s = wait.as_secs(),
+                    "every staging slot is busy; waiting for one"
+                );
+            }
             tokio::select! {
                 _ = &mut notified => {}
+                () = until_stopping(&mut shutdown) => {
+                    return Err(stopping("waited for a staging slot"));
+                }
                 Some(event) = self.events.recv() => {
                     if self.send(0, event).await.is_err() {
                         return Err(Refusal::protocol("client went away"));
@@ -523,7 +552,14 @@ impl Conn {
         let started = Instant::now();
         let job = core.key.job.clone();
         let wait = Duration::from_secs(self.daemon.config.daemon.slot_wait_s);
-        if !self.daemon.ranks.wait_idle(&core.key, wait).await {
+        let mut shutdown = self.daemon.shutdown.subscribe();
+        let idle = tokio::select! {
+            idle = self.daemon.ranks.wait_idle(&core.key, wait) => idle,
+            () = until_stopping(&mut shutdown) => {
+                return Err(stopping("waited for the rank's snapshots in flight"));
+            }
+        };
+        if !idle {
             return Err(Refusal::new(
                 ErrorKind::Timeout,
                 format!(

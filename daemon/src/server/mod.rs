@@ -5,7 +5,11 @@
 //! every connection is closed (a capture in progress leaves nothing
 //! written), then what was captured is persisted until the
 //! `shutdown_deadline_s` passes. Exit 0 either way; what did not commit in
-//! time was never acknowledged as committed.
+//! time was never acknowledged as committed. Closing is bounded: every wait
+//! of a connection (a slot, the rank's persists, a ring chunk) ends with
+//! `ShuttingDown` when the daemon stops, and connections still open after
+//! [`CONNECTIONS_CLOSE_MAX`] (a write to a client that does not read) are
+//! aborted, their guards releasing what they held.
 //!
 //! A panic in a connection task ends that connection only: everything it
 //! held is a guard ([`RankHold`](crate::ranks::RankHold), [`SessionEntry`],
@@ -408,9 +412,7 @@ pub async fn serve(
         let _ = std::fs::remove_file(path);
     }
     daemon.shutdown.send_replace(true);
-    while let Some(joined) = connections.join_next().await {
-        connection_ended(joined);
-    }
+    close_connections(&mut connections).await;
     let deadline = Duration::from_secs(daemon.config.daemon.shutdown_deadline_s);
     let engine = Arc::clone(&daemon.engine);
     let in_flight = engine.in_flight();
@@ -438,6 +440,43 @@ pub async fn serve(
     }
     tracing::info!("gpusnapd stopped");
     Ok(())
+}
+
+/// How long the open connections get to close once the daemon is stopping:
+/// every wait of theirs has a shutdown branch, so only a write to a client
+/// that does not read holds one longer.
+pub const CONNECTIONS_CLOSE_MAX: Duration = Duration::from_secs(5);
+
+/// Waits (at most [`CONNECTIONS_CLOSE_MAX`]) for every connection task to
+/// end, then aborts those left: each is dropped at its next await, and its
+/// guards release what it held. Waits as long again for the aborted ones.
+async fn close_connections(connections: &mut tokio::task::JoinSet<()>) {
+    async fn join_all(connections: &mut tokio::task::JoinSet<()>) {
+        while let Some(joined) = connections.join_next().await {
+            connection_ended(joined);
+        }
+    }
+    if tokio::time::timeout(CONNECTIONS_CLOSE_MAX, join_all(connections))
+        .await
+        .is_ok()
+    {
+        return;
+    }
+    tracing::warn!(
+        open = connections.len(),
+        wait_s = CONNECTIONS_CLOSE_MAX.as_secs(),
+        "connections still open after the close wait (a client that does not read?); aborting them"
+    );
+    connections.abort_all();
+    if tokio::time::timeout(CONNECTIONS_CLOSE_MAX, join_all(connections))
+        .await
+        .is_err()
+    {
+        tracing::error!(
+            open = connections.len(),
+            "aborted connection tasks did not end; leaving them to the runtime's shutdown"
+        );
+    }
 }
 
 async fn refuse_over_limit(stream: tokio::net::UnixStream, limit: usize) {
