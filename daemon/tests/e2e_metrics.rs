@@ -55,23 +55,6 @@ const NEEDS_ROOT: [&str; 1] = ["gpusnap_snapshot_failures_total"];
 /// takes two seconds longer, so the next one finds the only slot busy.
 const FIRST_PERSIST_SLOW: &str = "[{ op = \"sync_data\", delay_ms = 2000, first_n = 1 }]";
 
-/// Every `"gpusnap_..."` name the daemon's metric definitions register (the
-/// source outside its tests), so a new metric is noticed even before any
-/// scenario gives it a series.
-fn defined_in_source() -> BTreeSet<String> {
-    let source = include_str!("../src/metrics.rs");
-    let definitions = source.split("#[cfg(test)]").next().expect("source");
-    definitions
-        .split("\"gpusnap_")
-        .skip(1)
-        .filter_map(|rest| {
-            let name = rest.split('"').next()?;
-            (!name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
-                .then(|| format!("gpusnap_{name}"))
-        })
-        .collect()
-}
-
 /// One read of `/metrics`.
 struct Scrape {
     samples: HashMap<String, f64>,
@@ -441,7 +424,7 @@ fn every_metric_moves() {
     families.extend(streamed);
     let listed: BTreeSet<String> = METRICS.iter().map(|&f| f.to_owned()).collect();
     assert_eq!(
-        defined_in_source(),
+        daemon::defined_families(),
         listed,
         "daemon/src/metrics.rs defines METRICS"
     );
