@@ -48,7 +48,7 @@ use gpusnap_proto::convert::{gauge, nanos, to_u64, to_usize};
 
 use crate::config::PersistConfig;
 use crate::hot_tier::HotTier;
-use crate::metrics::{Metrics, SnapshotOutcome};
+use crate::metrics::{Metrics, PanicSite, SnapshotOutcome};
 use crate::ranks::{RankKey, Ranks};
 use crate::server::errors::{failed_event, os_error, panic_message};
 use crate::staging::{PersistingSlot, SlotState, StagingArea};
@@ -402,6 +402,7 @@ impl Engine {
             self.persist_slot(core, slot, tracked, started);
         }));
         if let Err(panic) = ran {
+            self.metrics.count_panic(PanicSite::Lane);
             self.persist_panicked(core, &mut in_flight, started, &*panic);
         }
     }
@@ -541,6 +542,7 @@ impl Engine {
                     }
                 }));
                 if let Err(panic) = ran {
+                    engine.metrics.count_panic(PanicSite::Stream);
                     engine.persist_panicked(&core, &mut in_flight, started, &*panic);
                 }
             })?;

@@ -41,7 +41,7 @@ impl Conn {
         let key = core.key.clone();
         let have = tokio::task::spawn_blocking(move || already_have(&daemon, &key, step))
             .await
-            .map_err(|e| Refusal::internal(format!("checking step {step}: {e}")))??;
+            .map_err(|e| self.blocking_failed(&format!("checking step {step}"), e))??;
         if let Some(reason) = have {
             self.daemon
                 .metrics

@@ -26,7 +26,7 @@ use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::mpsc;
 
-use crate::metrics::{RestoreOutcome, SnapshotOutcome};
+use crate::metrics::{PanicSite, RestoreOutcome, SnapshotOutcome};
 use crate::persist::{Lane, SessionCore, StreamFeed};
 use crate::ranks::{RankHold, RankKey};
 use crate::restore;
@@ -371,7 +371,7 @@ impl Conn {
             daemon.owners.claim(&daemon.store, &job_for_claim, uid)
         })
         .await
-        .map_err(|e| Refusal::internal(format!("claiming job {job:?}: {e}")))?
+        .map_err(|e| self.blocking_failed(&format!("claiming job {job:?}"), e))?
         .map_err(|e| Refusal::owner(&e))?;
         let key = RankKey::new(job, rank);
         let hold = self.daemon.ranks.acquire(&key, self.id).map_err(|holder| {
@@ -393,7 +393,7 @@ impl Conn {
         let staging =
             tokio::task::spawn_blocking(move || StagingArea::create(tensors, plan, &budget))
                 .await
-                .map_err(|e| Refusal::internal(format!("creating staging: {e}")))?
+                .map_err(|e| self.blocking_failed("creating staging", e))?
                 .map_err(|e| Refusal::staging(&e))?;
         let staging = Arc::new(staging);
         let core = Arc::new(SessionCore {
@@ -476,6 +476,19 @@ impl Conn {
                 unreachable!("connection {}: an activity before registering", self.id)
             }
         }
+    }
+
+    /// The refusal of this connection's blocking work that did not finish
+    /// (`what` names it): a panic in it, logged and counted
+    /// ([`PanicSite::Connection`]), or a cancellation.
+    pub(super) fn blocking_failed(&self, what: &str, e: tokio::task::JoinError) -> Refusal {
+        if !e.is_panic() {
+            return Refusal::internal(format!("{what}: {e}"));
+        }
+        self.daemon.metrics.count_panic(PanicSite::Connection);
+        let panic = panic_message(&*e.into_panic());
+        tracing::error!(conn = self.id, what, %panic, "a connection's blocking work panicked; refused as Internal, the connection goes on");
+        Refusal::internal(format!("{what} panicked: {panic}"))
     }
 
     pub(super) fn refuse_if_stopping(&self) -> Result<(), Refusal> {
@@ -589,6 +602,7 @@ impl Conn {
             Err(e) => {
                 m.count_restore(&job, None, RestoreOutcome::Failed);
                 let why = if e.is_panic() {
+                    m.count_panic(PanicSite::Connection);
                     panic_message(&*e.into_panic())
                 } else {
                     e.to_string()
@@ -660,7 +674,7 @@ impl Conn {
         let uid = self.peer.uid;
         tokio::task::spawn_blocking(move || super::query::list(&daemon, uid, job.as_deref()))
             .await
-            .map_err(|e| Refusal::internal(format!("listing: {e}")))?
+            .map_err(|e| self.blocking_failed("listing", e))?
     }
 
     async fn describe(&mut self, job: String, rank: u32, step: u64) -> Handled {
@@ -668,7 +682,7 @@ impl Conn {
         let uid = self.peer.uid;
         tokio::task::spawn_blocking(move || super::query::describe(&daemon, uid, job, rank, step))
             .await
-            .map_err(|e| Refusal::internal(format!("describing: {e}")))?
+            .map_err(|e| self.blocking_failed("describing", e))?
     }
 
     /// Ends the registration: a capture in progress leaves nothing

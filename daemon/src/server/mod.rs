@@ -256,12 +256,13 @@ impl Drop for ClientCount {
     }
 }
 
-/// Logs how a connection task ended: a panic loudly (what it held was
-/// released as it was dropped), a cancellation as a warning.
-fn connection_ended(joined: Result<(), tokio::task::JoinError>) {
+/// Logs how a connection task ended: a panic loudly and counted (what it
+/// held was released as it was dropped), a cancellation as a warning.
+fn connection_ended(metrics: &Metrics, joined: Result<(), tokio::task::JoinError>) {
     match joined {
         Ok(()) => {}
         Err(e) if e.is_panic() => {
+            metrics.count_panic(crate::metrics::PanicSite::Connection);
             let panic = errors::panic_message(&*e.into_panic());
             tracing::error!(%panic, "a connection task panicked; it held nothing any more, and the daemon goes on serving");
         }
@@ -399,7 +400,7 @@ pub async fn serve(
                 });
             }
             Some(joined) = connections.join_next(), if !connections.is_empty() => {
-                connection_ended(joined);
+                connection_ended(&daemon.metrics, joined);
             }
         }
     }
@@ -412,7 +413,7 @@ pub async fn serve(
         let _ = std::fs::remove_file(path);
     }
     daemon.shutdown.send_replace(true);
-    close_connections(&mut connections).await;
+    close_connections(&daemon.metrics, &mut connections).await;
     let deadline = Duration::from_secs(daemon.config.daemon.shutdown_deadline_s);
     let engine = Arc::clone(&daemon.engine);
     let in_flight = engine.in_flight();
@@ -450,13 +451,13 @@ pub const CONNECTIONS_CLOSE_MAX: Duration = Duration::from_secs(5);
 /// Waits (at most [`CONNECTIONS_CLOSE_MAX`]) for every connection task to
 /// end, then aborts those left: each is dropped at its next await, and its
 /// guards release what it held. Waits as long again for the aborted ones.
-async fn close_connections(connections: &mut tokio::task::JoinSet<()>) {
-    async fn join_all(connections: &mut tokio::task::JoinSet<()>) {
+async fn close_connections(metrics: &Metrics, connections: &mut tokio::task::JoinSet<()>) {
+    async fn join_all(metrics: &Metrics, connections: &mut tokio::task::JoinSet<()>) {
         while let Some(joined) = connections.join_next().await {
-            connection_ended(joined);
+            connection_ended(metrics, joined);
         }
     }
-    if tokio::time::timeout(CONNECTIONS_CLOSE_MAX, join_all(connections))
+    if tokio::time::timeout(CONNECTIONS_CLOSE_MAX, join_all(metrics, connections))
         .await
         .is_ok()
     {
@@ -468,7 +469,7 @@ async fn close_connections(connections: &mut tokio::task::JoinSet<()>) {
         "connections still open after the close wait (a client that does not read?); aborting them"
     );
     connections.abort_all();
-    if tokio::time::timeout(CONNECTIONS_CLOSE_MAX, join_all(connections))
+    if tokio::time::timeout(CONNECTIONS_CLOSE_MAX, join_all(metrics, connections))
         .await
         .is_err()
     {
