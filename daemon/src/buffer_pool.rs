@@ -49,6 +49,20 @@ pub enum PoolError {
     },
 }
 
+impl PoolError {
+    /// The operating system's error behind this one, if a system call
+    /// failed.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            PoolError::Map { source, .. } => source.raw_os_error(),
+            PoolError::BadBufferSize { .. }
+            | PoolError::PoolTooSmall { .. }
+            | PoolError::LeaseTooLarge { .. }
+            | PoolError::Timeout { .. } => None,
+        }
+    }
+}
+
 /// An anonymous, page-aligned mapping; unmapped on drop.
 #[derive(Debug)]
 struct Mapping {
@@ -217,6 +231,13 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// A lease of no buffer, for work whose transfers all use borrowed
+    /// memory (a direct read into the caller's destination): it waits for
+    /// no one holding the pool.
+    pub fn empty() -> Lease {
+        Lease { bufs: Vec::new() }
+    }
+
     pub fn take(&mut self) -> Option<PoolBuf> {
         self.bufs.pop()
     }

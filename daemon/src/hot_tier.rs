@@ -367,10 +367,16 @@ impl HotTier {
         self.lock().entries.get(key).map(|e| e.snapshot.step)
     }
 
-    /// Drops the entry of `key` (it failed verification).
-    pub fn discard(&self, key: &RankKey) {
+    /// Drops the entry of `key` if it is still `step` (that copy failed
+    /// verification); a newer step that replaced it meanwhile stays.
+    pub fn discard(&self, key: &RankKey, step: u64) {
         let mut state = self.lock();
-        if let Some(e) = state.entries.remove(key) {
+        if state
+            .entries
+            .get(key)
+            .is_some_and(|e| e.snapshot.step == step)
+            && let Some(e) = state.entries.remove(key)
+        {
             state.bytes -= to_u64(e.snapshot.data.len());
         }
         self.publish(&state);
@@ -481,44 +487,73 @@ mod tests {
             bad.verified_chunk(1),
             Err(HotError::Corrupt { chunk: 1, .. })
         ));
-        hot.discard(&key);
+        hot.discard(&key, 1);
         assert_eq!(hot.bytes(), 0);
     }
 
+    /// The regression: a restore whose hot copy of step N failed its CRCs
+    /// dropped whatever the rank had hot, a newer step that landed in the
+    /// meantime too.
+    #[test]
+    fn discarding_a_step_keeps_a_newer_one_that_replaced_it() {
+        let hot = tier(64);
+        let key = RankKey::new("a", 0);
+        let (m, l) = snapshot(2, &[2; 8]);
+        assert!(hot.offer(&key, &m, &l, copy_of(&[2; 8])));
+        hot.discard(&key, 1);
+        assert_eq!(hot.step(&key), Some(2), "step 1's failure spares step 2");
+        assert_eq!(hot.bytes(), 8);
+        hot.discard(&key, 2);
+        assert_eq!(hot.step(&key), None);
+        assert_eq!(hot.bytes(), 0);
+        hot.discard(&key, 2);
+        assert_eq!(hot.bytes(), 0, "nothing to discard is no change");
+    }
+
+    /// The race, forced: the older step's offer reserves its room and
+    /// starts copying; its copy waits until the newer step's offer has
+    /// inserted; then the older one must not replace it. Code that checked
+    /// the step only when reserving fails this every time.
     #[test]
     fn a_racing_older_offer_never_replaces_the_newer_step() {
-        const LEN: usize = 256 << 10;
-        const ITERATIONS: usize = 400;
-        // Room for both copies at once: nothing is evicted, only the race
+        const LEN: usize = 4096;
+        // Room for both copies at once: nothing is evicted, only the order
         // decides.
         let hot = tier(4 * LEN as u64);
         let key = RankKey::new("race", 0);
         let (old_data, new_data) = (vec![1u8; LEN], vec![2u8; LEN]);
         let (old_m, old_l) = snapshot(1, &old_data);
         let (new_m, new_l) = snapshot(2, &new_data);
-        for iteration in 0..ITERATIONS {
-            hot.discard(&key);
-            let barrier = std::sync::Barrier::new(2);
-            let (older, newer) = std::thread::scope(|s| {
-                let older = s.spawn(|| {
-                    barrier.wait();
-                    hot.offer(&key, &old_m, &old_l, copy_of(&old_data))
-                });
-                let newer = s.spawn(|| {
-                    barrier.wait();
-                    hot.offer(&key, &new_m, &new_l, copy_of(&new_data))
-                });
-                (older.join().expect("older"), newer.join().expect("newer"))
+        let (copying_tx, copying) = crossbeam_channel::bounded::<()>(1);
+        let (newer_in_tx, newer_in) = crossbeam_channel::bounded::<()>(1);
+        let older = std::thread::scope(|s| {
+            let older = s.spawn(|| {
+                hot.offer(&key, &old_m, &old_l, |buf| {
+                    copying_tx.send(()).expect("the test waits");
+                    newer_in
+                        .recv_timeout(std::time::Duration::from_secs(30))
+                        .expect("the newer offer inserted");
+                    buf.copy_from_slice(&old_data);
+                })
             });
+            copying
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .expect("the older offer is copying");
             assert!(
-                newer,
-                "iteration {iteration}: the newer step is always kept"
+                hot.offer(&key, &new_m, &new_l, copy_of(&new_data)),
+                "the newer step is kept while the older one copies"
             );
-            let kept = hot.get(&key, None).expect("hot");
-            assert_eq!(kept.step, 2, "iteration {iteration} (older kept: {older})");
-            assert!(kept.data.iter().all(|&b| b == 2), "iteration {iteration}");
-            assert_eq!(hot.bytes(), LEN as u64, "iteration {iteration}");
-        }
+            newer_in_tx.send(()).expect("the older copy waits");
+            older.join().expect("older")
+        });
+        assert!(
+            !older,
+            "the older copy, made after the newer landed, is dropped"
+        );
+        let kept = hot.get(&key, None).expect("hot");
+        assert_eq!(kept.step, 2);
+        assert!(kept.data.iter().all(|&b| b == 2));
+        assert_eq!(hot.bytes(), LEN as u64, "the older reservation came back");
     }
 
     /// A checksum that counts its calls (and computes the real CRC32).

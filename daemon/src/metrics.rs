@@ -95,6 +95,10 @@ pub struct Metrics {
     /// `gpusnap_streamed_snapshots_total{job}`: captures that went through
     /// the stream ring (policy `stream`, every slot busy at `Begin`).
     pub streamed_snapshots_total: IntCounterVec,
+    /// `gpusnap_panics_total{site}`: panics the daemon caught and survived,
+    /// by where ([`PanicSite`]: a connection, a persist lane, a streamed
+    /// capture).
+    pub panics_total: IntCounterVec,
     /// `gpusnap_slot_wait_seconds{job}`: under policy `block`, how long each
     /// `Begin` waited for a free staging slot (0 when one was free; a wait
     /// that timed out or that the client left counts too).
@@ -187,6 +191,11 @@ impl Metrics {
                 "Captures streamed through the ring because every staging slot was busy (policy stream).",
                 &["job"],
             )?,
+            panics_total: r.int_counter(
+                "gpusnap_panics_total",
+                "Panics caught (the daemon went on), by site: connection, lane, stream.",
+                &["site"],
+            )?,
             slot_wait_seconds: r.histogram(
                 "gpusnap_slot_wait_seconds",
                 "Time a snapshot waited for a free staging slot under policy block.",
@@ -262,6 +271,11 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a panic caught at `site`.
+    pub fn count_panic(&self, site: PanicSite) {
+        self.panics_total.with_label_values(&[site.name()]).inc();
+    }
+
     /// Counts a restore of `job` (its source, `None` when none delivered).
     pub fn count_restore(&self, job: &str, source: Option<RestoreSource>, outcome: RestoreOutcome) {
         self.restores_total
@@ -290,6 +304,28 @@ impl SnapshotOutcome {
             SnapshotOutcome::Failed => "failed",
             SnapshotOutcome::Skipped => "skipped",
             SnapshotOutcome::Aborted => "aborted",
+        }
+    }
+}
+
+/// Where a panic was caught: the `site` label of `gpusnap_panics_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PanicSite {
+    /// A connection task, or blocking work it ran (a restore's fill, a
+    /// claim, a listing); the connection ends or refuses with `Internal`.
+    Connection,
+    /// A persist lane's job; the step fails with `Internal`.
+    Lane,
+    /// A streamed capture's thread; the step fails with `Internal`.
+    Stream,
+}
+
+impl PanicSite {
+    pub const fn name(self) -> &'static str {
+        match self {
+            PanicSite::Connection => "connection",
+            PanicSite::Lane => "lane",
+            PanicSite::Stream => "stream",
         }
     }
 }
@@ -449,6 +485,7 @@ mod tests {
             restores_total,
             snapshot_failures_total,
             streamed_snapshots_total,
+            panics_total,
             slot_wait_seconds,
             staging_bytes,
             staging_budget_bytes,
@@ -476,6 +513,7 @@ mod tests {
             .with_label_values(&["j", "ENOSPC"])
             .inc();
         streamed_snapshots_total.with_label_values(&["j"]).inc();
+        panics_total.with_label_values(&["lane"]).inc();
         slot_wait_seconds.with_label_values(&["j"]).observe(0.5);
         staging_bytes.set(1 << 20);
         staging_budget_bytes.set(1 << 30);
@@ -496,6 +534,7 @@ mod tests {
             "gpusnap_restores_total",
             "gpusnap_snapshot_failures_total",
             "gpusnap_streamed_snapshots_total",
+            "gpusnap_panics_total",
             "gpusnap_slot_wait_seconds",
             "gpusnap_staging_bytes",
             "gpusnap_staging_budget_bytes",
@@ -555,7 +594,8 @@ mod tests {
             for metric in family.get_metric() {
                 for label in metric.get_label() {
                     assert!(
-                        ["job", "source", "outcome", "backend", "errno"].contains(&label.name()),
+                        ["job", "source", "outcome", "backend", "errno", "site"]
+                            .contains(&label.name()),
                         "{name} has label {}",
                         label.name()
                     );
@@ -625,8 +665,14 @@ mod tests {
         let m = Metrics::new().expect("metrics");
         m.count_snapshot_failure("j", Some(OsError::EIO));
         m.count_restore("j", None, RestoreOutcome::Failed);
+        for site in [PanicSite::Connection, PanicSite::Lane, PanicSite::Stream] {
+            m.count_panic(site);
+        }
         let text = m.render();
         for line in [
+            "gpusnap_panics_total{site=\"connection\"} 1\n",
+            "gpusnap_panics_total{site=\"lane\"} 1\n",
+            "gpusnap_panics_total{site=\"stream\"} 1\n",
             "gpusnap_snapshots_total{job=\"j\",outcome=\"failed\"} 1\n",
             "gpusnap_snapshot_failures_total{errno=\"EIO\",job=\"j\"} 1\n",
             "gpusnap_restores_total{job=\"j\",outcome=\"failed\",source=\"none\"} 1\n",

@@ -28,8 +28,10 @@
 //! directory without its OWNER. A failed claim removes its temporary
 //! directory; nothing is ever written into an existing job directory.
 //!
-//! Claims are serialized within the daemon, and the store creates job
-//! directories itself only for jobs a registration claimed first.
+//! Claims are serialized within the daemon, and the daemon's store never
+//! creates a job directory (`JobDirs::Claimed`): a commit whose job
+//! directory vanished after its claim fails (`StoreError::JobMissing`)
+//! instead of making the job again without its OWNER.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -180,9 +182,20 @@ impl Owners {
         }
     }
 
-    /// Whether `uid` may see `job`.
+    /// Whether `uid` may see `job`. A job whose owner cannot be read (an
+    /// I/O error, a directory without a valid OWNER) is not visible to
+    /// anyone but root, and the reason is logged naming the job.
     pub fn visible(&self, store: &Store, job: &str, uid: u32) -> bool {
-        uid == 0 || matches!(self.owner(store, job), Ok(Some(owner)) if owner == uid)
+        if uid == 0 {
+            return true;
+        }
+        match self.owner(store, job) {
+            Ok(owner) => owner == Some(uid),
+            Err(error) => {
+                tracing::warn!(job, uid, %error, "cannot tell who owns the job; it is hidden from this client");
+                false
+            }
+        }
     }
 
     /// Makes `<root>/<job>` appear with `uid` in its OWNER.

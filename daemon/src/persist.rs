@@ -19,9 +19,12 @@
 //!   goes away mid-stream the source fails and nothing is committed.
 //!
 //! After a commit the lane offers the slot to the hot tier (one copy out of
-//! the slot's handle), then frees the slot. A streamed capture copies each
-//! ring chunk out of its handle ([`StagingArea::ring_chunk`]) into a pool
-//! buffer.
+//! the slot's handle), frees the slot, then applies retention
+//! ([`Store::apply_retention`]): after the commit is reported and outside
+//! the write permit (the store's `commit_laid_out` prunes nothing), while
+//! the step is still in flight. A streamed capture copies each ring chunk
+//! out of its handle ([`StagingArea::ring_chunk`]) into a pool buffer, and
+//! applies retention the same way once its commit is reported.
 //!
 //! Clean-up is structural. A lane job carries a [`PersistingSlot`] (freed
 //! when dropped) and an [`InFlight`] (the step untracked when dropped), so a
@@ -45,7 +48,7 @@ use gpusnap_proto::convert::{gauge, nanos, to_u64, to_usize};
 
 use crate::config::PersistConfig;
 use crate::hot_tier::HotTier;
-use crate::metrics::{Metrics, SnapshotOutcome};
+use crate::metrics::{Metrics, PanicSite, SnapshotOutcome};
 use crate::ranks::{RankKey, Ranks};
 use crate::server::errors::{failed_event, os_error, panic_message};
 use crate::staging::{PersistingSlot, SlotState, StagingArea};
@@ -349,11 +352,21 @@ impl Engine {
         })
     }
 
+    /// Called by an [`InFlight`]'s Drop: never panics (a second panic
+    /// while unwinding aborts the daemon); an underflow is logged, and fails
+    /// debug builds when not unwinding already.
     fn untrack(&self, key: &RankKey, step: u64, committed: bool) {
         self.ranks.finish(key, step, committed);
         let mut n = self.lock_in_flight();
-        assert!(*n > 0, "in-flight count underflow");
-        *n -= 1;
+        let left = n.checked_sub(1);
+        if left.is_none() {
+            tracing::error!(%key, step, "in-flight count underflow; counting it as none");
+        }
+        debug_assert!(
+            left.is_some() || std::thread::panicking(),
+            "in-flight count underflow untracking step {step} of {key}"
+        );
+        *n = left.unwrap_or(0);
         self.metrics.snapshots_in_flight.set(gauge(*n));
         if *n == 0 {
             self.drained.notify_all();
@@ -389,6 +402,7 @@ impl Engine {
             self.persist_slot(core, slot, tracked, started);
         }));
         if let Err(panic) = ran {
+            self.metrics.count_panic(PanicSite::Lane);
             self.persist_panicked(core, &mut in_flight, started, &*panic);
         }
     }
@@ -438,7 +452,13 @@ impl Engine {
                 tracing::debug!(job = %core.key.job, rank = core.key.rank, step = slot.step(), "kept hot");
             }
         }
+        let committed = in_flight.reported == Some(true);
         drop(slot);
+        if committed {
+            // After the commit was reported and outside the write permit;
+            // the step stays in flight until it is done.
+            self.store.apply_retention(&core.key.job, core.key.rank);
+        }
     }
 
     /// Writes the slot as its step, within a write permit.
@@ -458,7 +478,8 @@ impl Engine {
         // Host staging is `Source::Shared`: O_DIRECT straight from the slot,
         // no copy, the CRCs computed through its handle. The handle borrows
         // the guard, which holds the slot `Persisting` for this whole call.
-        Ok(self.store.write_laid_out(
+        // Retention runs later, outside the permit (`persist_slot`).
+        Ok(self.store.commit_laid_out(
             &id,
             core.staging.layout(),
             core.world_size,
@@ -514,8 +535,14 @@ impl Engine {
                         .map_err(PersistError::from);
                     let aborted = abort_flag.load(std::sync::atomic::Ordering::SeqCst);
                     engine.report(&core, &mut in_flight, started, result, aborted);
+                    if in_flight.reported == Some(true) {
+                        // After the commit was reported; the step stays in
+                        // flight until it is done.
+                        engine.store.apply_retention(&core.key.job, core.key.rank);
+                    }
                 }));
                 if let Err(panic) = ran {
+                    engine.metrics.count_panic(PanicSite::Stream);
                     engine.persist_panicked(&core, &mut in_flight, started, &*panic);
                 }
             })?;
@@ -534,46 +561,47 @@ impl Engine {
         taken: &tokio::sync::mpsc::Sender<u64>,
     ) -> Result<Committed, StoreError> {
         let id = core.id(step)?;
-        let info = core.staging.info().clone();
-        let staging = Arc::clone(&core.staging);
-        let mut fill =
-            move |offset: u64, dst: &mut [u8]| -> Result<(), crate::store::SourceError> {
-                let seq = offset / info.chunk_bytes;
-                let (start, end) = info.chunk_range(seq);
-                if start != offset || (end - start) != gpusnap_proto::convert::to_u64(dst.len()) {
-                    return Err(StreamError::Misaligned {
-                        offset,
-                        len: dst.len(),
-                        chunk_bytes: info.chunk_bytes,
+        // Borrowed: `core` outlives this call, and with it the staging area.
+        let staging = &*core.staging;
+        let info = staging.info();
+        let mut fill = |offset: u64, dst: &mut [u8]| -> Result<(), crate::store::SourceError> {
+            let seq = offset / info.chunk_bytes;
+            let (start, end) = info.chunk_range(seq);
+            if start != offset || (end - start) != gpusnap_proto::convert::to_u64(dst.len()) {
+                return Err(StreamError::Misaligned {
+                    offset,
+                    len: dst.len(),
+                    chunk_bytes: info.chunk_bytes,
+                }
+                .into());
+            }
+            let got = filled
+                .recv_timeout(STREAM_CHUNK_WAIT)
+                .map_err(|e| match e {
+                    crossbeam_channel::RecvTimeoutError::Timeout => {
+                        StreamError::ClientTimeout { seq }
                     }
-                    .into());
-                }
-                let got = filled
-                    .recv_timeout(STREAM_CHUNK_WAIT)
-                    .map_err(|e| match e {
-                        crossbeam_channel::RecvTimeoutError::Timeout => {
-                            StreamError::ClientTimeout { seq }
-                        }
-                        crossbeam_channel::RecvTimeoutError::Disconnected => {
-                            StreamError::ClientGone { seq }
-                        }
-                    })?;
-                if got != seq {
-                    return Err(StreamError::OutOfOrder { got, expected: seq }.into());
-                }
-                // The client announced chunk `seq` and is not told its ring
-                // position is free until `taken` below.
-                if let Err(e) = staging.ring_chunk(seq, dst.len()).copy_out(dst) {
-                    unreachable!("the ring chunk is the destination's length: {e}");
-                }
-                taken
-                    .blocking_send(seq)
-                    .map_err(|_| StreamError::ClientGone { seq })?;
-                Ok(())
-            };
-        self.store.write_laid_out(
+                    crossbeam_channel::RecvTimeoutError::Disconnected => {
+                        StreamError::ClientGone { seq }
+                    }
+                })?;
+            if got != seq {
+                return Err(StreamError::OutOfOrder { got, expected: seq }.into());
+            }
+            // The client announced chunk `seq` and is not told its ring
+            // position is free until `taken` below.
+            if let Err(e) = staging.ring_chunk(seq, dst.len()).copy_out(dst) {
+                unreachable!("the ring chunk is the destination's length: {e}");
+            }
+            taken
+                .blocking_send(seq)
+                .map_err(|_| StreamError::ClientGone { seq })?;
+            Ok(())
+        };
+        // Retention runs once the commit is reported (`start_stream`).
+        self.store.commit_laid_out(
             &id,
-            core.staging.layout(),
+            staging.layout(),
             core.world_size,
             Source::Stream(&mut fill),
         )
@@ -911,6 +939,30 @@ mod tests {
             next_event(&mut rig.events),
             ReplyBody::Committed { step: 2, .. }
         ));
+    }
+
+    /// Retention runs in the lane after each commit is reported (outside
+    /// the write permit; the store's commit applies none), before the step
+    /// leaves flight: once drained, the newest `keep_snapshots` remain.
+    #[test]
+    fn the_lane_applies_retention_after_reporting_each_commit() {
+        let mut rig = rig(99, BusyPolicy::Block);
+        let keep = rig.engine.store.config().keep_snapshots;
+        let lane = rig.engine.spawn_lane(Arc::clone(&rig.core)).expect("lane");
+        let last = u64::try_from(keep).expect("small") + 2;
+        for step in 1..=last {
+            let (slot, in_flight) = capture(&rig, step);
+            lane.persist(slot, in_flight).expect("queued");
+            assert!(matches!(
+                next_event(&mut rig.events),
+                ReplyBody::Committed { step: s, .. } if s == step
+            ));
+            assert!(rig.engine.wait_drained(Duration::from_secs(30)));
+        }
+        let listing = rig.engine.store.list(Some("j")).expect("list");
+        let steps: Vec<u64> = listing.snapshots.iter().map(|s| s.manifest.step).collect();
+        let kept: Vec<u64> = (last + 1 - u64::try_from(keep).expect("small")..=last).collect();
+        assert_eq!(steps, kept);
     }
 
     #[test]

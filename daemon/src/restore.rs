@@ -285,7 +285,7 @@ pub fn fill_slot(
             }
             Err(e) => {
                 tracing::error!(job = %key.job, rank = key.rank, step = found, error = %e, "hot copy failed verification; dropping it and reading from disk");
-                hot.discard(key);
+                hot.discard(key, found);
             }
         }
     }

@@ -12,10 +12,13 @@
 //!
 //! * copy a range out into private memory ([`SharedBytes::copy_to`]) or
 //!   private memory in ([`SharedBytes::copy_from`]): `ptr::copy_nonoverlapping`,
-//!   as `vm-memory` does for copies larger than a word: each byte is read (or
-//!   written) once, and nothing assumes it holds still;
-//! * CRC32s through a [`ChunkChecksum`] ([`SharedBytes::crc32`],
-//!   [`SharedBytes::chunk_crc32s`]), computed piece by piece over a small
+//!   as `vm-memory` does for copies larger than a word. It promises nothing
+//!   about how (in what order, in what widths, how many times) it reads or
+//!   writes each byte; what holds is that it forms no reference, so the
+//!   compiler assumes nothing of the bytes, and that a byte written
+//!   concurrently comes out as some value, which the chunk CRCs catch;
+//! * the CRC32 through a [`ChunkChecksum`] ([`SharedBytes::crc32`]),
+//!   computed piece by piece over a small
 //!   private bounce buffer ([`CRC_BOUNCE_BYTES`], cache-resident, about 90%
 //!   of the speed of a checksum over a slice), because a
 //!   checksum implementation takes a slice and none may be formed over
@@ -131,13 +134,6 @@ impl<'a> SharedBytes<'a> {
         self.ptr.as_ptr() as usize
     }
 
-    /// The start as a pointer, for code that holds the memory privately
-    /// (a handle made by [`SharedBytes::from_private`]): forming a slice
-    /// from it over memory another process writes breaks this module's rule.
-    pub(crate) fn as_ptr(&self) -> *const u8 {
-        self.ptr.as_ptr().cast_const()
-    }
-
     /// Checks `offset..offset + len` against the handle.
     fn check(&self, offset: usize, len: usize) -> Result<(), OutOfRange> {
         let out = OutOfRange {
@@ -215,31 +211,14 @@ impl<'a> SharedBytes<'a> {
         crc
     }
 
-    /// The CRC32 of every `chunk_bytes` chunk of the handle, in order (the
-    /// last may be shorter), through `checksum` and one bounce buffer.
-    pub fn chunk_crc32s(&self, checksum: &dyn ChunkChecksum, chunk_bytes: usize) -> Vec<u32> {
-        assert!(chunk_bytes > 0, "chunk size must be positive");
-        let mut bounce = vec![0u8; CRC_BOUNCE_BYTES.min(chunk_bytes)];
-        let mut crcs = Vec::with_capacity(self.len.div_ceil(chunk_bytes));
-        let mut at = 0;
-        while at < self.len {
-            let n = chunk_bytes.min(self.len - at);
-            match self.subrange(at, n) {
-                Ok(chunk) => crcs.push(chunk.crc32(checksum, &mut bounce)),
-                Err(_) => unreachable!("at + n is at most the handle's length"),
-            }
-            at += n;
-        }
-        crcs
-    }
-
     /// The region for a kernel operation (O_DIRECT) on these bytes.
     ///
     /// # Safety
-    /// The operation given the region completes (its completion is reaped,
-    /// or its data file's `Drop` waits it out) before `'a` ends; for a read
-    /// into the region, nothing in this process reaches these bytes until
-    /// then.
+    /// The operation given the region completes before `'a` ends: its
+    /// completion is reaped, or its data file's `Drop` waits it out or,
+    /// failing that, aborts the process (the storage module's rule for
+    /// borrowed memory). For a read into the region, nothing in this process
+    /// reaches these bytes until then.
     pub unsafe fn raw_region(&self) -> RawRegion {
         // SAFETY: the bytes are mapped readable and writable for 'a (the
         // constructor's contract), and the caller keeps the operation inside
@@ -370,6 +349,22 @@ mod tests {
     use super::testing::SharedPair;
     use super::*;
 
+    /// The CRC32 of every `chunk_bytes` chunk of `shared`, each through the
+    /// handle (what the store computes, a chunk at a time).
+    fn chunk_crc32s(shared: &SharedBytes<'_>, chunk_bytes: usize) -> Vec<u32> {
+        let mut bounce = vec![0u8; CRC_BOUNCE_BYTES.min(chunk_bytes)];
+        (0..shared.len())
+            .step_by(chunk_bytes)
+            .map(|at| {
+                let n = chunk_bytes.min(shared.len() - at);
+                shared
+                    .subrange(at, n)
+                    .unwrap()
+                    .crc32(&CpuCrc32, &mut bounce)
+            })
+            .collect()
+    }
+
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len)
             .map(|i| (i.wrapping_mul(131) >> 3).to_le_bytes()[0] ^ seed)
@@ -438,14 +433,14 @@ mod tests {
         }
         for chunk in [1 << 20, 65536, 4096, 1000] {
             assert_eq!(
-                shared.chunk_crc32s(&CpuCrc32, chunk),
+                chunk_crc32s(&shared, chunk),
                 reference::chunk_crc32s(&data, chunk),
                 "chunk {chunk}"
             );
         }
         // A byte the trainer flips shows in the checksum of its chunk only.
         pair.trainer_writes(70_000, &[data[70_000] ^ 1]);
-        let crcs = shared.chunk_crc32s(&CpuCrc32, 65536);
+        let crcs = chunk_crc32s(&shared, 65536);
         let before = reference::chunk_crc32s(&data, 65536);
         let differ: Vec<usize> = (0..crcs.len()).filter(|&i| crcs[i] != before[i]).collect();
         assert_eq!(differ, [1]);
@@ -506,7 +501,7 @@ mod tests {
         let mut bytes = pattern(10_000, 1);
         let expected = reference::chunk_crc32s(&bytes, 4096);
         let shared = SharedBytes::from_private(&mut bytes);
-        assert_eq!(shared.chunk_crc32s(&CpuCrc32, 4096), expected);
+        assert_eq!(chunk_crc32s(&shared, 4096), expected);
         shared.copy_from(0, b"xy").expect("in range");
         assert_eq!(&bytes[..2], b"xy");
     }

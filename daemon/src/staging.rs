@@ -188,8 +188,24 @@ impl Drop for BudgetLease {
             .used_bytes
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        assert!(*used >= self.bytes, "staging budget accounting underflow");
-        *used -= self.bytes;
+        // Never a panic in a Drop (a second one while unwinding aborts the
+        // daemon): a broken count is logged, and fails debug builds when
+        // not unwinding already.
+        let left = used.checked_sub(self.bytes);
+        if left.is_none() {
+            tracing::error!(
+                used = *used,
+                returned = self.bytes,
+                "staging budget accounting underflow; counting it as empty"
+            );
+        }
+        debug_assert!(
+            left.is_some() || std::thread::panicking(),
+            "staging budget accounting underflow: {} returned of {} used",
+            self.bytes,
+            *used
+        );
+        *used = left.unwrap_or(0);
         self.budget.metrics.staging_bytes.set(gauge(*used));
     }
 }
@@ -252,9 +268,10 @@ impl StagingArea {
             0
         };
         let ring_bytes = u64::from(ring_chunks) * plan.chunk_bytes;
-        let mut tried = Vec::new();
         let slot_counts: &[u32] = if plan.double { &[2, 1] } else { &[1] };
         let mut reserved = None;
+        // The last refusal (the fewest slots), which the error reports.
+        let mut refused = None;
         for &slots in slot_counts {
             let needed = u64::from(slots) * slot_bytes + ring_bytes;
             match budget.try_reserve(needed) {
@@ -262,11 +279,13 @@ impl StagingArea {
                     reserved = Some((slots, lease));
                     break;
                 }
-                Err(free) => tried.push((slots, needed, free)),
+                Err(free) => refused = Some((slots, needed, free)),
             }
         }
         let Some((slots, lease)) = reserved else {
-            let &(slots, needed, free) = tried.last().expect("every slot count was tried");
+            let Some((slots, needed, free)) = refused else {
+                unreachable!("at least one slot count is tried");
+            };
             return Err(StagingError::BudgetExceeded {
                 needed,
                 slots,
@@ -332,15 +351,15 @@ impl StagingArea {
         let memfd = memfd.into_file();
         // Allocate every page now: the budget is real memory from the start
         // (a shortage fails the registration, never a capture with SIGBUS),
-        // and no capture or restore pays for first-touch faults.
-        if memfd_bytes > 0 {
-            let len = i64::try_from(memfd_bytes)
-                .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))
-                .map_err(memfd_error("fallocate"))?;
-            nix::fcntl::fallocate(&memfd, nix::fcntl::FallocateFlags::empty(), 0, len)
-                .map_err(std::io::Error::from)
-                .map_err(memfd_error("fallocate"))?;
-        }
+        // and no capture or restore pays for first-touch faults. Never
+        // empty: a slot is at least 4096 bytes, and there is one.
+        assert!(memfd_bytes >= align, "a staging area holds a slot");
+        let len = i64::try_from(memfd_bytes)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))
+            .map_err(memfd_error("fallocate"))?;
+        nix::fcntl::fallocate(&memfd, nix::fcntl::FallocateFlags::empty(), 0, len)
+            .map_err(std::io::Error::from)
+            .map_err(memfd_error("fallocate"))?;
         let map_len = to_usize(memfd_bytes);
         let map = map_shared(&memfd, map_len).map_err(|source| StagingError::Map {
             len: memfd_bytes,
@@ -513,10 +532,20 @@ impl Drop for SlotLease {
         let freed = self
             .staging
             .transition(self.slot, self.state, SlotState::Free);
-        assert!(
-            freed,
+        // Never a panic in a Drop (a second one while unwinding aborts the
+        // daemon): logged, and failing debug builds when not unwinding.
+        if !freed {
+            tracing::error!(
+                slot = self.slot,
+                state = ?self.state,
+                "a slot left its state under its guard; it is not freed"
+            );
+        }
+        debug_assert!(
+            freed || std::thread::panicking(),
             "slot {} left {:?} under its guard",
-            self.slot, self.state
+            self.slot,
+            self.state
         );
     }
 }

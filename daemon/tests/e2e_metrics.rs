@@ -6,12 +6,14 @@
 //! memory and disk and one that fails, a restart that seeds the newest
 //! committed step from the store, and on a second daemon (policy stream) a
 //! capture streamed while the only slot persists (its first persist made
-//! slow by the latency backend, `[testing] delays`, so nothing races).
+//! slow by the latency backend, `[testing] delays`, so nothing races) and a
+//! connection that panics (`[testing] panic_once_on_request`), counted.
 //!
 //! [`METRICS`] lists every family once: a metric added to the daemon fails
 //! this test until it is listed here and shown to move.
 
 mod daemon;
+mod raw;
 
 use std::collections::{BTreeSet, HashMap};
 use std::process::Command;
@@ -25,7 +27,7 @@ use gpusnap::proto::RestoreSource;
 use gpusnap::{Device, Error, HostDevice, SnapshotOutcome, Step};
 
 /// Every metric family the daemon exports.
-const METRICS: [&str; 19] = [
+const METRICS: [&str; 20] = [
     "gpusnap_bytes_read_total",
     "gpusnap_bytes_written_total",
     "gpusnap_capture_seconds",
@@ -34,6 +36,7 @@ const METRICS: [&str; 19] = [
     "gpusnap_hot_tier_bytes",
     "gpusnap_io_backend_info",
     "gpusnap_last_committed_step",
+    "gpusnap_panics_total",
     "gpusnap_persist_seconds",
     "gpusnap_restore_seconds",
     "gpusnap_restores_total",
@@ -54,23 +57,6 @@ const NEEDS_ROOT: [&str; 1] = ["gpusnap_snapshot_failures_total"];
 /// `[testing] delays` of the stream daemon: the first snapshot's fdatasync
 /// takes two seconds longer, so the next one finds the only slot busy.
 const FIRST_PERSIST_SLOW: &str = "[{ op = \"sync_data\", delay_ms = 2000, first_n = 1 }]";
-
-/// Every `"gpusnap_..."` name the daemon's metric definitions register (the
-/// source outside its tests), so a new metric is noticed even before any
-/// scenario gives it a series.
-fn defined_in_source() -> BTreeSet<String> {
-    let source = include_str!("../src/metrics.rs");
-    let definitions = source.split("#[cfg(test)]").next().expect("source");
-    definitions
-        .split("\"gpusnap_")
-        .skip(1)
-        .filter_map(|rest| {
-            let name = rest.split('"').next()?;
-            (!name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
-                .then(|| format!("gpusnap_{name}"))
-        })
-        .collect()
-}
 
 /// One read of `/metrics`.
 struct Scrape {
@@ -176,7 +162,9 @@ fn full_job_dir(daemon: &Daemon, job: &str) -> Option<Mount> {
 
 /// A daemon with a single slot whose first persist is slow (the latency
 /// backend), under policy stream: steps 1 and 2 back to back, and the
-/// second streams. Returns that daemon's exported families.
+/// second streams. Its `[testing]` table also makes the first `describe`
+/// panic, which a raw connection then sends: a caught panic, counted.
+/// Returns that daemon's exported families.
 fn streamed_family(moved: &mut Moved) -> BTreeSet<String> {
     let daemon = Daemon::start(&[
         ("staging", "policy", "\"stream\""),
@@ -184,6 +172,7 @@ fn streamed_family(moved: &mut Moved) -> BTreeSet<String> {
         ("staging", "stream_ring_bytes", "262144"),
         ("store", "io_buffer_bytes", "65536"),
         ("testing", "delays", FIRST_PERSIST_SLOW),
+        ("testing", "panic_once_on_request", "\"describe\""),
     ]);
     let sample = "gpusnap_streamed_snapshots_total{job=\"met-stream\"}";
     let state = State::new(8, 1 << 20);
@@ -204,6 +193,21 @@ fn streamed_family(moved: &mut Moved) -> BTreeSet<String> {
         "gpusnap_streamed_snapshots_total",
         m.get(sample) == 1.0,
         "the capture that found the slot busy streamed",
+    );
+    let mut raw = raw::Raw::connect(&daemon.socket);
+    raw.send(serde_json::json!({ "type": "describe", "job": "met-stream", "rank": 0, "step": 1 }));
+    assert!(raw.next().is_none(), "the panicking connection is closed");
+    let panics = "gpusnap_panics_total{site=\"connection\"}";
+    wait_for(
+        "the caught panic is counted",
+        Duration::from_secs(30),
+        || Scrape::of(&daemon).get(panics) == 1.0,
+    );
+    let m = Scrape::of(&daemon);
+    moved.check(
+        "gpusnap_panics_total",
+        m.get(panics) == 1.0,
+        "the connection that panicked handling describe, once",
     );
     m.families
 }
@@ -441,7 +445,7 @@ fn every_metric_moves() {
     families.extend(streamed);
     let listed: BTreeSet<String> = METRICS.iter().map(|&f| f.to_owned()).collect();
     assert_eq!(
-        defined_in_source(),
+        daemon::defined_families(),
         listed,
         "daemon/src/metrics.rs defines METRICS"
     );

@@ -5,7 +5,9 @@
 //! (never `Busy`), the step is reported failed (`Internal` to the client,
 //! `failed` in the metrics), a restore does not hang and gets the last
 //! committed step, the staging budget returns to zero once the clients are
-//! gone, and a SIGTERM stop does not wait out the shutdown deadline. A
+//! gone, the panic is counted by where it was caught
+//! (`gpusnap_panics_total{site}`), and a SIGTERM stop does not wait out the
+//! shutdown deadline. A
 //! `[testing]` table without `GPUSNAP_TESTING=1` is refused at start.
 
 mod daemon;
@@ -88,11 +90,21 @@ fn a_connection_that_panics_gives_back_its_rank_slot_and_staging() {
         daemon.metric("gpusnap_snapshot_failures_total{errno=\"none\",job=\"doomed\"}"),
         1.0
     );
+    // Counted where it was caught, once the accept loop reaped the task.
+    let connection_panics = "gpusnap_panics_total{site=\"connection\"}";
     wait_for(
-        "the accept loop logs the panic",
+        "the accept loop counts the panic",
         Duration::from_secs(30),
-        || daemon.log().contains("a connection task panicked"),
+        || daemon.exports("gpusnap_panics_total") && daemon.metric(connection_panics) >= 1.0,
     );
+    assert_eq!(daemon.metric(connection_panics), 1.0);
+    for site in ["lane", "stream"] {
+        assert_eq!(
+            daemon.metric(&format!("gpusnap_panics_total{{site=\"{site}\"}}")),
+            0.0,
+            "{site}"
+        );
+    }
 
     // The rank works end to end; nothing of the panicked step was written.
     wait_rank_free(&daemon, "doomed", 0);
@@ -176,6 +188,12 @@ fn a_lane_that_panics_fails_that_step_and_persists_the_next() {
     assert_eq!(
         daemon.metric("gpusnap_snapshot_failures_total{errno=\"none\",job=\"lane\"}"),
         1.0
+    );
+    // Counted where it was caught, before the step was reported failed.
+    assert_eq!(daemon.metric("gpusnap_panics_total{site=\"lane\"}"), 1.0);
+    assert_eq!(
+        daemon.metric("gpusnap_panics_total{site=\"connection\"}"),
+        0.0
     );
 
     // Another connection takes the rank as soon as this one is gone.

@@ -20,11 +20,12 @@
 //! and the parent SIGKILLs it there.
 
 mod daemon;
+mod raw;
 
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use daemon::{
     Daemon, Image, Setting, State, allow_testing_table, client, dir_names, snapshot_committed,
@@ -33,16 +34,19 @@ use daemon::{
 use gpusnap::device::{AttachedStaging, CaptureCopy, CopyTicket, RestoreCopy, StagingRegion};
 use gpusnap::proto::BusyPolicy;
 use gpusnap::{Device, Error, HostDevice, SnapshotOutcome, Step};
+use raw::Raw;
 
 /// How much longer the first snapshot's persist takes (its fdatasync, on
 /// the latency backend).
-const FIRST_PERSIST_DELAY_MS: u64 = 2000;
+const FIRST_PERSIST_DELAY_MS: u64 = 3000;
 /// `[testing] delays`: [`FIRST_PERSIST_DELAY_MS`] on the fdatasync of the
-/// first data file the store creates (step 1's).
-const FIRST_PERSIST_SLOW: &str = "[{ op = \"sync_data\", delay_ms = 2000, first_n = 1 }]";
+/// first data file the store creates (step 1's); the test below checks the
+/// two agree.
+const FIRST_PERSIST_SLOW: &str = "[{ op = \"sync_data\", delay_ms = 3000, first_n = 1 }]";
 /// What a `Begin` behind that persist waits at least: the delay, less the
 /// moments between the persist's start and the next `Begin` (a reply and a
-/// 1 MiB copy), with room to spare.
+/// 1 MiB copy, seconds at most on a loaded 2-core machine), with half the
+/// delay to spare.
 const WAITED: Duration = Duration::from_millis(1500);
 /// A state whose capture takes moments and whose stream takes several laps
 /// of the ring.
@@ -138,6 +142,15 @@ fn staging_is_what(daemon: &Daemon, c: &gpusnap::Client) {
         held as f64,
         "the gauge agrees with the status"
     );
+}
+
+#[test]
+fn the_slow_persist_setting_is_the_delay_the_tests_measure() {
+    assert!(
+        FIRST_PERSIST_SLOW.contains(&format!("delay_ms = {FIRST_PERSIST_DELAY_MS},")),
+        "{FIRST_PERSIST_SLOW}"
+    );
+    assert!(WAITED * 2 <= Duration::from_millis(FIRST_PERSIST_DELAY_MS));
 }
 
 #[test]
@@ -237,8 +250,14 @@ fn policy_skip_refuses_a_snapshot_while_the_only_slot_persists() {
     committed_slowly(&mut c);
     assert_eq!(outcome_count(&daemon, "skippy", "skipped"), 1.0);
     assert_eq!(outcome_count(&daemon, "skippy", "committed"), 1.0);
-    assert_eq!(streamed_count(&daemon, "skippy"), 0.0, "skip never streams");
-    assert_eq!(slot_waits(&daemon, "skippy").0, 0.0, "skip never waits");
+    assert!(
+        !daemon.exports("gpusnap_streamed_snapshots_total"),
+        "skip never streams"
+    );
+    assert!(
+        !daemon.exports("gpusnap_slot_wait_seconds"),
+        "skip never waits"
+    );
 
     state.zero();
     let r = c.restore(Step::Latest).expect("restore").expect("step");
@@ -297,9 +316,8 @@ fn policy_block_waits_for_the_slot_and_both_steps_commit_intact() {
         daemon.metric("gpusnap_stall_seconds_count{job=\"blocky\"}"),
         2.0
     );
-    assert_eq!(
-        streamed_count(&daemon, "blocky"),
-        0.0,
+    assert!(
+        !daemon.exports("gpusnap_streamed_snapshots_total"),
         "block never streams"
     );
     assert_eq!(outcome_count(&daemon, "blocky", "skipped"), 0.0);
@@ -311,6 +329,63 @@ fn policy_block_waits_for_the_slot_and_both_steps_commit_intact() {
     restore_exact(&mut c, &state, 2, &images[1]);
     assert_eq!(verify_all(&daemon.root), 2);
     staging_is_what(&daemon, &c);
+}
+
+/// The regression: a `Begin` waiting for the only slot under policy block
+/// had no shutdown branch, so a SIGTERM waited until the slot came free
+/// (here: step 1's fdatasync, made 60 s long) or `slot_wait_s` passed. Now
+/// the wait ends with `ShuttingDown` and the daemon exits within the
+/// shutdown deadline (1 s) plus moments.
+#[test]
+fn a_daemon_stopping_while_a_begin_waits_for_the_slot_exits_at_once() {
+    const STOP_MAX: Duration = Duration::from_secs(8);
+    allow_testing_table();
+    let mut daemon = Daemon::start(&[
+        ("staging", "policy", "\"block\""),
+        ("staging", "double", "false"),
+        ("daemon", "shutdown_deadline_s", "1"),
+        (
+            "testing",
+            "delays",
+            "[{ op = \"sync_data\", delay_ms = 60000, first_n = 1 }]",
+        ),
+    ]);
+    let mut raw = Raw::connect(&daemon.socket);
+    assert_eq!(raw.register("stopping", 1024)["type"], "registered");
+    let accepted = raw.capture(1);
+    assert_eq!(accepted["type"], "accepted", "{accepted}");
+    // Step 1 persists for a minute from the only slot: step 2 waits.
+    raw.send(serde_json::json!({ "type": "begin", "step": 2 }));
+    daemon::wait_for(
+        "the begin of step 2 waits for the slot",
+        Duration::from_secs(30),
+        || {
+            daemon
+                .log()
+                .contains("every staging slot is busy; waiting for one")
+        },
+    );
+    let asked = Instant::now();
+    assert!(daemon.stop().success());
+    let took = asked.elapsed();
+    assert!(
+        took < STOP_MAX,
+        "the stop took {took:?} with a begin waiting for the slot"
+    );
+    let reply = loop {
+        let (id, body) = raw.next().expect("the begin's reply before the close");
+        if id != 0 {
+            break body;
+        }
+    };
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert_eq!(reply["kind"], "shutting_down", "{reply}");
+    assert!(
+        reply["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("waited for a staging slot")),
+        "{reply}"
+    );
 }
 
 #[test]
@@ -332,9 +407,8 @@ fn policy_stream_goes_through_the_ring_while_the_slot_persists() {
 
     images[0].load(&state);
     captured(c.snapshot(1).expect("snapshot"), 1);
-    assert_eq!(
-        streamed_count(&daemon, "streamy"),
-        0.0,
+    assert!(
+        !daemon.exports("gpusnap_streamed_snapshots_total"),
         "step 1 had the slot"
     );
     images[1].load(&state);
@@ -350,7 +424,10 @@ fn policy_stream_goes_through_the_ring_while_the_slot_persists() {
     committed_slowly(&mut c);
     assert_eq!(outcome_count(&daemon, "streamy", "committed"), 2.0);
     assert_eq!(outcome_count(&daemon, "streamy", "skipped"), 0.0);
-    assert_eq!(slot_waits(&daemon, "streamy").0, 0.0, "stream never waits");
+    assert!(
+        !daemon.exports("gpusnap_slot_wait_seconds"),
+        "stream never waits"
+    );
 
     restore_exact(&mut c, &state, 2, &images[1]);
     restore_exact(&mut c, &state, 1, &images[0]);

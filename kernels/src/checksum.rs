@@ -6,8 +6,10 @@
 //! checksum kernel plugs in: an implementation that computes the same CRC32
 //! on the device (for staging that lives in GPU memory) implements this
 //! trait, is installed in the store in place of [`CpuCrc32`], and must equal
-//! [`crate::reference`] on every input; the tests of this module are the
-//! body such an implementation runs too.
+//! [`crate::reference`] on every input. [`check_against_reference`] is the
+//! conformance check its test calls (on deterministic inputs, and
+//! [`check_case`] on any one input, which a property test feeds), exactly as
+//! [`CpuCrc32`]'s tests do here.
 //!
 //! The streaming form ([`ChunkChecksum::update`]) continues a running CRC
 //! with one more piece, so a chunk can be checksummed in pieces (through a
@@ -66,6 +68,104 @@ impl ChunkChecksum for CpuCrc32 {
     }
 }
 
+/// Checks `imp` against [`crate::reference`] on one input: the CRC of
+/// `data` whole, of each of its `chunk_bytes` chunks, and of `data` fed in
+/// pieces split at `cuts` (each taken modulo `data.len() + 1`) through
+/// [`ChunkChecksum::update`]. Panics, naming `imp` and the case, at the
+/// first difference. `chunk_bytes` must be positive.
+pub fn check_case(imp: &dyn ChunkChecksum, data: &[u8], chunk_bytes: usize, cuts: &[usize]) {
+    let name = imp.name();
+    let len = data.len();
+    assert_eq!(
+        imp.chunk_crc32(data),
+        crate::reference::chunk_crc32(data),
+        "{name}: the CRC32 of {len} bytes"
+    );
+    assert_eq!(
+        imp.chunk_crc32s(data, chunk_bytes),
+        crate::reference::chunk_crc32s(data, chunk_bytes),
+        "{name}: the CRC32s of {len} bytes in {chunk_bytes}-byte chunks"
+    );
+    // Any split into pieces gives the CRC of the whole.
+    let mut points: Vec<usize> = cuts.iter().map(|c| c % (len + 1)).collect();
+    points.sort_unstable();
+    let mut crc = CRC32_EMPTY;
+    let mut at = 0;
+    for p in points.iter().copied().chain([len]) {
+        let Some(piece) = data.get(at..p) else {
+            unreachable!("cut points are sorted and at most the length");
+        };
+        crc = imp.update(crc, piece);
+        at = p;
+    }
+    assert_eq!(
+        crc,
+        crate::reference::chunk_crc32(data),
+        "{name}: the CRC32 of {len} bytes fed in pieces cut at {points:?}"
+    );
+}
+
+/// The conformance check of a [`ChunkChecksum`] implementation: the
+/// standard check value, the empty input, and [`check_case`] over
+/// deterministic inputs (lengths around 4096-byte boundaries up to 1 MiB
+/// and more, chunk sizes from 1 byte to 1 MiB, a few splits each). Every
+/// implementation's test calls it (the CPU one's below; a GPU one's runs it
+/// where a GPU is). Panics at the first difference.
+pub fn check_against_reference(imp: &dyn ChunkChecksum) {
+    let name = imp.name();
+    assert_eq!(
+        imp.chunk_crc32(b"123456789"),
+        0xCBF4_3926,
+        "{name}: the CRC-32/ISO-HDLC check value"
+    );
+    assert_eq!(
+        imp.update(CRC32_EMPTY, b""),
+        CRC32_EMPTY,
+        "{name}: no bytes"
+    );
+    assert!(
+        imp.chunk_crc32s(&[], 4096).is_empty(),
+        "{name}: no bytes have no chunks"
+    );
+    // A fixed xorshift stream: the same inputs on every run and machine.
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let lengths = [
+        0,
+        1,
+        3,
+        4095,
+        4096,
+        4097,
+        65_536 + 7,
+        (1 << 20) - 1,
+        (1 << 20) + 4096 + 13,
+    ];
+    let chunk_sizes = [1usize, 7, 4096, 65_536, 1 << 20];
+    for len in lengths {
+        let data: Vec<u8> = (0..len).map(|_| next().to_le_bytes()[0]).collect();
+        for chunk_bytes in chunk_sizes {
+            // Chunks of a byte over a megabyte are slow and add nothing.
+            if chunk_bytes == 1 && len > 65_536 {
+                continue;
+            }
+            // Cut points of 24 bits (any offset of these inputs).
+            let cuts: Vec<usize> = (0..4)
+                .map(|_| {
+                    let [a, b, c, ..] = next().to_le_bytes();
+                    usize::from(a) | usize::from(b) << 8 | usize::from(c) << 16
+                })
+                .collect();
+            check_case(imp, &data, chunk_bytes, &cuts);
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(
     clippy::unwrap_used,
@@ -74,26 +174,11 @@ impl ChunkChecksum for CpuCrc32 {
 )]
 mod tests {
     use super::*;
-    use crate::reference;
     use proptest::prelude::*;
 
-    /// The body every implementation of the trait must pass.
-    fn equals_the_reference(imp: &dyn ChunkChecksum, data: &[u8], chunk: usize, cuts: &[usize]) {
-        assert_eq!(imp.chunk_crc32(data), reference::chunk_crc32(data));
-        assert_eq!(
-            imp.chunk_crc32s(data, chunk),
-            reference::chunk_crc32s(data, chunk)
-        );
-        // Any split into pieces gives the CRC of the whole.
-        let mut points: Vec<usize> = cuts.iter().map(|c| c % (data.len() + 1)).collect();
-        points.sort_unstable();
-        let mut crc = CRC32_EMPTY;
-        let mut at = 0;
-        for p in points.into_iter().chain([data.len()]) {
-            crc = imp.update(crc, &data[at..p]);
-            at = p;
-        }
-        assert_eq!(crc, reference::chunk_crc32(data));
+    #[test]
+    fn cpu_crc32_passes_the_conformance_check() {
+        check_against_reference(&CpuCrc32);
     }
 
     #[test]
@@ -106,6 +191,36 @@ mod tests {
         assert!(imp.chunk_crc32s(&[], 4096).is_empty());
     }
 
+    /// A checksum that is wrong on one input: the conformance check finds it.
+    #[derive(Debug)]
+    struct WrongOnLongInputs;
+
+    impl ChunkChecksum for WrongOnLongInputs {
+        fn name(&self) -> &'static str {
+            "wrong-on-long-inputs"
+        }
+
+        fn update(&self, crc: u32, piece: &[u8]) -> u32 {
+            let right = CpuCrc32.update(crc, piece);
+            if piece.len() > 100_000 {
+                right ^ 1
+            } else {
+                right
+            }
+        }
+    }
+
+    #[test]
+    fn the_conformance_check_catches_a_wrong_implementation() {
+        let caught = std::panic::catch_unwind(|| check_against_reference(&WrongOnLongInputs));
+        let message = caught.expect_err("a wrong CRC is caught");
+        let text = message
+            .downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_default();
+        assert!(text.contains("wrong-on-long-inputs"), "{text}");
+    }
+
     proptest! {
         #[test]
         fn cpu_crc32_equals_the_reference(
@@ -113,7 +228,7 @@ mod tests {
             chunk in 1usize..5000,
             cuts in proptest::collection::vec(any::<usize>(), 0..8),
         ) {
-            equals_the_reference(&CpuCrc32, &data, chunk, &cuts);
+            check_case(&CpuCrc32, &data, chunk, &cuts);
         }
     }
 }

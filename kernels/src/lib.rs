@@ -5,7 +5,8 @@
 //! in [`reference`](mod@reference) that defines it, and a trait that the daemon calls it
 //! through, with a CPU implementation equal to the reference. A GPU kernel
 //! later implements the same trait and is tested against the reference with
-//! the same test body.
+//! the same test body: the conformance check each computation exports
+//! ([`check_against_reference`] for the checksum).
 //!
 //! The first computation is the snapshot checksum ([`checksum`]): the CRC32
 //! (IEEE, as `crc32fast` computes it) of every `chunk_bytes`-sized chunk of
@@ -17,4 +18,4 @@
 pub mod checksum;
 pub mod reference;
 
-pub use checksum::{CRC32_EMPTY, ChunkChecksum, CpuCrc32};
+pub use checksum::{CRC32_EMPTY, ChunkChecksum, CpuCrc32, check_against_reference, check_case};

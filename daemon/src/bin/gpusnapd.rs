@@ -125,7 +125,7 @@ fn run(config: Config) -> Result<(), server::ServerError> {
         .enable_all()
         .thread_name("gpusnapd")
         .build()?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let daemon = tokio::task::spawn_blocking(move || Daemon::open(config))
             .await
             .map_err(|e| server::ServerError::Io(std::io::Error::other(e)))??;
@@ -152,8 +152,16 @@ fn run(config: Config) -> Result<(), server::ServerError> {
             }
         };
         server::serve(daemon, socket, metrics, stop).await
-    })
+    });
+    // Bounded: blocking work still running (a restore's read, say) is not
+    // waited for past this; the process exits and the kernel reclaims it.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_MAX);
+    served
 }
+
+/// Longest the exit waits for the runtime's blocking work once serving
+/// ended.
+const RUNTIME_SHUTDOWN_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn check_store(root: &std::path::Path, io_backend: BackendChoice) -> ExitCode {
     let root = absolute(root);

@@ -11,7 +11,9 @@ use gpusnap_proto::{BusyPolicy, ErrorKind, ReplyBody};
 use crate::metrics::SnapshotOutcome;
 use crate::ranks::RankKey;
 use crate::server::Daemon;
-use crate::server::conn::{Activity, Capture, Conn, Handled, StreamCapture};
+use crate::server::conn::{
+    Activity, Capture, Conn, Handled, StreamCapture, stopping, until_stopping,
+};
 use crate::server::errors::Refusal;
 use crate::store::SnapshotId;
 
@@ -39,7 +41,7 @@ impl Conn {
         let key = core.key.clone();
         let have = tokio::task::spawn_blocking(move || already_have(&daemon, &key, step))
             .await
-            .map_err(|e| Refusal::internal(format!("checking step {step}: {e}")))??;
+            .map_err(|e| self.blocking_failed(&format!("checking step {step}"), e))??;
         if let Some(reason) = have {
             self.daemon
                 .metrics
@@ -157,8 +159,16 @@ impl Conn {
             }
         }
         stream.next_seq += 1;
-        let wait =
-            tokio::time::timeout(crate::persist::STREAM_CHUNK_WAIT, stream.feed.taken.recv()).await;
+        let mut shutdown = self.daemon.shutdown.subscribe();
+        let wait = tokio::select! {
+            wait = tokio::time::timeout(crate::persist::STREAM_CHUNK_WAIT, stream.feed.taken.recv()) => wait,
+            () = until_stopping(&mut shutdown) => {
+                // The stream's source fails as its feed is dropped: nothing
+                // of the step is committed.
+                drop(self.take_activity());
+                return Err(stopping("waited for the stream to take a ring chunk"));
+            }
+        };
         match wait {
             Ok(Some(taken)) => {
                 assert_eq!(taken, seq, "the engine takes ring chunks in order");
@@ -288,6 +298,11 @@ mod tests {
         config.store.root = dir.path().join("root");
         config.metrics.listen = String::new();
         let daemon = Daemon::open(config).expect("daemon");
+        assert_eq!(
+            daemon.store.job_dirs(),
+            crate::store::JobDirs::Claimed,
+            "the daemon's commits never make a job directory"
+        );
         let key = RankKey::new("j", 0);
         assert_eq!(already_have(&daemon, &key, 1), Ok(None));
         // The rank's directory is a file: looking up its step fails with

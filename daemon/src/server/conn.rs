@@ -26,7 +26,7 @@ use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::mpsc;
 
-use crate::metrics::{RestoreOutcome, SnapshotOutcome};
+use crate::metrics::{PanicSite, RestoreOutcome, SnapshotOutcome};
 use crate::persist::{Lane, SessionCore, StreamFeed};
 use crate::ranks::{RankHold, RankKey};
 use crate::restore;
@@ -96,11 +96,28 @@ pub(super) struct StreamCapture {
 /// when dropped.
 #[derive(Debug)]
 pub(super) struct Session {
-    pub(super) core: Arc<SessionCore>,
-    /// Dropped first: the lane finishes what was captured, then exits.
+    /// Dropped first (fields drop in declaration order): the lane finishes
+    /// what was captured, then exits; then the session leaves the listing
+    /// and the rank is free.
     pub(super) lane: Lane,
+    pub(super) core: Arc<SessionCore>,
     _entry: SessionEntry,
     _hold: RankHold,
+}
+
+/// The refusal of a request whose wait the daemon's stop cut short; `what`
+/// says what it waited for.
+pub(super) fn stopping(what: &str) -> Refusal {
+    Refusal::new(
+        ErrorKind::ShuttingDown,
+        format!("the daemon is stopping; the request {what} and is not served"),
+    )
+}
+
+/// Resolves once the daemon is stopping (at once if it already is).
+pub(super) async fn until_stopping(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    // An error means the sender is gone, and with it the daemon.
+    let _ = shutdown.wait_for(|stopping| *stopping).await;
 }
 
 /// Who is on the other end.
@@ -354,7 +371,7 @@ impl Conn {
             daemon.owners.claim(&daemon.store, &job_for_claim, uid)
         })
         .await
-        .map_err(|e| Refusal::internal(format!("claiming job {job:?}: {e}")))?
+        .map_err(|e| self.blocking_failed(&format!("claiming job {job:?}"), e))?
         .map_err(|e| Refusal::owner(&e))?;
         let key = RankKey::new(job, rank);
         let hold = self.daemon.ranks.acquire(&key, self.id).map_err(|holder| {
@@ -376,7 +393,7 @@ impl Conn {
         let staging =
             tokio::task::spawn_blocking(move || StagingArea::create(tensors, plan, &budget))
                 .await
-                .map_err(|e| Refusal::internal(format!("creating staging: {e}")))?
+                .map_err(|e| self.blocking_failed("creating staging", e))?
                 .map_err(|e| Refusal::staging(&e))?;
         let staging = Arc::new(staging);
         let core = Arc::new(SessionCore {
@@ -409,8 +426,8 @@ impl Conn {
         );
         self.phase = Phase::Registered(
             Session {
-                core,
                 lane,
+                core,
                 _entry: entry,
                 _hold: hold,
             },
@@ -461,6 +478,19 @@ impl Conn {
         }
     }
 
+    /// The refusal of this connection's blocking work that did not finish
+    /// (`what` names it): a panic in it, logged and counted
+    /// ([`PanicSite::Connection`]), or a cancellation.
+    pub(super) fn blocking_failed(&self, what: &str, e: tokio::task::JoinError) -> Refusal {
+        if !e.is_panic() {
+            return Refusal::internal(format!("{what}: {e}"));
+        }
+        self.daemon.metrics.count_panic(PanicSite::Connection);
+        let panic = panic_message(&*e.into_panic());
+        tracing::error!(conn = self.id, what, %panic, "a connection's blocking work panicked; refused as Internal, the connection goes on");
+        Refusal::internal(format!("{what} panicked: {panic}"))
+    }
+
     pub(super) fn refuse_if_stopping(&self) -> Result<(), Refusal> {
         if self.daemon.is_stopping() {
             return Err(Refusal::new(
@@ -473,7 +503,7 @@ impl Conn {
 
     /// Waits (at most `daemon.slot_wait_s`) until `claim` gets a slot,
     /// delivering events (commits free slots) and noticing the client
-    /// leaving.
+    /// leaving and the daemon stopping (`ShuttingDown` at once).
     pub(super) async fn wait_for_slot<T>(
         &mut self,
         staging: &StagingArea,
@@ -481,6 +511,8 @@ impl Conn {
     ) -> Result<T, Refusal> {
         let wait = Duration::from_secs(self.daemon.config.daemon.slot_wait_s);
         let deadline = tokio::time::Instant::now() + wait;
+        let mut shutdown = self.daemon.shutdown.subscribe();
+        let mut logged = false;
         loop {
             let notified = staging.slot_freed().notified();
             tokio::pin!(notified);
@@ -488,8 +520,20 @@ impl Conn {
             if let Some(slot) = claim() {
                 return Ok(slot);
             }
+            if !logged {
+                logged = true;
+                tracing::info!(
+                    conn = self.id,
+                    slots = staging.info().slots,
+                    wait_s = wait.as_secs(),
+                    "every staging slot is busy; waiting for one"
+                );
+            }
             tokio::select! {
                 _ = &mut notified => {}
+                () = until_stopping(&mut shutdown) => {
+                    return Err(stopping("waited for a staging slot"));
+                }
                 Some(event) = self.events.recv() => {
                     if self.send(0, event).await.is_err() {
                         return Err(Refusal::protocol("client went away"));
@@ -521,7 +565,14 @@ impl Conn {
         let started = Instant::now();
         let job = core.key.job.clone();
         let wait = Duration::from_secs(self.daemon.config.daemon.slot_wait_s);
-        if !self.daemon.ranks.wait_idle(&core.key, wait).await {
+        let mut shutdown = self.daemon.shutdown.subscribe();
+        let idle = tokio::select! {
+            idle = self.daemon.ranks.wait_idle(&core.key, wait) => idle,
+            () = until_stopping(&mut shutdown) => {
+                return Err(stopping("waited for the rank's snapshots in flight"));
+            }
+        };
+        if !idle {
             return Err(Refusal::new(
                 ErrorKind::Timeout,
                 format!(
@@ -551,6 +602,7 @@ impl Conn {
             Err(e) => {
                 m.count_restore(&job, None, RestoreOutcome::Failed);
                 let why = if e.is_panic() {
+                    m.count_panic(PanicSite::Connection);
                     panic_message(&*e.into_panic())
                 } else {
                     e.to_string()
@@ -622,7 +674,7 @@ impl Conn {
         let uid = self.peer.uid;
         tokio::task::spawn_blocking(move || super::query::list(&daemon, uid, job.as_deref()))
             .await
-            .map_err(|e| Refusal::internal(format!("listing: {e}")))?
+            .map_err(|e| self.blocking_failed("listing", e))?
     }
 
     async fn describe(&mut self, job: String, rank: u32, step: u64) -> Handled {
@@ -630,7 +682,7 @@ impl Conn {
         let uid = self.peer.uid;
         tokio::task::spawn_blocking(move || super::query::describe(&daemon, uid, job, rank, step))
             .await
-            .map_err(|e| Refusal::internal(format!("describing: {e}")))?
+            .map_err(|e| self.blocking_failed("describing", e))?
     }
 
     /// Ends the registration: a capture in progress leaves nothing

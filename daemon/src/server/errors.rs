@@ -6,18 +6,19 @@
 //!
 //! | error | kind | os_error |
 //! | --- | --- | --- |
-//! | `StoreError::Storage` (I/O, a dead file, no backend) | `Storage` | the errno |
+//! | `StoreError::Storage` (I/O, a dead file, no backend, a stalled ring `Stalled`, dead workers `WorkersGone`) | `Storage` | the errno (none for `Dead`, `BackendUnavailable`, `Stalled`, `WorkersGone`) |
 //! | `StoreError::Storage(TooLarge)` (a file over its size limit) | `Corrupt` | none |
-//! | `StoreError::ShortTransfer` | `Storage` | none |
+//! | `StoreError::{ShortTransfer, JobMissing}` (a job directory removed after its claim) | `Storage` | none |
 //! | `StoreError::Pool(Map)` | `Storage` | the errno |
-//! | `StoreError::Pool` (sizes the configuration rules out) | `Internal` | none |
+//! | `StoreError::Pool(Timeout)` (no free I/O buffers within the pool wait) | `Timeout` | none |
+//! | `StoreError::Pool` otherwise (sizes the configuration rules out) | `Internal` | none |
 //! | `StoreError::{Manifest, ManifestMissing, LengthMismatch, HeaderCorrupt, ChunkCorrupt}` | `Corrupt` | none |
 //! | `StoreError::NotFound` | `NotFound` | none |
 //! | `StoreError::{AlreadyCommitted, InProgress}` | `Busy` | none |
-//! | `StoreError::{Name, Layout}` | `InvalidRegistration` | none |
+//! | `StoreError::{Name, Layout, RankOutsideWorld}` | `InvalidRegistration` | none |
 //! | `StoreError::Source` with a [`StreamError`]: client timeout | `Timeout` | none |
 //! | `StoreError::Source` with a [`StreamError`]: client gone, out of order | `Protocol` | none |
-//! | `StoreError::Source` otherwise, `Sink`, `SourceLength`, `SourceAlignment`, `ChunkLargerThanBuffer`, `Config` | `Internal` | none |
+//! | `StoreError::Source` otherwise, `Sink`, `SharedRange`, `DirectReadUnsupported`, `SourceLength`, `SourceAlignment`, `ChunkLargerThanBuffer`, `Config` | `Internal` | none |
 //! | `PersistError::WriteWait` (no write turn within `persist.write_wait_s`) | `Timeout` | none |
 //! | `PersistError::Panicked` (a lane or stream thread panicked) | `Internal` | none |
 //! | `RestoreError::{TensorDiffers, MissingInSnapshot, NotRegistered}` | `Mismatch` | none |
@@ -27,7 +28,7 @@
 //! | `StagingError::BudgetExceeded` | `StagingFull` | none |
 //! | `StagingError::{Memfd, Map}` | `Internal` | the errno |
 //! | `OwnerError::NotOwner` | `PermissionDenied` | none |
-//! | `OwnerError::Malformed` | `Storage` | none |
+//! | `OwnerError::BadOwner` (a job directory without a valid OWNER) | `PermissionDenied` | none |
 //! | `OwnerError::Store` | as the store error | as the store error |
 //! | `LaneError` (the lane's queue full or its thread gone) | `Internal` | none |
 //! | a thread the daemon could not start | `Internal` | the errno |
@@ -154,7 +155,7 @@ pub fn wire_kind(e: &StoreError) -> ErrorKind {
     match e {
         StoreError::Storage(s) => storage_kind(s),
         StoreError::Pool(p) => pool_kind(p),
-        StoreError::ShortTransfer { .. } => ErrorKind::Storage,
+        StoreError::ShortTransfer { .. } | StoreError::JobMissing { .. } => ErrorKind::Storage,
         StoreError::Manifest { .. }
         | StoreError::ManifestMissing { .. }
         | StoreError::LengthMismatch { .. }

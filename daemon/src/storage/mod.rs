@@ -27,10 +27,15 @@
 //! all (a failing `io_uring_enter`, workers gone); the store then fails the
 //! snapshot. A data file's `Drop` waits for its operations in flight, at most
 //! [`IO_STALL_MAX`] without progress; operations still running after that
-//! are abandoned (`abandon_in_flight`): their buffers are leaked, never
-//! reused, and if any of them is a read into borrowed memory (which the
-//! kernel may still write after the caller got it back) the process aborts,
-//! the one bounded answer that keeps that memory sound.
+//! are abandoned (`abandon_in_flight`): pool buffers are leaked, never
+//! reused. If any of them is on borrowed memory ([`IoBuf::Borrowed`]: a
+//! write from a staging slot or a caller's slice, a read into a restore
+//! destination), the kernel or a worker may still read or write memory whose
+//! owner takes it back (and may free or unmap it) as soon as the data file
+//! is gone, so the process aborts: the one bounded answer that keeps that
+//! memory sound. Whoever lends memory to a data file can therefore rely on
+//! this: once the data file is dropped, no operation touches the memory
+//! any more, or the process is gone.
 
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
@@ -178,7 +183,11 @@ impl StorageError {
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {
             StorageError::Io { source, .. } => source.raw_os_error(),
-            _ => None,
+            StorageError::TooLarge { .. }
+            | StorageError::Dead { .. }
+            | StorageError::BackendUnavailable { .. }
+            | StorageError::Stalled { .. }
+            | StorageError::WorkersGone { .. } => None,
         }
     }
 
@@ -219,7 +228,10 @@ pub struct Metadata {
 }
 
 /// Memory the caller owns and guarantees to keep alive (and, for writes,
-/// unchanged) until the operation using it completes.
+/// readable; for reads, writable and otherwise untouched) until the
+/// operation using it completes. A write's memory need not hold still:
+/// `Source::Shared` writes a staging slot the trainer may write meanwhile,
+/// on purpose (the chunk CRCs expose a torn write).
 #[derive(Debug)]
 pub struct RawRegion {
     ptr: *mut u8,
@@ -255,25 +267,33 @@ impl RawRegion {
 }
 
 /// Logs, and gives up on, the operations of a data file that are still in
-/// flight after its `Drop` waited as long as it may. Their buffers are never
-/// freed or reused (the caller leaks them). If `borrowed_reads` of them read
-/// into borrowed memory, the kernel (or a worker) may still write memory the
-/// caller has taken back, and no bounded wait makes that sound: the process
-/// aborts, and the supervisor restarts the daemon.
-pub(crate) fn abandon_in_flight(path: &Path, in_flight: usize, borrowed_reads: usize) {
+/// flight after its `Drop` waited as long as it may. Their pool buffers are
+/// never freed or reused (the caller leaks them). If `borrowed` of them use
+/// borrowed memory (a read into it or a write from it), the kernel (or a
+/// worker) may still touch memory its owner takes back, frees or unmaps
+/// once the data file is gone, and no bounded wait makes that sound: the
+/// process aborts, and the supervisor restarts the daemon.
+pub(crate) fn abandon_in_flight(path: &Path, in_flight: usize, borrowed: usize) {
     tracing::error!(
         path = %path.display(),
         in_flight,
-        borrowed_reads,
+        borrowed,
         "I/O operations did not complete within the bound; leaking their buffers"
     );
-    if borrowed_reads > 0 {
+    if must_abort(borrowed) {
         tracing::error!(
             path = %path.display(),
-            "a read into borrowed memory may still complete after its owner reuses that memory; aborting"
+            borrowed,
+            "an operation on borrowed memory may still run after its owner frees that memory; aborting"
         );
         std::process::abort();
     }
+}
+
+/// Whether abandoning operations of which `borrowed` use borrowed memory
+/// must abort the process: any one of them does, read or write.
+const fn must_abort(borrowed: usize) -> bool {
+    borrowed > 0
 }
 
 /// The memory an operation reads from (write) or fills (read).
@@ -335,10 +355,11 @@ pub struct IoOp {
 }
 
 impl IoOp {
-    /// A read into borrowed memory: the one kind of operation whose memory
-    /// the kernel writes and the caller gets back.
-    pub fn is_borrowed_read(&self) -> bool {
-        self.kind == OpKind::Read && self.buf.is_borrowed()
+    /// Whether the operation uses borrowed memory (read into or written
+    /// from): memory its owner takes back once the data file is gone, which
+    /// an abandoned operation must never outlive (see `abandon_in_flight`).
+    pub fn borrows_memory(&self) -> bool {
+        self.buf.is_borrowed()
     }
 }
 
@@ -431,4 +452,32 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
     /// Reads up to `len` bytes at `offset` of a file (headers, spot checks).
     fn read_at(&self, path: &Path, offset: u64, len: usize) -> Result<Vec<u8>, StorageError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The regression: abandoned writes from borrowed memory (a staging
+    /// slot through `Source::Shared`, a caller's slice through
+    /// `Source::Memory`) were let go while the kernel could still read
+    /// memory the slot's owner then unmapped; only borrowed reads aborted.
+    #[test]
+    fn an_abandoned_operation_on_borrowed_memory_aborts_whether_read_or_write() {
+        let mut memory = [0u8; 16];
+        for kind in [OpKind::Write, OpKind::Read] {
+            // SAFETY: the op is never submitted; the region is only looked at.
+            let region = unsafe { RawRegion::new(memory.as_mut_ptr(), memory.len()) };
+            let op = IoOp {
+                kind,
+                offset: 0,
+                len: 16,
+                buf: IoBuf::Borrowed(region),
+                tag: 0,
+            };
+            assert!(op.borrows_memory(), "{kind:?}");
+        }
+        assert!(must_abort(1));
+        assert!(!must_abort(0), "pool buffers alone are leaked, not fatal");
+    }
 }

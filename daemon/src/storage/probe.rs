@@ -285,34 +285,6 @@ fn refuses_o_direct(e: &io::Error) -> bool {
 mod tests {
     use super::*;
 
-    /// The root-only protocol: `true` when the test may go on (running as
-    /// root). Otherwise it fails under `GPUSNAP_REQUIRE_ROOT=1`, or prints
-    /// `skipped: <reason>` (and appends `<test>\t<reason>` to the file
-    /// `GPUSNAP_SKIP_LOG` names) and the caller returns.
-    fn root_or_skip(test: &str, reason: &str) -> bool {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } == 0 {
-            return true;
-        }
-        assert!(
-            std::env::var_os("GPUSNAP_REQUIRE_ROOT").is_none_or(|v| v != "1"),
-            "{test} needs root, and GPUSNAP_REQUIRE_ROOT=1 forbids skipping"
-        );
-        eprintln!("skipped: {reason}");
-        if let Some(log) = std::env::var_os("GPUSNAP_SKIP_LOG") {
-            use std::io::Write;
-            let logged = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log)
-                .and_then(|mut f| writeln!(f, "{test}\t{reason}"));
-            if let Err(e) = logged {
-                eprintln!("could not append to GPUSNAP_SKIP_LOG: {e}");
-            }
-        }
-        false
-    }
-
     fn pool() -> BufferPool {
         BufferPool::new(4 * 65536, 65536).expect("pool")
     }
@@ -421,10 +393,7 @@ mod tests {
     /// Needs root (the root-only protocol).
     #[test]
     fn o_direct_refusing_file_system_gets_buffered_or_an_error() {
-        if !root_or_skip(
-            "o_direct_refusing_file_system_gets_buffered_or_an_error",
-            "mounting ramfs needs root",
-        ) {
+        if !gpusnapd_testkit::root_or_skip("mounting ramfs needs root") {
             return;
         }
         let dir = tempfile::tempdir_in("/tmp").expect("tempdir");
@@ -476,7 +445,6 @@ mod tests {
     /// limit binds none of the tests running beside this one.
     #[test]
     fn pool_over_memlock_without_ipc_lock_falls_back_to_pwrite() {
-        const TEST: &str = "pool_over_memlock_without_ipc_lock_falls_back_to_pwrite";
         const MEMLOCK_TESTED_MAX: u64 = 256 << 20;
         let dir = tempfile::tempdir_in("/tmp").expect("tempdir");
         let mut limit = libc::rlimit {
@@ -487,8 +455,7 @@ mod tests {
         let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &raw mut limit) };
         assert_eq!(rc, 0, "getrlimit: {}", io::Error::last_os_error());
         let _restore = if limit.rlim_cur > MEMLOCK_TESTED_MAX {
-            if !root_or_skip(
-                TEST,
+            if !gpusnapd_testkit::root_or_skip(
                 "RLIMIT_MEMLOCK is too high to exceed, and only root lowers it without starving other tests",
             ) {
                 return;

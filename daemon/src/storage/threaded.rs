@@ -128,8 +128,8 @@ pub struct ThreadedFile {
     queue_depth: usize,
     /// Submitted and not yet returned by `reap`, `failed` included.
     in_flight: usize,
-    /// Of those, reads into borrowed memory (see `abandon_in_flight`).
-    borrowed_reads: usize,
+    /// Of those, operations on borrowed memory (see `abandon_in_flight`).
+    borrowed: usize,
     workers: Arc<IoWorkers>,
     done_tx: Sender<Completion>,
     done: Receiver<Completion>,
@@ -157,7 +157,7 @@ impl ThreadedFile {
             file: Arc::new(file),
             queue_depth,
             in_flight: 0,
-            borrowed_reads: 0,
+            borrowed: 0,
             workers,
             done_tx,
             done,
@@ -172,7 +172,7 @@ impl ThreadedFile {
             "more completions than operations"
         );
         self.in_flight -= out.len();
-        self.borrowed_reads -= out.iter().filter(|c| c.op.is_borrowed_read()).count();
+        self.borrowed -= out.iter().filter(|c| c.op.borrows_memory()).count();
     }
 }
 
@@ -244,8 +244,8 @@ impl DataFile for ThreadedFile {
     fn submit(&mut self, op: IoOp) {
         assert!(self.in_flight < self.queue_depth, "queue depth exceeded");
         self.in_flight += 1;
-        if op.is_borrowed_read() {
-            self.borrowed_reads += 1;
+        if op.borrows_memory() {
+            self.borrowed += 1;
         }
         let job = Job {
             file: Arc::clone(&self.file),
@@ -311,7 +311,7 @@ impl Drop for ThreadedFile {
             match self.done.recv_timeout(IO_STALL_MAX) {
                 Ok(c) => self.returned(std::slice::from_ref(&c)),
                 Err(_) => {
-                    abandon_in_flight(&self.path, self.in_flight, self.borrowed_reads);
+                    abandon_in_flight(&self.path, self.in_flight, self.borrowed);
                     return;
                 }
             }
@@ -398,6 +398,57 @@ mod tests {
             let back = std::fs::read(dir.path().join(format!("f{n}"))).expect("read");
             assert!(back.iter().all(|&b| b == n));
         }
+    }
+
+    /// A write from borrowed memory counts as borrowed as a read into it
+    /// does: an abandoned one aborts the process (`abandon_in_flight`)
+    /// instead of letting a worker read memory its owner has freed.
+    #[test]
+    fn writes_from_borrowed_memory_count_as_borrowed_until_reaped() {
+        let (dir, pool, storage) = storage(BackendChoice::Buffered);
+        let mut memory = crate::hot_tier::HotBuffer::new(8192).expect("aligned memory");
+        memory.fill(7);
+        let workers = storage.workers(dir.path()).expect("the pool");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(dir.path().join("f"))
+            .expect("create");
+        let mut f = ThreadedFile::new(
+            file,
+            &dir.path().join("f"),
+            BackendKind::Buffered,
+            4,
+            workers,
+        );
+        for (kind, tag) in [(OpKind::Write, 1), (OpKind::Read, 2)] {
+            // SAFETY: `memory` outlives `f`, which reaps the op below; the
+            // test touches the memory only after that.
+            let region = unsafe { crate::storage::RawRegion::new(memory.as_mut_ptr(), 4096) };
+            f.submit(IoOp {
+                kind,
+                offset: 0,
+                len: 4096,
+                buf: crate::storage::IoBuf::Borrowed(region),
+                tag,
+            });
+            assert_eq!(f.borrowed, 1, "{kind:?} from borrowed memory");
+            let done = f.reap(1).expect("reap");
+            assert!(done.iter().all(|c| c.result.is_ok()), "{kind:?}");
+            assert_eq!(f.borrowed, 0, "{kind:?} reaped");
+        }
+        let mut buf = pool.lease(1, soon()).expect("lease").take().expect("buf");
+        buf.space_mut().fill(1);
+        f.submit(IoOp {
+            kind: OpKind::Write,
+            offset: 4096,
+            len: 4096,
+            buf: crate::storage::IoBuf::Pooled(buf),
+            tag: 3,
+        });
+        assert_eq!(f.borrowed, 0, "a pool buffer is not borrowed");
+        f.reap(1).expect("reap");
     }
 
     #[test]

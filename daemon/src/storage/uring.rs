@@ -429,8 +429,8 @@ impl Drop for UringFile {
         if !parked.is_empty() {
             // The kernel may still touch parked buffers: never free them, and
             // leak the ring rather than reuse it.
-            let borrowed_reads = parked.iter().filter(|op| op.is_borrowed_read()).count();
-            abandon_in_flight(&self.path, parked.len(), borrowed_reads);
+            let borrowed = parked.iter().filter(|op| op.borrows_memory()).count();
+            abandon_in_flight(&self.path, parked.len(), borrowed);
             std::mem::forget(std::mem::take(&mut self.slots));
             std::mem::forget(self.ring.take());
             return;

@@ -33,7 +33,7 @@ use crate::store::layout::Layout;
 use crate::store::manifest::{self, FORMAT_NAME, Manifest};
 use crate::store::paths::{self, SnapshotId};
 use crate::store::pipeline::Pipeline;
-use crate::store::{CommitStep, Store};
+use crate::store::{CommitStep, JobDirs, Store};
 
 /// Where a snapshot's data section comes from.
 pub enum Source<'a> {
@@ -88,6 +88,45 @@ pub struct Committed {
     pub dir: std::path::PathBuf,
 }
 
+/// Writes `len` bytes at `offset` through a pool buffer: takes a buffer,
+/// lets `fill` write its first `len` bytes, zero-pads it to the next 4096
+/// bytes and submits the padded transfer; returns what `fill` returned. A
+/// `fill` that fails gives the buffer back and submits nothing.
+fn write_through_buffer<T>(
+    pipe: &mut Pipeline<'_>,
+    offset: u64,
+    len: usize,
+    tag: u64,
+    fill: impl FnOnce(&mut [u8]) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let padded = len.next_multiple_of(IO_ALIGN_BYTES);
+    let mut buf = pipe.take_buffer()?;
+    assert!(
+        padded <= buf.buf_bytes(),
+        "a {padded}-byte transfer through a {}-byte buffer",
+        buf.buf_bytes()
+    );
+    let filled = {
+        let (dst, rest) = buf.space_mut().split_at_mut(len);
+        let filled = fill(dst);
+        if let Some(pad) = rest.get_mut(..padded - len) {
+            pad.fill(0);
+        }
+        filled
+    };
+    match filled {
+        Ok(out) => {
+            buf.set_filled(len);
+            pipe.submit(OpKind::Write, offset, padded, IoBuf::Pooled(buf), tag)?;
+            Ok(out)
+        }
+        Err(e) => {
+            pipe.put_back(buf);
+            Err(e)
+        }
+    }
+}
+
 impl Store {
     pub(crate) fn commit_snapshot(
         &self,
@@ -120,7 +159,7 @@ impl Store {
         if storage.metadata(&final_dir)?.is_some() {
             return Err(StoreError::AlreadyCommitted { id: id.clone() });
         }
-        self.ensure_dir_durable(&id.rank_dir(root))?;
+        self.ensure_rank_dir(id)?;
         let partial = id.partial_dir(root);
         if storage.metadata(&partial)?.is_some() {
             tracing::warn!(dir = %partial.display(), "removing a partial snapshot left by an earlier failed attempt");
@@ -257,13 +296,11 @@ impl Store {
         };
 
         for (piece_index, piece) in header.chunks(chunk_bytes).enumerate() {
-            let mut buf = pipe.take_buffer()?;
-            let space = buf.space_mut();
-            let (dst, _) = space.split_at_mut(piece.len());
-            dst.copy_from_slice(piece);
-            buf.set_filled(piece.len());
             let offset = to_u64(piece_index * chunk_bytes);
-            pipe.submit(OpKind::Write, offset, piece.len(), IoBuf::Pooled(buf), 0)?;
+            write_through_buffer(&mut pipe, offset, piece.len(), 0, |dst| {
+                dst.copy_from_slice(piece);
+                Ok(())
+            })?;
         }
 
         let chunk = to_u64(chunk_bytes);
@@ -272,82 +309,74 @@ impl Store {
         for index in 0..chunk_count {
             let start = index * chunk;
             let len = to_usize((data_len - start).min(chunk));
-            let padded = len.next_multiple_of(IO_ALIGN_BYTES);
+            let aligned = len.is_multiple_of(IO_ALIGN_BYTES);
             let offset = header_len + start;
             let begin = to_usize(start);
-            match &mut source {
+            let crc = match &mut source {
                 Source::Memory(mem) => {
                     let Some(bytes) = mem.get(begin..begin + len) else {
                         unreachable!("source length was checked against the layout");
                     };
-                    if padded == len {
+                    if aligned {
                         // SAFETY: `bytes` is borrowed from the caller for this
-                        // whole call, and the pipeline drains every transfer
-                        // before `write_data_file` returns (or its Drop runs,
-                        // or the data file's Drop waits out what is left), so
-                        // the kernel reads it only while it is alive.
+                        // whole call, and the kernel only reads it. The
+                        // pipeline drains every transfer before
+                        // `write_data_file` returns (or its Drop does); a
+                        // transfer it cannot drain is left to the data file's
+                        // Drop, which waits it out or, failing that, aborts
+                        // the process (the storage module's rule for
+                        // borrowed memory): the kernel never reads `bytes`
+                        // after this call.
                         let region = unsafe { RawRegion::new(bytes.as_ptr().cast_mut(), len) };
                         pipe.submit(OpKind::Write, offset, len, IoBuf::Borrowed(region), index)?;
                     } else {
-                        let mut buf = pipe.take_buffer()?;
-                        let space = buf.space_mut();
-                        let (dst, rest) = space.split_at_mut(len);
-                        dst.copy_from_slice(bytes);
-                        rest.fill(0);
-                        buf.set_filled(len);
-                        pipe.submit(OpKind::Write, offset, padded, IoBuf::Pooled(buf), index)?;
+                        write_through_buffer(&mut pipe, offset, len, index, |dst| {
+                            dst.copy_from_slice(bytes);
+                            Ok(())
+                        })?;
                     }
                     // Computed while the transfer is in flight.
-                    crcs.push(checksum.chunk_crc32(bytes));
+                    checksum.chunk_crc32(bytes)
                 }
                 Source::Shared(mem) => {
                     let piece = mem.subrange(begin, len)?;
-                    if padded == len {
+                    if aligned {
                         // SAFETY: the handle's contract keeps the bytes mapped
-                        // for its lifetime, which outlives this call; the
-                        // pipeline drains every transfer before this call
-                        // returns (or its Drop runs, or the data file's Drop
-                        // waits out what is left), and the kernel only reads
-                        // the region.
+                        // for its lifetime, which outlives this call, and the
+                        // kernel only reads the region. The pipeline drains
+                        // every transfer before this call returns (or its
+                        // Drop does); a transfer it cannot drain is left to
+                        // the data file's Drop, which waits it out or,
+                        // failing that, aborts the process (the storage
+                        // module's rule for borrowed memory), so the slot is
+                        // never read after it is freed or unmapped.
                         let region = unsafe { piece.raw_region() };
                         pipe.submit(OpKind::Write, offset, len, IoBuf::Borrowed(region), index)?;
                         // Computed while the transfer is in flight, from the
                         // bytes as the daemon reads them: if the trainer
                         // writes them meanwhile, the CRC exposes it.
-                        crcs.push(piece.crc32(checksum, &mut bounce));
+                        piece.crc32(checksum, &mut bounce)
                     } else {
                         // The padded tail: copied out once, and the CRC is of
                         // exactly the copy written.
-                        let mut buf = pipe.take_buffer()?;
-                        let space = buf.space_mut();
-                        let (dst, rest) = space.split_at_mut(len);
-                        piece.copy_to(0, dst)?;
-                        crcs.push(checksum.chunk_crc32(dst));
-                        rest.fill(0);
-                        buf.set_filled(len);
-                        pipe.submit(OpKind::Write, offset, padded, IoBuf::Pooled(buf), index)?;
+                        write_through_buffer(&mut pipe, offset, len, index, |dst| {
+                            piece.copy_to(0, dst)?;
+                            Ok(checksum.chunk_crc32(dst))
+                        })?
                     }
                 }
                 Source::Stream(fill) => {
-                    let mut buf = pipe.take_buffer()?;
-                    let space = buf.space_mut();
-                    let (dst, rest) = space.split_at_mut(len);
-                    if let Err(source) = fill(start, dst) {
-                        pipe.put_back(buf);
-                        return Err(StoreError::Source {
+                    write_through_buffer(&mut pipe, offset, len, index, |dst| {
+                        fill(start, dst).map_err(|source| StoreError::Source {
                             id: id.clone(),
                             offset: start,
                             source,
-                        });
-                    }
-                    crcs.push(checksum.chunk_crc32(dst));
-                    if let Some(pad) = rest.get_mut(..padded - len) {
-                        pad.fill(0);
-                    }
-                    buf.set_filled(len);
-                    pipe.submit(OpKind::Write, offset, padded, IoBuf::Pooled(buf), index)?;
+                        })?;
+                        Ok(checksum.chunk_crc32(dst))
+                    })?
                 }
-            }
+            };
+            crcs.push(crc);
         }
         pipe.drain()?;
         assert_eq!(to_u64(crcs.len()), chunk_count, "one CRC per chunk written");
@@ -357,9 +386,34 @@ impl Store {
         Ok(crcs)
     }
 
-    /// Creates `dir` and any missing parents below the root, fsyncing each
-    /// parent that gained an entry, so the new directory survives power loss.
-    pub(crate) fn ensure_dir_durable(&self, dir: &Path) -> Result<(), StoreError> {
+    /// Makes the rank directory of `id` durable, with its job directory
+    /// too when commits make job directories ([`JobDirs::MadeByCommits`]);
+    /// under [`JobDirs::Claimed`] a missing job directory is
+    /// [`StoreError::JobMissing`] and is never made here.
+    fn ensure_rank_dir(&self, id: &SnapshotId) -> Result<(), StoreError> {
+        let root = self.root();
+        let top = match self.job_dirs() {
+            JobDirs::MadeByCommits => root.to_path_buf(),
+            JobDirs::Claimed => {
+                let job_dir = id.job_dir(root);
+                if self.storage().metadata(&job_dir)?.is_none() {
+                    return Err(StoreError::JobMissing {
+                        job: id.job.clone(),
+                        dir: job_dir,
+                    });
+                }
+                job_dir
+            }
+        };
+        self.ensure_dir_durable(&id.rank_dir(root), &top)
+    }
+
+    /// Creates `dir` and any missing parents below `top` (which must exist),
+    /// fsyncing each parent that gained an entry, so the new directory
+    /// survives power loss. Each directory is made by one `mkdir`, never
+    /// with its parents: one that vanished meanwhile fails the call with
+    /// its ENOENT instead of being made again.
+    pub(crate) fn ensure_dir_durable(&self, dir: &Path, top: &Path) -> Result<(), StoreError> {
         let storage: &dyn Storage = self.storage();
         if storage.metadata(dir)?.is_some() {
             return Ok(());
@@ -367,7 +421,7 @@ impl Store {
         let mut missing = vec![dir.to_path_buf()];
         let mut cursor = dir.parent();
         while let Some(parent) = cursor {
-            if parent == self.root() || storage.metadata(parent)?.is_some() {
+            if parent == top || storage.metadata(parent)?.is_some() {
                 break;
             }
             missing.push(parent.to_path_buf());

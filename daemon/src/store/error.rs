@@ -51,6 +51,11 @@ pub enum StoreError {
         rank: u32,
         step: Option<u64>,
     },
+    #[error(
+        "job {job:?}: its directory {} is missing (it was claimed, then removed); the snapshot is not written, and registering the job again claims it anew",
+        .dir.display()
+    )]
+    JobMissing { job: String, dir: PathBuf },
     #[error("snapshot {id}: rank {} is not below world size {world_size}", .id.rank)]
     RankOutsideWorld { id: SnapshotId, world_size: u32 },
     #[error("source holds {actual} bytes but the tensors need {expected}")]
@@ -143,10 +148,32 @@ impl StoreError {
     /// The operating system's error behind this one (ENOSPC, EIO...), if
     /// the failure came from a system call.
     pub fn raw_os_error(&self) -> Option<i32> {
+        // Every variant listed: one added with an OS error behind it does
+        // not compile until it says so here.
         match self {
             StoreError::Storage(e) => e.raw_os_error(),
-            StoreError::Pool(PoolError::Map { source, .. }) => source.raw_os_error(),
-            _ => None,
+            StoreError::Pool(e) => e.raw_os_error(),
+            StoreError::Name(_)
+            | StoreError::Layout(_)
+            | StoreError::Manifest { .. }
+            | StoreError::ManifestMissing { .. }
+            | StoreError::AlreadyCommitted { .. }
+            | StoreError::InProgress { .. }
+            | StoreError::NotFound { .. }
+            | StoreError::RankOutsideWorld { .. }
+            | StoreError::JobMissing { .. }
+            | StoreError::SourceLength { .. }
+            | StoreError::SourceAlignment { .. }
+            | StoreError::SharedRange(_)
+            | StoreError::Source { .. }
+            | StoreError::ShortTransfer { .. }
+            | StoreError::LengthMismatch { .. }
+            | StoreError::HeaderCorrupt { .. }
+            | StoreError::ChunkCorrupt { .. }
+            | StoreError::ChunkLargerThanBuffer { .. }
+            | StoreError::Sink { .. }
+            | StoreError::DirectReadUnsupported { .. }
+            | StoreError::Config(_) => None,
         }
     }
 }

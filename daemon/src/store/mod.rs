@@ -173,6 +173,19 @@ impl CommitStep {
     ];
 }
 
+/// Who makes job directories (`<root>/<job>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobDirs {
+    /// A commit makes a missing job directory itself (benchmarks, tests,
+    /// stores written without the daemon's ownership claims). The default.
+    MadeByCommits,
+    /// Only an ownership claim makes one (the daemon: `crate::owners`, which
+    /// puts the OWNER inside first). A commit whose job directory is missing
+    /// fails with [`StoreError::JobMissing`] instead of making a job without
+    /// an owner, which everyone would then be refused.
+    Claimed,
+}
+
 /// Called at each commit step; `None` in production.
 pub type StopPoint = Arc<dyn Fn(&SnapshotId, CommitStep) + Send + Sync>;
 
@@ -186,6 +199,7 @@ pub struct Store {
     format: FormatVersion,
     checksum: Arc<dyn ChunkChecksum>,
     pool_wait: Duration,
+    job_dirs: JobDirs,
 }
 
 impl std::fmt::Debug for Store {
@@ -204,10 +218,7 @@ impl Store {
     /// chooses the I/O backend (logged with its reason), and runs start-up
     /// recovery.
     pub fn open(config: StoreConfig) -> Result<Store, StoreError> {
-        config.validate()?;
-        let pool = BufferPool::new(config.io_pool_bytes, config.io_buffer_bytes)?;
-        let storage = OsStorage::open(&config.root, config.io_backend, pool.clone())?;
-        Store::with_storage(config, Arc::new(storage), pool)
+        Store::open_wrapped(config, |real| real)
     }
 
     /// As [`Store::open`], with the real storage wrapped by `wrap` (the
@@ -263,6 +274,7 @@ impl Store {
             format: FormatVersion::CURRENT,
             checksum: Arc::new(CpuCrc32),
             pool_wait: POOL_WAIT_MAX,
+            job_dirs: JobDirs::MadeByCommits,
         }
     }
 
@@ -287,6 +299,16 @@ impl Store {
     /// uses the same.
     pub fn checksum(&self) -> &Arc<dyn ChunkChecksum> {
         &self.checksum
+    }
+
+    /// Sets who makes job directories ([`JobDirs::MadeByCommits`] unless
+    /// set; the daemon sets [`JobDirs::Claimed`]).
+    pub fn set_job_dirs(&mut self, job_dirs: JobDirs) {
+        self.job_dirs = job_dirs;
+    }
+
+    pub fn job_dirs(&self) -> JobDirs {
+        self.job_dirs
     }
 
     /// Sets how long a snapshot or a read waits for pool buffers
@@ -341,12 +363,34 @@ impl Store {
         world_size: u32,
         source: Source<'_>,
     ) -> Result<Committed, StoreError> {
-        let _writing = WritingGuard::claim(self, id)?;
-        let committed = self.commit_snapshot(id, layout, world_size, source)?;
-        if let Err(e) = self.prune(&id.job, id.rank) {
-            tracing::error!(snapshot = %id, error = %e, "retention failed; older snapshots stay until the next commit");
-        }
+        let committed = self.commit_laid_out(id, layout, world_size, source)?;
+        self.apply_retention(&id.job, id.rank);
         Ok(committed)
+    }
+
+    /// Writes and commits one snapshot, as [`Store::write_laid_out`], but
+    /// applies no retention: the caller runs [`Store::apply_retention`]
+    /// when it suits it (the persist engine: once the commit is reported
+    /// and its write permit is back).
+    pub fn commit_laid_out(
+        &self,
+        id: &SnapshotId,
+        layout: &Layout,
+        world_size: u32,
+        source: Source<'_>,
+    ) -> Result<Committed, StoreError> {
+        let _writing = WritingGuard::claim(self, id)?;
+        self.commit_snapshot(id, layout, world_size, source)
+    }
+
+    /// Retention for (job, rank) ([`Store::prune`]: the newest
+    /// `keep_snapshots` listed snapshots stay, so the newest listed one is
+    /// never removed); a failure is logged, and what it left stays until
+    /// the next commit's retention.
+    pub fn apply_retention(&self, job: &str, rank: u32) {
+        if let Err(e) = self.prune(job, rank) {
+            tracing::error!(job, rank, error = %e, "retention failed; older snapshots stay until the next commit");
+        }
     }
 
     fn stop_point(&self, id: &SnapshotId, step: CommitStep) {

@@ -26,6 +26,9 @@ use crate::store::error::StoreError;
 pub(crate) struct Pipeline<'f> {
     file: &'f mut dyn DataFile,
     lease: Lease,
+    /// Buffers the lease held at the start (free or in flight since); 0
+    /// for a pipeline whose transfers all use borrowed memory.
+    leased: usize,
     path: PathBuf,
     failed: Option<StoreError>,
     /// A reap failed: the file cannot give its operations back any more.
@@ -35,10 +38,14 @@ pub(crate) struct Pipeline<'f> {
 }
 
 impl<'f> Pipeline<'f> {
+    /// A pipeline over `file` with the pool buffers of `lease`, which may
+    /// be empty when every transfer uses borrowed memory
+    /// ([`Lease::empty`]); [`Pipeline::take_buffer`] then must not be
+    /// called.
     pub(crate) fn new(file: &'f mut dyn DataFile, lease: Lease, path: &Path) -> Self {
-        assert!(!lease.is_empty(), "a pipeline needs at least one buffer");
         Pipeline {
             file,
+            leased: lease.len(),
             lease,
             path: path.to_path_buf(),
             failed: None,
@@ -49,6 +56,11 @@ impl<'f> Pipeline<'f> {
 
     /// A free pool buffer, waiting for an in-flight transfer to return one.
     pub(crate) fn take_buffer(&mut self) -> Result<PoolBuf, StoreError> {
+        assert!(
+            self.leased > 0,
+            "{}: a buffer asked of a pipeline leased none",
+            self.path.display()
+        );
         loop {
             self.check()?;
             if let Some(buf) = self.lease.take() {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use gpusnap_kernels::ChunkChecksum;
 use gpusnap_proto::convert::{to_u64, to_usize};
 
-use crate::buffer_pool::{IO_ALIGN_BYTES, PoolBuf};
+use crate::buffer_pool::{IO_ALIGN_BYTES, Lease, PoolBuf};
 use crate::shared_memory::{CRC_BOUNCE_BYTES, SharedBytes};
 use crate::storage::{Completion, IoBuf, OpKind, StorageError};
 use crate::store::Store;
@@ -222,44 +222,36 @@ impl Store {
     /// [`StoreError::DirectReadUnsupported`] says why and [`Store::read`] is
     /// the way.
     pub fn read_into(&self, snapshot: &Snapshot, dst: &mut [u8]) -> Result<(), StoreError> {
-        let checksum = &**self.checksum();
-        let target = SharedBytes::from_private(dst);
-        self.read_direct(snapshot, target, &mut |piece| {
-            // SAFETY: `piece` lies inside `dst`, private memory this call
-            // borrows exclusively; its read has completed, so nothing writes
-            // those bytes while the slice lives (reads in flight cover other
-            // chunks).
-            let bytes = unsafe { std::slice::from_raw_parts(piece.as_ptr(), piece.len()) };
-            checksum.chunk_crc32(bytes)
-        })
+        self.read_into_shared(snapshot, SharedBytes::from_private(dst))
     }
 
     /// As [`Store::read_into`], into memory another process may write (a
     /// staging slot): O_DIRECT into the region, and every chunk's CRC32
     /// checked through the handle (never a slice over the shared bytes)
-    /// before Ok. The preconditions and the errors are `read_into`'s.
+    /// before Ok. The preconditions and the errors are `read_into`'s. No
+    /// pool buffer is used (every transfer lands in `dst`), so a direct
+    /// read never waits for persists that hold the pool.
     pub fn read_into_shared(
         &self,
         snapshot: &Snapshot,
         dst: SharedBytes<'_>,
     ) -> Result<(), StoreError> {
-        let checksum = &**self.checksum();
         let chunk_bytes = to_usize(snapshot.manifest.chunk_bytes).max(1);
         let mut bounce = vec![0u8; CRC_BOUNCE_BYTES.min(chunk_bytes)];
-        self.read_direct(snapshot, dst, &mut |piece| {
-            piece.crc32(checksum, &mut bounce)
-        })
+        self.read_direct(snapshot, dst, &mut bounce)
     }
 
     /// The direct read: O_DIRECT of every chunk into its place in `dst`,
-    /// `queue_depth` in flight, each chunk's CRC32 (`crc_of` its bytes)
-    /// checked as it completes while later reads are in flight.
+    /// `queue_depth` in flight, each chunk's CRC32 computed through the
+    /// handle (via `bounce`) and checked as it completes while later reads
+    /// are in flight.
     fn read_direct(
         &self,
         snapshot: &Snapshot,
         dst: SharedBytes<'_>,
-        crc_of: &mut dyn FnMut(SharedBytes<'_>) -> u32,
+        bounce: &mut [u8],
     ) -> Result<(), StoreError> {
+        let checksum = &**self.checksum();
         let m = &snapshot.manifest;
         let path = snapshot.data_path();
         let align = IO_ALIGN_BYTES as u64;
@@ -286,8 +278,8 @@ impl Store {
         let chunk_count = to_u64(m.chunk_crc32.len());
         let qd = self.config().queue_depth;
         let mut file = self.storage().open_data_file(&path, qd)?;
-        let lease = self.lease(1)?;
-        let mut pipe = Pipeline::new(&mut *file, lease, &path);
+        // Every transfer lands in `dst`: no pool buffer is needed.
+        let mut pipe = Pipeline::new(&mut *file, Lease::empty(), &path);
         let mut submitted = 0u64;
         let mut finished = 0u64;
         while finished < chunk_count {
@@ -300,9 +292,11 @@ impl Store {
                 // SAFETY: `dst` is valid for this whole call (its maker's
                 // contract, or the caller's exclusive borrow); the pipeline
                 // waits for every read before this function returns (or its
-                // Drop does, or the data file's Drop waits out or abandons
-                // what is left), and nothing here touches a chunk's bytes
-                // before its read completed.
+                // Drop does); a read it cannot drain is left to the data
+                // file's Drop, which waits it out or, failing that, aborts
+                // the process (the storage module's rule for borrowed
+                // memory); and nothing here touches a chunk's bytes before
+                // its read completed.
                 let region = unsafe { target.raw_region() };
                 pipe.submit(
                     OpKind::Read,
@@ -319,7 +313,7 @@ impl Store {
                 // Checked while later reads are in flight; the caller sees
                 // none of `dst` before every chunk is checked.
                 let piece = dst.subrange(to_usize(start), want)?;
-                snapshot.check_crc(c.op.tag, crc_of(piece))?;
+                snapshot.check_crc(c.op.tag, piece.crc32(checksum, bounce))?;
                 finished += 1;
             }
         }

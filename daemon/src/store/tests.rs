@@ -153,6 +153,35 @@ fn retention_keeps_the_newest_k() {
     assert_eq!(steps, [4, 5]);
 }
 
+/// `commit_laid_out` applies no retention (the persist engine prunes after
+/// reporting the commit, outside its write permit); `apply_retention` then
+/// keeps the newest `keep_snapshots`, the newest among them.
+#[test]
+fn a_commit_without_retention_keeps_every_snapshot_until_retention_runs() {
+    let sim = SimStorage::new(Path::new(ROOT));
+    let store = store_on(&sim);
+    let layout = Layout::plan(&tensors()).expect("layout");
+    for step in 1..=4 {
+        let bytes = data(layout.data_len, 1);
+        let mut fill = |offset: u64, dst: &mut [u8]| -> Result<(), SourceError> {
+            let start = usize::try_from(offset)?;
+            dst.copy_from_slice(&bytes[start..start + dst.len()]);
+            Ok(())
+        };
+        let id = SnapshotId::new("job", 0, step).expect("id");
+        store
+            .commit_laid_out(&id, &layout, 1, Source::Stream(&mut fill))
+            .expect("commit");
+    }
+    let steps = |store: &Store| -> Vec<u64> {
+        let listing = store.list(Some("job")).expect("list");
+        listing.snapshots.iter().map(|s| s.manifest.step).collect()
+    };
+    assert_eq!(steps(&store), [1, 2, 3, 4], "nothing pruned by the commits");
+    store.apply_retention("job", 0);
+    assert_eq!(steps(&store), [3, 4], "keep_snapshots = 2, the newest kept");
+}
+
 #[test]
 fn recovery_removes_partial_directories() {
     let sim = SimStorage::new(Path::new(ROOT));
@@ -475,6 +504,78 @@ fn a_snapshot_waiting_on_a_busy_pool_times_out() {
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
     drop(held);
     write(&store, 1, 1).expect("commits once the pool is free");
+}
+
+/// The regression: a direct read leased a pool buffer it never used, so a
+/// restore failed with `PoolError::Timeout` while persists held the pool.
+/// It needs none: it reads the same bytes while every buffer is held.
+#[test]
+fn a_direct_read_needs_no_pool_buffer() {
+    use crate::shared_memory::testing::SharedPair;
+
+    let sim = SimStorage::new(Path::new(ROOT));
+    let mut store = store_on(&sim);
+    let committed = write(&store, 1, 4).expect("commit");
+    let len = usize::try_from(committed.manifest.data_len).expect("fits");
+    let snap = store.find("job", 0, Some(1)).expect("find");
+    store.set_pool_wait(std::time::Duration::from_millis(100));
+    let held = store
+        .pool()
+        .lease(store.pool().capacity(), std::time::Instant::now())
+        .expect("every buffer");
+    let target = SharedPair::new(len.next_multiple_of(4096));
+    store
+        .read_into_shared(&snap, target.daemon())
+        .expect("a direct read while the pool is held");
+    assert_eq!(
+        target.trainer_reads(0, len),
+        data(committed.manifest.data_len, 4)
+    );
+    let mut private = crate::hot_tier::HotBuffer::new(len.next_multiple_of(4096)).expect("buffer");
+    store
+        .read_into(&snap, &mut private)
+        .expect("the same into private memory");
+    assert_eq!(&private[..len], &data(committed.manifest.data_len, 4)[..]);
+    drop(held);
+}
+
+/// Under `JobDirs::Claimed` (the daemon's store) a commit whose job
+/// directory vanished after its claim fails naming it, and makes nothing: a
+/// job directory without its OWNER would be refused to everyone.
+#[test]
+fn a_claimed_store_never_makes_a_missing_job_directory() {
+    let sim = SimStorage::new(Path::new(ROOT));
+    let mut store = store_on(&sim);
+    assert_eq!(store.job_dirs(), JobDirs::MadeByCommits);
+    store.set_job_dirs(JobDirs::Claimed);
+    let job_dir = Path::new(ROOT).join("job");
+    match write(&store, 1, 1) {
+        Err(StoreError::JobMissing { job, dir }) => {
+            assert_eq!((job.as_str(), dir.as_path()), ("job", job_dir.as_path()));
+        }
+        other => panic!("a commit into a missing job directory: {other:?}"),
+    }
+    assert!(
+        sim.metadata(&job_dir).expect("stat").is_none(),
+        "nothing made"
+    );
+    // A claim made it: the rank directory below it is made as before.
+    sim.create_dir(&job_dir).expect("the claim's directory");
+    write(&store, 1, 1).expect("commits under the claimed job");
+    assert_eq!(store.find("job", 0, None).expect("find").manifest.step, 1);
+    // The default store (benchmarks, tests) makes the job itself.
+    store.set_job_dirs(JobDirs::MadeByCommits);
+    let id = SnapshotId::new("other", 0, 1).expect("id");
+    let layout = Layout::plan(&tensors()).expect("layout");
+    let bytes = data(layout.data_len, 2);
+    let mut fill = |offset: u64, dst: &mut [u8]| -> Result<(), SourceError> {
+        let start = usize::try_from(offset)?;
+        dst.copy_from_slice(&bytes[start..start + dst.len()]);
+        Ok(())
+    };
+    store
+        .write_laid_out(&id, &layout, 1, Source::Stream(&mut fill))
+        .expect("the job directory made by the commit");
 }
 
 #[test]

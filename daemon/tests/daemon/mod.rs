@@ -126,14 +126,37 @@ impl Daemon {
         http_get(&self.metrics_addr, path)
     }
 
-    /// The value of one sample line of /metrics (`name{labels}`), or 0
-    /// when it is not exported (a labelled counter appears at its first
-    /// increment).
+    /// The value of one sample of /metrics (`name{labels}`, labels in name
+    /// order). Its family must be exported (its `# TYPE` line; a
+    /// histogram's for `_bucket`, `_sum` and `_count`), else this panics
+    /// naming the family, so a misspelt name never reads as 0; a series of
+    /// an exported family with no sample yet reads 0 (a labelled counter
+    /// gets a series at its first increment).
     pub fn metric(&self, sample: &str) -> f64 {
-        self.process
-            .metric(sample)
-            .unwrap_or_else(|e| panic!("{e}"))
+        let body = self.process.metrics().unwrap_or_else(|e| panic!("{e}"));
+        let family = exported_family(&body, sample).unwrap_or_else(|| {
+            panic!(
+                "the family of {sample} is not exported (no `# TYPE` line); exported: {:?}",
+                exported_families(&body)
+            )
+        });
+        gpusnapd_testkit::sample(&body, sample)
+            .unwrap_or_else(|e| panic!("{family}: {e}"))
             .unwrap_or(0.0)
+    }
+
+    /// Whether the family `family` is exported now (its `# TYPE` line). A
+    /// labelled family is exported once one of its series moved, so `false`
+    /// says none has on this daemon. Panics when the daemon defines no such
+    /// family (`daemon/src/metrics.rs`): a misspelt name is never "not
+    /// exported".
+    pub fn exports(&self, family: &str) -> bool {
+        assert!(
+            defined_families().contains(family),
+            "the daemon defines no metric family {family}"
+        );
+        let body = self.process.metrics().unwrap_or_else(|e| panic!("{e}"));
+        exported_families(&body).contains(family)
     }
 }
 
@@ -143,6 +166,49 @@ impl Drop for Daemon {
             eprintln!("--- gpusnapd log ---\n{}", self.log());
         }
     }
+}
+
+/// The families a `/metrics` body exports: the names of its `# TYPE` lines.
+pub fn exported_families(body: &str) -> std::collections::BTreeSet<String> {
+    body.lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The exported family a sample `name{labels}` belongs to: `name` itself,
+/// or for a histogram's `_bucket`, `_sum` and `_count` the histogram.
+fn exported_family(body: &str, sample: &str) -> Option<String> {
+    let name = sample.split('{').next().unwrap_or(sample);
+    let types: std::collections::HashMap<&str, &str> = body
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_once(' '))
+        .collect();
+    if types.contains_key(name) {
+        return Some(name.to_owned());
+    }
+    ["_bucket", "_sum", "_count"].iter().find_map(|suffix| {
+        let base = name.strip_suffix(suffix)?;
+        (types.get(base) == Some(&"histogram")).then(|| base.to_owned())
+    })
+}
+
+/// Every `"gpusnap_..."` family the daemon's metric definitions register
+/// (`daemon/src/metrics.rs` outside its tests).
+pub fn defined_families() -> std::collections::BTreeSet<String> {
+    let source = include_str!("../../src/metrics.rs");
+    let definitions = source.split("#[cfg(test)]").next().expect("source");
+    definitions
+        .split("\"gpusnap_")
+        .skip(1)
+        .filter_map(|rest| {
+            let name = rest.split('"').next()?;
+            (!name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+                .then(|| format!("gpusnap_{name}"))
+        })
+        .collect()
 }
 
 /// A bare HTTP/1.1 GET on loopback.
