@@ -1,15 +1,18 @@
 //! The trainer-facing client: configuration, registration, restore, list,
 //! status, commit waits and reconnection. Capture lives in `handle.rs`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::background::{Finisher, Pending};
 use crate::backoff::Backoff;
 use crate::buffer::{Buffer, HostTensor};
 use crate::conn::Deadline;
-use crate::device::{Device, HostDevice, RestoreCopy, Target, same_device};
+use crate::device::{
+    Device, HostDevice, PinPolicy, Pinning, RestoreCopy, StreamOrder, Target, same_device,
+};
 use crate::error::{Error, Result};
 use crate::proto::convert::to_u64;
 use crate::proto::{self, ReplyBody, RequestBody, RestoreSource, StagingInfo};
@@ -53,6 +56,10 @@ pub struct ClientConfig {
     pub reconnect: bool,
     /// Threads the host copy backend uses (min(4, available parallelism)).
     pub copy_threads: usize,
+    /// Whether a registration with CUDA buffers fails when its staging
+    /// cannot be page-locked ([`PinPolicy::Require`]) or goes on unpinned,
+    /// slower, with a warning ([`PinPolicy::Prefer`], the default).
+    pub pin_policy: PinPolicy,
 }
 
 impl ClientConfig {
@@ -73,6 +80,7 @@ impl ClientConfig {
             commit_timeout: Duration::from_secs(600),
             reconnect: true,
             copy_threads: crate::device::host_default_threads(),
+            pin_policy: PinPolicy::Prefer,
         }
     }
 }
@@ -182,6 +190,13 @@ pub struct Client {
     pub(crate) orphaned: BTreeSet<u64>,
     /// The capture started by `begin_snapshot`, until it is finished.
     pub(crate) capture: Option<OpenCapture>,
+    /// The thread that finishes captures handed off by
+    /// `finish_snapshot_in_background`, started by the first.
+    pub(crate) finisher: Option<Finisher>,
+    /// The capture it works on, until collected (it holds the connection).
+    pub(crate) handed_off: Option<Pending>,
+    /// How handed-off captures came out, by step, until asked for.
+    pub(crate) background_outcomes: BTreeMap<u64, Result<SnapshotOutcome>>,
     uid: u32,
 }
 
@@ -212,6 +227,9 @@ impl Client {
             events: Events::default(),
             orphaned: BTreeSet::new(),
             capture: None,
+            finisher: None,
+            handed_off: None,
+            background_outcomes: BTreeMap::new(),
             uid: 0,
         };
         client.live()?;
@@ -231,6 +249,18 @@ impl Client {
     /// The staging layout of the current registration, once sent.
     pub fn staging(&self) -> Option<&StagingInfo> {
         self.session.as_ref()?.staging.as_deref().map(Staging::info)
+    }
+
+    /// What attaching each device did to the current registration's
+    /// staging (page-locked for CUDA copies, or not and why), in the order
+    /// of [`devices`](Client::devices); empty before the registration was
+    /// sent.
+    pub fn staging_pinning(&self) -> Vec<Pinning> {
+        self.session
+            .as_ref()
+            .and_then(|s| s.staging.as_deref())
+            .map(Staging::pinning)
+            .unwrap_or_default()
     }
 
     /// Registers a buffer as tensor `name`. Checked here (spec, byte length,
@@ -323,11 +353,20 @@ impl Client {
     /// `write()` guard held by the calling thread across this call would
     /// wait forever.
     pub fn restore(&mut self, step: Step) -> Result<Option<RestoreInfo>> {
-        self.refuse_open_capture()?;
-        self.retry("restore", |c| c.restore_once(step))
+        self.restore_on(step, &StreamOrder::legacy())
     }
 
-    fn restore_once(&mut self, step: Step) -> Result<Option<RestoreInfo>> {
+    /// [`restore`](Client::restore), with the copies into CUDA buffers
+    /// ordered after the work queued so far on `order`'s streams, and the
+    /// work queued there later ordered after the copies (the restore also
+    /// waits for them on the host before it returns).
+    pub fn restore_on(&mut self, step: Step, order: &StreamOrder) -> Result<Option<RestoreInfo>> {
+        self.collect_background();
+        self.refuse_open_capture()?;
+        self.retry("restore", |c| c.restore_once(step, order))
+    }
+
+    fn restore_once(&mut self, step: Step, order: &StreamOrder) -> Result<Option<RestoreInfo>> {
         let staging = self.registered()?;
         let wanted = match step {
             Step::Latest => None,
@@ -352,7 +391,7 @@ impl Client {
             return Err(self.protocol(format!("asked to restore step {wanted:?}, got step {got}")));
         }
         let started = Instant::now();
-        let copied = self.copy_out(&staging, slot);
+        let copied = self.copy_out(&staging, slot, order);
         let copy = started.elapsed();
         let released = self.call(RequestBody::Release { slot }, self.config.call_timeout);
         copied?;
@@ -373,7 +412,7 @@ impl Client {
     }
 
     /// Copies slot `slot` into every registered buffer, under write locks.
-    fn copy_out(&mut self, staging: &Staging, slot: u32) -> Result<()> {
+    fn copy_out(&mut self, staging: &Staging, slot: u32, order: &StreamOrder) -> Result<()> {
         let targets: Vec<Target> = self.tensors.iter().map(|r| r.buffer.target()).collect();
         // SAFETY: the daemon lent `slot` to this restore, and `&mut self`
         // keeps every other capture or restore of this client away (each
@@ -384,7 +423,7 @@ impl Client {
             .zip(targets)
             .zip(&self.tensors)
             .map(|((src, dst), r)| (r.device, RestoreCopy { src, dst }));
-        route::restore_and_wait(&self.devices, copies).map(drop)
+        route::restore_and_wait(&self.devices, copies, order).map(drop)
     }
 
     /// Committed snapshots of this job.
@@ -476,6 +515,15 @@ impl Client {
         if self.open_capture() == Some(step) {
             return Err(Error::CaptureInProgress { step });
         }
+        self.collect_background();
+        match self.background_outcomes.remove(&step) {
+            Some(Err(e)) => return Err(e),
+            Some(Ok(SnapshotOutcome::Skipped { step, reason })) => {
+                self.events.take(step);
+                return Err(Error::Skipped { step, reason });
+            }
+            Some(Ok(SnapshotOutcome::Captured(_))) | None => {}
+        }
         let deadline = Deadline::after(self.config.commit_timeout);
         loop {
             self.reap_broken();
@@ -550,6 +598,8 @@ impl Client {
 
     /// Makes sure a handshaken session exists, connecting until `deadline`.
     fn live_until(&mut self, deadline: Instant) -> Result<()> {
+        // A handed-off capture holds the connection: take it back first.
+        self.collect_background();
         self.reap_broken();
         if self.session.is_none() {
             let session = Session::open(&self.config.socket, deadline, self.config.call_timeout)?;
@@ -657,7 +707,7 @@ impl Client {
                 )));
             }
         };
-        let staging = match Staging::map(fd, info, lens, &self.devices) {
+        let staging = match Staging::map(fd, info, lens, &self.devices, self.config.pin_policy) {
             Ok(s) => Arc::new(s),
             Err(e) => {
                 // A staging this client cannot use (a bad description, or a
@@ -759,6 +809,12 @@ impl Drop for Client {
             && let Err(e) = self.finish_snapshot()
         {
             tracing::error!(error = %e, "client dropped with a capture open: finishing it failed");
+        }
+        self.collect_background();
+        for (step, outcome) in std::mem::take(&mut self.background_outcomes) {
+            if let Err(e) = outcome {
+                tracing::error!(step, error = %e, "a capture finished in the background failed, and nobody asked");
+            }
         }
     }
 }

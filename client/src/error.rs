@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::TensorSpecError;
+use crate::device::cuda::CudaError;
 use crate::proto::{ErrorKind, OsError};
 
 /// Everything that can go wrong in the client.
@@ -126,6 +127,11 @@ pub enum Error {
     /// A local I/O error (socket options, mapping the staging memfd).
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+    /// The CUDA backend failed: no usable driver or device, a driver call
+    /// (its name and `CUresult` kept), a device pointer or stream refused
+    /// at registration or snapshot time.
+    #[error("CUDA: {0}")]
+    Cuda(#[from] CudaError),
 }
 
 /// Shorthand for results of this crate.
@@ -207,7 +213,8 @@ impl Error {
             | Error::Spec(_)
             | Error::BackendUnavailable { .. }
             | Error::CaptureInProgress { .. }
-            | Error::Io(_) => return None,
+            | Error::Io(_)
+            | Error::Cuda(_) => return None,
         })
     }
     /// The operating system's error behind this one: the errno the daemon
@@ -242,7 +249,8 @@ impl Error {
             | Error::DuplicateName { .. }
             | Error::Spec(_)
             | Error::BackendUnavailable { .. }
-            | Error::CaptureInProgress { .. } => None,
+            | Error::CaptureInProgress { .. }
+            | Error::Cuda(_) => None,
         }
     }
 
@@ -322,6 +330,7 @@ impl Error {
             },
             Error::CaptureInProgress { step } => Error::CaptureInProgress { step: *step },
             Error::Io(e) => Error::Io(io(e)),
+            Error::Cuda(e) => Error::Cuda(e.clone()),
         }
     }
 }

@@ -5,15 +5,22 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::background::{Finisher, Job, Pending};
 use crate::client::{CaptureInfo, Client, CommitInfo, SnapshotOutcome};
 use crate::conn::Deadline;
-use crate::device::{CaptureCopy, Source, Tickets};
+use crate::device::{CaptureCopy, Source, StreamOrder, Tickets};
 use crate::error::{Error, Result};
 use crate::proto::convert::{nanos, to_usize};
 use crate::proto::{BusyPolicy, ReplyBody, RequestBody};
 use crate::route;
 use crate::session::Outcome;
 use crate::staging::Staging;
+
+/// Outcomes of handed-off captures kept until asked for, at most.
+const BACKGROUND_OUTCOMES_MAX: usize = 64;
 
 enum State {
     /// The devices copy into the slot; `sources` hold the read leases.
@@ -36,6 +43,8 @@ enum State {
 /// it is open ([`Error::CaptureInProgress`]).
 pub(crate) struct OpenCapture {
     step: u64,
+    /// The trainer's streams the copies are ordered after.
+    order: StreamOrder,
     state: State,
     /// Time the trainer was blocked so far.
     stall: Duration,
@@ -111,7 +120,19 @@ impl Client {
     /// until the handle is waited for or dropped (so a `write()` guard held
     /// by the calling thread across this call would wait forever).
     pub fn snapshot_begin(&mut self, step: u64) -> Result<SnapshotHandle<'_>> {
-        self.begin_snapshot(step)?;
+        self.snapshot_begin_on(step, StreamOrder::legacy())
+    }
+
+    /// [`snapshot_begin`](Client::snapshot_begin), with the copies of CUDA
+    /// buffers ordered after the work queued so far on the trainer's
+    /// streams in `order` (each device's legacy default stream where
+    /// `order` names none).
+    pub fn snapshot_begin_on(
+        &mut self,
+        step: u64,
+        order: StreamOrder,
+    ) -> Result<SnapshotHandle<'_>> {
+        self.begin_snapshot_on(step, order)?;
         Ok(SnapshotHandle {
             client: self,
             step,
@@ -124,8 +145,15 @@ impl Client {
     /// stays open on the client until [`finish_snapshot`](Client::finish_snapshot).
     /// Buffers must not be written until then.
     pub fn begin_snapshot(&mut self, step: u64) -> Result<()> {
+        self.begin_snapshot_on(step, StreamOrder::legacy())
+    }
+
+    /// [`begin_snapshot`](Client::begin_snapshot) ordered after `order`'s
+    /// streams (see [`snapshot_begin_on`](Client::snapshot_begin_on)).
+    pub fn begin_snapshot_on(&mut self, step: u64, order: StreamOrder) -> Result<()> {
+        self.collect_background();
         self.refuse_open_capture()?;
-        let open = self.start_capture(step)?;
+        let open = self.start_capture(step, order)?;
         self.capture = Some(open);
         Ok(())
     }
@@ -143,6 +171,9 @@ impl Client {
     /// when to finish; the buffers must still not be written before
     /// `finish_snapshot` returns.
     pub fn copies_done(&self) -> Option<bool> {
+        if let Some(pending) = &self.handed_off {
+            return Some(pending.copies_done.load(Ordering::Acquire));
+        }
         self.capture.as_ref().map(OpenCapture::copies_done)
     }
 
@@ -157,6 +188,149 @@ impl Client {
         self.drive_capture(open)
     }
 
+    /// Finishes the open capture without blocking the host: the trainer's
+    /// CUDA streams are made to wait for the copies on the device
+    /// (`cuStreamWaitEvent`; the optimizer step queued next cannot change
+    /// state under them), and a client thread waits for the copies, tells
+    /// the daemon and awaits its answer. Returns at once. The host buffers
+    /// stay read-locked until the daemon has the data.
+    ///
+    /// The capture's outcome is kept for [`background_outcome`](Client::background_outcome)
+    /// and [`wait_committed`](Client::wait_committed), which raise its
+    /// error; the client's next call that needs the connection first waits
+    /// for the thread (usually long done by then). Where nothing is left
+    /// to wait for (a skip, a stream), or the streams cannot be ordered, or
+    /// no thread can be started, it finishes here and now instead, and
+    /// returns that error, if any.
+    pub fn finish_snapshot_in_background(&mut self) -> Result<()> {
+        let open = self
+            .capture
+            .take()
+            .ok_or_else(|| Error::NotFound("no snapshot capture is open".into()))?;
+        let step = open.step;
+        let open = match self.hand_off(open) {
+            Ok(()) => return Ok(()),
+            Err(open) => *open,
+        };
+        let outcome = self.drive_capture(open);
+        let result = match &outcome {
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.replay()),
+        };
+        self.keep_background_outcome(step, outcome);
+        result
+    }
+
+    /// Gives a capture whose copies run to the finishing thread, or gives
+    /// it back.
+    fn hand_off(&mut self, open: OpenCapture) -> std::result::Result<(), Box<OpenCapture>> {
+        let OpenCapture {
+            step,
+            order,
+            state,
+            stall,
+            bytes,
+        } = open;
+        let give_back = |state| {
+            Box::new(OpenCapture {
+                step,
+                order: order.clone(),
+                state,
+                stall,
+                bytes,
+            })
+        };
+        let State::Copying { tickets, sources } = state else {
+            return Err(give_back(state));
+        };
+        if let Err(e) = tickets.order_streams_after() {
+            tracing::warn!(step, error = %e, "cannot order the trainer's streams after the copies: waiting for them on the host");
+            return Err(give_back(State::Copying { tickets, sources }));
+        }
+        if self.finisher.is_none() {
+            match Finisher::start() {
+                Ok(f) => self.finisher = Some(f),
+                Err(e) => {
+                    tracing::warn!(step, error = %e, "no thread to finish captures in the background");
+                    return Err(give_back(State::Copying { tickets, sources }));
+                }
+            }
+        }
+        let (Some(finisher), Some(session)) = (self.finisher.as_ref(), self.session.take()) else {
+            return Err(give_back(State::Copying { tickets, sources }));
+        };
+        let copies_done = Arc::new(AtomicBool::new(false));
+        let job = Job {
+            step,
+            tickets,
+            sources,
+            session,
+            stall,
+            bytes,
+            call_timeout: self.config.call_timeout,
+            copies_done: Arc::clone(&copies_done),
+        };
+        match finisher.hand(job) {
+            Ok(()) => {
+                self.handed_off = Some(Pending { step, copies_done });
+                Ok(())
+            }
+            Err(job) => {
+                let Job {
+                    tickets,
+                    sources,
+                    session,
+                    ..
+                } = *job;
+                self.session = Some(session);
+                Err(give_back(State::Copying { tickets, sources }))
+            }
+        }
+    }
+
+    /// Takes back the connection and the outcome of a handed-off capture
+    /// (waiting for it if it still runs); nothing when none is handed off.
+    pub(crate) fn collect_background(&mut self) {
+        let Some(pending) = self.handed_off.take() else {
+            return;
+        };
+        let Some(finisher) = self.finisher.as_ref() else {
+            return;
+        };
+        match finisher.collect() {
+            Ok(finished) => {
+                debug_assert_eq!(finished.step, pending.step);
+                debug_assert!(
+                    self.session.is_none(),
+                    "a second connection opened during a hand-off"
+                );
+                self.session = Some(finished.session);
+                self.events.absorb(finished.events);
+                self.keep_background_outcome(finished.step, finished.outcome);
+            }
+            Err(e) => self.keep_background_outcome(pending.step, Err(e)),
+        }
+    }
+
+    /// How the capture of `step` handed off by
+    /// [`finish_snapshot_in_background`](Client::finish_snapshot_in_background)
+    /// came out (waiting for it if it still runs); `None` when no such
+    /// capture's outcome is kept (never handed off, or asked for already).
+    pub fn background_outcome(&mut self, step: u64) -> Option<Result<SnapshotOutcome>> {
+        self.collect_background();
+        self.background_outcomes.remove(&step)
+    }
+
+    fn keep_background_outcome(&mut self, step: u64, outcome: Result<SnapshotOutcome>) {
+        if let Err(e) = &outcome {
+            tracing::warn!(step, error = %e, "a capture finished in the background failed");
+        }
+        self.background_outcomes.insert(step, outcome);
+        while self.background_outcomes.len() > BACKGROUND_OUTCOMES_MAX {
+            self.background_outcomes.pop_first();
+        }
+    }
+
     /// [`Error::CaptureInProgress`] while a capture is open.
     pub(crate) fn refuse_open_capture(&self) -> Result<()> {
         match self.open_capture() {
@@ -165,13 +339,14 @@ impl Client {
         }
     }
 
-    fn start_capture(&mut self, step: u64) -> Result<OpenCapture> {
+    fn start_capture(&mut self, step: u64, order: StreamOrder) -> Result<OpenCapture> {
         let started = Instant::now();
         let staging = self.retry("register", |c| c.registered())?;
         let sources: Vec<Source> = self.tensors.iter().map(|r| r.buffer.source()).collect();
         let bytes = staging.tensor_bytes_total();
-        let done = |outcome: SnapshotOutcome| OpenCapture {
+        let done = |outcome: SnapshotOutcome, order: StreamOrder| OpenCapture {
             step,
+            order,
             state: State::Done(outcome),
             stall: started.elapsed(),
             bytes,
@@ -180,8 +355,8 @@ impl Client {
             Err(e) if self.broke(&e) => {
                 tracing::warn!(step, "begin: connection broke ({e}); reconnecting");
                 self.close_session();
-                let outcome = self.capture_again(step, &sources, started);
-                return Ok(done(outcome?));
+                let outcome = self.capture_again(step, &sources, &order, started);
+                return Ok(done(outcome?, order));
             }
             other => other?,
         };
@@ -195,26 +370,27 @@ impl Client {
                 );
                 State::Done(SnapshotOutcome::Skipped { step, reason })
             }
-            Begun::Slot(slot) => match self.copy_slot(&staging, slot, &sources) {
+            Begun::Slot(slot) => match self.copy_slot(&staging, slot, &sources, &order) {
                 Ok(tickets) => State::Copying { tickets, sources },
                 Err(e) => {
                     self.abort(step, &[], &e);
                     return Err(e);
                 }
             },
-            Begun::Stream(chunks) => match self.stream(step, chunks, &staging, &sources) {
+            Begun::Stream(chunks) => match self.stream(step, chunks, &staging, &sources, &order) {
                 Ok(capture) => State::Copied { sources, capture },
                 Err(e) if self.broke(&e) => {
                     tracing::warn!(step, "stream: connection broke ({e}); reconnecting");
                     self.close_session();
-                    let outcome = self.capture_again(step, &sources, started);
-                    return Ok(done(outcome?));
+                    let outcome = self.capture_again(step, &sources, &order, started);
+                    return Ok(done(outcome?, order));
                 }
                 Err(e) => return Err(e),
             },
         };
         Ok(OpenCapture {
             step,
+            order,
             state,
             stall: started.elapsed(),
             bytes,
@@ -225,6 +401,7 @@ impl Client {
     fn drive_capture(&mut self, open: OpenCapture) -> Result<SnapshotOutcome> {
         let OpenCapture {
             step,
+            order,
             state,
             mut stall,
             bytes,
@@ -256,7 +433,7 @@ impl Client {
                 tracing::warn!(step, "captured: connection broke ({e}); reconnecting");
                 self.close_session();
                 let started = Instant::now() - stall;
-                self.capture_again(step, &sources, started)?
+                self.capture_again(step, &sources, &order, started)?
             }
             Err(e) => return Err(e),
         };
@@ -302,9 +479,10 @@ impl Client {
         chunks: u64,
         staging: &Staging,
         sources: &[Source],
+        order: &StreamOrder,
     ) -> Result<Duration> {
         let mut outstanding: VecDeque<(u64, u64)> = VecDeque::new();
-        let result = self.stream_chunks(step, chunks, staging, sources, &mut outstanding);
+        let result = self.stream_chunks(step, chunks, staging, sources, order, &mut outstanding);
         if result.is_err()
             && !outstanding.is_empty()
             && let Some(session) = self.session.as_mut()
@@ -322,6 +500,7 @@ impl Client {
         chunks: u64,
         staging: &Staging,
         sources: &[Source],
+        order: &StreamOrder,
         outstanding: &mut VecDeque<(u64, u64)>,
     ) -> Result<Duration> {
         let started = Instant::now();
@@ -332,7 +511,7 @@ impl Client {
             {
                 self.chunk_free(step, free, id)?;
             }
-            if let Err(e) = self.copy_chunk(staging, seq, sources) {
+            if let Err(e) = self.copy_chunk(staging, seq, sources, order) {
                 let ids: Vec<u64> = outstanding.drain(..).map(|(_, id)| id).collect();
                 self.abort(step, &ids, &e);
                 return Err(e);
@@ -419,6 +598,7 @@ impl Client {
         &mut self,
         step: u64,
         sources: &[Source],
+        order: &StreamOrder,
         started: Instant,
     ) -> Result<SnapshotOutcome> {
         let staging = self.registered()?;
@@ -431,7 +611,7 @@ impl Client {
             }
             Begun::Slot(slot) => match self
                 .slot_copies(&staging, slot, sources)
-                .and_then(|copies| route::capture_and_wait(&self.devices, copies))
+                .and_then(|copies| route::capture_and_wait(&self.devices, copies, order))
             {
                 Ok(capture) => capture,
                 Err(e) => {
@@ -439,7 +619,7 @@ impl Client {
                     return Err(e);
                 }
             },
-            Begun::Stream(chunks) => self.stream(step, chunks, &staging, sources)?,
+            Begun::Stream(chunks) => self.stream(step, chunks, &staging, sources, order)?,
         };
         let stall = started.elapsed();
         self.captured(step, capture, stall)?;
@@ -487,6 +667,21 @@ impl SnapshotHandle<'_> {
         result
     }
 
+    /// Finishes the capture without blocking the host: the trainer's CUDA
+    /// streams wait for the copies on the device, a client thread tells
+    /// the daemon. See [`Client::finish_snapshot_in_background`]; the
+    /// outcome comes from [`Client::background_outcome`] or
+    /// [`Client::wait_committed`].
+    pub fn finish_in_background(mut self) -> Result<()> {
+        if self.finished.is_some() {
+            return Ok(());
+        }
+        let result = self.client.finish_snapshot_in_background();
+        // Nothing is left for `Drop` to finish, whatever the result.
+        self.finished = Some(Err(Error::internal("finished in the background")));
+        result
+    }
+
     /// Finishes the capture and waits for the commit.
     pub fn wait_committed(mut self) -> Result<CommitInfo> {
         match self.wait_captured()? {
@@ -511,8 +706,18 @@ impl Drop for SnapshotHandle<'_> {
 
 impl Client {
     /// Starts the copies of every source into its place in `slot`.
-    fn copy_slot(&self, staging: &Staging, slot: u32, sources: &[Source]) -> Result<Tickets> {
-        route::capture(&self.devices, self.slot_copies(staging, slot, sources)?)
+    fn copy_slot(
+        &self,
+        staging: &Staging,
+        slot: u32,
+        sources: &[Source],
+        order: &StreamOrder,
+    ) -> Result<Tickets> {
+        route::capture(
+            &self.devices,
+            self.slot_copies(staging, slot, sources)?,
+            order,
+        )
     }
 
     /// The copies of every source into its place in `slot`, each with the
@@ -547,7 +752,13 @@ impl Client {
     /// Copies stream chunk `seq` into its ring position (holes are zeroed)
     /// and returns when they are done (the host device copies a chunk on
     /// this thread).
-    fn copy_chunk(&self, staging: &Staging, seq: u64, sources: &[Source]) -> Result<()> {
+    fn copy_chunk(
+        &self,
+        staging: &Staging,
+        seq: u64,
+        sources: &[Source],
+        order: &StreamOrder,
+    ) -> Result<()> {
         // SAFETY: this ring position is free (its previous chunk's ChunkFree
         // came, or it was never used), one stream runs at a time, and the
         // previous chunk's copies finished before it was sent as filled.
@@ -569,6 +780,6 @@ impl Client {
             };
             copies.push((r.device, CaptureCopy { src, dst: span }));
         }
-        route::capture_and_wait(&self.devices, copies).map(drop)
+        route::capture_and_wait(&self.devices, copies, order).map(drop)
     }
 }

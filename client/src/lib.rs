@@ -17,6 +17,7 @@
 //! * [`Dtype`], [`TensorSpec`]: the tensor vocabulary both sides share
 //!   (from `gpusnap-proto`).
 
+mod background;
 mod backoff;
 mod buffer;
 mod client;
@@ -37,7 +38,7 @@ pub use client::{
     CaptureInfo, Client, ClientConfig, CommitInfo, Description, Listing, RestoreInfo,
     SnapshotHandle, SnapshotOutcome, Step,
 };
-pub use device::{Device, HostDevice};
+pub use device::{Device, HostDevice, PinPolicy, Pinning, StreamOrder};
 pub use error::{Error, Result};
 pub use gpusnap_proto as proto;
 pub use gpusnap_proto::{Dtype, TensorSpec, TensorSpecError, UnknownDtype};

@@ -9,16 +9,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::device::{CaptureCopy, CopyTicket, Device, RestoreCopy, Tickets};
+use crate::device::{CaptureCopy, CopyTicket, Device, RestoreCopy, StreamOrder, Tickets};
 use crate::error::Result;
 
 /// Starts `copies` (each with the index of its device in `devices`).
 pub(crate) fn capture(
     devices: &[Arc<dyn Device>],
     copies: impl IntoIterator<Item = (usize, CaptureCopy)>,
+    order: &StreamOrder,
 ) -> Result<Tickets> {
     let groups = group(devices, copies);
-    start(devices, groups, |device, group| device.capture(group))
+    start(devices, groups, |device, group| {
+        device.capture(group, order)
+    })
 }
 
 /// Copies `copies` and returns when they are done (the longest device's
@@ -26,12 +29,13 @@ pub(crate) fn capture(
 pub(crate) fn capture_and_wait(
     devices: &[Arc<dyn Device>],
     copies: impl IntoIterator<Item = (usize, CaptureCopy)>,
+    order: &StreamOrder,
 ) -> Result<Duration> {
     run(
         devices,
         group(devices, copies),
-        |device, group| device.capture(group),
-        |device, group| device.capture_and_wait(group),
+        |device, group| device.capture(group, order),
+        |device, group| device.capture_and_wait(group, order),
     )
 }
 
@@ -40,12 +44,13 @@ pub(crate) fn capture_and_wait(
 pub(crate) fn restore_and_wait(
     devices: &[Arc<dyn Device>],
     copies: impl IntoIterator<Item = (usize, RestoreCopy)>,
+    order: &StreamOrder,
 ) -> Result<Duration> {
     run(
         devices,
         group(devices, copies),
-        |device, group| device.restore(group),
-        |device, group| device.restore_and_wait(group),
+        |device, group| device.restore(group, order),
+        |device, group| device.restore_and_wait(group, order),
     )
 }
 

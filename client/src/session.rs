@@ -51,6 +51,14 @@ impl Events {
         }
     }
 
+    /// Records every outcome of `other` (events read by another thread on
+    /// this client's connection).
+    pub(crate) fn absorb(&mut self, other: Events) {
+        for (step, outcome) in other.by_step {
+            self.record(step, outcome);
+        }
+    }
+
     pub(crate) fn take(&mut self, step: u64) -> Option<Outcome> {
         self.by_step.remove(&step)
     }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 
-use crate::device::{AttachedStaging, Device, StagingRegion, StagingSpan};
+use crate::device::{AttachedStaging, Device, PinPolicy, Pinning, StagingRegion, StagingSpan};
 use crate::error::{Error, Result};
 use crate::proto::convert::{to_u64, to_usize};
 use crate::proto::{StagingInfo, StagingMemory};
@@ -110,6 +110,7 @@ impl Staging {
         info: StagingInfo,
         tensor_bytes: Vec<u64>,
         devices: &[Arc<dyn Device>],
+        pin_policy: PinPolicy,
     ) -> Result<Staging> {
         check_memory(&info.memory)?;
         info.check(&tensor_bytes)
@@ -154,7 +155,7 @@ impl Staging {
             // SAFETY: `base..base + mapped` was just mapped and stays mapped
             // until this `Mapping` drops; `base` is dangling only when
             // `mapped` is 0.
-            region: unsafe { StagingRegion::new(base, mapped) },
+            region: unsafe { StagingRegion::new(base, mapped, pin_policy) },
             attached: Vec::with_capacity(devices.len()),
             _fd: fd,
         };
@@ -168,6 +169,12 @@ impl Staging {
             by_offset,
             mapping: Arc::new(mapping),
         })
+    }
+
+    /// What each device's attach did to the mapping (page-locked or not),
+    /// one per device of the registration, in the client's device order.
+    pub(crate) fn pinning(&self) -> Vec<Pinning> {
+        self.mapping.attached.iter().map(|a| a.pinning()).collect()
     }
 
     /// The layout the daemon described.
@@ -418,7 +425,7 @@ mod tests {
     }
 
     fn map(fd: OwnedFd, info: StagingInfo, tensor_bytes: Vec<u64>) -> Result<Staging> {
-        Staging::map(fd, info, tensor_bytes, &[])
+        Staging::map(fd, info, tensor_bytes, &[], PinPolicy::Prefer)
     }
 
     #[test]

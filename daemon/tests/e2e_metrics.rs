@@ -22,7 +22,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use daemon::{Daemon, Image, State, client, wait_for, wait_rank_free};
-use gpusnap::device::{AttachedStaging, CaptureCopy, CopyTicket, RestoreCopy, StagingRegion};
+use gpusnap::device::{
+    AttachedStaging, CaptureCopy, CopyTicket, RestoreCopy, StagingRegion, StreamOrder,
+};
 use gpusnap::proto::RestoreSource;
 use gpusnap::{Device, Error, HostDevice, SnapshotOutcome, Step};
 
@@ -112,12 +114,20 @@ impl Device for FailingDevice {
         self.0.attach(staging)
     }
 
-    fn capture(&self, _copies: Vec<CaptureCopy>) -> gpusnap::Result<Box<dyn CopyTicket>> {
+    fn capture(
+        &self,
+        _copies: Vec<CaptureCopy>,
+        _order: &StreamOrder,
+    ) -> gpusnap::Result<Box<dyn CopyTicket>> {
         Err(Error::Io(std::io::Error::other("injected copy failure")))
     }
 
-    fn restore(&self, copies: Vec<RestoreCopy>) -> gpusnap::Result<Box<dyn CopyTicket>> {
-        self.0.restore(copies)
+    fn restore(
+        &self,
+        copies: Vec<RestoreCopy>,
+        order: &StreamOrder,
+    ) -> gpusnap::Result<Box<dyn CopyTicket>> {
+        self.0.restore(copies, order)
     }
 }
 

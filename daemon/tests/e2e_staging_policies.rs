@@ -31,7 +31,9 @@ use daemon::{
     Daemon, Image, Setting, State, allow_testing_table, client, dir_names, snapshot_committed,
     staging_settled, verify_all, wait_rank_free,
 };
-use gpusnap::device::{AttachedStaging, CaptureCopy, CopyTicket, RestoreCopy, StagingRegion};
+use gpusnap::device::{
+    AttachedStaging, CaptureCopy, CopyTicket, RestoreCopy, StagingRegion, StreamOrder,
+};
 use gpusnap::proto::BusyPolicy;
 use gpusnap::{Device, Error, HostDevice, SnapshotOutcome, Step};
 use raw::Raw;
@@ -456,18 +458,26 @@ impl Device for ParkingDevice {
         self.inner.attach(staging)
     }
 
-    fn capture(&self, copies: Vec<CaptureCopy>) -> gpusnap::Result<Box<dyn CopyTicket>> {
+    fn capture(
+        &self,
+        copies: Vec<CaptureCopy>,
+        order: &StreamOrder,
+    ) -> gpusnap::Result<Box<dyn CopyTicket>> {
         if self.armed.load(Ordering::SeqCst) && self.calls.fetch_add(1, Ordering::SeqCst) == PARK_AT
         {
             println!("mid-stream");
             std::io::stdout().flush().expect("flush");
             park();
         }
-        self.inner.capture(copies)
+        self.inner.capture(copies, order)
     }
 
-    fn restore(&self, copies: Vec<RestoreCopy>) -> gpusnap::Result<Box<dyn CopyTicket>> {
-        self.inner.restore(copies)
+    fn restore(
+        &self,
+        copies: Vec<RestoreCopy>,
+        order: &StreamOrder,
+    ) -> gpusnap::Result<Box<dyn CopyTicket>> {
+        self.inner.restore(copies, order)
     }
 }
 

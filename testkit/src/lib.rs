@@ -15,7 +15,8 @@
 //!   daemon still running.
 //! * [`http_get`], [`sample`], [`free_port`], [`SocketPath`] (a path
 //!   `sockaddr_un` holds).
-//! * [`root_or_skip`]: the root-only test protocol (`GPUSNAP_REQUIRE_ROOT`,
+//! * [`root_or_skip`], [`cuda_or_skip`]: the root-only and CUDA test
+//!   protocol (`GPUSNAP_REQUIRE_ROOT`, `GPUSNAP_REQUIRE_CUDA`,
 //!   `GPUSNAP_SKIP_LOG`).
 
 mod endpoints;
@@ -28,4 +29,4 @@ pub use endpoints::{SOCKET_PATH_MAX, SocketPath, free_port};
 pub use http::{HttpError, http_get, http_get_ok, sample};
 pub use process::{DaemonProcess, Launch, LaunchError};
 pub use settings::{DEFAULTS_TOML, Defaults, Settings, SettingsError, Waits};
-pub use skip::{REQUIRE_ROOT_ENV, SKIP_LOG_ENV, root_or_skip};
+pub use skip::{REQUIRE_CUDA_ENV, REQUIRE_ROOT_ENV, SKIP_LOG_ENV, cuda_or_skip, root_or_skip};

@@ -1,11 +1,14 @@
-//! Root-only tests: run as root, fail where skipping is forbidden, and
-//! otherwise skip in a way that is counted.
+//! Root-only and CUDA tests: run where they can, fail where skipping is
+//! forbidden, and otherwise skip in a way that is counted.
 //!
 //! The protocol (the Python conftest follows it too): when not root, with
 //! `GPUSNAP_REQUIRE_ROOT=1` the test panics; otherwise it prints
 //! `skipped: <reason>` to stderr and, when `GPUSNAP_SKIP_LOG` names a file,
 //! appends the line `<test name>\t<reason>` to it, and returns. `tests/run`
-//! runs as root, sets both and counts the log's lines.
+//! runs as root, sets both and counts the log's lines. A CUDA test without
+//! a usable driver does the same under its own switch,
+//! `GPUSNAP_REQUIRE_CUDA=1`, which `tests/run` sets where it built the
+//! project's CUDA driver double and a GPU machine's suite sets always.
 
 use std::io::Write as _;
 use std::path::Path;
@@ -14,6 +17,9 @@ use std::path::Path;
 pub const REQUIRE_ROOT_ENV: &str = "GPUSNAP_REQUIRE_ROOT";
 /// A file every skip appends one line to.
 pub const SKIP_LOG_ENV: &str = "GPUSNAP_SKIP_LOG";
+/// Set to `1`: a CUDA test without a usable CUDA driver fails instead of
+/// skipping.
+pub const REQUIRE_CUDA_ENV: &str = "GPUSNAP_REQUIRE_CUDA";
 
 /// What a root-only test does here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,14 +40,44 @@ fn verdict(is_root: bool, required: bool) -> Verdict {
 /// Whether `GPUSNAP_REQUIRE_ROOT` asks for root; a value other than `1`,
 /// `0` or empty is a mistake worth stopping for.
 fn root_required(value: Option<&std::ffi::OsStr>) -> bool {
+    required(REQUIRE_ROOT_ENV, value)
+}
+
+/// Whether switch `name` (with `value`) forbids skipping.
+fn required(name: &str, value: Option<&std::ffi::OsStr>) -> bool {
     match value.map(|v| v.to_str()) {
         None => false,
         Some(Some("1")) => true,
         Some(Some("0" | "")) => false,
         Some(other) => {
-            panic!("{REQUIRE_ROOT_ENV}={other:?}: set it to 1, or 0 (or leave it unset)")
+            panic!("{name}={other:?}: set it to 1, or 0 (or leave it unset)")
         }
     }
+}
+
+/// For a test that needs a CUDA device: true when `unavailable` is `None`
+/// (a device is usable), so the test goes on. Otherwise (`unavailable`
+/// says why not: no driver, no device, a driver too old) it fails the
+/// test under `GPUSNAP_REQUIRE_CUDA=1`, or records the skip and returns
+/// false: the caller returns then.
+#[track_caller]
+pub fn cuda_or_skip(unavailable: Option<&str>) -> bool {
+    let Some(reason) = unavailable else {
+        return true;
+    };
+    if required(
+        REQUIRE_CUDA_ENV,
+        std::env::var_os(REQUIRE_CUDA_ENV).as_deref(),
+    ) {
+        panic!("needs a CUDA device, and {REQUIRE_CUDA_ENV}=1 forbids skipping: {reason}");
+    }
+    let log = std::env::var_os(SKIP_LOG_ENV);
+    record_skip(
+        &test_name(),
+        &format!("no CUDA device: {reason}"),
+        log.as_deref().map(Path::new),
+    );
+    false
 }
 
 /// True when this process is root, so the root-only test that calls it
@@ -112,6 +148,11 @@ mod tests {
         assert!(!root_required(Some(OsStr::new(""))));
         assert!(!root_required(Some(OsStr::new("0"))));
         assert!(root_required(Some(OsStr::new("1"))));
+    }
+
+    #[test]
+    fn a_usable_cuda_device_runs_without_a_word() {
+        assert!(cuda_or_skip(None));
     }
 
     #[test]

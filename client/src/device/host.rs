@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use super::pool::{Batch, CopyPool, Piece};
 use super::{
-    AttachedStaging, CaptureCopy, CopyTicket, Device, RestoreCopy, Source, StagingRegion, Target,
+    AttachedStaging, CaptureCopy, CopyTicket, Device, RestoreCopy, Source, StagingRegion,
+    StreamOrder, Target,
 };
 use crate::error::{Error, Result};
 
@@ -140,19 +141,19 @@ impl Device for HostDevice {
         Ok(Box::new(HostAttached))
     }
 
-    fn capture(&self, copies: Vec<CaptureCopy>) -> Result<Box<dyn CopyTicket>> {
+    fn capture(&self, copies: Vec<CaptureCopy>, _: &StreamOrder) -> Result<Box<dyn CopyTicket>> {
         Ok(Box::new(self.pool.submit(self.capture_batches(copies)?)?))
     }
 
-    fn restore(&self, copies: Vec<RestoreCopy>) -> Result<Box<dyn CopyTicket>> {
+    fn restore(&self, copies: Vec<RestoreCopy>, _: &StreamOrder) -> Result<Box<dyn CopyTicket>> {
         Ok(Box::new(self.pool.submit(self.restore_batches(copies)?)?))
     }
 
-    fn capture_and_wait(&self, copies: Vec<CaptureCopy>) -> Result<Duration> {
+    fn capture_and_wait(&self, copies: Vec<CaptureCopy>, _: &StreamOrder) -> Result<Duration> {
         self.pool.run(self.capture_batches(copies)?)
     }
 
-    fn restore_and_wait(&self, copies: Vec<RestoreCopy>) -> Result<Duration> {
+    fn restore_and_wait(&self, copies: Vec<RestoreCopy>, _: &StreamOrder) -> Result<Duration> {
         self.pool.run(self.restore_batches(copies)?)
     }
 }
@@ -213,6 +214,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
+    use crate::device::PinPolicy;
     use crate::staging::{Staging, testing};
     use crate::{Buffer, Dtype, HostTensor};
 
@@ -230,7 +232,7 @@ mod tests {
         let info = testing::one_slot(&lens);
         let (fd, reader) = testing::memfd(info.memfd_bytes);
         let device: Arc<dyn Device> = Arc::new(device.clone());
-        let staging = Staging::map(fd, info, lens, &[device]).expect("map");
+        let staging = Staging::map(fd, info, lens, &[device], PinPolicy::Prefer).expect("map");
         (staging, reader)
     }
 
@@ -254,7 +256,7 @@ mod tests {
         let device = HostDevice::new(4).with_piece_bytes(4096);
         let (staging, reader) = staging_for(&[&big, &small], &device);
         let took = device
-            .capture(captures(&staging, &[&big, &small]))
+            .capture(captures(&staging, &[&big, &small]), &StreamOrder::legacy())
             .expect("capture")
             .wait()
             .expect("copied");
@@ -277,7 +279,7 @@ mod tests {
             })
             .collect();
         device
-            .restore(copies)
+            .restore(copies, &StreamOrder::legacy())
             .expect("restore")
             .wait()
             .expect("restored");
@@ -293,9 +295,15 @@ mod tests {
         // Copies before any attach are refused (no thread would run them
         // until a wait).
         let (fd, _) = testing::memfd(64 << 10);
-        let unattached =
-            Staging::map(fd, testing::one_slot(&[64 << 10]), vec![64 << 10], &[]).expect("map");
-        let refused = device.capture(captures(&unattached, &[&t]));
+        let unattached = Staging::map(
+            fd,
+            testing::one_slot(&[64 << 10]),
+            vec![64 << 10],
+            &[],
+            PinPolicy::Prefer,
+        )
+        .expect("map");
+        let refused = device.capture(captures(&unattached, &[&t]), &StreamOrder::legacy());
         assert!(
             matches!(&refused, Err(Error::Internal { message: m, .. }) if m.contains("before attach")),
             "{:?}",
@@ -305,7 +313,7 @@ mod tests {
         assert_eq!(device.threads_started(), 3);
         for _ in 0..5 {
             device
-                .capture(captures(&staging, &[&t]))
+                .capture(captures(&staging, &[&t]), &StreamOrder::legacy())
                 .expect("capture")
                 .wait()
                 .expect("copied");
@@ -322,7 +330,7 @@ mod tests {
         let pool = &device.pool;
         // A stream chunk: one batch, copied by the waiting caller alone.
         let took = device
-            .capture_and_wait(captures(&staging, &[&small]))
+            .capture_and_wait(captures(&staging, &[&small]), &StreamOrder::legacy())
             .expect("copied");
         assert!(took > Duration::ZERO);
         assert_eq!(pool.woken(), 0, "a single-batch job woke a worker");
@@ -332,7 +340,7 @@ mod tests {
         // The same copy started in the background wakes one worker: the
         // caller may not wait for it soon.
         device
-            .capture(captures(&staging, &[&small]))
+            .capture(captures(&staging, &[&small]), &StreamOrder::legacy())
             .expect("capture")
             .wait()
             .expect("copied");
@@ -342,7 +350,7 @@ mod tests {
         let big = tensor(5 * 4096, 7);
         let (staging, reader) = staging_for(&[&big], &device);
         device
-            .capture_and_wait(captures(&staging, &[&big]))
+            .capture_and_wait(captures(&staging, &[&big]), &StreamOrder::legacy())
             .expect("copied");
         assert_eq!(pool.woken(), 1 + 3);
         let mut back = vec![0u8; 5 * 4096];
@@ -360,7 +368,9 @@ mod tests {
                 dst: Buffer::from(&into).target(),
             })
             .collect();
-        device.restore_and_wait(copies).expect("restored");
+        device
+            .restore_and_wait(copies, &StreamOrder::legacy())
+            .expect("restored");
         assert_eq!(pool.woken(), 1 + 3 + 1);
     }
 
@@ -410,7 +420,9 @@ mod tests {
         big.write().fill(0);
         assert!(started.elapsed() < Duration::from_millis(100));
         // And the ticket of an empty copy list is done at once.
-        let empty = device.capture(Vec::new()).expect("nothing");
+        let empty = device
+            .capture(Vec::new(), &StreamOrder::legacy())
+            .expect("nothing");
         assert!(empty.is_done());
         assert_eq!(empty.wait().expect("nothing"), Duration::ZERO);
     }
@@ -444,10 +456,13 @@ mod tests {
             .expect("one");
         let buffer: Arc<dyn crate::device::DeviceBuffer> =
             Arc::new(Elsewhere(Arc::new(HostDevice::new(1))));
-        let refused = device.capture(vec![CaptureCopy {
-            src: Buffer::Device(buffer).source(),
-            dst: span,
-        }]);
+        let refused = device.capture(
+            vec![CaptureCopy {
+                src: Buffer::Device(buffer).source(),
+                dst: span,
+            }],
+            &StreamOrder::legacy(),
+        );
         assert!(
             matches!(&refused, Err(Error::Internal { message: m, .. }) if m.contains("device memory")),
             "{:?}",

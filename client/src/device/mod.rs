@@ -26,13 +26,16 @@
 //! their tickets are.
 //!
 //! [`HostDevice`] copies with `memcpy` on a pool of threads it keeps for its
-//! lifetime. A CUDA backend implements the same trait: `attach` page-locks
-//! and registers the mapping (`cuMemHostRegister`), `capture` issues
-//! device-to-host copies of its [`DeviceSource`]s on a stream and returns a
-//! ticket that records an event after them.
+//! lifetime. [`cuda::CudaDevice`] implements the same trait: `attach`
+//! page-locks the mapping (`cuMemHostRegister`), `capture` enqueues
+//! device-to-host copies of its [`DeviceSource`]s on its copy stream after
+//! an event on the trainer's stream ([`StreamOrder`]) and returns a ticket
+//! over the event recorded after them.
 
+pub mod cuda;
 mod host;
 mod memory;
+mod order;
 mod pool;
 mod span;
 mod ticket;
@@ -43,6 +46,7 @@ use std::time::Duration;
 pub use host::HostDevice;
 pub(crate) use host::default_threads as host_default_threads;
 pub use memory::{DeviceBuffer, DeviceSource, DeviceTarget, Source, Target};
+pub use order::StreamOrder;
 pub use span::{StagingRegion, StagingSpan};
 pub use ticket::CopyTicket;
 pub(crate) use ticket::Tickets;
@@ -72,33 +76,67 @@ pub trait Device: Send + Sync + fmt::Debug {
     /// registration. The returned guard undoes it when dropped.
     fn attach(&self, staging: &StagingRegion) -> Result<Box<dyn AttachedStaging>>;
 
-    /// Starts copying every `src` into its `dst`. On an error (from this
-    /// call or from the ticket) staging holds partial data and the caller
-    /// aborts the snapshot.
-    fn capture(&self, copies: Vec<CaptureCopy>) -> Result<Box<dyn CopyTicket>>;
+    /// Starts copying every `src` into its `dst`, after the work queued on
+    /// the trainer's streams in `order` (a device without streams ignores
+    /// it). On an error (from this call or from the ticket) staging holds
+    /// partial data and the caller aborts the snapshot.
+    fn capture(&self, copies: Vec<CaptureCopy>, order: &StreamOrder)
+    -> Result<Box<dyn CopyTicket>>;
 
-    /// Starts copying every staging `src` into its `dst` buffer.
-    fn restore(&self, copies: Vec<RestoreCopy>) -> Result<Box<dyn CopyTicket>>;
+    /// Starts copying every staging `src` into its `dst` buffer, after the
+    /// work queued on `order`'s streams; the work queued there later waits
+    /// for the copies.
+    fn restore(&self, copies: Vec<RestoreCopy>, order: &StreamOrder)
+    -> Result<Box<dyn CopyTicket>>;
 
     /// [`capture`](Device::capture), then waits for its ticket: what the
     /// client calls where it would wait at once (each stream chunk). A
     /// device may run the copies on the calling thread instead of handing
     /// them to its own (the host device runs one batch there and wakes a
     /// pool thread only for each further one).
-    fn capture_and_wait(&self, copies: Vec<CaptureCopy>) -> Result<Duration> {
-        self.capture(copies)?.wait()
+    fn capture_and_wait(&self, copies: Vec<CaptureCopy>, order: &StreamOrder) -> Result<Duration> {
+        self.capture(copies, order)?.wait()
     }
 
     /// [`restore`](Device::restore), then waits for its ticket (a restore
     /// copies out of its slot and waits at once).
-    fn restore_and_wait(&self, copies: Vec<RestoreCopy>) -> Result<Duration> {
-        self.restore(copies)?.wait()
+    fn restore_and_wait(&self, copies: Vec<RestoreCopy>, order: &StreamOrder) -> Result<Duration> {
+        self.restore(copies, order)?.wait()
     }
 }
 
 /// What [`Device::attach`] set up for one registration; dropping it undoes
 /// that (CUDA: `cuMemHostUnregister`).
-pub trait AttachedStaging: Send + Sync + fmt::Debug {}
+pub trait AttachedStaging: Send + Sync + fmt::Debug {
+    /// Whether the device page-locked the staging mapping for its copies.
+    fn pinning(&self) -> Pinning {
+        Pinning::NotNeeded
+    }
+}
+
+/// Whether a registration's staging may stay pageable when a device that
+/// copies faster from page-locked memory (CUDA) cannot page-lock it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PinPolicy {
+    /// Go on unpinned (copies are slower, and synchronous), with a warning
+    /// naming the reason and [`Pinning::Unpinned`] reported.
+    #[default]
+    Prefer,
+    /// Fail the registration with the reason.
+    Require,
+}
+
+/// What attaching a device did to a registration's staging.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Pinning {
+    /// The device copies with plain memory access (the host device), or
+    /// the staging is empty.
+    NotNeeded,
+    /// Page-locked: `bytes` in `seconds`.
+    Pinned { bytes: u64, seconds: f64 },
+    /// The driver refused to page-lock it; copies use pageable memory.
+    Unpinned { reason: String },
+}
 
 /// One capture copy: `src` into `dst`, of equal lengths.
 #[derive(Debug)]

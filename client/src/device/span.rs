@@ -10,6 +10,7 @@ use std::fmt;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
+use super::PinPolicy;
 use crate::staging::Mapping;
 
 /// One registration's staging mapping: `len` bytes at `as_ptr()`, mapped
@@ -17,6 +18,7 @@ use crate::staging::Mapping;
 pub struct StagingRegion {
     base: NonNull<u8>,
     len: usize,
+    pin_policy: PinPolicy,
 }
 
 // SAFETY: a region is a description (an address and a length); reaching
@@ -36,8 +38,22 @@ impl StagingRegion {
     /// `base..base + len` is a live shared mapping for as long as this
     /// region (the [`Mapping`] that holds it) lives; `base` is dangling only
     /// when `len` is 0.
-    pub(crate) unsafe fn new(base: NonNull<u8>, len: usize) -> StagingRegion {
-        StagingRegion { base, len }
+    pub(crate) unsafe fn new(
+        base: NonNull<u8>,
+        len: usize,
+        pin_policy: PinPolicy,
+    ) -> StagingRegion {
+        StagingRegion {
+            base,
+            len,
+            pin_policy,
+        }
+    }
+
+    /// Whether a device that page-locks staging (CUDA) may go on without
+    /// when the driver refuses (the client's configuration).
+    pub fn pin_policy(&self) -> PinPolicy {
+        self.pin_policy
     }
 
     /// The start address (page-aligned; dangling when the region is empty).

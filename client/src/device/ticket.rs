@@ -21,6 +21,14 @@ pub trait CopyTicket: Send {
     /// Waits for every copy; returns the time from the start of the copies
     /// to the end of the last one, or the first copy's error.
     fn wait(self: Box<Self>) -> Result<Duration>;
+
+    /// Makes the trainer's streams (those the copies were ordered after)
+    /// wait for the copies on the device, without blocking the host; false
+    /// when this device has no streams to order (the host device: its
+    /// copies are ordered by the buffers' leases).
+    fn order_streams_after(&self) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 /// The tickets of one capture or restore, one per device used.
@@ -43,6 +51,15 @@ impl Tickets {
 
     pub(crate) fn push(&mut self, ticket: Box<dyn CopyTicket>) {
         self.tickets.push(ticket);
+    }
+
+    /// Makes the trainer's streams wait for every device's copies that
+    /// have streams (without blocking the host).
+    pub(crate) fn order_streams_after(&self) -> Result<()> {
+        for ticket in &self.tickets {
+            ticket.order_streams_after()?;
+        }
+        Ok(())
     }
 
     /// Whether every device's copies finished.

@@ -36,7 +36,7 @@ use nix::sys::memfd::{MFdFlags, memfd_create};
 
 use crate::device::{
     AttachedStaging, CaptureCopy, CopyTicket, Device, DeviceBuffer, RestoreCopy, Source,
-    StagingRegion, StagingSpan, Target,
+    StagingRegion, StagingSpan, StreamOrder, Target,
 };
 use crate::{Error, Result};
 
@@ -514,7 +514,11 @@ impl Device for DoubleDevice {
         }))
     }
 
-    fn capture(&self, copies: Vec<CaptureCopy>) -> Result<Box<dyn CopyTicket>> {
+    fn capture(
+        &self,
+        copies: Vec<CaptureCopy>,
+        _order: &StreamOrder,
+    ) -> Result<Box<dyn CopyTicket>> {
         let mut jobs = Vec::with_capacity(copies.len());
         for CaptureCopy { src, dst } in copies {
             if src.len() != dst.len() {
@@ -540,7 +544,11 @@ impl Device for DoubleDevice {
         self.submit(jobs, fail)
     }
 
-    fn restore(&self, copies: Vec<RestoreCopy>) -> Result<Box<dyn CopyTicket>> {
+    fn restore(
+        &self,
+        copies: Vec<RestoreCopy>,
+        _order: &StreamOrder,
+    ) -> Result<Box<dyn CopyTicket>> {
         let mut jobs = Vec::with_capacity(copies.len());
         for RestoreCopy { src, dst } in copies {
             if src.len() != dst.len() {
@@ -718,13 +726,14 @@ impl DeviceBuffer for DoubleBuffer {
 mod tests {
     use super::*;
     use crate::Buffer;
+    use crate::device::PinPolicy;
     use crate::device::{DeviceSource, DeviceTarget};
     use crate::staging::{Staging, testing};
 
     fn staging(devices: &[Arc<dyn Device>]) -> Staging {
         let info = testing::one_slot(&[64]);
         let (fd, _) = testing::memfd(info.memfd_bytes);
-        Staging::map(fd, info, vec![64], devices).expect("map")
+        Staging::map(fd, info, vec![64], devices, PinPolicy::Prefer).expect("map")
     }
 
     fn span(staging: &Staging) -> StagingSpan {
@@ -754,11 +763,15 @@ mod tests {
         let buffer = double.buffer(&[7; 64]);
         // Staging the double was never attached to.
         let unattached = staging(&[]);
-        assert!(double.capture(capture_of(&buffer, &unattached)).is_err());
+        assert!(
+            double
+                .capture(capture_of(&buffer, &unattached), &StreamOrder::legacy())
+                .is_err()
+        );
         // Attached: the copy waits for its ticket.
         let attached = staging(&[Arc::clone(&double) as Arc<dyn Device>]);
         let ticket = double
-            .capture(capture_of(&buffer, &attached))
+            .capture(capture_of(&buffer, &attached), &StreamOrder::legacy())
             .expect("capture");
         assert!(!ticket.is_done(), "a job runs only once released");
         drop(ticket);
@@ -769,7 +782,7 @@ mod tests {
             src: Buffer::Host(host).source(),
             dst: span(&attached),
         }];
-        assert!(double.capture(copies).is_err());
+        assert!(double.capture(copies, &StreamOrder::legacy()).is_err());
         let violations = double.violations();
         assert_eq!(violations.len(), 3, "{violations:#?}");
         assert!(violations[0].contains("in no staging this device is attached to"));
@@ -785,7 +798,7 @@ mod tests {
         let buffer = double.buffer(&[7; 64]);
         let attached = staging(&[Arc::clone(&double) as Arc<dyn Device>]);
         let ticket = double
-            .capture(capture_of(&buffer, &attached))
+            .capture(capture_of(&buffer, &attached), &StreamOrder::legacy())
             .expect("capture");
         std::thread::sleep(Duration::from_millis(20));
         assert!(!ticket.is_done(), "not released: not run, however long");
@@ -805,16 +818,22 @@ mod tests {
         let buffer = double.buffer(&[7; 64]);
         let attached = staging(&[Arc::clone(&double) as Arc<dyn Device>]);
         let past = DeviceSource::unchecked(dyn_buffer(&buffer), 32, 64);
-        let refused = double.capture(vec![CaptureCopy {
-            src: Source::Device(past),
-            dst: span(&attached),
-        }]);
+        let refused = double.capture(
+            vec![CaptureCopy {
+                src: Source::Device(past),
+                dst: span(&attached),
+            }],
+            &StreamOrder::legacy(),
+        );
         assert!(refused.is_err());
         let past = DeviceTarget::unchecked(dyn_buffer(&buffer), usize::MAX, 64);
-        let refused = double.restore(vec![RestoreCopy {
-            src: span(&attached),
-            dst: Target::Device(past),
-        }]);
+        let refused = double.restore(
+            vec![RestoreCopy {
+                src: span(&attached),
+                dst: Target::Device(past),
+            }],
+            &StreamOrder::legacy(),
+        );
         assert!(refused.is_err());
         let violations = double.violations();
         assert_eq!(violations.len(), 2, "{violations:#?}");
@@ -829,7 +848,7 @@ mod tests {
         assert!(violations.iter().all(|v| v.contains("past its end")));
         // The double still works.
         double
-            .capture(capture_of(&buffer, &attached))
+            .capture(capture_of(&buffer, &attached), &StreamOrder::legacy())
             .expect("capture")
             .wait()
             .expect("copied");
@@ -841,7 +860,9 @@ mod tests {
         let double = DoubleDevice::new();
         let (a, b) = (double.buffer(&[1; 64]), double.buffer(&[2; 64]));
         let attached = staging(&[Arc::clone(&double) as Arc<dyn Device>]);
-        let first = double.capture(capture_of(&a, &attached)).expect("capture");
+        let first = double
+            .capture(capture_of(&a, &attached), &StreamOrder::legacy())
+            .expect("capture");
         // SAFETY: this breaks `slot_spans`'s contract on purpose (a second
         // span over the slot of a job in flight); the double copies both
         // jobs one after the other on its one thread, so no two accesses
@@ -851,10 +872,13 @@ mod tests {
             .pop()
             .expect("one");
         let second = double
-            .capture(vec![CaptureCopy {
-                src: Buffer::Device(dyn_buffer(&b)).source(),
-                dst: second_span,
-            }])
+            .capture(
+                vec![CaptureCopy {
+                    src: Buffer::Device(dyn_buffer(&b)).source(),
+                    dst: second_span,
+                }],
+                &StreamOrder::legacy(),
+            )
             .expect("capture");
         let violations = double.violations();
         assert_eq!(violations.len(), 1, "{violations:#?}");
@@ -881,16 +905,19 @@ mod tests {
                 .expect("inside")
         };
         let both = double
-            .capture(vec![
-                CaptureCopy {
-                    src: src(0, 32),
-                    dst: head,
-                },
-                CaptureCopy {
-                    src: src(16, 48),
-                    dst: again,
-                },
-            ])
+            .capture(
+                vec![
+                    CaptureCopy {
+                        src: src(0, 32),
+                        dst: head,
+                    },
+                    CaptureCopy {
+                        src: src(16, 48),
+                        dst: again,
+                    },
+                ],
+                &StreamOrder::legacy(),
+            )
             .expect("capture");
         drop(tail);
         both.wait().expect("copied");
@@ -899,7 +926,7 @@ mod tests {
         assert!(violations[1].contains("of the same job"), "{violations:#?}");
         // Spans of finished jobs are free again: no violation.
         double
-            .capture(capture_of(&a, &attached))
+            .capture(capture_of(&a, &attached), &StreamOrder::legacy())
             .expect("capture")
             .wait()
             .expect("copied");
@@ -912,7 +939,7 @@ mod tests {
         let buffer = double.buffer(&[7; 64]);
         let attached = staging(&[Arc::clone(&double) as Arc<dyn Device>]);
         let ticket = double
-            .capture(capture_of(&buffer, &attached))
+            .capture(capture_of(&buffer, &attached), &StreamOrder::legacy())
             .expect("capture");
         buffer.overwrite(&[8; 64]);
         let violations = double.violations();
@@ -935,7 +962,7 @@ mod tests {
         let alone = Arc::strong_count(&buffer);
         double.fail_next_capture("copy engine fault");
         let ticket = double
-            .capture(capture_of(&buffer, &attached))
+            .capture(capture_of(&buffer, &attached), &StreamOrder::legacy())
             .expect("capture");
         assert_eq!(Arc::strong_count(&buffer), alone + 1, "the job holds it");
         let err = ticket.wait().unwrap_err();

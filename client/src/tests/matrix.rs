@@ -9,49 +9,25 @@
 //! [`DoubleBuffer`]s copied by the strict [`DoubleDevice`], whose
 //! violations fail the test after the body.
 //!
-//! # Adding the CUDA device
-//! Write `OnCuda` implementing [`Memory`] with buffers in device memory
-//! (`Buffer::Device` over a `cuMemAlloc` allocation, read back with
-//! `cuMemcpyDtoH`), and add one arm to the macro:
-//!
-//! ```text
-//! #[cfg(feature = "cuda")]
-//! #[test]
-//! fn cuda() {
-//!     let Some(memory) = OnCuda::new() else {
-//!         return skip_without_device(concat!(stringify!($body), "::cuda"), "no CUDA device");
-//!     };
-//!     super::$body(&memory);
-//!     memory.check();
-//! }
-//! ```
-//!
-//! That arm needs a device, not root, so it has a skip of its own rather
-//! than the root-only protocol (`tests/run` forbids root-only skips with
-//! `GPUSNAP_REQUIRE_ROOT=1` on every machine, most of which have no GPU):
-//! `skip_without_device(test, reason)`, written beside `OnCuda`, does
-//! what the root-only helper does under its own switch. Without a device,
-//! when `GPUSNAP_REQUIRE_CUDA=1` (set only where a GPU is known to be, a
-//! GPU runner) it panics ("needs a CUDA device, and GPUSNAP_REQUIRE_CUDA=1
-//! forbids skipping"); otherwise it prints `skipped: <reason>` to stderr,
-//! appends `<test>\t<reason>` to the file `GPUSNAP_SKIP_LOG` names (so the
-//! run's skip count shows it), and returns.
-//!
-//! Every body then runs as `<body>::cuda` too.
+//! [`OnCuda`](super::cuda::OnCuda) keeps its buffers in CUDA device
+//! memory copied by the CUDA backend, on a real GPU or on the project's
+//! CUDA driver double; where neither is usable, its arm skips (counted, and
+//! refused under `GPUSNAP_REQUIRE_CUDA=1`: see [`super::cuda`]).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::cuda::FaultyCudaBuffer;
 use super::double::{DoubleBuffer, DoubleDevice};
 use crate::device::{
     AttachedStaging, CaptureCopy, CopyTicket, Device, DeviceBuffer, HostDevice, RestoreCopy,
-    StagingRegion,
+    StagingRegion, StreamOrder,
 };
 use crate::{Buffer, Client, ClientConfig, Dtype, Error, HostTensor, Result};
 
 /// Runs each named body on every device: `device_matrix!(a, b)` makes the
-/// tests `a::host`, `a::double`, `b::host` and `b::double`. A body is a
-/// `fn(&dyn Memory)` in the same module.
+/// tests `a::host`, `a::double`, `a::cuda`, `b::host`, `b::double` and
+/// `b::cuda`. A body is a `fn(&dyn Memory)` in the same module.
 macro_rules! device_matrix {
     ($($body:ident),* $(,)?) => {$(
         mod $body {
@@ -67,6 +43,15 @@ macro_rules! device_matrix {
             #[test]
             fn double() {
                 let memory = $crate::tests::matrix::OnDouble::new();
+                super::$body(&memory);
+                memory.check();
+            }
+
+            #[test]
+            fn cuda() {
+                let Some(memory) = $crate::tests::cuda::OnCuda::new() else {
+                    return;
+                };
                 super::$body(&memory);
                 memory.check();
             }
@@ -101,6 +86,7 @@ pub trait Memory {
 pub enum TestBuffer {
     Host(HostTensor),
     Double(Arc<DoubleBuffer>),
+    Cuda(Arc<FaultyCudaBuffer>),
 }
 
 impl TestBuffer {
@@ -109,6 +95,7 @@ impl TestBuffer {
         match self {
             TestBuffer::Host(t) => Buffer::Host(t.clone()),
             TestBuffer::Double(b) => Buffer::Device(Arc::clone(b) as Arc<dyn DeviceBuffer>),
+            TestBuffer::Cuda(b) => Buffer::Device(Arc::clone(b) as Arc<dyn DeviceBuffer>),
         }
     }
 
@@ -117,6 +104,7 @@ impl TestBuffer {
         match self {
             TestBuffer::Host(t) => t.read().to_vec(),
             TestBuffer::Double(b) => b.contents(),
+            TestBuffer::Cuda(b) => b.contents(),
         }
     }
 
@@ -125,6 +113,7 @@ impl TestBuffer {
         match self {
             TestBuffer::Host(t) => t.write().copy_from_slice(bytes),
             TestBuffer::Double(b) => b.overwrite(bytes),
+            TestBuffer::Cuda(b) => b.overwrite(bytes),
         }
     }
 }
@@ -239,8 +228,12 @@ impl Device for FaultyHost {
         self.inner.attach(staging)
     }
 
-    fn capture(&self, copies: Vec<CaptureCopy>) -> Result<Box<dyn CopyTicket>> {
-        let ticket = self.inner.capture(copies)?;
+    fn capture(
+        &self,
+        copies: Vec<CaptureCopy>,
+        order: &StreamOrder,
+    ) -> Result<Box<dyn CopyTicket>> {
+        let ticket = self.inner.capture(copies, order)?;
         Ok(match self.fail_next.lock().expect("fail").take() {
             None => ticket,
             Some(reason) => Box::new(FailingTicket {
@@ -250,7 +243,11 @@ impl Device for FaultyHost {
         })
     }
 
-    fn restore(&self, copies: Vec<RestoreCopy>) -> Result<Box<dyn CopyTicket>> {
-        self.inner.restore(copies)
+    fn restore(
+        &self,
+        copies: Vec<RestoreCopy>,
+        order: &StreamOrder,
+    ) -> Result<Box<dyn CopyTicket>> {
+        self.inner.restore(copies, order)
     }
 }

@@ -1,5 +1,6 @@
 //! Client tests against a fake daemon.
 
+pub(crate) mod cuda;
 mod double;
 mod fake;
 mod matrix;

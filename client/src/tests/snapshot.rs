@@ -10,6 +10,7 @@ use super::fake::{self, Fake, Layout, conn, expected_data, pattern};
 use super::matrix::{Memory, OnDouble, TestBuffer, device_matrix};
 use crate::device::{
     AttachedStaging, CaptureCopy, CopyTicket, Device, HostDevice, RestoreCopy, StagingRegion,
+    StreamOrder,
 };
 use crate::proto::{ErrorKind, OsError, ReplyBody, RequestBody};
 use crate::{Buffer, Client, Dtype, Error, HostTensor, Result, SnapshotOutcome, Step};
@@ -67,6 +68,7 @@ device_matrix!(
     a_failed_copy_aborts_the_snapshot_and_a_second_wait_reports_the_same_error,
     a_busy_rank_is_retried_on_a_new_connection_until_it_is_free,
     the_copies_of_an_open_capture_finish_in_the_background_and_say_so,
+    a_capture_handed_off_is_captured_committed_and_its_failure_kept,
 );
 
 /// Polls `done` until it is true (bounded: a copy that never finishes in
@@ -112,6 +114,81 @@ fn the_copies_of_an_open_capture_finish_in_the_background_and_say_so(memory: &dy
     handle.wait_captured().expect("captured");
     assert!(handle.copies_done(), "still true once waited for");
     drop(handle);
+    drop(client);
+    fake.join();
+}
+
+fn a_capture_handed_off_is_captured_committed_and_its_failure_kept(memory: &dyn Memory) {
+    let (_dir, path) = fake::socket_dir();
+    let ts = tensors(memory);
+    let want = bytes_of(&ts);
+    let fake = Fake::start(
+        &path,
+        vec![conn(move |c| {
+            let info = c.open(&Layout::default());
+            c.begin_slot(0);
+            let r = c.expect("captured");
+            assert_eq!(
+                c.slot_data(0),
+                expected_data(&info, &want),
+                "the copies finished before Captured"
+            );
+            c.reply(r.id, ReplyBody::Accepted { step: 3 });
+            c.event(ReplyBody::Committed {
+                step: 3,
+                bytes: 10,
+                persist_ns: 1_000,
+            });
+            c.begin_slot(0);
+            let r = c.expect("abort");
+            let RequestBody::Abort { step, reason } = r.body else {
+                unreachable!()
+            };
+            assert_eq!(step, 4);
+            assert!(reason.contains("device lost"), "{reason}");
+            c.reply(r.id, ReplyBody::Aborted { step });
+            c.begin_slot(0);
+            let r = c.expect("captured");
+            c.reply(r.id, ReplyBody::Accepted { step: 5 });
+            c.until_closed();
+        })],
+    );
+    let mut client = memory.client(fake::config(&path));
+    register_all(&mut client, &ts);
+    client.begin_snapshot(3).expect("begin");
+    client.finish_snapshot_in_background().expect("handed off");
+    assert_eq!(
+        client.open_capture(),
+        None,
+        "nothing is open on the trainer's side"
+    );
+    memory.let_copies_run();
+    poll_until("copies_done", || client.copies_done() == Some(true));
+    let commit = client.wait_committed(3).expect("committed");
+    assert_eq!((commit.step, commit.bytes), (3, 10));
+    assert!(
+        client.background_outcome(3).is_none(),
+        "wait_committed took it"
+    );
+
+    memory.fail_next_capture("device lost");
+    client.begin_snapshot(4).expect("begin");
+    client
+        .finish_snapshot_in_background()
+        .expect("handed off: the failure comes later");
+    memory.let_copies_run();
+    match client.background_outcome(4) {
+        Some(Err(Error::BackendUnavailable { reason, .. })) => assert_eq!(reason, "device lost"),
+        other => panic!("{other:?}"),
+    }
+    // The connection came back with the outcome: the next snapshot uses it.
+    client.begin_snapshot(5).expect("begin");
+    client.finish_snapshot_in_background().expect("handed off");
+    memory.let_copies_run();
+    assert!(matches!(
+        client.background_outcome(5),
+        Some(Ok(SnapshotOutcome::Captured(_)))
+    ));
     drop(client);
     fake.join();
 }
@@ -520,7 +597,7 @@ impl CopyTicket for GatedTicket {
         while !*open {
             open = gate.1.wait(open).expect("gate");
         }
-        host.capture(copies)?.wait()
+        host.capture(copies, &StreamOrder::legacy())?.wait()
     }
 }
 
@@ -531,7 +608,11 @@ impl Device for GatedDevice {
     fn attach(&self, staging: &StagingRegion) -> Result<Box<dyn AttachedStaging>> {
         self.host.attach(staging)
     }
-    fn capture(&self, copies: Vec<CaptureCopy>) -> Result<Box<dyn CopyTicket>> {
+    fn capture(
+        &self,
+        copies: Vec<CaptureCopy>,
+        _order: &StreamOrder,
+    ) -> Result<Box<dyn CopyTicket>> {
         self.copying.store(true, Ordering::SeqCst);
         Ok(Box::new(GatedTicket {
             gate: Arc::clone(&self.gate),
@@ -539,8 +620,12 @@ impl Device for GatedDevice {
             host: self.host.clone(),
         }))
     }
-    fn restore(&self, copies: Vec<RestoreCopy>) -> Result<Box<dyn CopyTicket>> {
-        self.host.restore(copies)
+    fn restore(
+        &self,
+        copies: Vec<RestoreCopy>,
+        order: &StreamOrder,
+    ) -> Result<Box<dyn CopyTicket>> {
+        self.host.restore(copies, order)
     }
 }
 
@@ -612,14 +697,18 @@ impl Device for BrokenDevice {
     fn attach(&self, staging: &StagingRegion) -> Result<Box<dyn AttachedStaging>> {
         self.0.attach(staging)
     }
-    fn capture(&self, _: Vec<CaptureCopy>) -> Result<Box<dyn CopyTicket>> {
+    fn capture(&self, _: Vec<CaptureCopy>, _: &StreamOrder) -> Result<Box<dyn CopyTicket>> {
         Err(Error::BackendUnavailable {
             backend: "broken",
             reason: "copy engine fault".into(),
         })
     }
-    fn restore(&self, copies: Vec<RestoreCopy>) -> Result<Box<dyn CopyTicket>> {
-        self.0.restore(copies)
+    fn restore(
+        &self,
+        copies: Vec<RestoreCopy>,
+        order: &StreamOrder,
+    ) -> Result<Box<dyn CopyTicket>> {
+        self.0.restore(copies, order)
     }
 }
 

@@ -32,6 +32,18 @@ pub fn allow_testing_table() {
     });
 }
 
+/// The `gpusnapd` to run: `GPUSNAP_DAEMON` where set (a test binary
+/// carried to another machine, as `tests/gpu-suite` runs them, with the
+/// daemon beside it), else the one cargo built with these tests.
+pub fn daemon_binary() -> PathBuf {
+    std::env::var_os("GPUSNAP_DAEMON")
+        .filter(|p| !p.is_empty())
+        .map_or_else(
+            || PathBuf::from(env!("CARGO_BIN_EXE_gpusnapd")),
+            PathBuf::from,
+        )
+}
+
 /// A scratch directory on the real disk (O_DIRECT must work).
 pub fn scratch() -> tempfile::TempDir {
     let base = std::env::var_os("CARGO_TARGET_TMPDIR").map_or_else(std::env::temp_dir, Into::into);
@@ -74,14 +86,9 @@ impl Daemon {
         config
             .apply(settings)
             .unwrap_or_else(|e| panic!("the test's settings: {e}"));
-        let process = Launch::new(
-            Path::new(env!("CARGO_BIN_EXE_gpusnapd")),
-            dir.path(),
-            config,
-            defaults.waits,
-        )
-        .start()
-        .unwrap_or_else(|e| panic!("{e}"));
+        let process = Launch::new(&daemon_binary(), dir.path(), config, defaults.waits)
+            .start()
+            .unwrap_or_else(|e| panic!("{e}"));
         Daemon {
             socket: process.socket().to_path_buf(),
             root: process.root().to_path_buf(),
