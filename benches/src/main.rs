@@ -7,6 +7,7 @@
 mod e2e_bench;
 mod e2e_report;
 mod fio;
+mod gpu_bench;
 mod mapping;
 mod report;
 mod state;
@@ -44,6 +45,33 @@ enum Command {
     /// gpusnapd (host backend): stall against memcpy, persist and restore
     /// against fio, and a naive write + fsync baseline.
     E2e(E2eArgs),
+    /// The CUDA backend through the real gpusnapd: capture and restore of
+    /// device memory against plain pinned CUDA copies, the overlapped
+    /// stall, the page-locking rate, many small tensors.
+    Gpu(GpuArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct GpuArgs {
+    /// Sizes of one device buffer (K, M, G; `max`: the largest that fits).
+    #[arg(long, default_value = "1G,10G,max")]
+    sizes: String,
+    /// Small tensors (4 KiB to 1 MiB) in the many-tensors case (0: none).
+    #[arg(long, default_value_t = 10_000)]
+    tensors: usize,
+    /// Small sizes for CI on the CUDA driver double (overrides --sizes and
+    /// --tensors); its figures mean nothing.
+    #[arg(long)]
+    smoke: bool,
+    /// Print one JSON object on stdout (the table goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// Run in a fresh directory under DIR, removed afterwards.
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// The gpusnapd binary [default: the one beside gpusnap-bench].
+    #[arg(long, value_name = "PATH")]
+    gpusnapd: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -120,6 +148,36 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Store(args) => store(args),
         Command::E2e(args) => e2e(args),
+        Command::Gpu(args) => gpu(args),
+    }
+}
+
+fn gpu(args: GpuArgs) -> ExitCode {
+    let (sizes, tensors) = if args.smoke {
+        (Ok(vec![4 << 20]), 200)
+    } else {
+        (gpu_bench::parse_sizes(&args.sizes), args.tensors)
+    };
+    let sizes = match sizes {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("gpusnap-bench gpu: --sizes: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let bench = gpu_bench::GpuBench {
+        sizes,
+        many_tensors: tensors,
+        smoke: args.smoke,
+        dir: args.dir,
+        gpusnapd: args.gpusnapd,
+    };
+    match gpu_bench::run(&bench) {
+        Ok(report) => print_report(&report, &report.table(), args.json, false),
+        Err(e) => {
+            eprintln!("gpusnap-bench gpu: FAILED: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
