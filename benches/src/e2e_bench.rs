@@ -308,7 +308,7 @@ fn check_memory(size_bytes: u64, ignore: bool) -> Result<(), String> {
 
 /// The `gpusnapd` binary: `--gpusnapd`, else the one beside this
 /// executable (`benches/run` builds both into `target/release/`).
-fn binary(explicit: Option<&Path>) -> Result<PathBuf, String> {
+pub(crate) fn binary(explicit: Option<&Path>) -> Result<PathBuf, String> {
     let path = match explicit {
         Some(p) => p.to_path_buf(),
         None => std::env::current_exe()

@@ -27,6 +27,7 @@ use gpusnapd::config::{ByteSize, Config};
 use gpusnapd_testkit::{DaemonProcess, Defaults, Launch, Settings};
 use serde::Serialize;
 
+use crate::e2e_bench::binary;
 use crate::units::human_bytes;
 use crate::workdir::WorkDir;
 use crate::{sys as host, units};
@@ -432,18 +433,6 @@ fn connect(daemon: &DaemonProcess, job: &str) -> Result<Client, String> {
     config.call_timeout = Duration::from_secs(300);
     config.commit_timeout = Duration::from_secs(1200);
     Client::with_config(config).map_err(|e| format!("connecting: {e}"))
-}
-
-fn binary(explicit: Option<&Path>) -> Result<PathBuf, String> {
-    let path = match explicit {
-        Some(p) => p.to_path_buf(),
-        None => std::env::current_exe()
-            .map_err(|e| format!("locating gpusnap-bench: {e}"))?
-            .with_file_name("gpusnapd"),
-    };
-    path.is_file()
-        .then_some(path.clone())
-        .ok_or_else(|| format!("{} is not there; pass --gpusnapd", path.display()))
 }
 
 /// One daemon for the run: staging for the largest case, a small hot tier

@@ -14,17 +14,16 @@
 
 use std::ffi::{CString, c_int};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
 
 use cudarc::driver::sys::{self, CUresult};
 
-use super::matrix::{Memory, TestBuffer};
+use super::matrix::{FailingTicket, Memory, TestBuffer};
 use crate::device::cuda::{CudaBuffer, CudaDevice, DeviceMemory};
 use crate::device::{
     AttachedStaging, CaptureCopy, CopyTicket, Device, DeviceBuffer, HostDevice, RestoreCopy,
     StagingRegion, StreamOrder,
 };
-use crate::{Client, ClientConfig, Dtype, Error, Result};
+use crate::{Client, ClientConfig, Dtype, Result};
 
 static CUDA_TESTS: Mutex<()> = Mutex::new(());
 
@@ -244,31 +243,6 @@ impl DeviceBuffer for FaultyCudaBuffer {
     }
 }
 
-struct FailingTicket {
-    inner: Box<dyn CopyTicket>,
-    reason: String,
-}
-
-impl CopyTicket for FailingTicket {
-    fn is_done(&self) -> bool {
-        self.inner.is_done()
-    }
-
-    fn wait(self: Box<Self>) -> Result<Duration> {
-        self.inner.wait()?;
-        // As the other devices of the matrix fail (the driver's own errors
-        // are tested in `device::cuda::tests`).
-        Err(Error::BackendUnavailable {
-            backend: "cuda",
-            reason: self.reason,
-        })
-    }
-
-    fn order_streams_after(&self) -> Result<bool> {
-        self.inner.order_streams_after()
-    }
-}
-
 impl Device for FaultyCuda {
     fn name(&self) -> &'static str {
         "faulty-cuda"
@@ -288,6 +262,7 @@ impl Device for FaultyCuda {
             None => ticket,
             Some(reason) => Box::new(FailingTicket {
                 inner: ticket,
+                backend: "cuda",
                 reason,
             }),
         })

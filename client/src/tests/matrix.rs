@@ -200,9 +200,12 @@ pub struct FaultyHost {
     fail_next: Mutex<Option<String>>,
 }
 
-struct FailingTicket {
-    inner: Box<dyn CopyTicket>,
-    reason: String,
+/// A ticket that fails, from `wait`, after its copies ran: an asynchronous
+/// copy error, as a device reports one (the matrix's devices fail so).
+pub struct FailingTicket {
+    pub inner: Box<dyn CopyTicket>,
+    pub backend: &'static str,
+    pub reason: String,
 }
 
 impl CopyTicket for FailingTicket {
@@ -213,9 +216,13 @@ impl CopyTicket for FailingTicket {
     fn wait(self: Box<Self>) -> Result<Duration> {
         self.inner.wait()?;
         Err(Error::BackendUnavailable {
-            backend: "host",
+            backend: self.backend,
             reason: self.reason,
         })
+    }
+
+    fn order_streams_after(&self) -> Result<bool> {
+        self.inner.order_streams_after()
     }
 }
 
@@ -238,6 +245,7 @@ impl Device for FaultyHost {
             None => ticket,
             Some(reason) => Box::new(FailingTicket {
                 inner: ticket,
+                backend: "host",
                 reason,
             }),
         })
