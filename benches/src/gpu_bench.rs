@@ -460,18 +460,21 @@ fn start_daemon(binary: &Path, dir: &Path, largest: u64) -> Result<DaemonProcess
         .map_err(|e| e.to_string())
 }
 
-/// `--sizes`: K/M/G sizes, or `max` for the largest that fits (80 % of the
-/// device's free memory, and a third of the host's available memory).
-pub fn parse_sizes(text: &str) -> Result<Vec<u64>, String> {
+/// `--sizes`: K/M/G sizes, or `max` for the largest that fits: 80 % of the
+/// device's free memory, a quarter of the host's available memory (staging
+/// and the peer's pinned buffer both hold it), and a quarter of the free
+/// space where the run writes (a commit and its predecessor both exist for
+/// a moment).
+pub fn parse_sizes(text: &str, dir: &Path) -> Result<Vec<u64>, String> {
     text.split(',')
         .map(|s| match s.trim() {
-            "max" => largest_that_fits(),
+            "max" => largest_that_fits(dir),
             s => units::parse_size(s),
         })
         .collect()
 }
 
-fn largest_that_fits() -> Result<u64, String> {
+fn largest_that_fits(dir: &Path) -> Result<u64, String> {
     let device = CudaDevice::get(0).map_err(|e| format!("CUDA: {e}"))?;
     make_current(&device)?;
     let (mut free, mut total) = (0usize, 0usize);
@@ -479,7 +482,10 @@ fn largest_that_fits() -> Result<u64, String> {
     check("cuMemGetInfo_v2", unsafe {
         sys::cuMemGetInfo_v2(&mut free, &mut total)
     })?;
-    let device_cap = free as u64 / 10 * 8;
-    let host_cap = host::mem_available_bytes().unwrap_or(0) / 3;
-    Ok(device_cap.min(host_cap) / (1 << 20) * (1 << 20))
+    let device_cap = gpusnap_proto::convert::to_u64(free) / 10 * 8;
+    let host_cap = host::mem_available_bytes().unwrap_or(0) / 4;
+    let disk =
+        nix::sys::statvfs::statvfs(dir).map_err(|e| format!("statvfs {}: {e}", dir.display()))?;
+    let disk_cap = disk.blocks_available().saturating_mul(disk.fragment_size()) / 4;
+    Ok(device_cap.min(host_cap).min(disk_cap) / (1 << 20) * (1 << 20))
 }

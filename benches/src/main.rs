@@ -156,7 +156,8 @@ fn gpu(args: GpuArgs) -> ExitCode {
     let (sizes, tensors) = if args.smoke {
         (Ok(vec![4 << 20]), 200)
     } else {
-        (gpu_bench::parse_sizes(&args.sizes), args.tensors)
+        let here = args.dir.clone().unwrap_or_else(|| PathBuf::from("."));
+        (gpu_bench::parse_sizes(&args.sizes, &here), args.tensors)
     };
     let sizes = match sizes {
         Ok(s) => s,
