@@ -17,13 +17,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use cudarc::driver::sys::{self, CUresult};
 
-use super::matrix::{FailingTicket, Memory, TestBuffer};
+use super::matrix::{Faulty, Memory, TestBuffer};
 use crate::device::cuda::{CudaBuffer, CudaDevice, DeviceMemory};
-use crate::device::{
-    AttachedStaging, CaptureCopy, CopyTicket, Device, DeviceBuffer, HostDevice, RestoreCopy,
-    StagingRegion, StreamOrder,
-};
-use crate::{Client, ClientConfig, Dtype, Result};
+use crate::device::{Device, DeviceBuffer, HostDevice};
+use crate::{Client, ClientConfig, Dtype};
 
 static CUDA_TESTS: Mutex<()> = Mutex::new(());
 
@@ -154,10 +151,7 @@ impl OnCuda {
         let lock = cuda_lock();
         let cuda = cuda_or_skip()?;
         Some(OnCuda {
-            device: Arc::new(FaultyCuda {
-                inner: cuda,
-                fail_next: Mutex::new(None),
-            }),
+            device: Arc::new(Faulty::new(cuda, "cuda")),
             _lock: lock,
         })
     }
@@ -179,7 +173,7 @@ impl Memory for OnCuda {
     }
 
     fn fail_next_capture(&self, reason: &str) {
-        *self.device.fail_next.lock().expect("fail") = Some(reason.to_owned());
+        self.device.fail_next(reason);
     }
 
     fn let_copies_run(&self) {}
@@ -198,13 +192,8 @@ impl Memory for OnCuda {
     }
 }
 
-/// The CUDA device, except that an armed capture's ticket fails after its
-/// copies ran (works on a real GPU too, where faults cannot be injected).
-#[derive(Debug)]
-pub struct FaultyCuda {
-    inner: Arc<CudaDevice>,
-    fail_next: Mutex<Option<String>>,
-}
+/// The CUDA device behind [`Faulty`].
+pub type FaultyCuda = Faulty<Arc<CudaDevice>>;
 
 /// A CUDA buffer routed to a [`FaultyCuda`].
 #[derive(Debug)]
@@ -240,39 +229,5 @@ impl DeviceBuffer for FaultyCudaBuffer {
 
     fn overlaps(&self, other: &dyn DeviceBuffer) -> bool {
         self.inner.overlaps(other)
-    }
-}
-
-impl Device for FaultyCuda {
-    fn name(&self) -> &'static str {
-        "faulty-cuda"
-    }
-
-    fn attach(&self, staging: &StagingRegion) -> Result<Box<dyn AttachedStaging>> {
-        self.inner.attach(staging)
-    }
-
-    fn capture(
-        &self,
-        copies: Vec<CaptureCopy>,
-        order: &StreamOrder,
-    ) -> Result<Box<dyn CopyTicket>> {
-        let ticket = self.inner.capture(copies, order)?;
-        Ok(match self.fail_next.lock().expect("fail").take() {
-            None => ticket,
-            Some(reason) => Box::new(FailingTicket {
-                inner: ticket,
-                backend: "cuda",
-                reason,
-            }),
-        })
-    }
-
-    fn restore(
-        &self,
-        copies: Vec<RestoreCopy>,
-        order: &StreamOrder,
-    ) -> Result<Box<dyn CopyTicket>> {
-        self.inner.restore(copies, order)
     }
 }

@@ -127,10 +127,10 @@ pub struct OnHost {
 impl OnHost {
     pub fn new() -> OnHost {
         OnHost {
-            device: Arc::new(FaultyHost {
-                inner: HostDevice::new(2).with_piece_bytes(64 << 10),
-                fail_next: Mutex::new(None),
-            }),
+            device: Arc::new(Faulty::new(
+                Arc::new(HostDevice::new(2).with_piece_bytes(64 << 10)),
+                "host",
+            )),
         }
     }
 }
@@ -147,7 +147,7 @@ impl Memory for OnHost {
     }
 
     fn fail_next_capture(&self, reason: &str) {
-        *self.device.fail_next.lock().expect("fail") = Some(reason.to_owned());
+        self.device.fail_next(reason);
     }
 
     fn let_copies_run(&self) {}
@@ -192,13 +192,33 @@ impl Memory for OnDouble {
     }
 }
 
-/// The host device, except that an armed capture's ticket fails after its
-/// copies ran (an asynchronous copy error, as a device reports one).
+/// A device, except that an armed capture's ticket fails after its copies
+/// ran (an asynchronous copy error, as a device reports one; works on a
+/// real GPU too, where faults cannot be injected).
 #[derive(Debug)]
-pub struct FaultyHost {
-    inner: HostDevice,
+pub struct Faulty<D> {
+    pub inner: D,
+    backend: &'static str,
     fail_next: Mutex<Option<String>>,
 }
+
+impl<D> Faulty<D> {
+    pub fn new(inner: D, backend: &'static str) -> Faulty<D> {
+        Faulty {
+            inner,
+            backend,
+            fail_next: Mutex::new(None),
+        }
+    }
+
+    /// The next capture's ticket fails with `reason`.
+    pub fn fail_next(&self, reason: &str) {
+        *self.fail_next.lock().expect("fail") = Some(reason.to_owned());
+    }
+}
+
+/// The host device behind [`Faulty`].
+pub type FaultyHost = Faulty<Arc<HostDevice>>;
 
 /// A ticket that fails, from `wait`, after its copies ran: an asynchronous
 /// copy error, as a device reports one (the matrix's devices fail so).
@@ -226,9 +246,9 @@ impl CopyTicket for FailingTicket {
     }
 }
 
-impl Device for FaultyHost {
+impl<T: Device + ?Sized> Device for Faulty<Arc<T>> {
     fn name(&self) -> &'static str {
-        "faulty-host"
+        "faulty"
     }
 
     fn attach(&self, staging: &StagingRegion) -> Result<Box<dyn AttachedStaging>> {
@@ -245,7 +265,7 @@ impl Device for FaultyHost {
             None => ticket,
             Some(reason) => Box::new(FailingTicket {
                 inner: ticket,
-                backend: "host",
+                backend: self.backend,
                 reason,
             }),
         })
