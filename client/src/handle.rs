@@ -188,12 +188,15 @@ impl Client {
         self.drive_capture(open)
     }
 
-    /// Finishes the open capture without blocking the host: the trainer's
-    /// CUDA streams are made to wait for the copies on the device
-    /// (`cuStreamWaitEvent`; the optimizer step queued next cannot change
-    /// state under them), and a client thread waits for the copies, tells
-    /// the daemon and awaits its answer. Returns at once. The host buffers
-    /// stay read-locked until the daemon has the data.
+    /// Finishes the open capture without blocking the host on the device:
+    /// the trainer's CUDA streams are made to wait for the copies on the
+    /// device (`cuStreamWaitEvent`; the optimizer step queued next cannot
+    /// change state under them), and a client thread waits for the copies,
+    /// tells the daemon and awaits its answer. Copies of host memory are
+    /// waited for here first (a [`RawBuffer`](crate::RawBuffer) has no
+    /// lease that would hold the trainer's writes back), so every buffer
+    /// may be written, or its writes queued, once this returns; host
+    /// tensors stay read-locked until the daemon has the data.
     ///
     /// The capture's outcome is kept for [`background_outcome`](Client::background_outcome)
     /// and [`wait_committed`](Client::wait_committed), which raise its
@@ -240,10 +243,26 @@ impl Client {
                 bytes,
             })
         };
-        let State::Copying { tickets, sources } = state else {
+        let State::Copying {
+            mut tickets,
+            sources,
+        } = state
+        else {
             return Err(give_back(state));
         };
-        if let Err(e) = tickets.order_streams_after() {
+        let waited = Instant::now();
+        let ordered = tickets.order_or_wait();
+        let stall = stall + waited.elapsed();
+        let give_back = |state| {
+            Box::new(OpenCapture {
+                step,
+                order: order.clone(),
+                state,
+                stall,
+                bytes,
+            })
+        };
+        if let Err(e) = ordered {
             tracing::warn!(step, error = %e, "cannot order the trainer's streams after the copies: waiting for them on the host");
             return Err(give_back(State::Copying { tickets, sources }));
         }

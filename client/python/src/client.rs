@@ -11,7 +11,10 @@ use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use gpusnap::{ClientConfig, Dtype, RawBuffer, SnapshotOutcome, Step};
+use gpusnap::device::cuda::CudaDevice;
+use gpusnap::{
+    Buffer, ClientConfig, Dtype, PinPolicy, Pinning, RawBuffer, SnapshotOutcome, Step, StreamOrder,
+};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use serde_json::{Value, json};
@@ -104,6 +107,33 @@ fn outcome_json(outcome: &SnapshotOutcome) -> Value {
     }
 }
 
+/// The trainer's streams from Python: `(device ordinal, CUstream handle)`
+/// pairs; devices not named use their legacy default stream.
+fn stream_order(streams: Option<Vec<(u32, u64)>>) -> StreamOrder {
+    streams
+        .unwrap_or_default()
+        .into_iter()
+        .fold(StreamOrder::legacy(), |order, (ordinal, stream)| {
+            order.with(ordinal, stream)
+        })
+}
+
+fn pinning_json(pinning: &Pinning) -> Value {
+    match pinning {
+        Pinning::NotNeeded => json!({"state": "not_needed"}),
+        Pinning::Pinned { bytes, seconds } => {
+            json!({"state": "pinned", "bytes": bytes, "seconds": seconds})
+        }
+        Pinning::Unpinned { reason } => json!({"state": "unpinned", "reason": reason}),
+    }
+}
+
+fn dtype_of(dtype: &str) -> PyResult<Dtype> {
+    dtype
+        .parse()
+        .map_err(|e: gpusnap::UnknownDtype| errors::InvalidSpec::new_err(e.to_string()))
+}
+
 impl NativeClient {
     fn lock(&self) -> PyResult<MutexGuard<'_, Inner>> {
         self.inner.lock().map_err(|_| {
@@ -131,12 +161,35 @@ impl NativeClient {
             result.map_err(errors::to_py)
         })
     }
+
+    /// Runs the registration `f` on the client, detached from Python, and
+    /// keeps `owner` alive if it succeeded.
+    fn register_with(
+        &self,
+        py: Python<'_>,
+        owner: Py<PyAny>,
+        f: impl FnOnce(&mut gpusnap::Client) -> gpusnap::Result<()> + Send,
+    ) -> PyResult<()> {
+        detached(py, || {
+            let mut inner = self.lock()?;
+            let client = inner
+                .client
+                .as_mut()
+                .ok_or_else(|| errors::Disconnected::new_err("this gpusnap client is closed"))?;
+            let registered = f(client);
+            if registered.is_ok() {
+                inner.owners.push(owner);
+            }
+            drop(inner);
+            registered.map_err(errors::to_py)
+        })
+    }
 }
 
 #[pymethods]
 impl NativeClient {
     #[new]
-    #[pyo3(signature = (job, *, socket=None, rank=0, world_size=1, connect_timeout=10.0, call_timeout=60.0, commit_timeout=600.0, reconnect=true, copy_threads=None, busy_timeout=None))]
+    #[pyo3(signature = (job, *, socket=None, rank=0, world_size=1, connect_timeout=10.0, call_timeout=60.0, commit_timeout=600.0, reconnect=true, copy_threads=None, busy_timeout=None, require_pinned=false))]
     #[expect(clippy::too_many_arguments, reason = "Python keyword arguments")]
     fn new(
         py: Python<'_>,
@@ -150,6 +203,7 @@ impl NativeClient {
         reconnect: bool,
         copy_threads: Option<usize>,
         busy_timeout: Option<f64>,
+        require_pinned: bool,
     ) -> PyResult<NativeClient> {
         let mut config = ClientConfig::new(job.clone());
         if let Some(socket) = socket {
@@ -166,6 +220,9 @@ impl NativeClient {
             .map(|s| seconds("busy_timeout", s))
             .transpose()?;
         config.reconnect = reconnect;
+        if require_pinned {
+            config.pin_policy = PinPolicy::Require;
+        }
         if let Some(threads) = copy_threads {
             if threads == 0 {
                 return Err(PyValueError::new_err("copy_threads must be at least 1"));
@@ -220,10 +277,10 @@ impl NativeClient {
         self.call(py, |c| Ok(c.open_capture()))
     }
 
-    /// Registers `nbytes` bytes at `address` as tensor `name`. `owner` is
-    /// kept alive while this client lives; the caller guarantees it owns
-    /// exactly that memory (the public `gpusnap.Client` derives both from
-    /// the tensor or array itself).
+    /// Registers `nbytes` bytes of host memory at `address` as tensor
+    /// `name`. `owner` is kept alive while this client lives; the caller
+    /// guarantees it owns exactly that memory (the public `gpusnap.Client`
+    /// derives both from the tensor or array itself).
     #[pyo3(signature = (name, dtype, shape, address, nbytes, owner))]
     #[expect(clippy::too_many_arguments, reason = "Python arguments")]
     fn register(
@@ -236,35 +293,57 @@ impl NativeClient {
         nbytes: usize,
         owner: Py<PyAny>,
     ) -> PyResult<()> {
-        let dtype: Dtype = dtype
-            .parse()
-            .map_err(|e: gpusnap::UnknownDtype| errors::InvalidSpec::new_err(e.to_string()))?;
+        let dtype = dtype_of(dtype)?;
         if address == 0 && nbytes != 0 {
             return Err(errors::InvalidSpec::new_err(format!(
                 "tensor {name:?}: a null address for {nbytes} bytes"
             )));
         }
-        detached(py, || {
-            let mut inner = self.lock()?;
-            let client = inner
-                .client
-                .as_mut()
-                .ok_or_else(|| errors::Disconnected::new_err("this gpusnap client is closed"))?;
+        self.register_with(py, owner, move |client| {
             // SAFETY: the Python layer derives `address`/`nbytes` from the
-            // tensor or array `owner` (its data pointer and byte size, after
-            // checking it is contiguous and in host memory), and `owner` is
-            // kept alive in `owners` for as long as the client exists, so
-            // the memory stays allocated while registered. Not writing it
-            // during a capture, nor touching it during a restore, is the
-            // documented contract of `snapshot_begin`/`restore`.
+            // tensor or array `owner` (its data pointer and byte size,
+            // after checking it is contiguous and in host memory), and
+            // `owner` is kept alive in `owners` for as long as the client
+            // exists, so the memory stays allocated while registered. Not
+            // writing it during a capture, nor touching it during a
+            // restore, is the documented contract of
+            // `snapshot_begin`/`restore`.
             let buffer = unsafe { RawBuffer::new(address as *mut u8, nbytes) };
-            let registered = client.register(name, dtype, shape, buffer);
-            if registered.is_ok() {
-                inner.owners.push(owner);
-            }
-            drop(inner);
-            registered.map_err(errors::to_py)
+            client.register(name, dtype, shape, buffer)
         })
+    }
+
+    /// Registers `nbytes` bytes of CUDA device memory at `address` as
+    /// tensor `name`, checked with the driver (device memory, inside one
+    /// allocation, of a device of this process); returns the device's
+    /// ordinal. `owner` is kept alive while this client lives.
+    #[pyo3(signature = (name, dtype, shape, address, nbytes, owner))]
+    #[expect(clippy::too_many_arguments, reason = "Python arguments")]
+    fn register_cuda(
+        &self,
+        py: Python<'_>,
+        name: String,
+        dtype: &str,
+        shape: Vec<u64>,
+        address: u64,
+        nbytes: usize,
+        owner: Py<PyAny>,
+    ) -> PyResult<u32> {
+        let dtype = dtype_of(dtype)?;
+        let mut ordinal = 0;
+        let found = &mut ordinal;
+        self.register_with(py, owner, move |client| {
+            let device = CudaDevice::of_pointer(address).map_err(|e| e.for_tensor(&name))?;
+            // SAFETY: as for `register`: `address`/`nbytes` come from the
+            // tensor `owner` (its data pointer and byte size, contiguous),
+            // and `owner` stays alive in `owners` for as long as the
+            // client, which owns every reference to the buffer (its
+            // finishing thread's included: it ends when the client drops).
+            let buffer = unsafe { device.buffer(&name, address, nbytes, None) }?;
+            *found = device.ordinal();
+            client.register(name, dtype, shape, Buffer::Device(buffer))
+        })?;
+        Ok(ordinal)
     }
 
     /// (name, dtype, shape) of every registered tensor, in order.
@@ -288,9 +367,44 @@ impl NativeClient {
         to_python(py, &info)
     }
 
-    /// Starts the capture of `step` (the copies run in the background).
-    fn begin(&self, py: Python<'_>, step: u64) -> PyResult<()> {
-        self.call(py, |c| c.begin_snapshot(step))
+    /// Starts the capture of `step` (the copies run in the background),
+    /// the copies of CUDA buffers ordered after the work queued so far on
+    /// `streams` (`(device ordinal, CUstream)` pairs; the legacy default
+    /// stream of a device not named).
+    #[pyo3(signature = (step, streams=None))]
+    fn begin(&self, py: Python<'_>, step: u64, streams: Option<Vec<(u32, u64)>>) -> PyResult<()> {
+        let order = stream_order(streams);
+        self.call(py, move |c| c.begin_snapshot_on(step, order))
+    }
+
+    /// Finishes the open capture without blocking on the device: the
+    /// trainer's streams wait for the copies, the host for the copies of
+    /// host memory only, and a client thread tells the daemon. Its outcome
+    /// comes from `background_outcome(step)`.
+    fn finish_in_background(&self, py: Python<'_>) -> PyResult<()> {
+        self.call(py, |c| c.finish_snapshot_in_background())
+    }
+
+    /// The outcome of the capture of `step` handed off by
+    /// `finish_in_background` (waiting for it if it still runs), as
+    /// `finish` returns it, or its error raised; None when none is kept.
+    fn background_outcome(&self, py: Python<'_>, step: u64) -> PyResult<Option<Py<PyAny>>> {
+        let outcome = self.call(py, move |c| c.background_outcome(step).transpose())?;
+        outcome
+            .map(|o| to_python(py, &outcome_json(&o)))
+            .transpose()
+    }
+
+    /// What attaching each device did to the staging of the current
+    /// registration: [{"state": "pinned", "bytes", "seconds"} |
+    /// {"state": "unpinned", "reason"} | {"state": "not_needed"}].
+    fn staging_pinning(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let value = self.call(py, |c| {
+            Ok(Value::Array(
+                c.staging_pinning().iter().map(pinning_json).collect(),
+            ))
+        })?;
+        to_python(py, &value)
     }
 
     /// Whether the open capture's copies have finished, without blocking;
@@ -318,10 +432,19 @@ impl NativeClient {
 
     /// Restores `step` (the newest when None) into every registered buffer;
     /// None when there is no snapshot.
-    #[pyo3(signature = (step=None))]
-    fn restore(&self, py: Python<'_>, step: Option<u64>) -> PyResult<Py<PyAny>> {
+    /// The copies into CUDA buffers are ordered after the work queued so
+    /// far on `streams` (as for `begin`), the work queued there later
+    /// after the copies; the host waits for them too.
+    #[pyo3(signature = (step=None, streams=None))]
+    fn restore(
+        &self,
+        py: Python<'_>,
+        step: Option<u64>,
+        streams: Option<Vec<(u32, u64)>>,
+    ) -> PyResult<Py<PyAny>> {
         let which = step.map_or(Step::Latest, Step::At);
-        let restored = self.call(py, |c| c.restore(which))?;
+        let order = stream_order(streams);
+        let restored = self.call(py, move |c| c.restore_on(which, &order))?;
         let value = match restored {
             None => Value::Null,
             Some(info) => json!({

@@ -171,6 +171,54 @@ create_exception!(
 );
 create_exception!(
     gpusnap,
+    NoCudaDriver,
+    BackendUnavailable,
+    "No usable CUDA driver library (libcuda.so) is loaded, or it lacks a function gpusnap calls."
+);
+create_exception!(
+    gpusnap,
+    NoCudaDevice,
+    BackendUnavailable,
+    "The CUDA driver sees no device, or not the one asked for."
+);
+create_exception!(
+    gpusnap,
+    CudaDriverTooOld,
+    BackendUnavailable,
+    "The CUDA driver is older than the CUDA version gpusnap calls."
+);
+create_exception!(
+    gpusnap,
+    CudaError,
+    Error,
+    "A CUDA driver call failed (`call` and `cuda_error` name it) or the CUDA backend refused."
+);
+create_exception!(
+    gpusnap,
+    InvalidStream,
+    CudaError,
+    "A stream given to a snapshot or restore is not a live stream of the tensor's device."
+);
+create_exception!(
+    gpusnap,
+    GraphCapture,
+    CudaError,
+    "A snapshot or restore was asked for while the stream captures a CUDA graph."
+);
+create_exception!(
+    gpusnap,
+    PinningRequired,
+    CudaError,
+    "Staging could not be page-locked and the client requires pinned staging."
+);
+create_exception!(
+    gpusnap,
+    InvalidDevicePointer,
+    InvalidRegistration,
+    "A registered CUDA tensor's memory is not device memory gpusnap can copy."
+);
+create_exception!(
+    gpusnap,
     CaptureInProgress,
     Error,
     "A capture is still open on this client."
@@ -220,6 +268,14 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
         SnapshotFailed,
         Lost,
         BackendUnavailable,
+        NoCudaDriver,
+        NoCudaDevice,
+        CudaDriverTooOld,
+        CudaError,
+        InvalidStream,
+        GraphCapture,
+        PinningRequired,
+        InvalidDevicePointer,
         CaptureInProgress,
         IoError,
     );
@@ -236,6 +292,12 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
         class.setattr("errno", py.None())?;
         class.setattr("os_error", py.None())?;
     }
+    // Set on the failed driver call's error; None on the backend's own
+    // refusals.
+    let cuda = py.get_type::<CudaError>();
+    cuda.setattr("call", py.None())?;
+    cuda.setattr("cuda_error", py.None())?;
+    cuda.setattr("code", py.None())?;
     Ok(())
 }
 
@@ -263,7 +325,14 @@ pub fn to_py(err: gpusnap::Error) -> PyErr {
             | E::DaemonUnavailable { .. }
     );
     let os_error = err.os_error();
+    let driver_call = match &err {
+        E::Cuda(gpusnap::device::cuda::CudaError::Driver {
+            call, name, code, ..
+        }) => Some((*call, name.clone(), *code)),
+        _ => None,
+    };
     let py_err = match err {
+        E::Cuda(cuda) => cuda_to_py(cuda, message),
         E::DaemonUnavailable { .. } => DaemonUnavailable::new_err(message),
         E::VersionMismatch { .. } => VersionMismatch::new_err(message),
         E::Protocol(_) => ProtocolError::new_err(message),
@@ -304,10 +373,31 @@ pub fn to_py(err: gpusnap::Error) -> PyErr {
         if let Some(kind) = kind {
             let _ = value.setattr("kind", kind);
         }
+        if let Some((call, name, code)) = driver_call {
+            let _ = value.setattr("call", call);
+            let _ = value.setattr("cuda_error", name);
+            let _ = value.setattr("code", code);
+        }
         if may_have_os_error {
             let _ = value.setattr("errno", os_error.map(|e| e.raw()));
             let _ = value.setattr("os_error", os_error.and_then(|e| e.name()));
         }
     });
     py_err
+}
+
+/// The Python exception for a CUDA backend error.
+fn cuda_to_py(err: gpusnap::device::cuda::CudaError, message: String) -> PyErr {
+    use gpusnap::device::cuda::CudaError as C;
+    match err {
+        C::NoCudaDriver { .. } => NoCudaDriver::new_err(message),
+        C::NoDevice { .. } => NoCudaDevice::new_err(message),
+        C::CudaDriverTooOld { .. } => CudaDriverTooOld::new_err(message),
+        C::InvalidPointer { .. } => InvalidDevicePointer::new_err(message),
+        C::InvalidStream { .. } => InvalidStream::new_err(message),
+        C::GraphCapture { .. } => GraphCapture::new_err(message),
+        C::PinningRequired { .. } => PinningRequired::new_err(message),
+        // Driver, Panicked, and a variant added later (non-exhaustive).
+        _ => CudaError::new_err(message),
+    }
 }

@@ -2,12 +2,15 @@
 //!
 //! * [`client::NativeClient`] (`gpusnap._native.Client`): the client crate's
 //!   `Client` for Python, with the GIL released during every copy and wait.
+//! * [`cuda::cuda_driver`] (`gpusnap._native.cuda_driver`): whether CUDA
+//!   tensors can be copied here, and the driver's version.
 //! * [`errors`]: the exception tree, rooted at `gpusnap.Error`.
 //!
 //! Everything that knows torch or numpy is Python, in `python/gpusnap/`.
 
 mod client;
 mod convert;
+mod cuda;
 mod errors;
 
 use pyo3::prelude::*;
@@ -32,6 +35,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DEFAULT_SOCKET", gpusnap::proto::DEFAULT_SOCKET)?;
     m.add_class::<client::NativeClient>()?;
     m.add_function(wrap_pyfunction!(client::_panic_inside_a_call, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda::cuda_driver, m)?)?;
     errors::register(m)?;
     Ok(())
 }

@@ -6,10 +6,13 @@ too (testkit/defaults.toml), plus each test's settings. The daemon binary is
 $GPUSNAP_DAEMON, else the workspace's target/debug/gpusnapd (tests/run builds
 it before pytest runs).
 
-Root-only tests skip with a reason that starts with "needs root" and follow
-the project's protocol (testkit/src/skip.rs): under GPUSNAP_REQUIRE_ROOT=1
-such a skip is a failure; otherwise it is appended to $GPUSNAP_SKIP_LOG as
-"<test id>\\t<reason>".
+Root-only tests skip with a reason that starts with "needs root", tests of
+CUDA arrays on a CUDA driver (the real one or the project's driver double)
+with "needs a CUDA driver", tests of CUDA torch tensors with "needs a CUDA
+GPU"; they follow the project's protocol (testkit/src/skip.rs): under
+GPUSNAP_REQUIRE_ROOT=1, GPUSNAP_REQUIRE_CUDA=1 or GPUSNAP_REQUIRE_GPU=1
+respectively such a skip is a failure; otherwise it is appended to
+$GPUSNAP_SKIP_LOG as "<test id>\\t<reason>".
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ sys.path.insert(0, str(REPO / "testkit" / "python"))
 import gpusnapd_testkit as testkit  # noqa: E402
 
 ROOT_SKIP_PREFIX = "needs root"
+# A CUDA driver: the real one, or the project's driver double
+# (tests/cuda-double) on LD_LIBRARY_PATH, as tests/run puts it.
+CUDA_DRIVER_SKIP_PREFIX = "needs a CUDA driver"
+# A real GPU with PyTorch's CUDA (tests/gpu-suite runs these).
+CUDA_GPU_SKIP_PREFIX = "needs a CUDA GPU"
 
 
 def daemon_binary() -> Path:
@@ -94,30 +102,39 @@ def _skip_reason(report: pytest.TestReport) -> str:
     return str(longrepr)
 
 
+# Skip reasons that a run may forbid: the prefix, and the variable that
+# turns such a skip into a failure when it is 1.
+REQUIRED_SKIPS = {
+    ROOT_SKIP_PREFIX: "GPUSNAP_REQUIRE_ROOT",
+    CUDA_DRIVER_SKIP_PREFIX: "GPUSNAP_REQUIRE_CUDA",
+    CUDA_GPU_SKIP_PREFIX: "GPUSNAP_REQUIRE_GPU",
+}
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """A root-only test's skip fails under GPUSNAP_REQUIRE_ROOT=1, and is
-    logged to GPUSNAP_SKIP_LOG otherwise."""
+    """A skip for lack of root, of a CUDA driver or of a CUDA GPU fails
+    under its GPUSNAP_REQUIRE_* = 1, and is logged to GPUSNAP_SKIP_LOG
+    otherwise."""
     report: pytest.TestReport = yield
     if report.skipped:
-        _root_skip(item, report)
+        _required_skip(item, report)
     return report
 
 
-def _root_skip(item: pytest.Item, report: pytest.TestReport) -> None:
+def _required_skip(item: pytest.Item, report: pytest.TestReport) -> None:
     reason = _skip_reason(report)
-    if not reason.startswith(ROOT_SKIP_PREFIX):
+    variable = next((v for p, v in REQUIRED_SKIPS.items() if reason.startswith(p)), None)
+    if variable is None:
         return
-    required = os.environ.get("GPUSNAP_REQUIRE_ROOT", "")
+    required = os.environ.get(variable, "")
     if required not in ("", "0", "1"):
-        raise pytest.UsageError(
-            f"GPUSNAP_REQUIRE_ROOT={required!r}: set it to 1, or 0 (or leave it unset)"
-        )
+        raise pytest.UsageError(f"{variable}={required!r}: set it to 1, or 0 (or leave it unset)")
     if required == "1":
         report.outcome = "failed"
-        report.longrepr = f"{reason}, and GPUSNAP_REQUIRE_ROOT=1 forbids skipping"
+        report.longrepr = f"{reason}, and {variable}=1 forbids skipping"
         return
     log = os.environ.get("GPUSNAP_SKIP_LOG")
     if log:

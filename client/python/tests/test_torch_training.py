@@ -1,6 +1,8 @@
-"""Real CPU training runs through gpusnap: a trainer SIGKILLed at a random
-step and restarted ends bit for bit where an uninterrupted run ends; a
-daemon restart in the middle of training loses nothing committed."""
+"""Real training runs through gpusnap: a trainer SIGKILLed at a random step
+and restarted ends bit for bit where an uninterrupted run ends, on the CPU,
+on the CPU with a mirror of its parameters in CUDA device memory (the
+driver double in CI, see _cuda.py), and on a CUDA GPU; a daemon restart in
+the middle of training loses nothing committed."""
 
 from __future__ import annotations
 
@@ -51,8 +53,8 @@ def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float =
 
 
 def assert_same_final_state(a: Path, b: Path) -> None:
-    fa = torch.load(a / "final.pt", weights_only=False)
-    fb = torch.load(b / "final.pt", weights_only=False)
+    fa = torch.load(a / "final.pt", weights_only=False, map_location="cpu")
+    fb = torch.load(b / "final.pt", weights_only=False, map_location="cpu")
     for name, t in fa["model"].items():
         assert torch.equal(t, fb["model"][name]), name
     sa, sb = fa["optimizer"]["state"], fb["optimizer"]["state"]
@@ -64,41 +66,80 @@ def assert_same_final_state(a: Path, b: Path) -> None:
     assert fa["scheduler"] == fb["scheduler"]
     assert fa["progress"] == fb["progress"]
     assert torch.equal(fa["torch_rng"], fb["torch_rng"])
+    assert len(fa["cuda_rng"]) == len(fb["cuda_rng"])
+    for ra, rb in zip(fa["cuda_rng"], fb["cuda_rng"], strict=True):
+        assert torch.equal(ra, rb), "CUDA RNG"
+    assert fa["mirror"] == fb["mirror"], "the device mirror"
     assert fa["numpy_rng"] == fb["numpy_rng"]
     assert fa["python_rng"] == fb["python_rng"]
 
 
 STEPS, EVERY = 60, 5
 
+# The trainer's options of each variant of the kill-and-resume run.
+VARIANTS = {
+    "cpu": (),
+    "cpu+cuda-arrays": ("--cuda-arrays",),
+    "cuda": ("--device=cuda",),
+}
+
+
+def require_variant(variant: str) -> None:
+    """Skips (under the project's protocol) where the variant cannot run."""
+    if "cuda-arrays" in variant:
+        from _cuda import driver
+
+        driver()
+    if variant == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
+
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """The uninterrupted run, without gpusnap at all."""
-    out = tmp_path_factory.mktemp("reference")
-    proc = run_trainer("unused", "unused", STEPS, EVERY, out, "--no-snapshots")
-    assert proc.wait(300) == 0, (out / "stdout.txt").read_text()
-    return out
+def references(tmp_path_factory) -> dict[str, Path]:
+    """The uninterrupted run of each variant, without gpusnap at all (made
+    on first use)."""
+    return {}
 
 
-def test_a_trainer_killed_at_a_random_step_resumes_bit_for_bit(daemon, tmp_path, reference):
+def reference(references: dict[str, Path], tmp_path_factory, variant: str) -> Path:
+    if variant not in references:
+        out = tmp_path_factory.mktemp(f"reference-{variant}")
+        proc = run_trainer(
+            "unused", "unused", STEPS, EVERY, out, "--no-snapshots", *VARIANTS[variant]
+        )
+        assert proc.wait(300) == 0, (out / "stdout.txt").read_text()
+        references[variant] = out
+    return references[variant]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_a_trainer_killed_at_a_random_step_resumes_bit_for_bit(
+    daemon, tmp_path, tmp_path_factory, references, variant
+):
+    require_variant(variant)
+    extra = VARIANTS[variant]
+    expected = reference(references, tmp_path_factory, variant)
     seed = int(os.environ.get("GPUSNAP_TEST_SEED", time.time_ns() % 1_000_000))
     kill_at = random.Random(seed).randrange(EVERY + 1, STEPS - 5)
     print(f"killing the trainer after step {kill_at} (GPUSNAP_TEST_SEED={seed})")
     out = tmp_path / "run"
     # Paced, so the kill lands within a step or two of kill_at.
-    proc = run_trainer(daemon.socket, "mlp", STEPS, EVERY, out, "--pace=0.02")
+    proc = run_trainer(daemon.socket, "mlp", STEPS, EVERY, out, "--pace=0.02", *extra)
     wait_for_step(out, kill_at, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(60)
     killed_after = max(losses(out))
     assert killed_after < STEPS, "the trainer finished before it was killed"
-    proc = run_trainer(daemon.socket, "mlp", STEPS, EVERY, out)
+    proc = run_trainer(daemon.socket, "mlp", STEPS, EVERY, out, *extra)
     assert proc.wait(300) == 0, (out / "stdout.txt").read_text()
     log = (out / "stdout.txt").read_text()
     resumed = int(log.split("starting after step ")[-1].split()[0])
     assert resumed > 0 and resumed % EVERY == 0 and resumed <= killed_after, log
-    assert losses(out) == losses(reference)
-    assert_same_final_state(out, reference)
+    assert losses(out) == losses(expected)
+    assert_same_final_state(out, expected)
+    if "cuda-arrays" in variant:
+        final = torch.load(out / "final.pt", weights_only=False)
+        assert final["mirror"], "the device mirror was saved"
 
 
 def test_training_survives_a_daemon_restart_and_keeps_what_was_committed(make_daemon, tmp_path):

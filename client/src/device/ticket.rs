@@ -34,6 +34,33 @@ pub trait CopyTicket: Send {
 /// The tickets of one capture or restore, one per device used.
 pub(crate) struct Tickets {
     tickets: Vec<Box<dyn CopyTicket>>,
+    /// What the tickets already waited for by
+    /// [`order_or_wait`](Tickets::order_or_wait) came to.
+    settled: Settled,
+}
+
+/// The longest copy time and the first error of tickets waited for.
+#[derive(Default)]
+struct Settled {
+    longest: Duration,
+    first_error: Option<crate::error::Error>,
+}
+
+impl Settled {
+    fn add(&mut self, waited: Result<Duration>) {
+        match waited {
+            Ok(took) => self.longest = self.longest.max(took),
+            Err(e) if self.first_error.is_none() => self.first_error = Some(e),
+            Err(e) => tracing::warn!(error = %e, "a further copy error"),
+        }
+    }
+
+    fn into_result(self) -> Result<Duration> {
+        match self.first_error {
+            Some(e) => Err(e),
+            None => Ok(self.longest),
+        }
+    }
 }
 
 impl fmt::Debug for Tickets {
@@ -46,6 +73,7 @@ impl Tickets {
     pub(crate) fn with_capacity(devices: usize) -> Tickets {
         Tickets {
             tickets: Vec::with_capacity(devices),
+            settled: Settled::default(),
         }
     }
 
@@ -53,12 +81,31 @@ impl Tickets {
         self.tickets.push(ticket);
     }
 
-    /// Makes the trainer's streams wait for every device's copies that
-    /// have streams (without blocking the host).
-    pub(crate) fn order_streams_after(&self) -> Result<()> {
-        for ticket in &self.tickets {
-            ticket.order_streams_after()?;
+    /// What the host must do before the trainer's thread goes on while
+    /// the copies finish elsewhere: the trainer's streams are made to wait
+    /// for every device's copies that have streams (without blocking the
+    /// host), and the copies of devices without streams (host memory,
+    /// whose buffers may have no lease to hold the trainer's writes back:
+    /// a [`RawBuffer`](crate::RawBuffer)) are waited for here. Their
+    /// outcome is kept for [`wait`](Tickets::wait). An error: a device's
+    /// streams could not be ordered (the tickets not waited for yet are
+    /// kept, so the caller can still wait for them on the host).
+    pub(crate) fn order_or_wait(&mut self) -> Result<()> {
+        let mut ordered = Vec::with_capacity(self.tickets.len());
+        let mut tickets = std::mem::take(&mut self.tickets).into_iter();
+        while let Some(ticket) = tickets.next() {
+            match ticket.order_streams_after() {
+                Ok(true) => ordered.push(ticket),
+                Ok(false) => self.settled.add(ticket.wait()),
+                Err(e) => {
+                    ordered.push(ticket);
+                    ordered.extend(tickets);
+                    self.tickets = ordered;
+                    return Err(e);
+                }
+            }
         }
+        self.tickets = ordered;
         Ok(())
     }
 
@@ -68,25 +115,16 @@ impl Tickets {
     }
 
     /// Waits for every ticket, also after one failed (their copies touch
-    /// memory); the longest copy time, or the first error.
+    /// memory); the longest copy time, or the first error (of these or of
+    /// those [`order_or_wait`](Tickets::order_or_wait) waited for).
     pub(crate) fn wait(self) -> Result<Duration> {
-        let mut longest = Duration::ZERO;
-        let mut first_error = None;
-        for ticket in self.tickets {
-            match ticket.wait() {
-                Ok(took) => longest = longest.max(took),
-                Err(e) => {
-                    if first_error.is_none() {
-                        first_error = Some(e);
-                    } else {
-                        tracing::warn!(error = %e, "a further copy error");
-                    }
-                }
-            }
+        let Tickets {
+            tickets,
+            mut settled,
+        } = self;
+        for ticket in tickets {
+            settled.add(ticket.wait());
         }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(longest),
-        }
+        settled.into_result()
     }
 }

@@ -653,6 +653,14 @@ impl CopyTicket for DoubleTicket {
             reason,
         })
     }
+
+    /// An asynchronous device's copies: the trainer's later work is
+    /// ordered after them on the device (this model has no trainer
+    /// streams; the bodies touch its buffers only after a wait), so a
+    /// hand-off does not wait for them on the host.
+    fn order_streams_after(&self) -> Result<bool> {
+        Ok(true)
+    }
 }
 
 impl Drop for DoubleTicket {

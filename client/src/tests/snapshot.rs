@@ -854,6 +854,65 @@ fn a_registration_mixing_memory_kinds_routes_each_buffer_to_its_device() {
 }
 
 #[test]
+fn a_hand_off_waits_for_the_host_copies_only_so_raw_host_memory_is_writable_after_it() {
+    let (_dir, path) = fake::socket_dir();
+    let memory = OnDouble::new();
+    let weights = tensor(&memory, "weights", Dtype::F32, &[32, 32], 4);
+    // Large enough that its copy (in 64 KiB pieces on two threads) is still
+    // running when a hand-off that did not wait for it returns.
+    let mut raw_bytes = pattern(32 << 20, 9);
+    let want = vec![weights.bytes.clone(), raw_bytes.clone()];
+    let fake = Fake::start(
+        &path,
+        vec![conn(move |c| {
+            let info = c.open(&Layout::default());
+            c.begin_slot(0);
+            let r = c.expect("captured");
+            assert!(
+                c.slot_data(0) == expected_data(&info, &want),
+                "the slot holds the bytes of the moment of the capture"
+            );
+            c.reply(r.id, ReplyBody::Accepted { step: 1 });
+            c.until_closed();
+        })],
+    );
+    let host = Arc::new(HostDevice::new(2).with_piece_bytes(64 << 10));
+    let mut client = Client::with_device(fake::config(&path), host).expect("connect");
+    register_all(&mut client, std::slice::from_ref(&weights));
+    let len = raw_bytes.len();
+    // SAFETY: `raw_bytes` outlives the client; it is written below only
+    // after the hand-off returned, which is the contract under test.
+    let raw = unsafe { crate::RawBuffer::new(raw_bytes.as_mut_ptr(), len) };
+    client
+        .register(
+            "raw",
+            Dtype::U8,
+            [u64::try_from(len).expect("len")],
+            Buffer::Raw(raw),
+        )
+        .expect("raw");
+    client.begin_snapshot(1).expect("begin");
+    client.finish_snapshot_in_background().expect("handed off");
+    assert_eq!(
+        client.copies_done(),
+        Some(false),
+        "the device's copies are still held: the host did not wait for them"
+    );
+    // The trainer writes its host memory at once (the double's copies are
+    // ordered on the device, the host ones were waited for).
+    // SAFETY: the hand-off returned: no copy reads this memory any more.
+    unsafe { std::ptr::write_bytes(raw_bytes.as_mut_ptr(), 0xEE, len) };
+    memory.let_copies_run();
+    assert!(matches!(
+        client.background_outcome(1),
+        Some(Ok(SnapshotOutcome::Captured(_)))
+    ));
+    drop(client);
+    fake.join();
+    memory.check();
+}
+
+#[test]
 fn a_device_is_attached_once_per_registration_and_detached_when_it_ends() {
     let (_dir, path) = fake::socket_dir();
     let memory = OnDouble::new();

@@ -1,10 +1,12 @@
 """`gpusnap.Client`: what a PyTorch (or numpy) trainer uses.
 
-It registers tensors, modules, optimizers and small blobs with the native
-client (`gpusnap._native.Client`, the Rust `gpusnap` crate), checks before
-every snapshot and restore that no registered memory moved, refreshes the
-blobs and the RNG state, and turns a failed snapshot into an error that is
-raised only where the caller waits for it (and logged and counted).
+It registers tensors (CPU and CUDA), modules, optimizers and small blobs
+with the native client (`gpusnap._native.Client`, the Rust `gpusnap` crate),
+checks before every snapshot and restore that no registered memory moved,
+refreshes the blobs and the RNG state, orders the copies of CUDA tensors
+after the trainer's current streams, and turns a failed snapshot into an
+error that is raised only where the caller waits for it (and logged and
+counted).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from gpusnap._native import (
     CaptureInProgress,
     DuplicateName,
     Error,
+    InternalError,
     InvalidRegistration,
+    InvalidStream,
     NotRegistered,
     Skipped,
 )
@@ -117,6 +121,9 @@ class Client:
     or the daemon's default; ``rank``/``world_size`` default to
     torch.distributed's, else ``$RANK``/``$WORLD_SIZE``, else 0 of 1.
     ``rng=False`` leaves the random generators out of snapshots.
+    ``require_pinned=True`` makes a registration fail (``PinningRequired``)
+    when the daemon's staging cannot be page-locked for CUDA copies,
+    instead of going on with slower pageable copies and a warning.
     """
 
     def __init__(
@@ -132,6 +139,7 @@ class Client:
         commit_timeout: float = 600.0,
         reconnect: bool = True,
         copy_threads: int | None = None,
+        require_pinned: bool = False,
     ) -> None:
         rank, world_size = _rank_and_world(rank, world_size)
         self._native = _native.Client(
@@ -144,6 +152,7 @@ class Client:
             commit_timeout=commit_timeout,
             reconnect=reconnect,
             copy_threads=copy_threads,
+            require_pinned=require_pinned,
         )
         self._entries: list[Entry] = []
         # Second names of one storage (tied weights): checked, not registered.
@@ -155,6 +164,10 @@ class Client:
         self._optimizers: list[_optim.OptimizerState] = []
         # The open capture's step and where its result goes.
         self._open: tuple[int, _Pending] | None = None
+        # A capture handed to the native client's finishing thread.
+        self._handed: tuple[int, _Pending] | None = None
+        # Ordinals of the CUDA devices holding registered tensors.
+        self._cuda_devices: set[int] = set()
         self.stats = Stats()
         if rng:
             self._register_blob(
@@ -176,6 +189,20 @@ class Client:
         return self._native.world_size
 
     @property
+    def cuda_devices(self) -> list[int]:
+        """The CUDA devices holding registered tensors."""
+        return sorted(self._cuda_devices)
+
+    @property
+    def staging_pinning(self) -> list[dict[str, Any]]:
+        """What registration did to the daemon's staging memory for each
+        copying device: ``{"state": "pinned", "bytes", "seconds"}``
+        (page-locked for CUDA copies), ``{"state": "unpinned", "reason"}``
+        or ``{"state": "not_needed"}`` (host copies); empty before the
+        registration is sent (``prepare()``)."""
+        return self._native.staging_pinning()
+
+    @property
     def tensor_names(self) -> list[str]:
         """Every registered tensor name, in registration order."""
         return [name for name, _, _ in self._native.tensors()]
@@ -191,7 +218,8 @@ class Client:
         encoding: str | None = None,
         capacity: int | None = None,
     ) -> None:
-        """Registers a CPU tensor or numpy array as ``name``, or with
+        """Registers a tensor as ``name``: a CPU or CUDA torch tensor, a
+        numpy array, or a CUDA array (``__cuda_array_interface__``), or with
         ``blob=`` a small non-tensor value: a dict (saved as JSON, or
         msgpack with ``encoding="msgpack"``; restored in place), bytes or a
         bytearray (raw; a bytearray is restored in place), or an object
@@ -276,9 +304,11 @@ class Client:
             return
         copy = tensor.detach().clone() if shadow else None
         memory = live if copy is None else describe(name, copy)
-        self._native.register(
-            name, memory.dtype, list(memory.shape), memory.address, memory.nbytes, memory.owner
-        )
+        args = (name, memory.dtype, list(memory.shape), memory.address, memory.nbytes, memory.owner)
+        if memory.cuda:
+            self._cuda_devices.add(self._native.register_cuda(*args))
+        else:
+            self._native.register(*args)
         self._names.add(name)
         self._addresses[key] = name
         self._entries.append(Entry(name, memory, resolve, live.address, live.shape, copy))
@@ -319,17 +349,22 @@ class Client:
 
     # ---- snapshots ----
 
-    def snapshot_begin(self, step: int) -> SnapshotHandle:
+    def snapshot_begin(self, step: int, stream: Any = None) -> SnapshotHandle:
         """Starts the snapshot of ``step``: checks every tensor, refreshes
         blobs and RNG state, and starts the copies, which overlap whatever
-        the trainer does next until ``wait_captured()``. Never raises: a
-        failure is logged, counted, and raised by the handle's waits."""
+        the trainer does next until ``wait_captured()``. The copies of CUDA
+        tensors run on gpusnap's own copy stream, ordered after the work
+        queued so far on ``stream``: by default each device's current torch
+        stream (the legacy default stream without torch); or a
+        ``torch.cuda.Stream``, a CuPy stream, a raw ``CUstream`` handle, or
+        a dict of device ordinal to one of those. Never raises: a failure
+        is logged, counted, and raised by the handle's waits."""
         handle = SnapshotHandle(self, step)
         self.stats.begun += 1
         try:
             self._finish_open()
             self._refresh(self._check())
-            self._native.begin(step)
+            self._native.begin(step, self._streams(stream))
         except Exception as e:  # noqa: BLE001 - a snapshot must not kill training
             self._failed(step, e)
             handle._pending = _Pending(error=e, done=True)
@@ -341,11 +376,13 @@ class Client:
     def snapshot(self, step: int) -> CaptureInfo:
         """Snapshots ``step`` and waits until it is captured (it persists
         in the background; see ``wait_committed``)."""
-        return self.snapshot_begin(step).wait_captured()
+        info = self.snapshot_begin(step).wait_captured(blocking=True)
+        assert info is not None
+        return info
 
     def wait_committed(self, step: int) -> CommitInfo:
         """Waits until the snapshot of ``step`` is durable."""
-        if self.open_step == step:
+        if self.open_step == step or (self._handed is not None and self._handed[0] == step):
             self._finish_open()
         failure = self._failures.get(step)
         if failure is not None:
@@ -375,17 +412,78 @@ class Client:
         for b in self._blobs.values():
             b.buffer.store(b.get())
 
+    def _streams(self, stream: Any) -> list[tuple[int, int]] | None:
+        """The trainer's streams to order CUDA copies after, as (device
+        ordinal, CUstream) pairs; None: each device's legacy default."""
+        if not self._cuda_devices:
+            return None
+        if stream is None:
+            torch = sys.modules.get("torch")
+            if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+                return None
+            return [
+                (d, int(torch.cuda.current_stream(d).cuda_stream))
+                for d in sorted(self._cuda_devices)
+            ]
+        if isinstance(stream, dict):
+            return [(int(d), _stream_handle(s)) for d, s in stream.items()]
+        device = getattr(getattr(stream, "device", None), "index", None)
+        if device is None:
+            if len(self._cuda_devices) != 1:
+                raise InvalidStream(
+                    f"one stream for tensors on CUDA devices {self.cuda_devices}: pass a dict "
+                    "of device ordinal to stream"
+                )
+            device = next(iter(self._cuda_devices))
+        return [(int(device), _stream_handle(stream))]
+
     def _finish_open(self) -> None:
-        """Finishes the open capture, recording its result for its handle."""
-        if self._open is None:
-            return
+        """Finishes the open capture (and collects one handed off),
+        recording its result for its handle."""
+        if self._open is not None:
+            step, pending = self._open
+            self._open = None
+            self._settle(step, pending, self._native.finish)
+        self._collect_handed()
+
+    def _hand_off(self) -> None:
+        """Finishes the open capture without blocking on the device: the
+        trainer's streams wait for the copies, the host only for copies of
+        host memory; the native client's thread tells the daemon."""
+        assert self._open is not None
         step, pending = self._open
         self._open = None
         try:
-            info = CaptureInfo(**self._native.finish())
+            self._native.finish_in_background()
         except Exception as e:  # noqa: BLE001 - reported where the caller waits
-            self._failed(step, e)
-            pending.error = e
+            self._fail_pending(step, pending, e)
+            return
+        self._handed = (step, pending)
+
+    def _collect_handed(self) -> None:
+        """Records the outcome of the capture handed off (waiting for it if
+        its copies still run)."""
+        if self._handed is None:
+            return
+        step, pending = self._handed
+        self._handed = None
+
+        def outcome() -> dict[str, Any]:
+            got = self._native.background_outcome(step)
+            if got is None:
+                raise InternalError(f"the outcome of the capture of step {step} was not kept")
+            return got
+
+        self._settle(step, pending, outcome)
+
+    def _settle(self, step: int, pending: _Pending, outcome: Callable[[], dict[str, Any]]) -> None:
+        """Records what a capture came to for its handle, its stats and its
+        failures."""
+        try:
+            info = CaptureInfo(**outcome())
+        except Exception as e:  # noqa: BLE001 - reported where the caller waits
+            self._fail_pending(step, pending, e)
+            return
         else:
             if info.skipped:
                 self.stats.skipped += 1
@@ -393,6 +491,11 @@ class Client:
             else:
                 self.stats.captured += 1
             pending.info = info
+        pending.done = True
+
+    def _fail_pending(self, step: int, pending: _Pending, e: BaseException) -> None:
+        self._failed(step, e)
+        pending.error = e
         pending.done = True
 
     def _failed(self, step: int, e: BaseException) -> None:
@@ -427,14 +530,17 @@ class Client:
         )
         return _agree.newest_common_step(own, complete)
 
-    def restore(self, step: int | None = None) -> int | None:
+    def restore(self, step: int | None = None, stream: Any = None) -> int | None:
         """Restores ``step`` (default: the newest step every rank of the job
         has committed) into every registered tensor in place, and the
         blobs, optimizer scalars and RNG state; returns the step, or None
         when there is nothing to restore (the registration is then sent,
         as ``prepare()`` does). A missing, mismatched or corrupt snapshot
         raises before anything is written. Without ``step`` and with
-        several ranks this is a collective: every rank calls it."""
+        several ranks this is a collective: every rank calls it. The
+        host-to-device copies into CUDA tensors are ordered after the work
+        queued on ``stream`` (as for ``snapshot_begin``), the work queued
+        there later after them; the host waits for them too."""
         try:
             self._finish_open()
             self._check()
@@ -453,7 +559,7 @@ class Client:
             for state in self._optimizers:
                 state.materialize(state.state_indices(saved))
                 self._register_optimizer_tensors(state)
-        info = self._native.restore(step)
+        info = self._native.restore(step, self._streams(stream))
         if info is None:
             return None
         for entry in self._entries:
@@ -524,13 +630,34 @@ class SnapshotHandle:
         self.step = step
         self._pending = _Pending()
 
-    def wait_captured(self) -> CaptureInfo:
-        """Waits until the data is in the daemon's staging memory; raises
-        the snapshot's error if it failed. Reports a skip (policy ``skip``)
-        in the result's ``skipped``."""
+    def wait_captured(self, blocking: bool | None = None) -> CaptureInfo | None:
+        """What must happen before the registered tensors are written again.
+
+        Overlapped (``blocking=False``; the default when CUDA tensors are
+        registered): the trainer's CUDA streams are made to wait for the
+        copies on the device, so the optimizer step queued next cannot
+        change state under them, and this returns None without the host
+        waiting for the device (copies of host memory, if any, are waited
+        for). A gpusnap thread tells the daemon once the copies finished;
+        the outcome comes with ``wait_committed()``, ``done`` and the
+        client's stats.
+
+        Blocking (``blocking=True``; the default for host-only
+        registrations): waits until the data is in the daemon's staging
+        memory and returns what the capture came to; raises the snapshot's
+        error if it failed. Reports a skip (policy ``skip``) in the
+        result's ``skipped``."""
+        client = self._client
         if not self._pending.done:
-            client = self._client
+            overlapped = bool(client._cuda_devices) if blocking is None else not blocking
             if client.open_step == self.step:
+                if overlapped:
+                    client._hand_off()
+                else:
+                    client._finish_open()
+            if overlapped and not self._pending.done:
+                return None
+            if not self._pending.done and client._handed is not None:
                 client._finish_open()
         if self._pending.error is not None:
             raise self._pending.error
@@ -541,7 +668,8 @@ class SnapshotHandle:
     def wait_committed(self) -> CommitInfo:
         """Waits until the snapshot is durable; raises ``Skipped`` for a
         skipped one."""
-        info = self.wait_captured()
+        info = self.wait_captured(blocking=True)
+        assert info is not None
         if info.skipped:
             e = Skipped(f"snapshot of step {self.step} was skipped: {info.reason}")
             e.step = self.step
@@ -562,7 +690,8 @@ class SnapshotHandle:
         if self._pending.done:
             return True
         client = self._client
-        if client.open_step != self.step:
+        handed = client._handed is not None and client._handed[0] == self.step
+        if client.open_step != self.step and not handed:
             return True
         done = client._native.copies_done()
         return True if done is None else done
@@ -577,12 +706,26 @@ class SnapshotHandle:
         # The body failed: finish the capture (the tensors must be
         # released) but let the body's exception through.
         try:
-            self.wait_captured()
+            self.wait_captured(blocking=True)
         except Error as e:
             log.error("snapshot of step %d failed too: %s", self.step, e)
 
     def __repr__(self) -> str:
         return f"gpusnap.SnapshotHandle(step={self.step}, done={self.done})"
+
+
+def _stream_handle(stream: Any) -> int:
+    """The CUstream of a torch or CuPy stream, or a raw handle."""
+    for attribute in ("cuda_stream", "ptr"):
+        handle = getattr(stream, attribute, None)
+        if handle is not None:
+            return int(handle)
+    if isinstance(stream, int) and stream >= 0:
+        return stream
+    raise InvalidStream(
+        f"a {type(stream).__name__} is not a CUDA stream (a torch.cuda.Stream, a CuPy "
+        "stream or a CUstream handle)"
+    )
 
 
 def _is_tensor(value: Any) -> bool:

@@ -1,7 +1,11 @@
 """What a registered tensor or array is to gpusnap: a dtype name, a shape, an
-address and a byte length in host memory, plus the object that keeps that
-memory alive. Also the check, before every snapshot and restore, that the
-memory has not moved since registration.
+address and a byte length, in host memory or in a CUDA device's memory,
+plus the object that keeps that memory alive. Also the check, before every
+snapshot and restore, that the memory has not moved since registration.
+
+Host memory: CPU torch tensors and numpy arrays. Device memory: CUDA torch
+tensors and any object with a ``__cuda_array_interface__`` (versions 2 and
+3: CuPy arrays, Numba device arrays, ...), contiguous and writable.
 
 torch and numpy are optional: each is imported only when an object of its
 kind is seen.
@@ -14,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from gpusnap._native import (
-    BackendUnavailable,
     NotContiguous,
     TensorReallocated,
     UnsupportedTensor,
@@ -58,13 +61,15 @@ TORCH_DTYPES = {
 
 @dataclass(frozen=True)
 class Memory:
-    """One registrable piece of host memory."""
+    """One registrable piece of memory: host memory, or (``cuda``) memory
+    of a CUDA device, whose ordinal the driver tells at registration."""
 
     dtype: str
     shape: tuple[int, ...]
     address: int
     nbytes: int
     owner: Any
+    cuda: bool = False
 
 
 def _is_torch_tensor(obj: Any) -> bool:
@@ -78,19 +83,24 @@ def _is_numpy_array(obj: Any) -> bool:
 
 
 def describe(name: str, obj: Any) -> Memory:
-    """The memory of a torch tensor or numpy array registered as `name`.
+    """The memory of a torch tensor, numpy array or CUDA array (an object
+    with ``__cuda_array_interface__``) registered as `name`.
 
-    Raises BackendUnavailable for device tensors, NotContiguous for
-    strided views, UnsupportedTensor for anything else gpusnap cannot
-    store byte for byte.
+    Raises NotContiguous for strided views, UnsupportedTensor for anything
+    else gpusnap cannot store byte for byte (a device tensor that is not
+    CUDA memory among them).
     """
     if _is_torch_tensor(obj):
         return _torch_memory(name, obj)
     if _is_numpy_array(obj):
         return _numpy_memory(name, obj)
+    interface = getattr(obj, "__cuda_array_interface__", None)
+    if interface is not None:
+        return _cuda_array_memory(name, obj, interface)
     raise UnsupportedTensor(
         f"tensor {name!r}: a {type(obj).__module__}.{type(obj).__qualname__} is "
-        "neither a torch.Tensor nor a numpy.ndarray"
+        "neither a torch.Tensor, a numpy.ndarray nor an object with "
+        "__cuda_array_interface__"
     )
 
 
@@ -99,11 +109,9 @@ def _torch_memory(name: str, t: Any) -> Memory:
 
     if t.device.type == "meta":
         raise UnsupportedTensor(f"tensor {name!r} is a meta tensor: it has no data")
-    if t.device.type != "cpu":
-        raise BackendUnavailable(
-            f"tensor {name!r} is on {t.device}: the CUDA backend is not built yet, "
-            "so only CPU tensors can be registered (gpusnap never copies a device "
-            "tensor to the CPU behind your back)"
+    if t.device.type not in ("cpu", "cuda"):
+        raise UnsupportedTensor(
+            f"tensor {name!r} is on {t.device}: gpusnap copies CPU and CUDA tensors only"
         )
     if t.layout != torch.strided or t.is_quantized or t.is_nested:
         raise UnsupportedTensor(f"tensor {name!r}: layout {t.layout} cannot be stored")
@@ -120,7 +128,14 @@ def _torch_memory(name: str, t: Any) -> Memory:
     # The storage object keeps the memory alive even if the tensor is later
     # pointed at other storage (param.data = ...), which the pointer check
     # then reports.
-    return Memory(dtype, tuple(t.shape), t.data_ptr(), nbytes, t.untyped_storage())
+    return Memory(
+        dtype,
+        tuple(t.shape),
+        t.data_ptr(),
+        nbytes,
+        t.untyped_storage(),
+        cuda=t.device.type == "cuda",
+    )
 
 
 def _numpy_memory(name: str, a: Any) -> Memory:
@@ -136,11 +151,64 @@ def _numpy_memory(name: str, a: Any) -> Memory:
     return Memory(dtype, tuple(int(d) for d in a.shape), int(a.ctypes.data), int(a.nbytes), a)
 
 
+def _cuda_array_memory(name: str, obj: Any, interface: Any) -> Memory:
+    """An object exporting ``__cuda_array_interface__`` (v2 or v3): its
+    data must be C-contiguous, writable and unmasked."""
+    where = f"tensor {name!r} (__cuda_array_interface__ of a {type(obj).__qualname__})"
+    try:
+        shape = tuple(int(d) for d in interface["shape"])
+        typestr = str(interface["typestr"])
+        address, readonly = interface["data"]
+        address = int(address or 0)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UnsupportedTensor(f"{where}: a malformed interface ({e!r})") from None
+    if int(interface.get("version", 0)) < 2:
+        raise UnsupportedTensor(f"{where}: interface version {interface.get('version')} < 2")
+    if interface.get("mask") is not None:
+        raise UnsupportedTensor(f"{where}: a masked array cannot be stored")
+    if readonly:
+        raise UnsupportedTensor(f"{where}: read-only memory: a restore could not fill it")
+    if any(d < 0 for d in shape):
+        raise UnsupportedTensor(f"{where}: a negative dimension in shape {shape}")
+    order, code = typestr[:1], typestr[1:]
+    dtype = _NUMPY_DTYPES.get(code)
+    if dtype is None or (order == ">" and code[-1] != "1"):
+        raise UnsupportedTensor(f"{where}: typestr {typestr!r} cannot be stored")
+    itemsize = int(code[1:])
+    elements = 1
+    for d in shape:
+        elements *= d
+    strides = interface.get("strides")
+    if strides is not None and elements > 1:
+        expected, step = [], itemsize
+        for d in reversed(shape):
+            expected.append(step)
+            step *= d
+        if any(
+            d > 1 and int(s) != e
+            for d, s, e in zip(shape, strides, reversed(expected), strict=True)
+        ):
+            raise NotContiguous(f"{where}: strides {tuple(strides)} of shape {shape} are not C-contiguous")
+    nbytes = elements * itemsize
+    if address == 0 and nbytes != 0:
+        raise UnsupportedTensor(f"{where}: a null data pointer for {nbytes} bytes")
+    return Memory(dtype, shape, address, nbytes, obj, cuda=True)
+
+
 def current_address(obj: Any) -> int:
     """Where the object's data is now."""
     if _is_torch_tensor(obj):
         return int(obj.data_ptr())
-    return int(obj.ctypes.data)
+    if _is_numpy_array(obj):
+        return int(obj.ctypes.data)
+    return int(obj.__cuda_array_interface__["data"][0] or 0)
+
+
+def current_shape(obj: Any) -> tuple[int, ...]:
+    """The object's shape now."""
+    if _is_torch_tensor(obj) or _is_numpy_array(obj):
+        return tuple(int(d) for d in obj.shape)
+    return tuple(int(d) for d in obj.__cuda_array_interface__["shape"])
 
 
 @dataclass
@@ -170,7 +238,7 @@ class Entry:
         if live is None:
             raise TensorReallocated(f"tensor {self.name!r} is now None")
         address = current_address(live)
-        shape = tuple(int(d) for d in live.shape)
+        shape = current_shape(live)
         if address != self.address or shape != self.shape:
             raise TensorReallocated(
                 f"tensor {self.name!r} was reallocated since it was registered "

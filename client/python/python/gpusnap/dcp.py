@@ -50,9 +50,10 @@ Errors are gpusnap's (``NotFound`` for a missing or incomplete step,
 ``dcp.load`` raise them inside DCP's ``CheckpointException`` (its
 ``failures``: rank -> (exception, traceback)), as DCP does with every error.
 
-Limits: CPU tensors only (a device tensor raises ``BackendUnavailable``,
-as everywhere in gpusnap; the CUDA backend is not built yet), for saving
-and as load targets; every rank's snapshot must be on this node's daemon
+CPU and CUDA tensors save (a CUDA tensor's device-to-host copy is ordered
+after the work queued on its device's current stream, and ``write_data``
+returns once the snapshot is committed) and load (into targets anywhere
+torch can copy to); every rank's snapshot must be on this node's daemon
 to load (read_metadata describes every rank, and a rank's items may live
 in another rank's snapshot); reading a rank's items restores that rank's
 whole snapshot into scratch memory (the daemon restores exactly the
@@ -352,17 +353,15 @@ def _dist_world_size() -> int:
     return 1
 
 
-def _cpu_tensor(data: Any, item: WriteItem) -> torch.Tensor:
+def _item_tensor(data: Any, item: WriteItem) -> torch.Tensor:
     fqn = item.index.fqn
     if not isinstance(data, torch.Tensor):
         raise UnsupportedTensor(
             f"{fqn}: the planner resolved a {type(data).__name__} for a tensor item"
         )
-    if data.device.type != "cpu":
+    if data.device.type not in ("cpu", "cuda"):
         raise BackendUnavailable(
-            f"{fqn} is on {data.device}: the CUDA backend is not built yet, so "
-            "gpusnap.dcp saves only CPU tensors (it never copies a device tensor to "
-            "the CPU behind your back); move the state dict to the CPU first"
+            f"{fqn} is on {data.device}: gpusnap.dcp saves CPU and CUDA tensors only"
         )
     t = data.detach()
     if not t.is_contiguous():
@@ -413,16 +412,37 @@ class _Spans:
             self.spans.append((start, start + length))
 
 
-def _register(client: Any, name: str, t: torch.Tensor, spans: _Spans | None = None) -> int:
+def _register(
+    client: Any,
+    name: str,
+    t: torch.Tensor,
+    spans: _Spans | None = None,
+    cuda_devices: set[int] | None = None,
+) -> int:
+    """Registers `t` as `name` (a copy of it where it overlaps memory
+    registered before); the ordinal of a CUDA tensor's device goes into
+    `cuda_devices`."""
     memory = describe(name, t)
     if spans is not None and spans.overlaps(memory.address, memory.nbytes):
         memory = describe(name, t.clone())
-    client.register(
-        name, memory.dtype, list(memory.shape), memory.address, memory.nbytes, memory.owner
-    )
+    args = (name, memory.dtype, list(memory.shape), memory.address, memory.nbytes, memory.owner)
+    if memory.cuda:
+        ordinal = client.register_cuda(*args)
+        if cuda_devices is not None:
+            cuda_devices.add(ordinal)
+    else:
+        client.register(*args)
     if spans is not None:
         spans.add(memory.address, memory.nbytes)
     return memory.nbytes
+
+
+def _current_streams(devices: set[int]) -> list[tuple[int, int]] | None:
+    """Each device's current torch stream, for copies ordered after the
+    work queued there."""
+    if not devices:
+        return None
+    return [(d, int(torch.cuda.current_stream(d).cuda_stream)) for d in sorted(devices)]
 
 
 @dataclass(frozen=True)
@@ -614,6 +634,7 @@ class StorageWriter(_StorageWriter):
         try:
             names: set[str] = set()
             spans = _Spans()
+            cuda_devices: set[int] = set()
             total = 0
             for item in plan.items:
                 name = item_name(item, plan.planner_data)
@@ -624,8 +645,8 @@ class StorageWriter(_StorageWriter):
                 if item.type == WriteItemType.BYTE_IO:
                     tensor = _bytes_tensor(data, item)
                 else:
-                    tensor = _cpu_tensor(data, item)
-                nbytes = _register(client, name, tensor, spans)
+                    tensor = _item_tensor(data, item)
+                nbytes = _register(client, name, tensor, spans, cuda_devices)
                 total += nbytes
                 results.append(WriteResult(item.index, nbytes, Location(rank, name)))
             marker = json.dumps(
@@ -633,7 +654,7 @@ class StorageWriter(_StorageWriter):
             ).encode()
             _register(client, MARKER, torch.frombuffer(bytearray(marker), dtype=torch.uint8))
             client.sync_registration()
-            client.begin(step)
+            client.begin(step, _current_streams(cuda_devices))
             outcome = client.finish()
             if outcome["skipped"]:
                 e = Skipped(
@@ -862,11 +883,6 @@ class StorageReader(_StorageReader):
                     continue
                 src = _narrow(src, req.storage_offsets, req.lengths)
                 target = planner.resolve_tensor(req).detach()
-                if target.device.type != "cpu":
-                    raise BackendUnavailable(
-                        f"{req.dest_index.fqn}: the target tensor is on {target.device}: the "
-                        "CUDA backend is not built yet, so gpusnap.dcp loads into CPU tensors only"
-                    )
                 if target.size() != src.size():
                     raise InvalidSpec(
                         f"{req.storage_index}: the target is {tuple(target.size())}, the "

@@ -81,6 +81,22 @@ impl CudaError {
         }
     }
 
+    /// This error, naming tensor `name` where it concerns a pointer that
+    /// was checked before its tensor was known (as
+    /// [`CudaDevice::of_pointer`](super::CudaDevice::of_pointer)'s).
+    #[must_use]
+    pub fn for_tensor(self, name: &str) -> CudaError {
+        match self {
+            CudaError::InvalidPointer { tensor, reason } if tensor.is_empty() => {
+                CudaError::InvalidPointer {
+                    tensor: name.to_owned(),
+                    reason,
+                }
+            }
+            other => other,
+        }
+    }
+
     /// The `CUresult` name of a failed driver call.
     pub fn driver_code_name(&self) -> Option<&str> {
         match self {
@@ -107,6 +123,25 @@ impl Check for CUresult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pointer_error_names_its_tensor_once_known() {
+        let e = CudaError::InvalidPointer {
+            tensor: String::new(),
+            reason: "0x10 is not memory the CUDA driver knows".into(),
+        };
+        assert_eq!(
+            e.for_tensor("w").to_string(),
+            "tensor \"w\": 0x10 is not memory the CUDA driver knows"
+        );
+        let named = CudaError::InvalidPointer {
+            tensor: "a".into(),
+            reason: "r".into(),
+        };
+        assert_eq!(named.clone().for_tensor("b"), named, "a name is kept");
+        let other = CudaError::NoDevice { reason: "r".into() };
+        assert_eq!(other.clone().for_tensor("b"), other);
+    }
 
     #[test]
     fn versions_read_as_cuda_releases() {
