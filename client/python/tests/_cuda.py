@@ -87,6 +87,16 @@ class Driver:
     def destroy_stream(self, stream: int) -> None:
         self.check("cuStreamDestroy_v2", ctypes.c_void_p(stream))
 
+    def begin_graph_capture(self, stream: int) -> None:
+        """Starts capturing a CUDA graph on ``stream`` (thread-local mode)."""
+        self.check("cuStreamBeginCapture_v2", ctypes.c_void_p(stream), ctypes.c_int(1))
+
+    def end_graph_capture(self, stream: int) -> None:
+        """Ends the capture on ``stream`` and destroys the graph."""
+        graph = ctypes.c_void_p()
+        self.check("cuStreamEndCapture", ctypes.c_void_p(stream), ctypes.byref(graph))
+        self.check("cuGraphDestroy", graph)
+
     def synchronize(self, stream: int = 0) -> None:
         self.check("cuStreamSynchronize", ctypes.c_void_p(stream))
 

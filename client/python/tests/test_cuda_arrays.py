@@ -114,6 +114,29 @@ def test_blocking_use_waits_on_the_host_and_a_named_stream_orders_the_copies(dae
         cuda.destroy_stream(stream)
 
 
+def test_a_snapshot_during_cuda_graph_capture_is_refused_and_the_graph_left_intact(
+    daemon, cuda
+):
+    w = DeviceArray(cuda, (1024,), "|u1", pattern(1024, 5))
+    stream = cuda.new_stream()
+    try:
+        with gpusnap.Client("graph", socket=daemon.socket, rng=False) as snap:
+            snap.register("w", w)
+            snap.prepare()
+            cuda.begin_graph_capture(stream)
+            try:
+                h = snap.snapshot_begin(1, stream=stream)
+                with pytest.raises(gpusnap.GraphCapture, match="capturing a CUDA graph"):
+                    h.wait_captured()
+            finally:
+                # Fails if the refused snapshot invalidated the capture.
+                cuda.end_graph_capture(stream)
+            snap.snapshot_begin(2, stream=stream).wait_committed()
+            assert [s.step for s in snap.list()] == [2]
+    finally:
+        cuda.destroy_stream(stream)
+
+
 class _Posing:
     """An object claiming device memory at ``ptr`` of ``nbytes``."""
 
@@ -207,3 +230,51 @@ def test_staging_that_cannot_be_pinned_goes_on_unpinned_unless_pinning_is_requir
         snap.register("w", w)
         with pytest.raises(gpusnap.PinningRequired, match="CUDA_ERROR_OUT_OF_MEMORY"):
             snap.prepare()
+
+
+NO_DRIVER_CHILD = """
+import sys, numpy as np, gpusnap
+from gpusnap import _native
+
+info = _native.cuda_driver()
+if info["available"]:
+    print("DRIVER", info["library"])
+    sys.exit(0)
+
+class Posing:
+    __cuda_array_interface__ = {"shape": (16,), "typestr": "|u1", "data": (4096, False), "version": 3}
+
+with gpusnap.Client("nodriver", socket=sys.argv[1], rng=False) as snap:
+    try:
+        snap.register("w", Posing())
+    except gpusnap.NoCudaDriver as e:
+        assert isinstance(e, gpusnap.BackendUnavailable)
+        print("REFUSED", e)
+    host = np.arange(16, dtype=np.uint8)
+    snap.register("host", host)
+    snap.snapshot(1)
+    snap.wait_committed(1)
+    host[:] = 0
+    assert snap.restore() == 1 and list(host) == list(range(16))
+print("HOST OK")
+"""
+
+
+def test_without_a_driver_a_cuda_array_is_no_cuda_driver_and_host_snapshots_go_on(daemon):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    child = subprocess.run(
+        [sys.executable, "-c", NO_DRIVER_CHILD, str(daemon.socket)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert child.returncode == 0, child.stdout + child.stderr
+    if child.stdout.startswith("DRIVER"):
+        pytest.skip(f"a CUDA driver is installed system-wide ({child.stdout.strip()})")
+    assert "REFUSED CUDA: no usable CUDA driver" in child.stdout, child.stdout + child.stderr
+    assert "HOST OK" in child.stdout, child.stdout
