@@ -717,6 +717,18 @@ impl Client {
                 return Err(e);
             }
         };
+        let reports = staging.attach_reports(&self.devices);
+        let deadline = Deadline::after(self.config.call_timeout);
+        let session = self
+            .session
+            .as_mut()
+            .ok_or_else(|| Error::Disconnected("no connection to gpusnapd".into()))?;
+        if let Err(e) = session.report_attached(reports, deadline, &mut self.events) {
+            // Like any request's failure on the registration's connection:
+            // this registration is over (a retry registers on a new one).
+            self.close_session();
+            return Err(e);
+        }
         let count = self.tensors.len();
         let session = self.session_mut()?;
         session.staging = Some(Arc::clone(&staging));

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use crate::backoff::Backoff;
 use crate::conn::{Conn, Deadline};
 use crate::error::{Error, Result};
-use crate::proto::{ErrorKind, OsError, PROTOCOL_VERSION, Reply, ReplyBody, Request, RequestBody};
+use crate::proto::{
+    AttachReport, ErrorKind, OsError, PROTOCOL_VERSION, Reply, ReplyBody, Request, RequestBody,
+};
 use crate::staging::Staging;
 
 /// Events kept for steps nobody waited for yet; the oldest go first.
@@ -19,6 +21,8 @@ const EVENTS_MAX: usize = 1024;
 /// Pauses between handshakes that the daemon reset.
 const HELLO_PAUSE_FIRST: Duration = Duration::from_millis(50);
 const HELLO_PAUSE_MAX: Duration = Duration::from_secs(1);
+/// The first protocol version with `Attached`.
+const ATTACHED_SINCE: u32 = 3;
 
 /// What became of one step.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +78,8 @@ pub(crate) struct Session {
     conn: Conn,
     next_id: u64,
     pub uid: u32,
+    /// The protocol version the daemon speaks on this connection.
+    pub version: u32,
     /// The registration made on this connection.
     pub staging: Option<Arc<Staging>>,
     /// Tensors in that registration.
@@ -113,6 +119,7 @@ impl Session {
             conn,
             next_id: 1,
             uid: 0,
+            version: 0,
             staging: None,
             registered: 0,
             in_flight: BTreeSet::new(),
@@ -137,6 +144,7 @@ impl Session {
                 }
                 tracing::debug!(%daemon_version, uid, "connected to gpusnapd");
                 session.uid = uid;
+                session.version = protocol_version;
                 Ok(session)
             }
             other => Err(session.unexpected("hello", &other)),
@@ -229,6 +237,26 @@ impl Session {
         let what = body.name();
         let id = self.send(body, deadline)?;
         self.recv(id, what, deadline, events, false).map(|(b, _)| b)
+    }
+
+    /// Tells the daemon what attaching the devices did to this
+    /// connection's staging (`Attached`, answered `AttachNoted`), where it
+    /// speaks a version that has the request; a daemon of an older version
+    /// is told nothing. A failure is that of any request: a broken
+    /// connection, or a refusal (a protocol error closes it).
+    pub(crate) fn report_attached(
+        &mut self,
+        devices: Vec<AttachReport>,
+        deadline: Deadline,
+        events: &mut Events,
+    ) -> Result<()> {
+        if self.version < ATTACHED_SINCE {
+            return Ok(());
+        }
+        match self.call(RequestBody::Attached { devices }, deadline, events)? {
+            ReplyBody::AttachNoted => Ok(()),
+            other => Err(self.unexpected("attached", &other)),
+        }
     }
 
     /// Reads events until one for `step` is recorded.

@@ -22,8 +22,8 @@ use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 
 use crate::device::{AttachedStaging, Device, PinPolicy, Pinning, StagingRegion, StagingSpan};
 use crate::error::{Error, Result};
-use crate::proto::convert::{to_u64, to_usize};
-use crate::proto::{StagingInfo, StagingMemory};
+use crate::proto::convert::{nanos, to_u64, to_usize};
+use crate::proto::{ATTACH_DEVICES_MAX, AttachReport, PinState, StagingInfo, StagingMemory};
 
 /// The mapping of one staging memfd and what each device attached to it.
 /// Shared by the registration's [`Staging`] and every span; unmapped when
@@ -83,6 +83,19 @@ pub(crate) struct Segment {
 
 fn protocol(msg: impl Into<String>) -> Error {
     Error::Protocol(msg.into())
+}
+
+/// A device's [`Pinning`] in the protocol's words (the time in whole
+/// nanoseconds; one that is not a duration, which no device measures, is 0).
+fn pin_state(pinning: Pinning) -> PinState {
+    match pinning {
+        Pinning::NotNeeded => PinState::NotNeeded,
+        Pinning::Pinned { bytes, seconds } => PinState::Pinned {
+            bytes,
+            pin_ns: std::time::Duration::try_from_secs_f64(seconds).map_or(0, nanos),
+        },
+        Pinning::Unpinned { reason } => PinState::Unpinned { reason },
+    }
 }
 
 /// Whether this client can map staging memory of `memory`'s kind: a host
@@ -175,6 +188,18 @@ impl Staging {
     /// one per device of the registration, in the client's device order.
     pub(crate) fn pinning(&self) -> Vec<Pinning> {
         self.mapping.attached.iter().map(|a| a.pinning()).collect()
+    }
+
+    /// What the daemon is told about the attachments (`Attached`): one
+    /// report per device of `devices` (the ones it was mapped with, in that
+    /// order), named by [`Device::label`], at most [`ATTACH_DEVICES_MAX`].
+    pub(crate) fn attach_reports(&self, devices: &[Arc<dyn Device>]) -> Vec<AttachReport> {
+        devices
+            .iter()
+            .zip(self.pinning())
+            .take(ATTACH_DEVICES_MAX)
+            .map(|(device, pinning)| AttachReport::new(&device.label(), pin_state(pinning)))
+            .collect()
     }
 
     /// The layout the daemon described.

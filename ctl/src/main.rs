@@ -143,14 +143,32 @@ fn status(socket: Option<&Path>, json: bool) -> Result<ExitCode, CtlError> {
     );
     println!();
     println!(
-        "{:<24} {:>5} {:>7} {:>8} {:>8} {:>14} {:>11}",
+        "{:<24} {:>5} {:>7} {:>8} {:>8} {:>14} {:>11}  PINNING",
         "SESSION JOB", "RANK", "UID", "PID", "TENSORS", "STAGING", "SLOTS BUSY"
     );
     for c in &s.sessions {
         println!(
-            "{:<24} {:>5} {:>7} {:>8} {:>8} {:>14} {:>6}/{}",
-            c.job, c.rank, c.uid, c.pid, c.tensors, c.staging_bytes, c.slots_busy, c.slots
+            "{:<24} {:>5} {:>7} {:>8} {:>8} {:>14} {:>6}/{}  {}",
+            c.job,
+            c.rank,
+            c.uid,
+            c.pid,
+            c.tensors,
+            c.staging_bytes,
+            c.slots_busy,
+            c.slots,
+            pinning_summary(&c.staging_pinning)
         );
+    }
+    for c in &s.sessions {
+        for report in &c.staging_pinning {
+            if let gpusnap::proto::PinState::Unpinned { reason } = &report.pin {
+                println!(
+                    "  {} rank {}: {} staging unpinned: {reason}",
+                    c.job, c.rank, report.device
+                );
+            }
+        }
     }
     println!();
     println!(
@@ -169,6 +187,34 @@ fn status(socket: Option<&Path>, json: bool) -> Result<ExitCode, CtlError> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One word for what a session's devices did to its staging: `unpinned`
+/// if any device could not page-lock it, `pinned (N bytes)` if one did,
+/// `not needed` (host copies only), `-` before the client said (or a
+/// client that never says: older than protocol version 3).
+fn pinning_summary(reports: &[gpusnap::proto::AttachReport]) -> String {
+    use gpusnap::proto::PinState;
+    if reports.is_empty() {
+        return "-".to_owned();
+    }
+    if reports
+        .iter()
+        .any(|r| matches!(r.pin, PinState::Unpinned { .. }))
+    {
+        return "unpinned".to_owned();
+    }
+    let pinned = reports
+        .iter()
+        .filter_map(|r| match r.pin {
+            PinState::Pinned { bytes, .. } => Some(bytes),
+            PinState::NotNeeded | PinState::Unpinned { .. } => None,
+        })
+        .max();
+    match pinned {
+        Some(bytes) => format!("pinned ({bytes} bytes)"),
+        None => "not needed".to_owned(),
+    }
 }
 
 #[derive(Serialize)]
@@ -477,5 +523,37 @@ fn print_json<T: Serialize>(value: &T) {
     match serde_json::to_string_pretty(value) {
         Ok(s) => println!("{s}"),
         Err(e) => eprintln!("gpusnapctl: cannot print JSON: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use gpusnap::proto::{AttachReport, PinState};
+
+    use super::pinning_summary;
+
+    #[test]
+    fn the_pinning_column_says_unpinned_over_pinned_over_not_needed() {
+        let host = AttachReport::new("host", PinState::NotNeeded);
+        let pinned = AttachReport::new(
+            "cuda:0",
+            PinState::Pinned {
+                bytes: 8192,
+                pin_ns: 1,
+            },
+        );
+        let unpinned = AttachReport::new(
+            "cuda:1",
+            PinState::Unpinned {
+                reason: "refused".into(),
+            },
+        );
+        assert_eq!(pinning_summary(&[]), "-");
+        assert_eq!(pinning_summary(std::slice::from_ref(&host)), "not needed");
+        assert_eq!(
+            pinning_summary(&[host.clone(), pinned.clone()]),
+            "pinned (8192 bytes)"
+        );
+        assert_eq!(pinning_summary(&[host, pinned, unpinned]), "unpinned");
     }
 }

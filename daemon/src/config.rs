@@ -30,7 +30,7 @@ pub const TESTING_ENV: &str = "GPUSNAP_TESTING";
 pub const TESTING_DELAY_MS_MAX: u64 = 600_000;
 
 /// The request names the `[testing]` hooks accept: the protocol's own.
-pub const REQUEST_NAMES: [&str; 11] = gpusnap_proto::RequestBody::NAMES;
+pub const REQUEST_NAMES: [&str; 12] = gpusnap_proto::RequestBody::NAMES;
 
 /// Why the configuration cannot be used.
 #[derive(Debug, thiserror::Error)]

@@ -20,6 +20,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use gpusnap_proto::convert::gauge;
 use gpusnap_proto::{OsError, RestoreSource};
 
 use axum::Router;
@@ -107,6 +108,21 @@ pub struct Metrics {
     pub staging_bytes: IntGauge,
     /// `gpusnap_staging_budget_bytes`: staging memory the daemon may use.
     pub staging_budget_bytes: IntGauge,
+    /// `gpusnap_staging_clients{pinning}`: registered connections by what
+    /// their client's devices did to the staging mapping, as the client
+    /// reported it (`Attached`, protocol version 3): a [`StagingPinning`]
+    /// (`unreported` until then, and for good from an older client). Every
+    /// value is exported from the start.
+    pub staging_clients: IntGaugeVec,
+    /// `gpusnap_staging_pinned_bytes`: staging the connected clients
+    /// page-locked for their CUDA copies (per registration, the most any of
+    /// its devices reported: the devices of one process share one
+    /// registration of the mapping).
+    pub staging_pinned_bytes: IntGauge,
+    /// `gpusnap_staging_pin_seconds{job}`: how long a client took to
+    /// page-lock a registration's staging, as it reported it (once per
+    /// registration that was pinned; never per snapshot).
+    pub staging_pin_seconds: HistogramVec,
     /// `gpusnap_hot_tier_bytes`: memory holding committed snapshots for fast
     /// restore.
     pub hot_tier_bytes: IntGauge,
@@ -206,6 +222,20 @@ impl Metrics {
                 "gpusnap_staging_budget_bytes",
                 "Staging memory the daemon may hand out.",
             )?,
+            staging_clients: r.int_gauge_vec(
+                "gpusnap_staging_clients",
+                "Registered connections by what their client did to the staging mapping (pinned, unpinned, not_needed, unreported).",
+                &["pinning"],
+            )?,
+            staging_pinned_bytes: r.int_gauge(
+                "gpusnap_staging_pinned_bytes",
+                "Staging memory connected clients page-locked for CUDA copies.",
+            )?,
+            staging_pin_seconds: r.histogram(
+                "gpusnap_staging_pin_seconds",
+                "Time a client took to page-lock a registration's staging, reported by the client.",
+                &["job"],
+            )?,
             hot_tier_bytes: r.int_gauge(
                 "gpusnap_hot_tier_bytes",
                 "Memory holding committed snapshots for restore without disk reads.",
@@ -234,6 +264,26 @@ impl Metrics {
             )?,
             registry,
         })
+        .inspect(|m| {
+            // Every state has a series from the start, so an alert on
+            // `pinning="unpinned"` and the dashboard see a 0, not nothing.
+            for state in StagingPinning::ALL {
+                m.staging_clients.with_label_values(&[state.name()]).set(0);
+            }
+        })
+    }
+
+    /// A new registration's place in `gpusnap_staging_clients`
+    /// (`unreported` until [`PinningShare::report`]); given back when the
+    /// share drops, with the connection's session.
+    pub fn pinning_share(self: &Arc<Self>) -> PinningShare {
+        let share = PinningShare {
+            metrics: Arc::clone(self),
+            state: StagingPinning::Unreported,
+            pinned_bytes: 0,
+        };
+        share.add(1);
+        share
     }
 
     /// Every metric in the Prometheus text exposition format.
@@ -281,6 +331,82 @@ impl Metrics {
         self.restores_total
             .with_label_values(&[job, source_label(source), outcome.name()])
             .inc();
+    }
+}
+
+/// What a registration's staging is, as its client reported it: the
+/// `pinning` label of `gpusnap_staging_clients`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StagingPinning {
+    /// The client has not said (yet, or ever: a client older than protocol
+    /// version 3).
+    Unreported,
+    /// Every device copies with plain memory access (host buffers only).
+    NotNeeded,
+    /// Page-locked for CUDA copies.
+    Pinned,
+    /// A device could not page-lock it; its copies use pageable memory.
+    Unpinned,
+}
+
+impl StagingPinning {
+    pub const ALL: [StagingPinning; 4] = [
+        StagingPinning::Unreported,
+        StagingPinning::NotNeeded,
+        StagingPinning::Pinned,
+        StagingPinning::Unpinned,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            StagingPinning::Unreported => "unreported",
+            StagingPinning::NotNeeded => "not_needed",
+            StagingPinning::Pinned => "pinned",
+            StagingPinning::Unpinned => "unpinned",
+        }
+    }
+}
+
+/// One registered connection's share of `gpusnap_staging_clients` and
+/// `gpusnap_staging_pinned_bytes`. Held by the connection's session, so
+/// however the connection ends (in order, an error, a panic) dropping it
+/// takes the share back: the gauges are right by construction.
+#[derive(Debug)]
+#[must_use = "the share is taken back when it is dropped"]
+pub struct PinningShare {
+    metrics: Arc<Metrics>,
+    state: StagingPinning,
+    pinned_bytes: u64,
+}
+
+impl PinningShare {
+    /// The client's report: the connection moves to `state`, holding
+    /// `pinned_bytes` page-locked.
+    pub fn report(&mut self, state: StagingPinning, pinned_bytes: u64) {
+        self.add(-1);
+        self.state = state;
+        self.pinned_bytes = pinned_bytes;
+        self.add(1);
+    }
+
+    pub fn state(&self) -> StagingPinning {
+        self.state
+    }
+
+    /// Adds this share once (`sign` 1) or takes it back (`sign` -1).
+    fn add(&self, sign: i64) {
+        let m = &self.metrics;
+        m.staging_clients
+            .with_label_values(&[self.state.name()])
+            .add(sign);
+        m.staging_pinned_bytes
+            .add(sign.saturating_mul(gauge(self.pinned_bytes)));
+    }
+}
+
+impl Drop for PinningShare {
+    fn drop(&mut self) {
+        self.add(-1);
     }
 }
 
@@ -489,6 +615,9 @@ mod tests {
             slot_wait_seconds,
             staging_bytes,
             staging_budget_bytes,
+            staging_clients,
+            staging_pinned_bytes,
+            staging_pin_seconds,
             hot_tier_bytes,
             hot_tier_budget_bytes,
             clients_connected,
@@ -517,6 +646,9 @@ mod tests {
         slot_wait_seconds.with_label_values(&["j"]).observe(0.5);
         staging_bytes.set(1 << 20);
         staging_budget_bytes.set(1 << 30);
+        staging_clients.with_label_values(&["pinned"]).set(1);
+        staging_pinned_bytes.set(1 << 20);
+        staging_pin_seconds.with_label_values(&["j"]).observe(0.05);
         hot_tier_bytes.set(1 << 21);
         hot_tier_budget_bytes.set(1 << 31);
         clients_connected.set(2);
@@ -538,6 +670,9 @@ mod tests {
             "gpusnap_slot_wait_seconds",
             "gpusnap_staging_bytes",
             "gpusnap_staging_budget_bytes",
+            "gpusnap_staging_clients",
+            "gpusnap_staging_pinned_bytes",
+            "gpusnap_staging_pin_seconds",
             "gpusnap_hot_tier_bytes",
             "gpusnap_hot_tier_budget_bytes",
             "gpusnap_clients_connected",
@@ -594,8 +729,10 @@ mod tests {
             for metric in family.get_metric() {
                 for label in metric.get_label() {
                     assert!(
-                        ["job", "source", "outcome", "backend", "errno", "site"]
-                            .contains(&label.name()),
+                        [
+                            "job", "source", "outcome", "backend", "errno", "site", "pinning"
+                        ]
+                        .contains(&label.name()),
                         "{name} has label {}",
                         label.name()
                     );
@@ -611,12 +748,20 @@ mod tests {
         for name in [
             "gpusnap_staging_bytes",
             "gpusnap_staging_budget_bytes",
+            "gpusnap_staging_pinned_bytes",
             "gpusnap_hot_tier_bytes",
             "gpusnap_hot_tier_budget_bytes",
             "gpusnap_clients_connected",
             "gpusnap_snapshots_in_flight",
         ] {
             assert!(text.contains(&format!("\n{name} 0\n")), "{name}:\n{text}");
+        }
+        for state in StagingPinning::ALL {
+            let line = format!(
+                "\ngpusnap_staging_clients{{pinning=\"{}\"}} 0\n",
+                state.name()
+            );
+            assert!(text.contains(&line), "{line}:\n{text}");
         }
     }
 
@@ -652,7 +797,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(histograms, 5);
+        assert_eq!(histograms, 6);
     }
 
     #[test]
@@ -678,6 +823,32 @@ mod tests {
             "gpusnap_restores_total{job=\"j\",outcome=\"failed\",source=\"none\"} 1\n",
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_pinning_share_moves_between_states_and_is_taken_back_when_dropped() {
+        let m = Arc::new(Metrics::new().expect("metrics"));
+        let clients =
+            |state: StagingPinning| m.staging_clients.with_label_values(&[state.name()]).get();
+        let mut a = m.pinning_share();
+        let mut b = m.pinning_share();
+        assert_eq!(clients(StagingPinning::Unreported), 2);
+        a.report(StagingPinning::Pinned, 8192);
+        b.report(StagingPinning::Unpinned, 0);
+        assert_eq!(a.state(), StagingPinning::Pinned);
+        assert_eq!(clients(StagingPinning::Unreported), 0);
+        assert_eq!(clients(StagingPinning::Pinned), 1);
+        assert_eq!(clients(StagingPinning::Unpinned), 1);
+        assert_eq!(m.staging_pinned_bytes.get(), 8192);
+        let c = m.pinning_share();
+        drop(a);
+        assert_eq!(clients(StagingPinning::Pinned), 0);
+        assert_eq!(m.staging_pinned_bytes.get(), 0);
+        drop(b);
+        drop(c);
+        for state in StagingPinning::ALL {
+            assert_eq!(clients(state), 0, "{state:?}");
         }
     }
 

@@ -67,6 +67,9 @@ pub struct SessionCore {
     pub key: RankKey,
     pub world_size: u32,
     pub staging: Arc<StagingArea>,
+    /// What the client's devices did to the staging mapping, once it said
+    /// (`Attached`, protocol version 3), for `Status`.
+    pub staging_pinning: std::sync::OnceLock<Vec<gpusnap_proto::AttachReport>>,
     /// Events for the connection; gone when the client is.
     pub events: tokio::sync::mpsc::Sender<ReplyBody>,
 }
@@ -763,6 +766,7 @@ mod tests {
             key: RankKey::new("j", 0),
             world_size: 1,
             staging: Arc::new(staging),
+            staging_pinning: std::sync::OnceLock::new(),
             events: events_tx,
         });
         Rig {

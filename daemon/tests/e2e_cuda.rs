@@ -5,7 +5,11 @@
 //! while their copies are still queued (nothing committed); injected
 //! driver faults (a clear error, the trainer lives on, nothing half-written
 //! committed); and no driver at all (a CUDA buffer is refused with
-//! `NoCudaDriver`, host snapshots in the same process still work).
+//! `NoCudaDriver`, host snapshots in the same process still work); the
+//! staging a CUDA client page-locked at registration exported by the
+//! daemon (`gpusnap_staging_*`, `Status`), and a refused page-lock (the
+//! double's `GPUSNAP_CUDA_DOUBLE_HOST_REGISTER_MAX`) exported as unpinned
+//! with its reason.
 //!
 //! On a machine without a GPU these run on the project's CUDA driver double
 //! (`tests/cuda-double`, on `LD_LIBRARY_PATH` as `libcuda.so`): device
@@ -21,7 +25,8 @@ use std::time::Duration;
 
 use daemon::{Daemon, State, client, pattern, verify_all};
 use gpusnap::device::cuda::{CudaDevice, CudaError, DeviceMemory};
-use gpusnap::{Buffer, Dtype, Error, SnapshotOutcome, Step};
+use gpusnap::proto::{AttachReport, PinState};
+use gpusnap::{Buffer, Dtype, Error, Pinning, SnapshotOutcome, Step};
 
 const ENV_SOCKET: &str = "GPUSNAP_E2E_SOCKET";
 const ENV_ROLE: &str = "GPUSNAP_E2E_ROLE";
@@ -219,6 +224,9 @@ fn child_trainer() {
     if role == "overlap" {
         return child_overlapped(&socket);
     }
+    if role == "pin-refused" {
+        return child_pin_refused(&socket);
+    }
     let device = CudaDevice::get(0).expect("a CUDA device in the child");
     let mut config = gpusnap::ClientConfig::new("cuda-crashy");
     config.socket = socket.into();
@@ -339,6 +347,166 @@ fn child_without_cuda(socket: &str) {
     captured(h.snapshot(5).expect("host snapshot"));
     h.wait_committed(5).expect("host commit");
     println!("host committed 5");
+}
+
+/// Registers device buffers on a driver that refuses to page-lock staging
+/// (the double's host-register limit, from the parent): the registration
+/// goes on unpinned; prints the reason and waits to be killed.
+fn child_pin_refused(socket: &str) {
+    let device = CudaDevice::get(0).expect("a CUDA device in the child");
+    let mut config = gpusnap::ClientConfig::new("cuda-unpinned");
+    config.socket = socket.into();
+    let mut c = gpusnap::Client::with_config(config).expect("connect");
+    let gpu = DeviceState::new(&device, 2, 1 << 20);
+    gpu.register(&mut c);
+    c.sync_registration().expect("registers unpinned");
+    match c.staging_pinning().as_slice() {
+        [Pinning::Unpinned { reason }] => println!("reported unpinned: {reason}"),
+        other => panic!("the page-lock was not refused: {other:?}"),
+    }
+    park();
+}
+
+/// The session of `job` as `Status` shows it.
+fn session_pinning(daemon: &Daemon, job: &str) -> Vec<AttachReport> {
+    let status = client(daemon, "cuda-status", 0, 1)
+        .status()
+        .expect("status");
+    status
+        .sessions
+        .into_iter()
+        .find(|s| s.job == job)
+        .unwrap_or_else(|| panic!("no session of {job}"))
+        .staging_pinning
+}
+
+#[test]
+fn the_daemon_exports_the_staging_a_cuda_client_page_locked_until_it_leaves() {
+    let Some(device) = device() else { return };
+    let daemon = Daemon::start(&[]);
+    let gpu = DeviceState::new(&device, 2, 1 << 20);
+    let host = State::new(1, 1 << 20);
+    let mut c = client(&daemon, "cuda-pinned", 0, 1);
+    gpu.register(&mut c);
+    host.register(&mut c);
+    let memfd = c.sync_registration().expect("register").memfd_bytes;
+    // The host device needs nothing; the CUDA one page-locked the mapping.
+    assert!(
+        matches!(
+            c.staging_pinning().as_slice(),
+            [Pinning::Pinned { bytes, .. }, Pinning::NotNeeded] if *bytes == memfd
+        ),
+        "{:?}",
+        c.staging_pinning()
+    );
+    // Reported before the registration returned.
+    assert_eq!(
+        daemon.metric(r#"gpusnap_staging_clients{pinning="pinned"}"#),
+        1.0
+    );
+    assert_eq!(daemon.metric("gpusnap_staging_pinned_bytes"), memfd as f64);
+    assert_eq!(
+        daemon.metric(r#"gpusnap_staging_pin_seconds_count{job="cuda-pinned"}"#),
+        1.0,
+        "the pin time, once per registration"
+    );
+    let reports = session_pinning(&daemon, "cuda-pinned");
+    assert!(
+        matches!(
+            reports.as_slice(),
+            [
+                AttachReport { device: cuda, pin: PinState::Pinned { bytes, .. } },
+                AttachReport { device: hostname, pin: PinState::NotNeeded },
+            ] if cuda == "cuda:0" && hostname == "host" && *bytes == memfd
+        ),
+        "{reports:?}"
+    );
+    assert!(
+        daemon.log().contains("staging page-locked by the client"),
+        "the pin rate is logged"
+    );
+    // Snapshots do not pin again.
+    gpu.fill(1);
+    captured(c.snapshot(1).expect("snapshot"));
+    c.wait_committed(1).expect("committed");
+    assert_eq!(
+        daemon.metric(r#"gpusnap_staging_pin_seconds_count{job="cuda-pinned"}"#),
+        1.0
+    );
+    drop(c);
+    daemon::wait_for(
+        "the pinned share given back",
+        Duration::from_secs(30),
+        || {
+            daemon.metric(r#"gpusnap_staging_clients{pinning="pinned"}"#) == 0.0
+                && daemon.metric("gpusnap_staging_pinned_bytes") == 0.0
+        },
+    );
+}
+
+#[test]
+fn a_refused_page_lock_is_exported_as_unpinned_with_its_reason() {
+    let Some(_device) = device() else { return };
+    if !on_double() {
+        eprintln!("a real driver cannot be made to refuse: checked on the double only");
+        return;
+    }
+    let daemon = Daemon::start(&[]);
+    let env: Vec<(&str, &std::ffi::OsStr)> = vec![
+        (ENV_SOCKET, daemon.socket.as_os_str()),
+        (ENV_ROLE, "pin-refused".as_ref()),
+        // Every piece of staging is larger than one page.
+        ("GPUSNAP_CUDA_DOUBLE_HOST_REGISTER_MAX", "4096".as_ref()),
+    ];
+    let (mut child, lines) = daemon::spawn_child_test("child_trainer", &env);
+    let mut seen = Vec::new();
+    for l in lines {
+        let l = l.expect("line");
+        let done = l.contains("reported unpinned: ");
+        seen.push(l);
+        if done {
+            break;
+        }
+    }
+    let reason = seen
+        .iter()
+        .find_map(|l| {
+            l.split_once("reported unpinned: ")
+                .map(|(_, r)| r.to_owned())
+        })
+        .unwrap_or_else(|| panic!("trainer output: {seen:?}"));
+    assert!(reason.contains("cuMemHostRegister"), "{reason}");
+    let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert_eq!(
+            daemon.metric(r#"gpusnap_staging_clients{pinning="unpinned"}"#),
+            1.0
+        );
+        assert_eq!(daemon.metric("gpusnap_staging_pinned_bytes"), 0.0);
+        let reports = session_pinning(&daemon, "cuda-unpinned");
+        assert!(
+            matches!(
+                reports.as_slice(),
+                [AttachReport { device, pin: PinState::Unpinned { reason: said } }]
+                    if device == "cuda:0" && *said == reason
+            ),
+            "{reports:?}"
+        );
+        let log = daemon.log();
+        assert!(
+            log.contains("staging is not page-locked by the client") && log.contains(&reason),
+            "the warning names the reason"
+        );
+    }));
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    if let Err(panic) = checked {
+        std::panic::resume_unwind(panic);
+    }
+    daemon::wait_for(
+        "the unpinned share given back",
+        Duration::from_secs(30),
+        || daemon.metric(r#"gpusnap_staging_clients{pinning="unpinned"}"#) == 0.0,
+    );
 }
 
 /// Sets the double's delay per stream operation (its control API).

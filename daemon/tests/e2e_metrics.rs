@@ -7,7 +7,10 @@
 //! committed step from the store, and on a second daemon (policy stream) a
 //! capture streamed while the only slot persists (its first persist made
 //! slow by the latency backend, `[testing] delays`, so nothing races) and a
-//! connection that panics (`[testing] panic_once_on_request`), counted.
+//! connection that panics (`[testing] panic_once_on_request`), counted;
+//! the staging pinning a client reports (the host client's `not_needed`,
+//! and through the raw protocol a CUDA client's pinned staging), given back
+//! when the connection goes.
 //!
 //! [`METRICS`] lists every family once: a metric added to the daemon fails
 //! this test until it is listed here and shown to move.
@@ -29,7 +32,7 @@ use gpusnap::proto::RestoreSource;
 use gpusnap::{Device, Error, HostDevice, SnapshotOutcome, Step};
 
 /// Every metric family the daemon exports.
-const METRICS: [&str; 20] = [
+const METRICS: [&str; 23] = [
     "gpusnap_bytes_read_total",
     "gpusnap_bytes_written_total",
     "gpusnap_capture_seconds",
@@ -48,6 +51,9 @@ const METRICS: [&str; 20] = [
     "gpusnap_snapshots_total",
     "gpusnap_staging_budget_bytes",
     "gpusnap_staging_bytes",
+    "gpusnap_staging_clients",
+    "gpusnap_staging_pin_seconds",
+    "gpusnap_staging_pinned_bytes",
     "gpusnap_stall_seconds",
     "gpusnap_streamed_snapshots_total",
 ];
@@ -269,6 +275,42 @@ fn every_metric_moves() {
         "the registration's memfd",
     );
 
+    // The host client reported its staging needs no pinning; a CUDA
+    // client's report (raw, as the real one sends it) is pinned staging.
+    moved.check(
+        "gpusnap_staging_clients",
+        Scrape::of(&daemon).get(r#"gpusnap_staging_clients{pinning="not_needed"}"#) == 1.0,
+        "the host client's report",
+    );
+    {
+        let mut pin = raw::Raw::connect(&daemon.socket);
+        let registered = pin.register("met-pin", 1024);
+        let memfd = registered["memfd_bytes"].as_u64().expect("memfd_bytes");
+        let noted = pin.call(serde_json::json!({ "type": "attached", "devices": [
+            { "device": "cuda:0", "pin": { "state": "pinned", "bytes": memfd, "pin_ns": 3_000_000 } }
+        ] }));
+        assert_eq!(noted["type"], "attach_noted", "{noted}");
+        let m = Scrape::of(&daemon);
+        assert_eq!(m.get(r#"gpusnap_staging_clients{pinning="pinned"}"#), 1.0);
+        moved.check(
+            "gpusnap_staging_pinned_bytes",
+            m.get("gpusnap_staging_pinned_bytes") == memfd as f64,
+            "the pinned client's staging",
+        );
+        moved.check(
+            "gpusnap_staging_pin_seconds",
+            m.get(r#"gpusnap_staging_pin_seconds_count{job="met-pin"}"#) == 1.0
+                && (m.get(r#"gpusnap_staging_pin_seconds_sum{job="met-pin"}"#) - 0.003).abs()
+                    < 1e-9,
+            "its pin time, once",
+        );
+    }
+    wait_for("the pinned client gone", Duration::from_secs(30), || {
+        let m = Scrape::of(&daemon);
+        m.get(r#"gpusnap_staging_clients{pinning="pinned"}"#) == 0.0
+            && m.get("gpusnap_staging_pinned_bytes") == 0.0
+    });
+
     // Commits, while a watcher scrapes: each persist (8 MiB, one 64 KiB
     // write at a time) and its hot copy keep the step in flight for many
     // scrapes.
@@ -447,7 +489,9 @@ fn every_metric_moves() {
     drop(a);
     wait_for("clients gone", Duration::from_secs(30), || {
         let m = Scrape::of(&daemon);
-        m.get("gpusnap_clients_connected") == 0.0 && m.get("gpusnap_staging_bytes") == 0.0
+        m.get("gpusnap_clients_connected") == 0.0
+            && m.get("gpusnap_staging_bytes") == 0.0
+            && m.get(r#"gpusnap_staging_clients{pinning="not_needed"}"#) == 0.0
     });
     // The stream counter, on a daemon of its own.
     let streamed = streamed_family(&mut moved);

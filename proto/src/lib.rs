@@ -5,7 +5,8 @@
 //! * [`Dtype`], [`TensorSpec`]: what a trainer registers and a snapshot
 //!   stores.
 //! * [`frame`]: the framing; [`message`]: every request and reply;
-//!   [`staging`]: [`StagingInfo`] and [`StagingMemory`]; [`version`]: the
+//!   [`staging`]: [`StagingInfo`] and [`StagingMemory`]; [`attach`]: what
+//!   the client's devices did to staging ([`AttachReport`]); [`version`]: the
 //!   versions and the handshake rule; [`OsError`]: errno values on the
 //!   wire; [`convert`]: the integer conversions of a 64-bit build.
 //!
@@ -26,6 +27,14 @@
 //!   (`VersionMismatch`) and closes; [`version`] has the rule.
 //! * `Register` once per connection, before `Begin` and `Restore`. The reply
 //!   `Registered` says where each tensor sits in a staging slot.
+//! * `Attached { devices }` (since version 3) once per registration, after
+//!   `Registered`: what attaching each of the client's devices did to the
+//!   staging mapping ([`AttachReport`]: page-locked, how many bytes in how
+//!   long, or unpinned and why). Answered `AttachNoted`; the daemon exports
+//!   it as metrics and in `Status`. A report that breaks a bound
+//!   ([`check_reports`]), a second one, or one on a connection of an older
+//!   version is a `Protocol` error; one before `Register` is
+//!   `NotRegistered`.
 //! * Capture: `Begin { step }` is answered with `Slot` (copy the data section
 //!   into that slot, then send `Captured`), `Stream` (the slots are busy and
 //!   the policy is `stream`: copy the data section chunk by chunk into the
@@ -62,6 +71,7 @@
 
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
+pub mod attach;
 pub mod convert;
 mod dtype;
 pub mod frame;
@@ -71,6 +81,10 @@ pub mod staging;
 mod tensor;
 pub mod version;
 
+pub use attach::{
+    ATTACH_DEVICES_MAX, AttachReport, AttachReportError, DEVICE_NAME_BYTES_MAX,
+    PIN_REASON_BYTES_MAX, PinState, check_reports,
+};
 pub use dtype::{Dtype, UnknownDtype};
 pub use frame::{
     FRAME_BYTES_MAX, FRAME_HEADER_BYTES, FrameError, body_len, decode, encode, frame_len,

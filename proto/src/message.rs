@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::TensorSpec;
+use crate::attach::AttachReport;
 use crate::os_error::OsError;
 use crate::staging::StagingInfo;
 
@@ -70,12 +71,18 @@ pub enum RequestBody {
         rank: u32,
         step: u64,
     },
+    /// What attaching each device did to this registration's staging
+    /// (page-locked or not, and why), sent once after `Registered`.
+    /// Since version 3.
+    Attached {
+        devices: Vec<AttachReport>,
+    },
 }
 
 impl RequestBody {
     /// Every request's name, as [`RequestBody::name`] says it (the golden
     /// tests keep the two equal).
-    pub const NAMES: [&'static str; 11] = [
+    pub const NAMES: [&'static str; 12] = [
         "hello",
         "register",
         "begin",
@@ -87,6 +94,7 @@ impl RequestBody {
         "list",
         "status",
         "describe",
+        "attached",
     ];
 
     /// The message's name, for logs and errors.
@@ -103,6 +111,7 @@ impl RequestBody {
             RequestBody::List { .. } => "list",
             RequestBody::Status => "status",
             RequestBody::Describe { .. } => "describe",
+            RequestBody::Attached { .. } => "attached",
         }
     }
 }
@@ -202,12 +211,14 @@ pub enum ReplyBody {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         os_error: Option<OsError>,
     },
+    /// The answer to `Attached`: the report is recorded. Since version 3.
+    AttachNoted,
 }
 
 impl ReplyBody {
     /// Every reply's and event's name, as [`ReplyBody::name`] says it (the
     /// golden tests keep the two equal).
-    pub const NAMES: [&'static str; 17] = [
+    pub const NAMES: [&'static str; 18] = [
         "welcome",
         "registered",
         "slot",
@@ -225,6 +236,7 @@ impl ReplyBody {
         "error",
         "committed",
         "failed",
+        "attach_noted",
     ];
 
     /// An error reply of `kind` with no OS error behind it.
@@ -256,6 +268,7 @@ impl ReplyBody {
             ReplyBody::Error { .. } => "error",
             ReplyBody::Committed { .. } => "committed",
             ReplyBody::Failed { .. } => "failed",
+            ReplyBody::AttachNoted => "attach_noted",
         }
     }
 }
@@ -417,6 +430,10 @@ pub struct SessionStatus {
     pub staging_bytes: u64,
     pub slots: u32,
     pub slots_busy: u32,
+    /// What attaching each of the client's devices did to its staging, as
+    /// the client reported it (`Attached`); empty until it did (a client
+    /// older than version 3 never does). Since version 3.
+    pub staging_pinning: Vec<AttachReport>,
 }
 
 /// One job known to the daemon.

@@ -6,6 +6,11 @@
 //! * 2: `StagingInfo::memory` says what kind of memory staging is (version
 //!   1 implies a host memfd); `Error` and `Failed` carry the OS error
 //!   behind a failure (`os_error`, omitted when there is none).
+//! * 3: the request `Attached { devices }`, answered `AttachNoted`: after
+//!   `Registered`, what attaching each device did to staging (page-locked,
+//!   or unpinned and why; [`crate::attach`]); `Status` sessions carry it
+//!   (`staging_pinning`). A version-2 client never sends it, and its
+//!   `Status` has no `staging_pinning`.
 //!
 //! # The handshake
 //! A client says `Hello` with the one version it speaks
@@ -38,7 +43,7 @@ use crate::frame::{self, FrameError};
 use crate::message::Reply;
 
 /// The version this build speaks (what its client sends in `Hello`).
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The oldest version a daemon of this build still serves.
 pub const PROTOCOL_VERSION_MIN: u32 = 1;
 
@@ -73,6 +78,7 @@ pub fn negotiate(client: u32) -> Result<u32, VersionMismatch> {
 pub fn encode_reply(reply: &Reply, version: u32) -> Result<Vec<u8>, FrameError> {
     match version {
         PROTOCOL_VERSION => frame::encode(reply),
+        2 => v2::encode(reply),
         1 => v1::encode(reply),
         other => Err(FrameError::NotInVersion {
             what: "any reply".into(),
@@ -81,11 +87,130 @@ pub fn encode_reply(reply: &Reply, version: u32) -> Result<Vec<u8>, FrameError> 
     }
 }
 
+/// Version 2's words for the replies version 3 changed: `status` sessions
+/// without `staging_pinning`; `attach_noted` (the answer to a request
+/// version 2 does not have) cannot be said. Borrowed views with version
+/// 2's fields in version 2's order, as in [`v1`].
+mod v2 {
+    use serde::Serialize;
+
+    use crate::frame::{self, FrameError};
+    use crate::message::{JobStatus, Reply, ReplyBody, SessionStatus, StatusInfo};
+
+    #[derive(Serialize)]
+    struct Frame<B> {
+        id: u64,
+        body: B,
+    }
+
+    #[derive(Serialize)]
+    #[serde(tag = "type", rename = "status")]
+    struct Status<'a> {
+        daemon_version: &'a str,
+        uptime_s: u64,
+        io_backend: &'a str,
+        clients_connected: u64,
+        staging_bytes_used: u64,
+        staging_budget_bytes: u64,
+        hot_tier_bytes: u64,
+        hot_tier_budget_bytes: u64,
+        snapshots_in_flight: u64,
+        sessions: Vec<Session<'a>>,
+        jobs: &'a [JobStatus],
+    }
+
+    #[derive(Serialize)]
+    struct Session<'a> {
+        job: &'a str,
+        rank: u32,
+        uid: u32,
+        pid: i32,
+        tensors: u64,
+        staging_bytes: u64,
+        slots: u32,
+        slots_busy: u32,
+    }
+
+    pub(super) fn encode(reply: &Reply) -> Result<Vec<u8>, FrameError> {
+        let id = reply.id;
+        match &reply.body {
+            ReplyBody::Status(info) => frame::encode(&Frame {
+                id,
+                body: status(info),
+            }),
+            ReplyBody::AttachNoted => Err(FrameError::NotInVersion {
+                what: "attach_noted".into(),
+                version: 2,
+            }),
+            // No wildcard: a reply added later must decide here what
+            // version 2 says for it.
+            ReplyBody::Welcome { .. }
+            | ReplyBody::Registered(_)
+            | ReplyBody::Slot { .. }
+            | ReplyBody::Stream { .. }
+            | ReplyBody::Skipped { .. }
+            | ReplyBody::ChunkFree { .. }
+            | ReplyBody::Accepted { .. }
+            | ReplyBody::Aborted { .. }
+            | ReplyBody::Restored { .. }
+            | ReplyBody::NoSnapshot
+            | ReplyBody::Released
+            | ReplyBody::Listing { .. }
+            | ReplyBody::Described { .. }
+            | ReplyBody::Error { .. }
+            | ReplyBody::Committed { .. }
+            | ReplyBody::Failed { .. } => frame::encode(reply),
+        }
+    }
+
+    fn status(info: &StatusInfo) -> Status<'_> {
+        Status {
+            daemon_version: &info.daemon_version,
+            uptime_s: info.uptime_s,
+            io_backend: &info.io_backend,
+            clients_connected: info.clients_connected,
+            staging_bytes_used: info.staging_bytes_used,
+            staging_budget_bytes: info.staging_budget_bytes,
+            hot_tier_bytes: info.hot_tier_bytes,
+            hot_tier_budget_bytes: info.hot_tier_budget_bytes,
+            snapshots_in_flight: info.snapshots_in_flight,
+            sessions: info.sessions.iter().map(session).collect(),
+            jobs: &info.jobs,
+        }
+    }
+
+    fn session(s: &SessionStatus) -> Session<'_> {
+        // Destructured so a field added later must be decided on here.
+        let SessionStatus {
+            job,
+            rank,
+            uid,
+            pid,
+            tensors,
+            staging_bytes,
+            slots,
+            slots_busy,
+            staging_pinning: _,
+        } = s;
+        Session {
+            job,
+            rank: *rank,
+            uid: *uid,
+            pid: *pid,
+            tensors: *tensors,
+            staging_bytes: *staging_bytes,
+            slots: *slots,
+            slots_busy: *slots_busy,
+        }
+    }
+}
+
 /// Version 1's words for the replies version 2 changed: `registered`
 /// without `memory` (version 1 knows only a host memfd), `error` and
 /// `failed` without `os_error`. Each is a borrowed view with version 1's
 /// fields in version 1's order, so the bytes are those a version-1 daemon
 /// wrote (the golden file was written by one), with no copy of the reply.
+/// Every other reply is said as version 2 says it ([`v2`]).
 mod v1 {
     use serde::Serialize;
 
@@ -162,6 +287,7 @@ mod v1 {
             // No wildcard: a reply added later must decide here what
             // version 1 says for it.
             ReplyBody::Welcome { .. }
+            | ReplyBody::AttachNoted
             | ReplyBody::Slot { .. }
             | ReplyBody::Stream { .. }
             | ReplyBody::Skipped { .. }
@@ -174,7 +300,7 @@ mod v1 {
             | ReplyBody::Listing { .. }
             | ReplyBody::Status(_)
             | ReplyBody::Described { .. }
-            | ReplyBody::Committed { .. } => frame::encode(reply),
+            | ReplyBody::Committed { .. } => super::v2::encode(reply),
         }
     }
 
@@ -196,16 +322,95 @@ mod v1 {
 }
 
 #[cfg(test)]
+#[expect(clippy::indexing_slicing, reason = "tests slice known frames")]
 mod tests {
     use super::*;
+    use crate::message::ReplyBody;
 
     #[test]
     fn a_daemon_serves_its_range_and_refuses_the_rest_naming_both() {
         assert_eq!(negotiate(1), Ok(1));
+        assert_eq!(negotiate(2), Ok(2));
+        assert_eq!(negotiate(3), Ok(3));
         assert_eq!(negotiate(PROTOCOL_VERSION), Ok(PROTOCOL_VERSION));
         let newer = negotiate(PROTOCOL_VERSION + 1).expect_err("newer client");
         assert!(newer.to_string().contains("upgrade the daemon"), "{newer}");
         let older = negotiate(0).expect_err("older client");
         assert!(older.to_string().contains("upgrade the client"), "{older}");
+    }
+
+    fn status_with_pinning() -> Reply {
+        use crate::attach::{AttachReport, PinState};
+        use crate::message::{SessionStatus, StatusInfo};
+        Reply {
+            id: 4,
+            body: ReplyBody::Status(Box::new(StatusInfo {
+                daemon_version: "0.1.0".into(),
+                uptime_s: 1,
+                io_backend: "pwrite".into(),
+                clients_connected: 1,
+                staging_bytes_used: 8192,
+                staging_budget_bytes: 1 << 30,
+                hot_tier_bytes: 0,
+                hot_tier_budget_bytes: 1 << 30,
+                snapshots_in_flight: 0,
+                sessions: vec![SessionStatus {
+                    job: "j".into(),
+                    rank: 0,
+                    uid: 1000,
+                    pid: 7,
+                    tensors: 1,
+                    staging_bytes: 8192,
+                    slots: 2,
+                    slots_busy: 0,
+                    staging_pinning: vec![AttachReport::new(
+                        "cuda:0",
+                        PinState::Unpinned {
+                            reason: "refused".into(),
+                        },
+                    )],
+                }],
+                jobs: Vec::new(),
+            })),
+        }
+    }
+
+    #[test]
+    fn versions_before_3_say_status_without_pinning_and_cannot_say_attach_noted() {
+        let reply = status_with_pinning();
+        let current = encode_reply(&reply, PROTOCOL_VERSION).expect("current");
+        let current = std::str::from_utf8(&current[4..]).expect("JSON").to_owned();
+        assert!(
+            current.contains(r#""staging_pinning":[{"device":"cuda:0""#),
+            "{current}"
+        );
+        for version in [1, 2] {
+            let old = encode_reply(&reply, version).expect("an older status");
+            let old = std::str::from_utf8(&old[4..]).expect("JSON");
+            assert!(!old.contains("staging_pinning"), "v{version}: {old}");
+            // Everything else is said as version 3 says it.
+            let stripped = current.replace(
+                r#","staging_pinning":[{"device":"cuda:0","pin":{"state":"unpinned","reason":"refused"}}]"#,
+                "",
+            );
+            assert_eq!(old, stripped, "v{version}");
+            let noted = Reply {
+                id: 5,
+                body: ReplyBody::AttachNoted,
+            };
+            assert!(
+                matches!(
+                    encode_reply(&noted, version),
+                    Err(FrameError::NotInVersion { .. })
+                ),
+                "v{version}"
+            );
+        }
+        let noted = Reply {
+            id: 5,
+            body: ReplyBody::AttachNoted,
+        };
+        let frame = encode_reply(&noted, 3).expect("version 3 says it");
+        assert_eq!(&frame[4..], br#"{"id":5,"body":{"type":"attach_noted"}}"#);
     }
 }

@@ -3,7 +3,8 @@
 //! decode to the expected message and re-encode byte for byte; replies
 //! encode for that version byte for byte, and decode and re-encode byte
 //! for byte again: with this build's types for the current version, with
-//! the frozen types of that version (`v1_types.rs`) for an older one. A version's file never changes
+//! the frozen types of that version (`v1_types.rs`, `v2_types.rs`) for an
+//! older one. A version's file never changes
 //! once released: a diff in one is a break of the protocol.
 //!
 //! `GPUSNAP_BLESS_GOLDEN=1` writes the file of the current version when it
@@ -11,6 +12,7 @@
 
 mod samples;
 mod v1_types;
+mod v2_types;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -154,13 +156,20 @@ fn every_served_version_decodes_and_reencodes_byte_for_byte() {
                 let reply: Reply = decode(body).expect("reply decodes");
                 assert_eq!(&encode(&reply).expect("encode"), want, "v{version} {name}");
             } else {
-                assert_eq!(version, 1, "a frozen copy of each older version's types");
-                let reply: v1_types::Reply = serde_json::from_slice(body)
-                    .unwrap_or_else(|e| panic!("v1 {name}: a version-1 client refuses it: {e}"));
+                let reencoded = match version {
+                    1 => serde_json::from_slice::<v1_types::Reply>(body)
+                        .map(|r| serde_json::to_vec(&r).expect("encode")),
+                    2 => serde_json::from_slice::<v2_types::Reply>(body)
+                        .map(|r| serde_json::to_vec(&r).expect("encode")),
+                    other => panic!("v{other}: a frozen copy of each older version's types"),
+                }
+                .unwrap_or_else(|e| {
+                    panic!("v{version} {name}: a version-{version} client refuses it: {e}")
+                });
                 assert_eq!(
-                    &frame_of(serde_json::to_vec(&reply).expect("encode")),
+                    &frame_of(reencoded),
                     want,
-                    "v1 {name}: re-encoded by the version-1 types"
+                    "v{version} {name}: re-encoded by the version-{version} types"
                 );
             }
         }
@@ -182,7 +191,8 @@ fn the_samples_cover_every_message() {
         | RequestBody::Release { .. }
         | RequestBody::List { .. }
         | RequestBody::Status
-        | RequestBody::Describe { .. } => (),
+        | RequestBody::Describe { .. }
+        | RequestBody::Attached { .. } => (),
     };
     let all_replies = |b: &ReplyBody| match b {
         ReplyBody::Welcome { .. }
@@ -201,7 +211,8 @@ fn the_samples_cover_every_message() {
         | ReplyBody::Described { .. }
         | ReplyBody::Error { .. }
         | ReplyBody::Committed { .. }
-        | ReplyBody::Failed { .. } => (),
+        | ReplyBody::Failed { .. }
+        | ReplyBody::AttachNoted => (),
     };
     let _ = (all_requests, all_replies);
     let names = |bodies: Vec<&'static str>| {

@@ -1,8 +1,9 @@
 //! One sample of every message, named; the golden files hold their frames.
 
 use gpusnap_proto::{
-    BusyPolicy, Dtype, ErrorKind, JobStatus, JobSteps, OsError, ReplyBody, RequestBody,
-    RestoreSource, SessionStatus, SnapshotInfo, StagingInfo, StagingMemory, StatusInfo, TensorSpec,
+    AttachReport, BusyPolicy, Dtype, ErrorKind, JobStatus, JobSteps, OsError, PinState, ReplyBody,
+    RequestBody, RestoreSource, SessionStatus, SnapshotInfo, StagingInfo, StagingMemory,
+    StatusInfo, TensorSpec,
 };
 
 fn tensors() -> Vec<TensorSpec> {
@@ -12,9 +13,30 @@ fn tensors() -> Vec<TensorSpec> {
     ]
 }
 
-/// Every request, each with its name.
-pub fn requests(version: u32) -> Vec<(&'static str, RequestBody)> {
+/// What a client with a host device and two CUDA devices (one refused
+/// the pinning the other made: the registration is shared) reports.
+fn attach_reports() -> Vec<AttachReport> {
     vec![
+        AttachReport::new("host", PinState::NotNeeded),
+        AttachReport::new(
+            "cuda:0",
+            PinState::Pinned {
+                bytes: 3 * 4096,
+                pin_ns: 1_500_000,
+            },
+        ),
+        AttachReport::new(
+            "cuda:1",
+            PinState::Unpinned {
+                reason: "page-locking 12288 bytes of staging at offset 0 was refused: CUDA_ERROR_OUT_OF_MEMORY".into(),
+            },
+        ),
+    ]
+}
+
+/// Every request of `version`, each with its name.
+pub fn requests(version: u32) -> Vec<(&'static str, RequestBody)> {
+    let mut all = vec![
         (
             "hello",
             RequestBody::Hello {
@@ -70,7 +92,16 @@ pub fn requests(version: u32) -> Vec<(&'static str, RequestBody)> {
                 step: 30,
             },
         ),
-    ]
+    ];
+    if version >= 3 {
+        all.push((
+            "attached",
+            RequestBody::Attached {
+                devices: attach_reports(),
+            },
+        ));
+    }
+    all
 }
 
 fn staging() -> StagingInfo {
@@ -108,6 +139,8 @@ fn status() -> StatusInfo {
             staging_bytes: 12288,
             slots: 2,
             slots_busy: 1,
+            // Versions before 3 say the session without it.
+            staging_pinning: attach_reports(),
         }],
         jobs: vec![JobStatus {
             job: "llama".into(),
@@ -119,10 +152,10 @@ fn status() -> StatusInfo {
     }
 }
 
-/// Every reply and event, each with its name (`+os_error`: the variant
-/// carrying an OS error, which version 1 says without it).
+/// Every reply and event of `version`, each with its name (`+os_error`:
+/// the variant carrying an OS error, which version 1 says without it).
 pub fn replies(version: u32) -> Vec<(&'static str, ReplyBody)> {
-    vec![
+    let mut all = vec![
         (
             "welcome",
             ReplyBody::Welcome {
@@ -228,5 +261,9 @@ pub fn replies(version: u32) -> Vec<(&'static str, ReplyBody)> {
                 os_error: Some(OsError::ENOSPC),
             },
         ),
-    ]
+    ];
+    if version >= 3 {
+        all.push(("attach_noted", ReplyBody::AttachNoted));
+    }
+    all
 }

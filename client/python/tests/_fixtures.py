@@ -30,7 +30,8 @@ Answer = Callable[[dict[str, Any]], dict[str, Any] | None]
 class FakeDaemon:
     """Serves connections on ``socket`` until closed. ``answers`` maps a
     request type to a function of the request body returning the reply
-    body (``hello``, ``register``, ``begin``, ``release`` have defaults);
+    body (``hello``, ``register``, ``begin``, ``release``, ``attached``
+    have defaults);
     ``events`` maps a request type to event bodies sent after its reply."""
 
     def __init__(
@@ -50,6 +51,9 @@ class FakeDaemon:
             "begin": lambda body: {"type": "slot", "step": body["step"], "slot": 0},
             "captured": lambda body: {"type": "accepted", "step": body["step"]},
             "release": lambda _: {"type": "released"},
+            # Protocol version 3: the client reports its staging pinning
+            # once per registration.
+            "attached": lambda _: {"type": "attach_noted"},
         }
         self.answers.update(answers or {})
         self.events = events or {}

@@ -71,6 +71,13 @@ pub trait Device: Send + Sync + fmt::Debug {
     /// A short name for logs ("host", "cuda").
     fn name(&self) -> &'static str;
 
+    /// The device among the others of its kind ("cuda:0"), for what the
+    /// client tells the daemon about staging; [`name`](Device::name)
+    /// unless the device says more.
+    fn label(&self) -> String {
+        self.name().to_owned()
+    }
+
     /// Prepares `staging` (one registration's mapping) for this device's
     /// copies: where CUDA page-locks and registers it. A failure fails the
     /// registration. The returned guard undoes it when dropped.

@@ -16,7 +16,8 @@ use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 
 use crate::proto::{
-    self, BusyPolicy, PROTOCOL_VERSION, Reply, ReplyBody, Request, RequestBody, StagingInfo,
+    self, AttachReport, BusyPolicy, PROTOCOL_VERSION, Reply, ReplyBody, Request, RequestBody,
+    StagingInfo,
 };
 use crate::{ClientConfig, TensorSpec};
 
@@ -172,6 +173,9 @@ pub struct FakeConn {
     pub stream: UnixStream,
     pub info: Option<StagingInfo>,
     pub tensors: Vec<TensorSpec>,
+    /// The client's `Attached` reports, in order: each is answered
+    /// `AttachNoted` as it arrives, never returned by `recv`.
+    pub attached: Vec<Vec<AttachReport>>,
     memfd: Option<File>,
 }
 
@@ -184,12 +188,29 @@ impl FakeConn {
             stream,
             info: None,
             tensors: Vec::new(),
+            attached: Vec::new(),
             memfd: None,
         }
     }
 
-    /// The next request, or `None` when the client closed.
+    /// The next request, or `None` when the client closed; an `Attached`
+    /// report is recorded and answered on the way, as the daemon does.
     pub fn try_recv(&mut self) -> Option<Request> {
+        loop {
+            let request = self.try_recv_any()?;
+            match request.body {
+                RequestBody::Attached { devices } => {
+                    assert!(self.info.is_some(), "attached before registered");
+                    self.attached.push(devices);
+                    self.reply(request.id, ReplyBody::AttachNoted);
+                }
+                _ => return Some(request),
+            }
+        }
+    }
+
+    /// The next request as it came, `Attached` too.
+    pub fn try_recv_any(&mut self) -> Option<Request> {
         let mut header = [0u8; 4];
         match self.stream.read_exact(&mut header) {
             Ok(()) => {}

@@ -282,3 +282,76 @@ fn snapshot_with_nothing_registered_is_refused_locally() {
     drop(client);
     fake.join();
 }
+
+#[test]
+fn after_registered_the_client_reports_what_attaching_did_before_anything_else() {
+    use crate::proto::{AttachReport, PinState};
+    let (_dir, path) = fake::socket_dir();
+    let fake = Fake::start(
+        &path,
+        vec![conn(|c| {
+            c.open(&fake::Layout::default());
+            // `expect` answers the `Attached` on the way; it came first.
+            let r = c.expect("status");
+            assert_eq!(
+                c.attached,
+                vec![vec![AttachReport::new("host", PinState::NotNeeded)]],
+                "one report, of the host device"
+            );
+            c.reply(r.id, ReplyBody::Status(Box::new(status_info())));
+            c.until_closed();
+        })],
+    );
+    let mut client = Client::with_config(fake::config(&path)).expect("connect");
+    let t = HostTensor::zeros(Dtype::F32, [4]).expect("t");
+    client.register_host("t", &t).expect("register");
+    client.sync_registration().expect("registered and reported");
+    client.status().expect("status");
+    drop(client);
+    fake.join();
+}
+
+#[test]
+fn a_refused_attach_report_ends_that_registration_like_any_refused_request() {
+    let (_dir, path) = fake::socket_dir();
+    let fake = Fake::start(
+        &path,
+        vec![
+            conn(|c| {
+                c.open(&fake::Layout::default());
+                let r = c.try_recv_any().expect("the report");
+                assert_eq!(r.body.name(), "attached");
+                c.reply(
+                    r.id,
+                    ReplyBody::error(crate::proto::ErrorKind::Protocol, "attach report refused"),
+                );
+                // The client closes this connection.
+                assert!(c.try_recv_any().is_none(), "nothing more on it");
+            }),
+            conn(|c| {
+                c.open(&fake::Layout::default());
+                let r = c.expect("status");
+                assert_eq!(c.attached.len(), 1, "reported again on the new connection");
+                c.reply(r.id, ReplyBody::Status(Box::new(status_info())));
+                c.until_closed();
+            }),
+        ],
+    );
+    let mut config = fake::config(&path);
+    config.reconnect = false;
+    let mut client = Client::with_config(config).expect("connect");
+    let t = HostTensor::zeros(Dtype::F32, [4]).expect("t");
+    client.register_host("t", &t).expect("register");
+    let err = client.sync_registration().unwrap_err();
+    assert!(
+        matches!(&err, Error::Protocol(m) if m.contains("attach report refused")),
+        "{err}"
+    );
+    assert!(client.staging().is_none(), "that registration is over");
+    client
+        .sync_registration()
+        .expect("a new connection registers");
+    client.status().expect("status");
+    drop(client);
+    fake.join();
+}

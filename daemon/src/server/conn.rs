@@ -20,13 +20,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gpusnap_proto::convert::nanos;
+use gpusnap_proto::{AttachReport, PinState, check_reports};
 use gpusnap_proto::{ErrorKind, Reply, ReplyBody, Request, RequestBody, TensorSpec};
 use gpusnap_proto::{PROTOCOL_VERSION_MIN, negotiate};
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::mpsc;
 
-use crate::metrics::{PanicSite, RestoreOutcome, SnapshotOutcome};
+use crate::metrics::{PanicSite, PinningShare, RestoreOutcome, SnapshotOutcome, StagingPinning};
 use crate::persist::{Lane, SessionCore, StreamFeed};
 use crate::ranks::{RankHold, RankKey};
 use crate::restore;
@@ -35,6 +36,9 @@ use crate::server::wire::{self, WireError};
 use crate::server::{Daemon, SessionEntry};
 use crate::staging::{CapturingSlot, LentSlot, StagingArea, StagingPlan};
 use crate::store::SnapshotId;
+
+/// The first protocol version with `Attached`.
+const ATTACHED_SINCE: u32 = 3;
 
 /// Requests read ahead of the one being handled.
 const REQUEST_QUEUE: usize = 4;
@@ -103,6 +107,9 @@ pub(super) struct Session {
     pub(super) core: Arc<SessionCore>,
     _entry: SessionEntry,
     _hold: RankHold,
+    /// This registration in the staging pinning gauges (`unreported` until
+    /// the client's `Attached`).
+    pinning: PinningShare,
 }
 
 /// The refusal of a request whose wait the daemon's stop cut short; `what`
@@ -318,6 +325,7 @@ impl Conn {
             RequestBody::Describe { job, rank, step } => {
                 self.describe(job, rank, step).await.map(Some)
             }
+            RequestBody::Attached { devices } => self.attached(devices).map(Some),
         }
     }
 
@@ -403,6 +411,7 @@ impl Conn {
             key,
             world_size,
             staging: Arc::clone(&staging),
+            staging_pinning: std::sync::OnceLock::new(),
             events: self.events_tx.clone(),
         });
         let lane = self
@@ -411,6 +420,7 @@ impl Conn {
             .spawn_lane(Arc::clone(&core))
             .map_err(|e| Refusal::io("starting the persist thread", &e))?;
         let entry = self.daemon.sessions.enter(Arc::clone(&core));
+        let pinning = self.daemon.metrics.pinning_share();
         let info = staging.info().clone();
         tracing::info!(
             conn = self.id,
@@ -430,6 +440,7 @@ impl Conn {
                 core,
                 _entry: entry,
                 _hold: hold,
+                pinning,
             },
             Activity::Idle,
         );
@@ -440,6 +451,77 @@ impl Conn {
         wire::write_reply_with_fd(&mut self.wr, &reply, self.version, staging.memfd())
             .await
             .map_err(|e| Refusal::io("sending the staging memfd", &e))
+    }
+
+    /// The client's report of what its devices did to this registration's
+    /// staging: checked ([`check_reports`]), logged (the pin rate at info,
+    /// an unpinned staging and its reason at warn), exported (the session's
+    /// [`PinningShare`], `gpusnap_staging_pin_seconds`) and kept for
+    /// `Status`. Once per registration, on a version-3 connection.
+    fn attached(&mut self, devices: Vec<AttachReport>) -> Handled {
+        if self.version < ATTACHED_SINCE {
+            return Err(Refusal::protocol(format!(
+                "attached is a request of protocol version {ATTACHED_SINCE}; this connection speaks version {}",
+                self.version
+            )));
+        }
+        let conn = self.id;
+        let metrics = Arc::clone(&self.daemon.metrics);
+        let Phase::Registered(session, _) = &mut self.phase else {
+            return Err(Refusal::new(
+                ErrorKind::NotRegistered,
+                "register before reporting what the devices did to staging",
+            ));
+        };
+        let core = Arc::clone(&session.core);
+        if core.staging_pinning.get().is_some() {
+            return Err(Refusal::protocol(
+                "attached sent twice for one registration",
+            ));
+        }
+        check_reports(&devices, core.staging.info().memfd_bytes)
+            .map_err(|e| Refusal::protocol(format!("attach report refused: {e}")))?;
+        let (job, rank) = (&core.key.job, core.key.rank);
+        let mut state = StagingPinning::NotNeeded;
+        let (mut pinned_bytes, mut pin_ns) = (0u64, 0u64);
+        for report in &devices {
+            let device = report.device.as_str();
+            match &report.pin {
+                PinState::NotNeeded => {
+                    tracing::debug!(conn, %job, rank, device, "staging needs no pinning for this device");
+                }
+                PinState::Pinned { bytes, pin_ns: ns } => {
+                    let seconds = Duration::from_nanos(*ns).as_secs_f64();
+                    #[expect(
+                        clippy::cast_precision_loss,
+                        reason = "a rate for the log; 2^53 bytes is far beyond any staging"
+                    )]
+                    let gb_per_s = *bytes as f64 / seconds.max(1e-9) / 1e9;
+                    tracing::info!(conn, %job, rank, device, bytes, seconds, gb_per_s, "staging page-locked by the client, once for this registration");
+                    pinned_bytes = pinned_bytes.max(*bytes);
+                    pin_ns = pin_ns.max(*ns);
+                    if state == StagingPinning::NotNeeded {
+                        state = StagingPinning::Pinned;
+                    }
+                }
+                PinState::Unpinned { reason } => {
+                    tracing::warn!(conn, %job, rank, device, %reason, "staging is not page-locked by the client: its CUDA copies use pageable memory, slower and synchronous");
+                    state = StagingPinning::Unpinned;
+                }
+            }
+        }
+        if pinned_bytes > 0 {
+            metrics
+                .staging_pin_seconds
+                .with_label_values(&[job.as_str()])
+                .observe(Duration::from_nanos(pin_ns).as_secs_f64());
+        }
+        session.pinning.report(state, pinned_bytes);
+        if core.staging_pinning.set(devices).is_err() {
+            // Only this connection's task sets it, and it checked above.
+            return Err(Refusal::internal("the attach report was recorded twice"));
+        }
+        Ok(ReplyBody::AttachNoted)
     }
 
     /// The session and its activity; `NotRegistered` before `Register`.

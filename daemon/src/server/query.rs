@@ -112,6 +112,7 @@ pub fn status(daemon: &Daemon, uid: u32) -> StatusInfo {
             staging_bytes: c.staging.info().memfd_bytes,
             slots: c.staging.info().slots,
             slots_busy: c.staging.busy_slots(),
+            staging_pinning: c.staging_pinning.get().cloned().unwrap_or_default(),
         })
         .collect();
     let mut jobs: Vec<JobStatus> = Vec::new();

@@ -380,6 +380,10 @@ impl Device for CudaDevice {
         "cuda"
     }
 
+    fn label(&self) -> String {
+        format!("cuda:{}", self.ordinal())
+    }
+
     fn attach(&self, staging: &StagingRegion) -> Result<Box<dyn AttachedStaging>> {
         let pin = guarded("page-locking staging", || {
             pinned::pin(&self.ctx, staging, staging.pin_policy())
