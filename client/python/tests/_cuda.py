@@ -162,11 +162,20 @@ def driver() -> Driver:
 
 class DeviceArray:
     """A C-contiguous array in device memory, exposing
-    ``__cuda_array_interface__`` v3 (``stream`` None: the data is ready
-    for any stream once the legacy default stream's work is done)."""
+    ``__cuda_array_interface__`` v3; ``stream``: the stream its producer
+    writes it on, which a consumer must order its work after (None: no
+    synchronization needed beyond the legacy default stream)."""
 
-    def __init__(self, cuda: Driver, shape: tuple[int, ...], typestr: str, data: bytes) -> None:
+    def __init__(
+        self,
+        cuda: Driver,
+        shape: tuple[int, ...],
+        typestr: str,
+        data: bytes,
+        stream: int | None = None,
+    ) -> None:
         self.cuda = cuda
+        self.stream = stream
         self.shape = shape
         self.typestr = typestr
         self.nbytes = len(data)
@@ -182,7 +191,7 @@ class DeviceArray:
             "data": (self.ptr, False),
             "strides": None,
             "version": 3,
-            "stream": None,
+            "stream": self.stream,
         }
 
     def read(self) -> bytes:
@@ -198,3 +207,54 @@ class DeviceArray:
             self.cuda.free(self.ptr)
         except Exception:  # noqa: BLE001 - at interpreter exit the driver may be gone
             pass
+
+
+class _DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _DLManagedTensor(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device", _DLDevice),
+        ("ndim", ctypes.c_int32),
+        ("dtype", _DLDataType),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),
+        ("byte_offset", ctypes.c_uint64),
+        ("manager_ctx", ctypes.c_void_p),
+        ("deleter", ctypes.c_void_p),
+    ]
+
+
+_DLTENSOR = b"dltensor"  # a capsule keeps a pointer to its name: it must live
+_capsule_new = ctypes.pythonapi.PyCapsule_New
+_capsule_new.restype = ctypes.py_object
+_capsule_new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+
+
+class DlpackArray:
+    """A 1-D array of uint32 in device memory exported through DLPack
+    (``__dlpack__`` / ``__dlpack_device__``, device type kDLCUDA), as JAX
+    exports its arrays. The capsules need no deleter: this object owns the
+    memory, and a consumer keeps it alive with the capsule."""
+
+    def __init__(self, cuda: Driver, data: bytes) -> None:
+        assert len(data) % 4 == 0
+        self.array = DeviceArray(cuda, (len(data) // 4,), "<u4", data)
+        self._shape = (ctypes.c_int64 * 1)(len(data) // 4)
+        self._tensors: list[_DLManagedTensor] = []
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (2, 0)
+
+    def __dlpack__(self, stream: Any = None) -> Any:
+        t = _DLManagedTensor(
+            self.array.ptr, _DLDevice(2, 0), 1, _DLDataType(1, 32, 1), self._shape, None, 0, None, None
+        )
+        self._tensors.append(t)
+        return _capsule_new(ctypes.addressof(t), _DLTENSOR, None)

@@ -137,6 +137,78 @@ def test_a_snapshot_during_cuda_graph_capture_is_refused_and_the_graph_left_inta
         cuda.destroy_stream(stream)
 
 
+def test_the_stream_a_cuda_array_names_orders_the_copies_and_two_names_conflict(daemon, cuda):
+    stream = cuda.new_stream()
+    other = cuda.new_stream()
+    try:
+        w = DeviceArray(cuda, (2048,), "|u1", pattern(2048, 6), stream=stream)
+        with gpusnap.Client("named", socket=daemon.socket, rng=False) as snap:
+            snap.register("w", w)
+            if cuda.is_double:
+                cuda.set_op_delay_us(SLOW_OP_US)
+            # The producer's write, on the stream its interface names: the
+            # copies follow it without a stream= (interface v3 semantics).
+            cuda.fill_async(w.ptr, 0x44, w.nbytes, stream)
+            snap.snapshot_begin(1).wait_committed()
+            cuda.synchronize(stream)
+            cuda.fill_async(w.ptr, 0, w.nbytes, stream)
+            assert snap.restore(1) == 1
+            cuda.synchronize(stream)
+            assert w.read() == b"\x44" * 2048
+        v = DeviceArray(cuda, (16,), "|u1", bytes(16), stream=other)
+        with gpusnap.Client("conflict", socket=daemon.socket, rng=False) as snap:
+            snap.register("w", w)
+            snap.register("v", v)
+            with pytest.raises(gpusnap.InvalidStream, match="different streams"):
+                snap.snapshot_begin(1).wait_captured()
+            # Naming the stream settles it.
+            snap.snapshot_begin(2, stream=stream).wait_committed()
+    finally:
+        cuda.synchronize(stream)
+        cuda.destroy_stream(stream)
+        cuda.destroy_stream(other)
+
+
+def test_dlpack_exporters_on_cuda_and_on_the_cpu_register_snapshot_and_restore(daemon, cuda):
+    from _cuda import DlpackArray
+
+    class HostDlpack:
+        """Only DLPack, over a numpy array (numpy exports kDLCPU)."""
+
+        def __init__(self, a: np.ndarray) -> None:
+            self.a = a
+
+        def __dlpack__(self, stream=None):
+            return self.a.__dlpack__()
+
+        def __dlpack_device__(self):
+            return self.a.__dlpack_device__()
+
+    device = DlpackArray(cuda, pattern(4096, 7))
+    host = HostDlpack(np.arange(50, dtype=np.float32))
+    with gpusnap.Client("dlpack", socket=daemon.socket, rng=False) as snap:
+        snap.register("device", device)
+        snap.register("host", host)
+        assert snap.cuda_devices == [0]
+        snap.snapshot(3)
+        snap.wait_committed(3)
+        device.array.write(bytes(4096))
+        host.a[:] = 0
+        assert snap.restore() == 3
+    assert device.array.read() == pattern(4096, 7)
+    assert np.array_equal(host.a, np.arange(50, dtype=np.float32))
+    [described] = [t for t in _native_describe(daemon, "dlpack", 3) if t["name"] == "device"]
+    assert (described["dtype"], described["shape"]) == ("U32", [1024])
+
+
+def _native_describe(daemon, job: str, step: int) -> list[dict]:
+    native = _native.Client(job, socket=str(daemon.socket))
+    try:
+        return native.describe(step)["tensors"]
+    finally:
+        native.close()
+
+
 class _Posing:
     """An object claiming device memory at ``ptr`` of ``nbytes``."""
 

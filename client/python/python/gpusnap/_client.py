@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from gpusnap import _agree, _blob, _optim, _rng
 from gpusnap import _native
-from gpusnap._memory import Entry, describe
+from gpusnap._memory import Entry, describe, stream_hint
 from gpusnap._native import (
     CaptureInProgress,
     DuplicateName,
@@ -166,8 +166,10 @@ class Client:
         self._open: tuple[int, _Pending] | None = None
         # A capture handed to the native client's finishing thread.
         self._handed: tuple[int, _Pending] | None = None
-        # Ordinals of the CUDA devices holding registered tensors.
+        # Ordinals of the CUDA devices holding registered tensors, and the
+        # device of each registered CUDA tensor.
         self._cuda_devices: set[int] = set()
+        self._device_of: dict[str, int] = {}
         self.stats = Stats()
         if rng:
             self._register_blob(
@@ -306,7 +308,9 @@ class Client:
         memory = live if copy is None else describe(name, copy)
         args = (name, memory.dtype, list(memory.shape), memory.address, memory.nbytes, memory.owner)
         if memory.cuda:
-            self._cuda_devices.add(self._native.register_cuda(*args))
+            ordinal = self._native.register_cuda(*args)
+            self._cuda_devices.add(ordinal)
+            self._device_of[name] = ordinal
         else:
             self._native.register(*args)
         self._names.add(name)
@@ -363,8 +367,9 @@ class Client:
         self.stats.begun += 1
         try:
             self._finish_open()
-            self._refresh(self._check())
-            self._native.begin(step, self._streams(stream))
+            live = self._check()
+            self._refresh(live)
+            self._native.begin(step, self._streams(stream, live))
         except Exception as e:  # noqa: BLE001 - a snapshot must not kill training
             self._failed(step, e)
             handle._pending = _Pending(error=e, done=True)
@@ -412,19 +417,26 @@ class Client:
         for b in self._blobs.values():
             b.buffer.store(b.get())
 
-    def _streams(self, stream: Any) -> list[tuple[int, int]] | None:
+    def _streams(self, stream: Any, live: list[Any]) -> list[tuple[int, int]] | None:
         """The trainer's streams to order CUDA copies after, as (device
-        ordinal, CUstream) pairs; None: each device's legacy default."""
+        ordinal, CUstream) pairs: ``stream`` where given; else, per device,
+        the stream its ``__cuda_array_interface__`` arrays name (v3's
+        stream semantics), else torch's current stream (once torch's CUDA
+        is initialized), else the legacy default stream."""
         if not self._cuda_devices:
             return None
         if stream is None:
+            hints = self._stream_hints(live)
             torch = sys.modules.get("torch")
-            if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
-                return None
-            return [
-                (d, int(torch.cuda.current_stream(d).cuda_stream))
-                for d in sorted(self._cuda_devices)
-            ]
+            if torch is not None and not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+                torch = None
+            order = []
+            for d in sorted(self._cuda_devices):
+                if d in hints:
+                    order.append((d, hints[d]))
+                elif torch is not None:
+                    order.append((d, int(torch.cuda.current_stream(d).cuda_stream)))
+            return order or None
         if isinstance(stream, dict):
             return [(int(d), _stream_handle(s)) for d, s in stream.items()]
         device = getattr(getattr(stream, "device", None), "index", None)
@@ -436,6 +448,24 @@ class Client:
                 )
             device = next(iter(self._cuda_devices))
         return [(int(device), _stream_handle(stream))]
+
+    def _stream_hints(self, live: list[Any]) -> dict[int, int]:
+        """The stream each device's ``__cuda_array_interface__`` arrays
+        name; InvalidStream when arrays of one device name different ones."""
+        hints: dict[int, tuple[int, str]] = {}
+        for entry, obj in zip(self._entries, live, strict=True):
+            device = self._device_of.get(entry.name)
+            hint = stream_hint(obj) if device is not None else None
+            if hint is None or device is None:
+                continue
+            seen = hints.setdefault(device, (hint, entry.name))
+            if seen[0] != hint:
+                raise InvalidStream(
+                    f"tensors {seen[1]!r} and {entry.name!r} on CUDA device {device} name "
+                    f"different streams in their __cuda_array_interface__ ({seen[0]:#x}, "
+                    f"{hint:#x}): pass stream= to say which the copies follow"
+                )
+        return {d: h for d, (h, _) in hints.items()}
 
     def _finish_open(self) -> None:
         """Finishes the open capture (and collects one handed off),
@@ -559,7 +589,7 @@ class Client:
             for state in self._optimizers:
                 state.materialize(state.state_indices(saved))
                 self._register_optimizer_tensors(state)
-        info = self._native.restore(step, self._streams(stream))
+        info = self._native.restore(step, self._streams(stream, self._check()))
         if info is None:
             return None
         for entry in self._entries:

@@ -5,7 +5,9 @@ snapshot and restore, that the memory has not moved since registration.
 
 Host memory: CPU torch tensors and numpy arrays. Device memory: CUDA torch
 tensors and any object with a ``__cuda_array_interface__`` (versions 2 and
-3: CuPy arrays, Numba device arrays, ...), contiguous and writable.
+3: CuPy arrays, Numba device arrays, ...), contiguous and writable. Any
+other object exporting DLPack (``__dlpack__``/``__dlpack_device__``: JAX
+arrays, ...) on the CPU or a CUDA device, contiguous.
 
 torch and numpy are optional: each is imported only when an object of its
 kind is seen.
@@ -13,11 +15,13 @@ kind is seen.
 
 from __future__ import annotations
 
+import ctypes
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from gpusnap._native import (
+    InvalidStream,
     NotContiguous,
     TensorReallocated,
     UnsupportedTensor,
@@ -97,10 +101,12 @@ def describe(name: str, obj: Any) -> Memory:
     interface = getattr(obj, "__cuda_array_interface__", None)
     if interface is not None:
         return _cuda_array_memory(name, obj, interface)
+    if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
+        return _dlpack_memory(name, obj)
     raise UnsupportedTensor(
         f"tensor {name!r}: a {type(obj).__module__}.{type(obj).__qualname__} is "
-        "neither a torch.Tensor, a numpy.ndarray nor an object with "
-        "__cuda_array_interface__"
+        "neither a torch.Tensor, a numpy.ndarray, an object with "
+        "__cuda_array_interface__ nor one exporting DLPack"
     )
 
 
@@ -195,20 +201,164 @@ def _cuda_array_memory(name: str, obj: Any, interface: Any) -> Memory:
     return Memory(dtype, shape, address, nbytes, obj, cuda=True)
 
 
-def current_address(obj: Any) -> int:
-    """Where the object's data is now."""
+# DLPack (dlpack.h, v0.8 and later): device types, (type code, bits) of
+# the dtypes gpusnap stores, and the structures a "dltensor" capsule holds.
+_DL_CPU, _DL_CUDA, _DL_CUDA_HOST, _DL_CUDA_MANAGED = 1, 2, 3, 13
+_DL_HOST_DEVICES = (_DL_CPU, _DL_CUDA_HOST)
+_DL_DTYPES = {
+    (0, 8): "I8",
+    (0, 16): "I16",
+    (0, 32): "I32",
+    (0, 64): "I64",
+    (1, 8): "U8",
+    (1, 16): "U16",
+    (1, 32): "U32",
+    (1, 64): "U64",
+    (2, 16): "F16",
+    (2, 32): "F32",
+    (2, 64): "F64",
+    (4, 16): "BF16",
+    (6, 8): "BOOL",
+}
+
+
+class _DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _DLTensor(ctypes.Structure):
+    """The first member of a ``DLManagedTensor``."""
+
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device", _DLDevice),
+        ("ndim", ctypes.c_int32),
+        ("dtype", _DLDataType),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),
+        ("byte_offset", ctypes.c_uint64),
+    ]
+
+
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype = ctypes.c_void_p
+_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+
+
+@dataclass(frozen=True)
+class _Exported:
+    """What a DLPack capsule describes, and the capsule (which keeps the
+    memory alive while it is held: never consumed, so dropping it runs
+    the producer's deleter)."""
+
+    capsule: Any
+    device_type: int
+    dtype: tuple[int, int, int]
+    shape: tuple[int, ...]
+    strides: tuple[int, ...] | None
+    address: int
+
+
+def _export(where: str, obj: Any) -> _Exported:
+    try:
+        device_type = int(obj.__dlpack_device__()[0])
+        # stream None: the producer makes the data ready for the legacy
+        # default stream, which gpusnap's copies are ordered after unless
+        # told another stream.
+        capsule = obj.__dlpack__() if device_type in _DL_HOST_DEVICES else obj.__dlpack__(stream=None)
+        pointer = _capsule_pointer(capsule, b"dltensor")
+    except Exception as e:  # noqa: BLE001 - any producer's failure is the tensor's refusal
+        raise UnsupportedTensor(f"{where}: exporting it through DLPack failed ({e!r})") from None
+    if not pointer:
+        raise UnsupportedTensor(f"{where}: an empty DLPack capsule")
+    t = _DLTensor.from_address(pointer)
+    ndim = int(t.ndim)
+    if not 0 <= ndim <= 64:
+        raise UnsupportedTensor(f"{where}: a DLPack tensor of {ndim} dimensions")
+    shape = tuple(int(t.shape[i]) for i in range(ndim))
+    strides = tuple(int(t.strides[i]) for i in range(ndim)) if t.strides else None
+    return _Exported(
+        capsule,
+        int(t.device.device_type),
+        (int(t.dtype.code), int(t.dtype.bits), int(t.dtype.lanes)),
+        shape,
+        strides,
+        int(t.data or 0) + int(t.byte_offset),
+    )
+
+
+def _dlpack_memory(name: str, obj: Any) -> Memory:
+    """An object exporting DLPack on the CPU or a CUDA device; its memory
+    must be C-contiguous."""
+    where = f"tensor {name!r} (DLPack of a {type(obj).__qualname__})"
+    e = _export(where, obj)
+    if e.device_type not in (*_DL_HOST_DEVICES, _DL_CUDA, _DL_CUDA_MANAGED):
+        raise UnsupportedTensor(
+            f"{where}: DLPack device type {e.device_type} is neither the CPU nor CUDA"
+        )
+    code, bits, lanes = e.dtype
+    dtype = _DL_DTYPES.get((code, bits)) if lanes == 1 else None
+    if dtype is None:
+        raise UnsupportedTensor(f"{where}: DLPack dtype (code {code}, {bits} bits, {lanes} lanes) cannot be stored")
+    if any(d < 0 for d in e.shape):
+        raise UnsupportedTensor(f"{where}: a negative dimension in shape {e.shape}")
+    elements = 1
+    for d in e.shape:
+        elements *= d
+    if e.strides is not None and elements > 1:
+        step, expected = 1, []
+        for d in reversed(e.shape):
+            expected.append(step)
+            step *= d
+        if any(
+            d > 1 and s != x for d, s, x in zip(e.shape, e.strides, reversed(expected), strict=True)
+        ):
+            raise NotContiguous(f"{where}: strides {e.strides} (elements) of shape {e.shape} are not C-contiguous")
+    nbytes = elements * bits // 8
+    if e.address == 0 and nbytes != 0:
+        raise UnsupportedTensor(f"{where}: a null data pointer for {nbytes} bytes")
+    return Memory(
+        dtype, e.shape, e.address, nbytes, (obj, e.capsule), cuda=e.device_type not in _DL_HOST_DEVICES
+    )
+
+
+def current_layout(obj: Any) -> tuple[int, tuple[int, ...]]:
+    """Where the object's data is now, and its shape."""
     if _is_torch_tensor(obj):
-        return int(obj.data_ptr())
+        return int(obj.data_ptr()), tuple(int(d) for d in obj.shape)
     if _is_numpy_array(obj):
-        return int(obj.ctypes.data)
-    return int(obj.__cuda_array_interface__["data"][0] or 0)
+        return int(obj.ctypes.data), tuple(int(d) for d in obj.shape)
+    interface = getattr(obj, "__cuda_array_interface__", None)
+    if interface is not None:
+        return int(interface["data"][0] or 0), tuple(int(d) for d in interface["shape"])
+    exported = _export(f"a {type(obj).__qualname__}", obj)
+    return exported.address, exported.shape
 
 
-def current_shape(obj: Any) -> tuple[int, ...]:
-    """The object's shape now."""
+def stream_hint(obj: Any) -> int | None:
+    """The stream a ``__cuda_array_interface__`` (v3) producer says its
+    data is being written on (1: the legacy default stream, 2: the
+    per-thread default stream, else a CUstream), which gpusnap's copies
+    must be ordered after; None when it names none (or the object is not
+    such an array)."""
     if _is_torch_tensor(obj) or _is_numpy_array(obj):
-        return tuple(int(d) for d in obj.shape)
-    return tuple(int(d) for d in obj.__cuda_array_interface__["shape"])
+        return None
+    interface = getattr(obj, "__cuda_array_interface__", None)
+    if interface is None or int(interface.get("version", 0)) < 3:
+        return None
+    stream = interface.get("stream")
+    if stream is None:
+        return None
+    if isinstance(stream, bool) or not isinstance(stream, int) or stream <= 0:
+        raise InvalidStream(
+            f"__cuda_array_interface__ of a {type(obj).__qualname__}: stream {stream!r} is not "
+            "a stream (0 is disallowed by the interface; 1 is the legacy default stream)"
+        )
+    return stream
 
 
 @dataclass
@@ -237,8 +387,7 @@ class Entry:
             ) from None
         if live is None:
             raise TensorReallocated(f"tensor {self.name!r} is now None")
-        address = current_address(live)
-        shape = current_shape(live)
+        address, shape = current_layout(live)
         if address != self.address or shape != self.shape:
             raise TensorReallocated(
                 f"tensor {self.name!r} was reallocated since it was registered "
