@@ -1,21 +1,38 @@
 #!/usr/bin/env python3
 """`benches/run python`: a PyTorch trainer's checkpoint, three ways, on the
-same model state in one run.
+same model state in one run, and the step time of a real model snapshotted
+every step against the same model not snapshotted.
 
 * ``torch.save`` of the state dict to a file on the run's disk, then
-  ``fsync`` of the file and its directory: the trainer waits for all of it.
+  ``fsync`` of the file and its directory: the trainer waits for all of it
+  (from CUDA tensors torch.save copies each storage to CPU memory first).
 * ``torch.distributed.checkpoint.async_save`` (single process, no process
-  group, the default stager and ``FileSystemWriter``, which fsyncs): the
-  trainer waits until ``async_save`` returns (it copies the state first),
-  and for the previous save's future when that is not done yet.
+  group, ``FileSystemWriter``, which fsyncs): the trainer waits until
+  ``async_save`` returns and its state is staged (on CPU the default stager
+  copies it before returning; on CUDA DCP's ``DefaultStager`` with pinned
+  memory stages it in the background and the harness waits for
+  ``staging_completion``), and for the previous save's future when that is
+  not done yet.
 * gpusnap through a real ``gpusnapd`` started here on a private config: the
-  trainer waits for ``snapshot_begin`` + ``wait_captured``.
+  trainer waits for ``snapshot_begin`` + ``wait_captured``. On CUDA tensors
+  twice: overlapped (``wait_captured()`` makes the current stream wait for
+  the copies and returns at once) and blocking
+  (``wait_captured(blocking=True)``: the host waits for the copies).
 
 For each: the stall per snapshot (the training loop blocked) and the time
 until durable (from the start of the snapshot: torch.save + fsync; the
 future's ``result()``; ``wait_committed``), medians over ``--snapshots``
-rounds, each beside gpusnap's as a ratio. The rounds interleave the three
+rounds, each beside gpusnap's as a ratio. The rounds interleave the
 methods, so a noisy machine moves them alike.
+
+The training figure (on unless ``--no-training``): a residual MLP with
+AdamW, ``--train-steps`` steps not snapshotted and the same number
+snapshotted every step in the overlapped loop (``opt.step()``, then
+``snapshot_begin(step)``; the next step's forward and backward run while the
+copies do; ``wait_captured()`` right before the next ``opt.step()``), two
+rounds of each interleaved: the step-time ratio, the host stall per
+snapshot, and the copy time beside the forward and backward time (the
+ratio's precondition).
 
 Progress goes to stderr; with ``--json`` stdout holds one JSON object and the
 table goes to stderr. Start it through ``benches/run python`` (it prepares
@@ -27,6 +44,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import inspect
 import json
 import os
 import platform
@@ -51,6 +69,10 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "testkit" / "python"))
 import gpusnapd_testkit as testkit  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import training  # noqa: E402
+from training import wait_blocking  # noqa: E402
+
 KIB = 1 << 10
 MIB = 1 << 20
 GIB = 1 << 30
@@ -68,14 +90,18 @@ PLAN_SEED = 0x6770_7573
 # trainer's tensors, the daemon's two staging slots, its hot tier, and the
 # copy async_save's stager makes.
 COPIES_CPU = 5
-COPIES_CUDA = 2  # host only: async_save's staged copy and torch.save's
+# On CUDA the host holds the daemon's two staging slots and its hot copy,
+# async_save's pinned staged copy and torch.save's CPU copy.
+COPIES_CUDA = 5
 MEMORY_MARGIN = 1 * GIB
 STAGING_BUDGET_COPIES = 3
 HOT_TIER_SLACK = 64 * MIB
 STREAM_RING_BYTES = 2 * MIB  # the smallest the daemon takes: two 1 MiB chunks
 
 DAEMON_SHUTDOWN_DEADLINE_S = 120
-HOT_SETTLE_WAIT_S = 120.0
+SMOKE_SIZE = 64 * MIB
+SMOKE_TENSORS = 30
+SMOKE_TRAIN_STEPS = 3
 
 MEMORY_CHOICE = (
     "staging.double = true with staging.budget_bytes = 3x the state (two slots of the "
@@ -159,8 +185,57 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--device",
         choices=("cpu", "cuda"),
         default="cpu",
-        help="where the state lives; on cuda gpusnap is reported unavailable "
-        "until its CUDA backend lands [default: cpu]",
+        help="where the state and the training figure's model live [default: cpu]",
+    )
+    p.add_argument(
+        "--no-training",
+        dest="training",
+        action="store_false",
+        help="leave out the training figure (a model's step time snapshotted every "
+        "step vs not at all)",
+    )
+    p.add_argument(
+        "--training-only",
+        action="store_true",
+        help="run only the training figure, not the three-way comparison",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a quick check that the harness runs (CI): --size 64M --tensors 30 "
+        "--snapshots 1 and 3 training steps per run; its figures mean nothing",
+    )
+    p.add_argument(
+        "--train-steps",
+        type=int,
+        default=None,
+        help="timed training steps per run (two runs each way) [default: 16 on cuda, 8 on cpu]",
+    )
+    p.add_argument(
+        "--train-width",
+        type=int,
+        default=None,
+        help="the model's width; each block is width -> 4*width -> width "
+        "[default: 1024 on cuda, 256 on cpu]",
+    )
+    p.add_argument(
+        "--train-depth",
+        type=int,
+        default=None,
+        help="residual MLP blocks [default: 2]",
+    )
+    p.add_argument(
+        "--train-batch",
+        type=int,
+        default=None,
+        help="rows per micro-batch [default: 16384 on cuda, 256 on cpu]",
+    )
+    p.add_argument(
+        "--train-micro-batches",
+        type=int,
+        default=None,
+        help="forward and backward passes per optimizer step (gradient accumulation) "
+        "[default: 8 on cuda, 2 on cpu]",
     )
     p.add_argument(
         "--json",
@@ -191,6 +266,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="run even when the copies of the state the run holds do not fit in MemAvailable",
     )
     args = p.parse_args(argv)
+    if args.smoke:
+        args.size, args.tensors, args.snapshots = SMOKE_SIZE, SMOKE_TENSORS, 1
+        if args.train_steps is None:
+            args.train_steps = SMOKE_TRAIN_STEPS
+    if args.training_only and not args.training:
+        p.error("--training-only and --no-training leave nothing to run")
+    for flag in ("train_steps", "train_width", "train_depth", "train_batch", "train_micro_batches"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.snapshots < 1:
         p.error("--snapshots must be at least 1")
     if args.tensors < 3:
@@ -461,13 +546,16 @@ class Method(Protocol):
 
 class TorchSave:
     """torch.save to one file per snapshot, then fsync of it and its
-    directory; the previous file is removed (untimed) before the next."""
+    directory; the previous file is removed (untimed) before the next. From
+    CUDA tensors torch.save copies each storage to CPU memory itself (a
+    synchronous copy); the device is synchronized before the clock stops."""
 
     name = "torch_save"
 
-    def __init__(self, state: dict[str, torch.Tensor], workdir: Path) -> None:
+    def __init__(self, state: dict[str, torch.Tensor], workdir: Path, device: str) -> None:
         self.state = state
         self.dir = workdir / "torch_save"
+        self.device = device
         self.previous: Path | None = None
 
     def setup(self) -> None:
@@ -488,6 +576,7 @@ class TorchSave:
             f.flush()
             os.fsync(f.fileno())
         fsync_path(self.dir)
+        synchronize(self.device)
         t1 = time.monotonic()
         self.previous = path
         return Sample(k, t1 - t0, t1 - t0, {"file_bytes": path.stat().st_size})
@@ -500,19 +589,79 @@ def _not_set_up(*args: object, **kwargs: object) -> Any:
     raise RuntimeError("the method was not set up")
 
 
+# What the harness asks of DCP's DefaultStager on CUDA: pinned staging
+# memory, staged on DCP's background thread and stream with non-blocking
+# copies (DCP's own defaults), but not in shared memory (/dev/shm), which
+# only a process-based checkpointer needs and which containers often cap.
+DCP_STAGING_OPTIONS = {
+    "use_pinned_memory": True,
+    "use_shared_memory": False,
+    "use_async_staging": True,
+    "use_non_blocking_copy": True,
+}
+
+
+def dcp_stager(device: str) -> tuple[Any, str]:
+    """The `async_stager` for async_save on `device` (None: async_save's
+    default) and a description of it for the report. On CUDA: DCP's
+    DefaultStager with StagingOptions (torch 2.9 and later); where that API
+    is missing, BlockingAsyncStager(cache_staged_state_dict=True), DCP's
+    older pinned stager; the description names which."""
+    import torch
+    from torch.distributed.checkpoint import state_dict_saver
+
+    version = torch.__version__
+    if device == "cpu":
+        return None, (
+            f"async_save's default stager (async_stager=None), torch {version}: a copy of "
+            "the state into fresh CPU memory before async_save returns"
+        )
+    params = inspect.signature(state_dict_saver.async_save).parameters
+    if "async_stager" not in params or "no_dist" not in params:
+        raise RuntimeError(
+            f"torch {version}: dcp.async_save takes neither async_stager nor no_dist "
+            f"(it takes {', '.join(params)})"
+        )
+    try:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    except ImportError:
+        from torch.distributed.checkpoint.staging import BlockingAsyncStager
+
+        return BlockingAsyncStager(cache_staged_state_dict=True), (
+            f"BlockingAsyncStager(cache_staged_state_dict=True), torch {version} (no "
+            "DefaultStager/StagingOptions here): pinned CPU memory allocated on the first "
+            "save and reused, staged before async_save returns"
+        )
+    fields = {f.name for f in dataclasses.fields(StagingOptions)}
+    if "use_pinned_memory" not in fields:
+        raise RuntimeError(
+            f"torch {version}: StagingOptions has no use_pinned_memory (it has "
+            f"{', '.join(sorted(fields))})"
+        )
+    options = {k: v for k, v in DCP_STAGING_OPTIONS.items() if k in fields}
+    spelled = ", ".join(f"{k}={v}" for k, v in options.items())
+    return DefaultStager(StagingOptions(**options)), (
+        f"DefaultStager(StagingOptions({spelled})), torch {version}"
+    )
+
+
 class AsyncSave:
-    """torch.distributed.checkpoint.async_save with its defaults (thread
-    executor, default stager, FileSystemWriter with sync_files), one
-    checkpoint directory per snapshot."""
+    """torch.distributed.checkpoint.async_save (thread executor,
+    FileSystemWriter with sync_files), one checkpoint directory per
+    snapshot; on CUDA with DCP's pinned DefaultStager (`dcp_stager`), one
+    stager for every save, as a trainer keeps one."""
 
     name = "async_save"
 
-    def __init__(self, state: dict[str, torch.Tensor], workdir: Path) -> None:
+    def __init__(self, state: dict[str, torch.Tensor], workdir: Path, device: str) -> None:
         self.state = state
         self.dir = workdir / "async_save"
+        self.device = device
         self.pending: Future[Any] | None = None  # the previous save's future
         self.previous: Path | None = None
         self.async_save: Callable[..., Any] = _not_set_up
+        self.stager: Any = None
+        self.stager_description: str | None = None
 
     def setup(self) -> None:
         from torch.distributed.checkpoint.state_dict_saver import async_save
@@ -521,6 +670,7 @@ class AsyncSave:
         self.dir.mkdir()
         # It says so once per save: no process group, so a single process.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        self.stager, self.stager_description = dcp_stager(self.device)
 
     def prepare(self) -> None:
         if self.previous is not None and (self.pending is None or self.pending.done()):
@@ -534,11 +684,21 @@ class AsyncSave:
         if self.pending is not None and not self.pending.done():
             self.pending.result()
             previous_wait = time.monotonic() - t0
-        response = self.async_save(self.state, checkpoint_id=str(path), no_dist=True)
+        kwargs: dict[str, Any] = {"checkpoint_id": str(path), "no_dist": True}
+        if self.stager is not None:
+            kwargs["async_stager"] = self.stager
+        response = self.async_save(self.state, **kwargs)
+        returned = time.monotonic()
+        # A stager that stages before returning gives a plain future; one
+        # staging in the background (DefaultStager with use_async_staging)
+        # an AsyncSaveResponse: the state may not change before its
+        # staging_completion.
+        if isinstance(response, Future):
+            future = response
+        else:
+            response.staging_completion.result()
+            future = response.upload_completion
         t1 = time.monotonic()
-        # The default stager stages before returning, so a plain future
-        # comes back; a staging-in-the-background one would come with both.
-        future = response if isinstance(response, Future) else response.upload_completion
         self.pending = future
         future.result()
         t2 = time.monotonic()
@@ -548,7 +708,8 @@ class AsyncSave:
             t1 - t0,
             t2 - t0,
             {
-                "async_save_return_s": t1 - t0 - previous_wait,
+                "async_save_return_s": returned - t0 - previous_wait,
+                "staging_wait_s": t1 - returned,
                 "previous_wait_s": previous_wait,
                 "checkpoint_bytes": dir_bytes(path),
             },
@@ -557,18 +718,19 @@ class AsyncSave:
     def close(self) -> None:
         if self.pending is not None:
             self.pending.result()
+        if self.stager is not None and hasattr(self.stager, "close"):
+            self.stager.close()
 
 
 class Unavailable(Exception):
-    """A method that cannot run here (gpusnap on CUDA tensors, for now)."""
+    """A method that cannot run here (gpusnap on CUDA tensors, before the
+    Python package takes them)."""
 
 
-class Gpusnap:
-    """gpusnap through the harness's gpusnapd: snapshot_begin + wait_captured
-    is the stall, wait_committed the durable point. After each commit it
-    waits (untimed) until the daemon's hot copy of the step is made."""
-
-    name = "gpusnap"
+class GpusnapSession:
+    """The one gpusnap client of the comparison, with the state registered
+    once (and prepared: staging set up and page-locked), shared by the
+    overlapped and the blocking method; steps are numbered across both."""
 
     def __init__(self, state: dict[str, torch.Tensor], socket: Path, job: str) -> None:
         self.state = state
@@ -576,70 +738,98 @@ class Gpusnap:
         self.job = job
         self.client: Any = None
         self.register_s: float | None = None
+        self.unavailable: Unavailable | None = None
+        self.step = 0
 
     def setup(self) -> None:
+        """Registers and prepares, the first time; raises Unavailable each
+        time when the package cannot register the state."""
+        if self.unavailable is not None:
+            raise self.unavailable
+        if self.client is not None:
+            return
         import gpusnap
 
-        self.client = gpusnap.Client(self.job, socket=self.socket, rng=False)
+        client = gpusnap.Client(self.job, socket=self.socket, rng=False)
         t0 = time.monotonic()
         try:
             for name, t in self.state.items():
-                self.client.register(name, t)
+                client.register(name, t)
             # What a trainer's restore() does on a fresh start: the daemon
             # sets up staging now, not inside the first snapshot.
-            self.client.prepare()
+            client.prepare()
         except gpusnap.BackendUnavailable as e:
-            raise Unavailable(f"{type(e).__name__}: {e}") from e
+            client.close()
+            self.unavailable = Unavailable(f"{type(e).__name__}: {e}")
+            raise self.unavailable from e
+        except BaseException:
+            client.close()
+            raise
         self.register_s = time.monotonic() - t0
+        self.client = client
+
+    def next_step(self) -> int:
+        self.step += 1
+        return self.step
+
+    def close(self) -> None:
+        if self.client is not None:
+            client, self.client = self.client, None
+            client.close()
+
+
+class Gpusnap:
+    """gpusnap through the harness's gpusnapd: snapshot_begin + wait_captured
+    is the stall, wait_committed the durable point. Overlapped
+    (`overlapped=True`, CUDA): `wait_captured()` orders the current stream
+    after the copies and returns at once. Blocking: `wait_captured(blocking=
+    True)`, the host waits for the copies and the daemon's acceptance (on
+    CPU tensors the only way: the copies are the host's). After each commit
+    it waits (untimed) until the daemon's hot copy of the step is made."""
+
+    def __init__(self, session: GpusnapSession, name: str, overlapped: bool) -> None:
+        self.session = session
+        self.name = name
+        self.overlapped = overlapped
+
+    def setup(self) -> None:
+        self.session.setup()
 
     def prepare(self) -> None:
         pass
 
     def snapshot(self, k: int) -> Sample:
+        client = self.session.client
+        step = self.session.next_step()
         t0 = time.monotonic()
-        handle = self.client.snapshot_begin(k)
-        info = handle.wait_captured()
+        handle = client.snapshot_begin(step)
+        info = handle.wait_captured() if self.overlapped else wait_blocking(handle)
         t1 = time.monotonic()
-        if info.skipped:
-            raise RuntimeError(f"gpusnap skipped the snapshot of step {k}: {info.reason}")
-        commit = self.client.wait_committed(k)
+        # Overlapped on CUDA tensors the wait returns None (nothing waited
+        # for on the host); a CaptureInfo otherwise.
+        if info is not None and info.skipped:
+            raise RuntimeError(f"gpusnap skipped the snapshot of step {step}: {info.reason}")
+        commit = client.wait_committed(step)
         t2 = time.monotonic()
-        hot_s = self._wait_hot(k)
+        hot_s = training.wait_hot(client, self.session.job, step, log)
         return Sample(
             k,
             t1 - t0,
             t2 - t0,
             {
-                "client_stall_s": info.stall_s,
-                "capture_s": info.capture_s,
-                "captured_bytes": info.bytes,
+                "step": step,
+                "overlapped": self.overlapped,
+                "client_stall_s": None if info is None else info.stall_s,
+                "capture_s": None if info is None else info.capture_s,
+                "captured_bytes": None if info is None else info.bytes,
                 "daemon_persist_s": commit.persist_s,
                 "commit_bytes": commit.bytes,
                 "hot_copy_after_commit_s": hot_s,
             },
         )
 
-    def _wait_hot(self, step: int) -> float | None:
-        """Seconds from the commit until the daemon's hot tier holds `step`
-        and nothing is in flight; None when that does not happen in time."""
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < HOT_SETTLE_WAIT_S:
-            status = self.client.status()
-            jobs: list[dict[str, Any]] = status.get("jobs", [])
-            job = next((j for j in jobs if j.get("job") == self.job), {})
-            if job.get("hot_step") == step and status.get("snapshots_in_flight") == 0:
-                return time.monotonic() - t0
-            time.sleep(0.01)
-        log(
-            f"warning: the hot copy of gpusnap step {step} did not show in "
-            f"{HOT_SETTLE_WAIT_S:.0f} s"
-        )
-        return None
-
     def close(self) -> None:
-        if self.client is not None:
-            client, self.client = self.client, None
-            client.close()
+        self.session.close()
 
 
 # ---------------------------------------------------------------- the run
@@ -742,6 +932,7 @@ class Context:
     job: str
     errors: list[str] = field(default_factory=list)
     register_s: float | None = None
+    async_save_stager: str | None = None
 
 
 def check_memory(args: argparse.Namespace) -> int | None:
@@ -760,6 +951,18 @@ def check_memory(args: argparse.Namespace) -> int | None:
     return available
 
 
+def gpusnap_methods(session: GpusnapSession, device: str) -> list[Method]:
+    """gpusnap's methods: on CUDA tensors overlapped ("gpusnap") and
+    blocking ("gpusnap_blocking"); on CPU tensors the one way there is, a
+    blocking wait, as "gpusnap"."""
+    if device == "cpu":
+        return [Gpusnap(session, "gpusnap", overlapped=False)]
+    return [
+        Gpusnap(session, "gpusnap", overlapped=True),
+        Gpusnap(session, "gpusnap_blocking", overlapped=False),
+    ]
+
+
 def measure(ctx: Context) -> dict[str, MethodRun]:
     """Builds the state, sets up the three methods, runs the rounds."""
     args = ctx.args
@@ -769,17 +972,16 @@ def measure(ctx: Context) -> dict[str, MethodRun]:
     )
     state = make_state(ctx.plan, args.device)
     synchronize(args.device)
-    gpusnap_method = Gpusnap(state, ctx.daemon.socket, ctx.job)
-    methods: list[Method] = [
-        TorchSave(state, ctx.work.path),
-        AsyncSave(state, ctx.work.path),
-        gpusnap_method,
-    ]
+    session = GpusnapSession(state, ctx.daemon.socket, ctx.job)
+    async_save = AsyncSave(state, ctx.work.path, args.device)
+    methods: list[Method] = [TorchSave(state, ctx.work.path, args.device), async_save]
+    methods += gpusnap_methods(session, args.device)
     runs = {m.name: MethodRun(m.name) for m in methods}
     try:
         for m in methods:
             setup_method(m, runs[m.name])
-        ctx.register_s = gpusnap_method.register_s
+        ctx.register_s = session.register_s
+        ctx.async_save_stager = async_save.stager_description
         run_rounds(methods, runs, args.snapshots, state, args.device, ctx.cache)
     finally:
         for m in methods:
@@ -787,27 +989,20 @@ def measure(ctx: Context) -> dict[str, MethodRun]:
     return runs
 
 
-def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench-python: --device cuda, but torch sees no CUDA device")
-    mem_available = check_memory(args)
-    plan = plan_tensors(args.size, args.tensors)
-    work = WorkDir.choose(args.dir, args.keep)
-    started = time.monotonic()
-    daemon: Daemon | None = None
+def run_comparison(
+    args: argparse.Namespace, work: WorkDir, plan: list[TensorPlan]
+) -> tuple[Context, dict[str, MethodRun]]:
+    """The three-way comparison on its own gpusnapd."""
+    daemon = Daemon(args.gpusnapd.resolve(), work.path, sum(t.nbytes for t in plan))
+    ctx = Context(
+        args,
+        work,
+        plan,
+        CacheDropper(),
+        daemon,
+        job=f"bench-python-{os.getpid()}-{int(time.time())}",
+    )
     try:
-        daemon = Daemon(args.gpusnapd.resolve(), work.path, sum(t.nbytes for t in plan))
-        ctx = Context(
-            args,
-            work,
-            plan,
-            CacheDropper(),
-            daemon,
-            job=f"bench-python-{os.getpid()}-{int(time.time())}",
-        )
-        log(f"run directory {work.path} ({fs_type(work.path)})")
         log(f"starting {daemon.binary}")
         daemon.start()
         try:
@@ -818,12 +1013,87 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
             except RuntimeError as e:
                 ctx.errors.append(str(e))
     finally:
-        if daemon is not None:
-            daemon.close()
+        daemon.close()
+    return ctx, runs
+
+
+def run_training(args: argparse.Namespace, work: WorkDir, errors: list[str]) -> dict[str, Any]:
+    """The training figure (training.py) on a gpusnapd of its own, sized for
+    the model's state, in the run directory's `training/`."""
+    shape = training.shape_for(
+        args.device,
+        width=args.train_width,
+        depth=args.train_depth,
+        batch=args.train_batch,
+        micro_batches=args.train_micro_batches,
+        steps=args.train_steps,
+    )
+    log(
+        f"training: building the model on {args.device} ({shape.depth} blocks of width "
+        f"{shape.width}, {shape.micro_batches} x {shape.batch} rows per step)"
+    )
+    trainer = training.Trainer(shape, args.device)
+    for _ in range(training.WARMUP_STEPS):
+        trainer.step()
+    training.synchronize(args.device)
+    # The state, and room for the optimizer's scalars blob.
+    size = trainer.state_bytes() + MIB
+    workdir = work.path / "training"
+    workdir.mkdir()
+    daemon = Daemon(args.gpusnapd.resolve(), workdir, size)
+    try:
+        log(f"training: starting {daemon.binary} (state {human_bytes(size)})")
+        daemon.start()
+        try:
+            job = f"bench-python-training-{os.getpid()}-{int(time.time())}"
+            figure = training.measure(trainer, daemon.socket, job, log)
+        finally:
+            try:
+                daemon.stop_cleanly()
+            except RuntimeError as e:
+                errors.append(f"training: {e}")
+    finally:
+        daemon.close()
+    figure["config"] = daemon.config
+    errors.extend(f"training: snapshot {f}" for f in figure["snapshots_failed"])
+    return figure
+
+
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench-python: --device cuda, but torch sees no CUDA device")
+    mem_available = check_memory(args) if not args.training_only else mem_available_bytes()
+    plan = plan_tensors(args.size, args.tensors)
+    work = WorkDir.choose(args.dir, args.keep)
+    started = time.monotonic()
+    errors: list[str] = []
+    ctx: Context | None = None
+    runs: dict[str, MethodRun] = {}
+    figure: dict[str, Any] | None = None
+    try:
+        log(f"run directory {work.path} ({fs_type(work.path)})")
+        if not args.training_only:
+            ctx, runs = run_comparison(args, work, plan)
+        if args.training:
+            try:
+                figure = run_training(args, work, errors)
+            except Exception as e:  # noqa: BLE001 - reported; the comparison stands
+                errors.append(f"training: {type(e).__name__}: {e}")
+                log(f"training: FAILED: {type(e).__name__}: {e}")
+    finally:
         if args.keep:
             log(f"kept {work.path}")
         work.cleanup()
-    report = build_report(ctx, runs, mem_available, time.monotonic() - started)
+    wall_s = time.monotonic() - started
+    if ctx is None:
+        report = machine_fields(args, work, mem_available, wall_s)
+        report["errors"] = errors
+    else:
+        report = build_report(ctx, runs, mem_available, wall_s)
+        report["errors"] = report["errors"] + errors
+    report["training"] = figure
     return report, table(report)
 
 
@@ -843,34 +1113,74 @@ def method_figures(run: MethodRun, size_bytes: int) -> dict[str, Any]:
     }
 
 
-def build_report(
-    ctx: Context, runs: dict[str, MethodRun], mem_available: int | None, wall_s: float
+def machine_fields(
+    args: argparse.Namespace, work: WorkDir, mem_available: int | None, wall_s: float
 ) -> dict[str, Any]:
+    """What every report says about the run and the machine."""
     import gpusnap
     import torch
 
+    fields: dict[str, Any] = {"benchmark": "python", "device": args.device, "smoke": args.smoke}
+    if args.device == "cuda":
+        fields["gpu"] = torch.cuda.get_device_name()
+        fields["cuda_version"] = torch.version.cuda
+    fields.update(
+        {
+            "torch_version": torch.__version__,
+            "gpusnap_version": gpusnap.__version__,
+            "python_version": platform.python_version(),
+            "torch_threads": torch.get_num_threads(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "host": platform.node(),
+            "kernel": platform.release(),
+            "cpus": os.cpu_count(),
+            "mem_available_bytes": mem_available,
+            "dir": str(work.path),
+            "dir_fs": fs_type(work.path.parent),
+            "gpusnapd": str(args.gpusnapd),
+            "wall_s": wall_s,
+        }
+    )
+    return fields
+
+
+# The stall and durable ratios: each peer's median over ours ("gpusnap"; on
+# CUDA also over "gpusnap_blocking", and the blocking figure over the
+# overlapped one).
+PEERS = ("torch_save", "async_save")
+
+
+def build_report(
+    ctx: Context, runs: dict[str, MethodRun], mem_available: int | None, wall_s: float
+) -> dict[str, Any]:
     args = ctx.args
     size = sum(t.nbytes for t in ctx.plan)
     figures = {name: method_figures(r, size) for name, r in runs.items()}
-    ours = figures["gpusnap"]
+    ours = [name for name in ("gpusnap", "gpusnap_blocking") if name in runs]
     report: dict[str, Any] = {"benchmark": "python", "device": args.device}
-    for name in ("torch_save", "async_save", "gpusnap"):
+    for name in runs:
         for key, value in figures[name].items():
             report[f"{name}_{key}"] = value
-    for peer in ("torch_save", "async_save"):
-        for what in ("stall", "durable"):
-            report[f"{peer}_{what}_vs_gpusnap"] = ratio(
-                figures[peer][f"{what}_s"], ours[f"{what}_s"]
-            )
+    for base in ours:
+        for peer in PEERS + (("gpusnap_blocking",) if base == "gpusnap" else ()):
+            if peer not in runs:
+                continue
+            for what in ("stall", "durable"):
+                report[f"{peer}_{what}_vs_{base}"] = ratio(
+                    figures[peer][f"{what}_s"], figures[base][f"{what}_s"]
+                )
     g = runs["gpusnap"]
     report["gpusnap_available"] = g.available
     report["gpusnap_unavailable_reason"] = g.unavailable_reason
     report["gpusnap_register_s"] = ctx.register_s
-    for key in ("client_stall_s", "capture_s", "daemon_persist_s", "hot_copy_after_commit_s"):
-        values = [s.extra[key] for s in g.samples if s.extra.get(key) is not None]
-        report[f"gpusnap_{key.removesuffix('_s')}_median_s"] = (
-            statistics.median(values) if values else None
-        )
+    report["gpusnap_overlapped"] = args.device == "cuda"
+    for name in ours:
+        for key in ("client_stall_s", "capture_s", "daemon_persist_s", "hot_copy_after_commit_s"):
+            values = [s.extra[key] for s in runs[name].samples if s.extra.get(key) is not None]
+            report[f"{name}_{key.removesuffix('_s')}_median_s"] = (
+                statistics.median(values) if values else None
+            )
+    report["async_save_stager"] = ctx.async_save_stager
     errors = ctx.errors + [f"{r.name}: {r.error}" for r in runs.values() if r.error]
     kinds: dict[str, int] = {}
     for t in ctx.plan:
@@ -884,21 +1194,14 @@ def build_report(
             "largest_tensor_bytes": max(t.nbytes for t in ctx.plan),
             "snapshots_requested": args.snapshots,
             "page_cache_dropped": ctx.cache.works,
-            "torch_version": torch.__version__,
-            "gpusnap_version": gpusnap.__version__,
-            "python_version": platform.python_version(),
-            "torch_threads": torch.get_num_threads(),
             "config": ctx.daemon.config,
             "memory_choice": MEMORY_CHOICE,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "host": platform.node(),
-            "kernel": platform.release(),
-            "cpus": os.cpu_count(),
-            "mem_available_bytes": mem_available,
-            "dir": str(ctx.work.path),
-            "dir_fs": fs_type(ctx.work.path.parent),
-            "gpusnapd": str(ctx.daemon.binary),
-            "wall_s": wall_s,
+        }
+    )
+    report.update(machine_fields(args, ctx.work, mem_available, wall_s))
+    report["gpusnapd"] = str(ctx.daemon.binary)
+    report.update(
+        {
             "methods": {
                 name: {
                     "available": r.available,
@@ -914,6 +1217,14 @@ def build_report(
     return report
 
 
+METHOD_LABELS = (
+    ("torch_save", "torch.save"),
+    ("async_save", "async_save"),
+    ("gpusnap", "gpusnap"),
+    ("gpusnap_blocking", "gpusnap (blocking)"),
+)
+
+
 def table(r: dict[str, Any]) -> str:
     def secs(v: float | None) -> str:
         return "-" if v is None else f"{v:.3f} s"
@@ -921,28 +1232,55 @@ def table(r: dict[str, Any]) -> str:
     def times(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}x"
 
+    lines: list[str] = []
+    if "size_bytes" in r:
+        lines += comparison_lines(r, secs, times)
+    else:
+        lines.append(
+            f"python benchmark, training figure only, on {r['device']}, torch "
+            f"{r['torch_version']}, {r['dir']} on {r['host']} ({r['kernel']}), {r['date']}"
+        )
+    if r.get("training") is not None:
+        lines += training.lines(r["training"])
+    for e in r["errors"]:
+        lines.append(f"error: {e}")
+    return "\n".join(lines) + "\n"
+
+
+def comparison_lines(
+    r: dict[str, Any], secs: Callable[[float | None], str], times: Callable[[float | None], str]
+) -> list[str]:
+    overlapped = r["gpusnap_overlapped"]
+    w = 19 if "gpusnap_blocking_stall_s" in r else 12
     lines = [
         f"python benchmark: {human_bytes(r['size_bytes'])} in {r['tensors']} float32 tensors "
         f"on {r['device']}, {r['snapshots_requested']} snapshots per method, torch "
         f"{r['torch_version']}, {r['dir']} on {r['host']} ({r['kernel']}), {r['date']}",
-        f"{'method':<12} {'stall (median)':>15} {'vs gpusnap':>11} "
+        f"{'method':<{w}} {'stall (median)':>15} {'vs gpusnap':>11} "
         f"{'durable (median)':>17} {'vs gpusnap':>11} {'durable MB/s':>13}",
     ]
-    for name, label in (
-        ("torch_save", "torch.save"),
-        ("async_save", "async_save"),
-        ("gpusnap", "gpusnap"),
-    ):
+    for name, label in METHOD_LABELS:
+        if f"{name}_stall_s" not in r:
+            continue
         mbps = r[f"{name}_durable_MBps"]
         stall_ratio = 1.0 if name == "gpusnap" else r[f"{name}_stall_vs_gpusnap"]
         durable_ratio = 1.0 if name == "gpusnap" else r[f"{name}_durable_vs_gpusnap"]
         if r[f"{name}_stall_s"] is None:
             stall_ratio = durable_ratio = None
         lines.append(
-            f"{label:<12} {secs(r[f'{name}_stall_s']):>15} {times(stall_ratio):>11} "
+            f"{label:<{w}} {secs(r[f'{name}_stall_s']):>15} {times(stall_ratio):>11} "
             f"{secs(r[f'{name}_durable_s']):>17} {times(durable_ratio):>11} "
             f"{'-' if mbps is None else f'{mbps:.1f}':>13}"
         )
+    if overlapped:
+        lines.append(
+            f"gpusnap is overlapped use (wait_captured() orders the stream after the copies; "
+            f"stall {ms(r['gpusnap_stall_s'])}); against the blocking use: torch.save "
+            f"{times(r.get('torch_save_stall_vs_gpusnap_blocking'))}, async_save "
+            f"{times(r.get('async_save_stall_vs_gpusnap_blocking'))} stall"
+        )
+    if r.get("async_save_stager"):
+        lines.append(f"async_save stager: {r['async_save_stager']}")
     if r["gpusnap_first_stall_s"] is not None:
         hot = [
             s["extra"].get("hot_copy_after_commit_s") for s in r["methods"]["gpusnap"]["snapshots"]
@@ -954,9 +1292,11 @@ def table(r: dict[str, Any]) -> str:
         )
     if not r["gpusnap_available"]:
         lines.append(f"gpusnap unavailable: {r['gpusnap_unavailable_reason']}")
-    for e in r["errors"]:
-        lines.append(f"error: {e}")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1e3:.3f} ms"
 
 
 # ---------------------------------------------------------------- main
