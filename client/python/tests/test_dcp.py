@@ -3,6 +3,7 @@ gpusnapd, with DCP's default planners."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import warnings
@@ -28,6 +29,7 @@ from torch.distributed.checkpoint.planner import (  # noqa: E402
     WriteItemType,
 )
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict  # noqa: E402
+from torch.distributed.checkpoint.staging import AsyncStager  # noqa: E402
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys  # noqa: E402
 
 import gpusnap  # noqa: E402
@@ -239,15 +241,172 @@ def test_steps_increase_and_a_reader_loads_the_newest_or_the_one_asked(make_daem
     assert load(10) == (10, 10)
 
 
-def test_async_save_commits_in_the_background(daemon):
-    state = {"x": torch.arange(10.0), "n": 3}
+def table(daemon: Any, job: str, step: int, rank: int = 0) -> dict[str, tuple[str, list[int]]]:
+    c = _native.Client(job, socket=str(daemon.socket))
+    try:
+        d = c.describe(step, rank=rank)
+    finally:
+        c.close()
+    return {t["name"]: (t["dtype"], t["shape"]) for t in d["tensors"]}
+
+
+def complete_steps(daemon: Any, job: str) -> list[int]:
+    c = _native.Client(job, socket=str(daemon.socket))
+    try:
+        listing = c.list()
+    finally:
+        c.close()
+    return [s for j in listing["complete"] if j["job"] == job for s in j["steps"]]
+
+
+def test_async_save_stages_so_the_trainer_may_change_its_tensors_at_once(daemon):
+    model, optim = trained(0, 2)
+    state = checkpoint_state(model, optim)
+    state["extra"] = {"epoch": 3, "history": [0.5], "x": torch.arange(10.0)}
+    want = {
+        "model": {k: v.clone() for k, v in model.state_dict().items()},
+        "optim": {k: v.clone() for k, v in state["optim"]["state"]["embed.weight"].items()},
+        "x": torch.arange(10.0),
+    }
     w = writer(daemon)
+    assert isinstance(w, AsyncStager)
     done = dcp.async_save(state, storage_writer=w)
-    done.result(timeout=60)
+    # The trainer goes on at once: in-place updates, the objects changed.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(-1.0)
+    for t in state["optim"]["state"]["embed.weight"].values():
+        t.fill_(-2)
+    state["extra"]["x"].fill_(-3.0)
+    state["extra"]["epoch"] = 99
+    state["extra"]["history"].append(9.0)
+    metadata = done.result(timeout=60)
     assert w.last_step == 1
-    target = {"x": torch.zeros(10), "n": 0}
+    assert "extra.x" in metadata.state_dict_metadata
+
+    fresh_model, fresh_optim = trained(1, 1)
+    target = checkpoint_state(fresh_model, fresh_optim)
+    target["extra"] = {"epoch": 0, "history": [], "x": torch.zeros(10)}
     dcp.load(target, storage_reader=reader(daemon))
-    assert torch.equal(target["x"], torch.arange(10.0)) and target["n"] == 3
+    set_state_dict(
+        fresh_model, fresh_optim,
+        model_state_dict=target["model"], optim_state_dict=target["optim"],
+    )
+    assert_same_state(fresh_model.state_dict(), want["model"])
+    assert_same_state(fresh_optim.state_dict()["state"][0], want["optim"])
+    assert_same_state(target["extra"], {"epoch": 3, "history": [0.5], "x": want["x"]})
+    # One staged snapshot as rank 0 of a world of 2, rank 1 its seal.
+    assert list(table(daemon, "dcp", 1, rank=1)) == ["dcp/1/seal"]
+    assert "t/extra.x/0/10/" in table(daemon, "dcp", 1, rank=0)
+    assert complete_steps(daemon, "dcp") == [1]
+
+
+
+def test_stage_captures_and_hands_dcp_tensors_without_data(daemon):
+    x = torch.arange(6.0, requires_grad=True)
+    w = writer(daemon)
+    staged = w.stage({"a": {"x": x, "l": [x, 3]}, "n": 4})
+    # What DCP's background save plans with holds none of the trainer's
+    # memory: meta tensors of the same dtype, shape and requires_grad.
+    assert staged["a"]["x"].device.type == "meta" and staged["a"]["x"].requires_grad
+    assert staged["a"]["x"].shape == x.shape and staged["a"]["x"].dtype == x.dtype
+    assert staged["a"]["l"][0].device.type == "meta" and staged["a"]["l"][1] == 3
+    assert staged["n"] == 4
+    # The capture was taken when stage returned; with no save to check and
+    # seal it, it is committed data but not a checkpoint.
+    (record,) = w._pending
+    assert record.committed.result(timeout=60)["step"] == 1
+    assert set(table(daemon, "dcp", 1)) == {"t/a.x/0/6/g", "t/a.l.0/0/6/g", "b/a.l.1/", "b/n/",
+                                            "dcp/1"}
+    assert complete_steps(daemon, "dcp") == []
+
+
+def test_async_save_equals_a_synchronous_save(daemon):
+    model, optim = trained(2, 2)
+    state = checkpoint_state(model, optim)
+    state["extra"] = {"tag": "t", "bf16": torch.arange(4, dtype=torch.bfloat16),
+                      "strided": torch.arange(12.0).reshape(3, 4).t(), "0": torch.ones(1)}
+    sync_md = dcp.save(state, storage_writer=writer(daemon, "sync"))
+    async_md = dcp.async_save(state, storage_writer=writer(daemon, "async")).result(timeout=60)
+    assert async_md.state_dict_metadata == sync_md.state_dict_metadata
+    assert async_md.planner_data == sync_md.planner_data
+    assert table(daemon, "async", 1).keys() == table(daemon, "sync", 1).keys()
+    for name, (dtype, shape) in table(daemon, "sync", 1).items():
+        if name != "dcp/1":
+            assert table(daemon, "async", 1)[name] == (dtype, shape), name
+    md_sync = reader(daemon, "sync").read_metadata()
+    md_async = reader(daemon, "async").read_metadata()
+    assert md_async.state_dict_metadata == md_sync.state_dict_metadata
+    assert md_async.planner_data == md_sync.planner_data
+    loaded = [_load_state_dict_from_keys(storage_reader=reader(daemon, job))
+              for job in ("sync", "async")]
+    assert_same_state(loaded[1], loaded[0])
+
+
+class DropsAKey(DefaultSavePlanner):
+    """A planner that leaves one item out: not what the stage planned."""
+
+    def create_local_plan(self):  # type: ignore[no-untyped-def]
+        plan = super().create_local_plan()
+        return dataclasses.replace(
+            plan, items=[i for i in plan.items if i.index.fqn != "y"]
+        )
+
+
+def test_async_save_errors_come_through_the_future_and_are_never_a_checkpoint(daemon):
+    state = {"x": torch.ones(4), "y": torch.zeros(2)}
+    # A checkpoint_id that names another step than the writer staged.
+    done = dcp.async_save(state, storage_writer=writer(daemon, step=1),
+                          checkpoint_id="gpusnap://dcp/2")
+    with pytest.raises(CheckpointException) as info:
+        done.result(timeout=60)
+    assert isinstance(failure(info), ValueError)
+    assert "names another checkpoint" in str(failure(info))
+    # A planner that saves other items than the stage planned.
+    done = dcp.async_save(state, storage_writer=writer(daemon, step=3), planner=DropsAKey())
+    with pytest.raises(CheckpointException) as info:
+        done.result(timeout=60)
+    assert isinstance(failure(info), gpusnap.InvalidSpec)
+    assert "no rank's plan saves" in str(failure(info))
+    # The staged snapshots are committed, but never sealed: no checkpoint.
+    assert table(daemon, "dcp", 1).keys() == {"t/x/0/4/", "t/y/0/2/", "dcp/1"}
+    assert table(daemon, "dcp", 3).keys() == {"t/x/0/4/", "t/y/0/2/", "dcp/1"}
+    assert complete_steps(daemon, "dcp") == []
+    with pytest.raises(gpusnap.NotFound, match="step 3 is not complete"):
+        reader(daemon, step=3).read_metadata()
+    assert gdcp.latest_step("dcp", socket=daemon.socket) is None
+    # A capture the daemon refuses (a step already committed): the
+    # caller's async_save returns, the future raises.
+    dcp.save(state, storage_writer=writer(daemon, step=5))
+    done = dcp.async_save({"x": torch.full((4,), 7.0), "y": torch.zeros(2)},
+                          storage_writer=writer(daemon, step=5))
+    with pytest.raises(CheckpointException) as info:
+        done.result(timeout=60)
+    assert isinstance(failure(info), gpusnap.Skipped)
+    target = {"x": torch.zeros(4), "y": torch.ones(2)}
+    dcp.load(target, storage_reader=reader(daemon))
+    assert torch.equal(target["x"], torch.ones(4)), "the committed step is untouched"
+    # The writer goes on working after the failures.
+    dcp.async_save(state, storage_writer=writer(daemon, step=6)).result(timeout=60)
+    assert complete_steps(daemon, "dcp") == [5, 6]
+
+
+def test_a_second_async_save_while_one_is_in_flight(make_daemon):
+    daemon = make_daemon({"store": {"keep_snapshots": "8"}})
+    w = writer(daemon)
+    value = torch.zeros(1 << 18)
+    futures = []
+    for n in (1, 2, 3):
+        value.fill_(n)
+        futures.append(dcp.async_save({"v": value, "n": n}, storage_writer=w))
+    value.fill_(-1)
+    for f in futures:
+        f.result(timeout=60)
+    assert complete_steps(daemon, "dcp") == [1, 2, 3]
+    for n in (1, 2, 3):
+        target = {"v": torch.empty(1 << 18), "n": 0}
+        dcp.load(target, storage_reader=reader(daemon, step=n))
+        assert target["n"] == n and bool((target["v"] == n).all()), n
 
 
 def test_checkpoint_ids_name_the_job_and_step(daemon):
@@ -516,6 +675,36 @@ def _two_ranks(rank: int, init_file: str, socket: str, out_dir: str) -> None:
         assert torch.equal(target["rows"].full_tensor(), full)
         assert torch.equal(target["cols"].to_local(), full * 2)
         assert target["meta"] == {"epoch": 4}
+        # async_save with the writer as stager: each rank captures what it
+        # holds (the plain tensors on both ranks, DCP's dedup then gives
+        # each to one rank) and the trainer changes its tensors at once.
+        try:
+            dcp.async_save(state, storage_writer=gdcp.StorageWriter("two", socket=socket))
+        except ValueError as e:
+            assert "pass step= to the writer" in str(e), e
+        else:
+            raise AssertionError("ranks staging alone guessed a step")
+        done = dcp.async_save(state, storage_writer=gdcp.StorageWriter("two", 3, socket=socket))
+        for t in state["rep"].values():
+            t.fill_(-1.0)
+        rows.to_local().fill_(-1.0)
+        done.result(timeout=120)
+        for i in range(4):
+            state["rep"][f"r{i}"].fill_(float(i))
+        target = {
+            "rep": {f"r{i}": torch.zeros(3) for i in range(4)},
+            "rows": distribute_tensor(torch.zeros(8, 4), mesh, [Replicate()]),
+            "cols": distribute_tensor(torch.zeros(8, 4), mesh, [Shard(0)]),
+            "meta": {"epoch": 0},
+        }
+        r = gdcp.StorageReader("two", socket=socket)
+        dcp.load(target, storage_reader=r)
+        assert r.loaded_step == 3 and r.world_size == 2
+        for i in range(4):
+            assert torch.equal(target["rep"][f"r{i}"], torch.full((3,), float(i))), i
+        assert torch.equal(target["rows"].to_local(), full)
+        assert torch.equal(target["cols"].full_tensor(), full * 2)
+        assert target["meta"] == {"epoch": 4}
         c = _native.Client("two", socket=socket)
         try:
             listing = c.list()
@@ -546,7 +735,7 @@ def test_two_gloo_ranks_save_shards_and_read_each_others_snapshots(daemon, tmp_p
         join=True,
     )
     complete, tables = eval((tmp_path / "rank0").read_text())  # noqa: S307 - our own repr
-    assert complete == [{"job": "two", "steps": [1, 2]}]
+    assert complete == [{"job": "two", "steps": [1, 2, 3]}]
     # Each rank saved its own shards; the plain tensors are spread over
     # the ranks, each saved once.
     rep = [n for k in tables for n in tables[k] if n.startswith("t/rep.")]

@@ -5,12 +5,14 @@
 
     dcp.save(state_dict, storage_writer=gpusnap.dcp.StorageWriter("run-7"))
     dcp.load(state_dict, storage_reader=gpusnap.dcp.StorageReader("run-7"))
+    dcp.async_save(state_dict, storage_writer=gpusnap.dcp.StorageWriter("run-7", step))
 
 A checkpoint is one step of a gpusnap job: every rank's ``write_data``
 saves the items DCP's plan gives that rank as one gpusnap snapshot of
 (job, rank, step), through the same store, commit protocol and
 verification as ``gpusnap.Client``, and waits until it is committed. A
-step is a complete checkpoint once every rank committed it. Nothing else is
+step is a complete checkpoint once every rank committed it (and sealed
+it, for a staged save: see async_save below). Nothing else is
 written: the global ``Metadata`` is rebuilt at load time from the
 snapshots' tensor tables (``describe``), so every piece of it lives in the
 tensor names:
@@ -22,6 +24,10 @@ tensor names:
                                        planner serialized), as U8 [n]
     dcp/1                              each rank's marker (format 1), U8 JSON
                                        {"format", "rank", "world_size", "items"}
+                                       (and "staged": true, see async_save)
+    dcp/1/seal                         the only tensor of a staged save's seal
+                                       rank, U8 JSON {"format", "rank",
+                                       "world_size"}
 
 ``<key>`` is the item's object path in the state dict (DCP's flatten
 mapping): its components joined by ``.``, an int component (a list index)
@@ -43,6 +49,47 @@ plans alone: pass the step). ``StorageReader(job, step=None)`` loads the
 newest step the daemon lists as complete for the job; the ranks' load plans
 check that they all resolved the same one. ``latest_step(job)`` says which
 that is, without loading.
+
+``dcp.async_save(state_dict, storage_writer=StorageWriter(job, step))``:
+the writer is DCP's ``AsyncStager``. ``stage`` runs in the caller's thread,
+before any planning: it plans this rank's items as DCP's
+``DefaultSavePlanner`` plans them locally (every item this rank holds,
+replicated ones included: DCP dedups only in the global plan), captures
+them into the daemon's staging as one snapshot (CPU memory by memcpy, CUDA
+memory by device-to-host copies ordered after each device's current
+stream; non-tensor items serialized) and returns once the daemon accepted
+it, handing DCP a copy of the state dict whose tensors are meta tensors
+(a DTensor over a meta local tensor; another tensor subclass is kept as it
+is and only its metadata is read), so the trainer may change its tensors
+at once. No copy of DCP's own is made. DCP's background thread then plans
+as usual and ``write_data`` resolves no data: it checks that every item of
+the final plan is in the staged snapshot under the same name, dtype and
+shape, and the coordinator that every rank's staged items beyond its plan
+are items another rank's plan saves (dedup's replicas, kept as copies, as
+``use_collectives=False`` keeps them), waits for the daemon's commit and
+then seals it. A staged step of W ranks is a world of 2W snapshots: rank r
+holds the data, rank W + r only ``dcp/1/seal``, committed after rank r's
+check passed, so the daemon lists the step as complete only once every
+rank's plan matched what it staged; a save whose check fails (another
+planner, a ``checkpoint_id`` or process group other than the writer's)
+fails through the future, with DCP's ``CheckpointException``, and leaves
+snapshots no reader loads. A capture error (daemon down, a step already
+committed) is also raised through the future, not by ``async_save``.
+Limits: the step is chosen when staging, before the ranks talk, so with
+more than one rank pass ``step=`` (``async_save`` raises ``ValueError``
+otherwise; one rank picks one past the newest step, and past the steps
+this writer staged); give the job and step to the writer, not as
+``async_save``'s ``checkpoint_id``; the ranks are the default process
+group's (``process_group=``/``no_dist`` fail the check); the plan must be
+``DefaultSavePlanner``'s (any of its options but ``flatten_state_dict``/
+``flatten_sharded_tensors=False``); replicated plain tensors are kept on
+every rank that holds them; a pinned CPU tensor is recorded as not
+pinned; a trainer that dies after staging but before its save sealed the
+step leaves the data committed but not a checkpoint; ``stage`` holds the
+(job, rank) until the daemon committed the capture, so a second
+``async_save`` while one is in flight waits in ``stage``, up to
+``busy_timeout``, for the first's commit (one writer may serve many
+``async_save`` calls, one after another, from one thread).
 
 Errors are gpusnap's (``NotFound`` for a missing or incomplete step,
 ``Busy`` when another connection keeps a (job, rank) past ``busy_timeout``,
@@ -66,18 +113,22 @@ DCP's planner serialized (``torch.save``; its load planner unpickles them).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import io
 import json
 import logging
 import os
 import re
+import threading
 import uuid
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -97,6 +148,7 @@ from torch.distributed.checkpoint.planner import (
     WriteItem,
     WriteItemType,
 )
+from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.storage import StorageReader as _StorageReader
 from torch.distributed.checkpoint.storage import StorageWriter as _StorageWriter
 from torch.distributed.checkpoint.storage import WriteResult
@@ -117,6 +169,7 @@ log = logging.getLogger("gpusnap")
 
 FORMAT = 1
 MARKER = f"dcp/{FORMAT}"
+SEAL = f"dcp/{FORMAT}/seal"
 SCHEME = "gpusnap://"
 # The version DCP's own FileSystemWriter records (torch 2.4 to 2.11).
 DCP_VERSION = "1.0.0"
@@ -292,10 +345,12 @@ def _properties(dtype: torch.dtype, flags: str) -> TensorProperties:
 
 @dataclass(frozen=True)
 class _Proposal:
-    """A rank's local save plan's storage data: the step it would save."""
+    """A rank's local save plan's storage data: the step it would save, and
+    for a staged save the names its staged snapshot holds."""
 
     step: int
     explicit: bool
+    staged: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -499,10 +554,106 @@ def latest_step(
     return steps[-1] if steps else None
 
 
+# ---- staging (async_save) ----
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    """This process's rank and the world size of the default process group
+    (0, 1 without one)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank()), int(dist.get_world_size())
+    return 0, 1
+
+
+def _placeholder(t: torch.Tensor) -> torch.Tensor:
+    """A tensor DCP plans exactly as it plans `t` (dtype, size,
+    requires_grad; a DTensor's mesh and placements) but that has no data:
+    a meta tensor, or a DTensor over one. Other tensor subclasses are kept
+    as they are (the background save reads their metadata only)."""
+    from torch.distributed.tensor import DTensor
+
+    def meta(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty(
+            x.size(), dtype=x.dtype, device="meta", requires_grad=x.requires_grad
+        )
+
+    if type(t) in (torch.Tensor, torch.nn.Parameter):
+        return meta(t)
+    if isinstance(t, DTensor) and type(t._local_tensor) in (torch.Tensor, torch.nn.Parameter):
+        return DTensor.from_local(
+            meta(t._local_tensor),
+            t.device_mesh,
+            t.placements,
+            run_check=False,
+            shape=t.size(),
+            stride=t.stride(),
+        )
+    return t
+
+
+def _staged_copy(value: Any) -> Any:
+    """`value` with every dict and list (the containers DCP's flattening
+    walks) copied and every tensor replaced by its placeholder; other
+    objects are kept (their bytes were serialized when they were staged)."""
+    if isinstance(value, Mapping):
+        return {k: _staged_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_staged_copy(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _placeholder(value)
+    return value
+
+
+@dataclass(eq=False)
+class _Staged:
+    """One capture ``stage`` took: snapshot (job, rank, step) of a world of
+    2 * ``world_size`` ranks (rank ``world_size + rank`` is its seal), and
+    the names, dtypes and shapes it holds."""
+
+    job: str
+    rank: int
+    world_size: int
+    step: int
+    thread: int
+    names: dict[str, tuple[torch.dtype, tuple[int, ...]]] = field(default_factory=dict)
+    nbytes: dict[str, int] = field(default_factory=dict)
+    error: BaseException | None = None
+    committed: concurrent.futures.Future[dict[str, Any]] = field(
+        default_factory=concurrent.futures.Future
+    )
+    claimed: threading.Event = field(default_factory=threading.Event)
+
+
+def _await_commit(client: Any, record: _Staged) -> None:
+    """The staged snapshot's waiter thread: its commit (or error) into
+    ``record.committed``, then the connection closed, which lets go of the
+    (job, rank)."""
+    try:
+        record.committed.set_result(client.wait_committed(record.step))
+    except BaseException as e:  # noqa: BLE001 - handed to write_data
+        record.committed.set_exception(e)
+    finally:
+        try:
+            client.close()
+        except Exception:  # noqa: BLE001 - the outcome is already kept
+            log.exception("dcp: closing the staging connection failed")
+
+
+def _plan_names(plan: SavePlan) -> dict[str, WriteItem]:
+    names: dict[str, WriteItem] = {}
+    for item in plan.items:
+        name = item_name(item, plan.planner_data)
+        if name in names:
+            raise InvalidSpec(f"{item.index}: two items of the plan are named {name!r}")
+        names[name] = item
+    return names
+
+
 # ---- the writer ----
 
 
-class StorageWriter(_StorageWriter):
+class StorageWriter(_StorageWriter, AsyncStager):
     """Saves a DCP checkpoint as step ``step`` of gpusnap job ``job`` (one
     snapshot per rank; ``step=None``: one past the newest step of the job).
 
@@ -510,7 +661,16 @@ class StorageWriter(_StorageWriter):
     ``busy_timeout`` bounds how long a rank waits for another connection to
     let go of its (job, rank): use a job of its own for DCP checkpoints,
     not the job a ``gpusnap.Client`` of the same process registers.
+
+    It is DCP's ``AsyncStager`` too: ``dcp.async_save(state_dict,
+    storage_writer=writer)`` captures the state into the daemon's staging in
+    the caller's thread (``stage``) and plans, checks and seals it in DCP's
+    background thread (see the module doc).
     """
+
+    # stage() is complete when it returns: async_save need not call
+    # synchronize_staging.
+    _synchronize_after_execute: bool = False
 
     def __init__(
         self,
@@ -542,15 +702,62 @@ class StorageWriter(_StorageWriter):
         self.use_collectives = True
         self.last_step: int | None = None
         """The step this writer's last ``write_data`` committed."""
+        # Staged captures not yet claimed by a background save (at most
+        # one: stage waits for the one before to be claimed), the one the
+        # current thread's save claimed, and the next step stage picks.
+        self._lock = threading.Lock()
+        self._pending: deque[_Staged] = deque()
+        self._local = threading.local()
+        self._next_step = 0
 
     @property
     def checkpoint_id(self) -> str:
+        record = self._record()
+        if record is not None:
+            return _checkpoint_id(record.job, record.step)
         return _checkpoint_id(self.job, self.step)
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        if checkpoint_id:
-            self.job, self.step = parse_checkpoint_id(checkpoint_id)
+        # DCP's save calls reset first when it is given a checkpoint_id
+        # (set_up_storage_writer otherwise): a save on another thread than
+        # the one that staged (async_save's executor) takes the oldest
+        # staged capture; any other save is an ordinary one.
+        record = self._begin_save()
+        self._local.began = True
+        if record is None:
+            if checkpoint_id:
+                self.job, self.step = parse_checkpoint_id(checkpoint_id)
+            return
+        if checkpoint_id and record.error is None:
+            job, step = parse_checkpoint_id(checkpoint_id)
+            if job != record.job or (step is not None and step != record.step):
+                # Raised in prepare_local_plan, where DCP hands one rank's
+                # error to every rank.
+                record.error = ValueError(
+                    f"gpusnap.dcp.StorageWriter: async_save's checkpoint_id {checkpoint_id!r} "
+                    f"names another checkpoint than the one staged "
+                    f"({_checkpoint_id(record.job, record.step)}): give the job and step "
+                    "to the writer (StorageWriter(job, step=...)), not to async_save"
+                )
+
+    def _begin_save(self) -> _Staged | None:
+        record = self._claim()
+        self._local.record = record
         self.save_id = uuid.uuid4().hex
+        return record
+
+    def _claim(self) -> _Staged | None:
+        me = threading.get_ident()
+        with self._lock:
+            if not self._pending or self._pending[0].thread == me:
+                return None
+            record = self._pending.popleft()
+        record.claimed.set()
+        return record
+
+    def _record(self) -> _Staged | None:
+        record: _Staged | None = getattr(self._local, "record", None)
+        return record
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -564,9 +771,132 @@ class StorageWriter(_StorageWriter):
         return StorageMeta(checkpoint_id=self.checkpoint_id, save_id=self.save_id)
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        if not self._local.__dict__.pop("began", False):
+            self._begin_save()
         self.is_coordinator = is_coordinator
         self.rank = kwargs.get("rank")
         self.use_collectives = kwargs.get("use_collectives", True)
+        self._local.rank = self.rank
+        self._local.use_collectives = self.use_collectives
+
+    # -- staging (the caller's thread of async_save) --
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Captures this rank's items into the daemon's staging and returns
+        a copy of `state_dict` whose tensors have no data (meta tensors), for
+        DCP's background save to plan with: the trainer may change its
+        tensors once this returns. A capture error is raised by the save
+        (through async_save's future), as every gpusnap snapshot error is
+        raised where the caller waits."""
+        rank, world = _dist_rank_world()
+        step = self._stage_step(world)
+        staged: dict[str, Any] = _staged_copy(state_dict)
+        record = _Staged(self.job, rank, world, step, threading.get_ident())
+        self._wait_claimed()
+        try:
+            self._capture(record, staged, state_dict)
+        except Exception as e:
+            log.warning("dcp: staging job %r rank %d step %d failed: %s", self.job, rank, step, e)
+            record.error = e
+        with self._lock:
+            self._pending.append(record)
+        return staged
+
+    def synchronize_staging(self) -> None:
+        """Nothing to wait for: ``stage`` returns once the capture is taken."""
+
+    def close(self) -> None:
+        """Nothing to release: each staged capture's connection closes
+        itself once the daemon committed it."""
+
+    def _stage_step(self, world: int) -> int:
+        if self.step is not None:
+            return self.step
+        if world > 1:
+            raise ValueError(
+                "gpusnap.dcp.StorageWriter: async_save stages before the ranks plan "
+                "together, so they cannot agree on a step: pass step= to the writer "
+                "(or async_stager=DefaultStager() for DCP's own staging)"
+            )
+        proposal = self._proposal().step
+        step = max(proposal, self._next_step)
+        self._next_step = step + 1
+        return step
+
+    def _wait_claimed(self) -> None:
+        """Waits (up to ``busy_timeout``) until the background save of the
+        capture staged before has claimed it, so that each save takes its
+        own; one never claimed (a stage without a save) is dropped."""
+        with self._lock:
+            last = self._pending[-1] if self._pending else None
+        if last is None or last.claimed.wait(self.busy_timeout):
+            return
+        with self._lock:
+            if last in self._pending:
+                self._pending.remove(last)
+        log.warning(
+            "dcp: job %r step %d was staged but no save took it; it is never sealed",
+            last.job,
+            last.step,
+        )
+
+    def _capture(
+        self, record: _Staged, staged: dict[str, Any], state_dict: dict[str, Any]
+    ) -> None:
+        """Plans this rank's items as DCP's default planner does (on the
+        placeholders, so that the background plan names them alike),
+        registers the trainer's memory behind them and captures it as
+        (job, rank, step) of a world of 2 * world_size; a thread then waits
+        for the commit and lets go of the (job, rank)."""
+        coordinator = record.rank == 0
+        names_planner = DefaultSavePlanner()
+        names_planner.set_up_planner(staged, is_coordinator=coordinator)
+        plan = names_planner.create_local_plan()
+        source = DefaultSavePlanner()
+        source.set_up_planner(state_dict, is_coordinator=coordinator)
+        client = self._conn.open(record.job, record.rank, 2 * record.world_size)
+        try:
+            spans = _Spans()
+            cuda_devices: set[int] = set()
+            for name, item in _plan_names(plan).items():
+                data = source.resolve_data(item)
+                if item.type == WriteItemType.BYTE_IO:
+                    tensor = _bytes_tensor(data, item)
+                else:
+                    tensor = _item_tensor(data, item)
+                record.nbytes[name] = _register(client, name, tensor, spans, cuda_devices)
+                record.names[name] = (tensor.dtype, tuple(tensor.shape))
+            marker = json.dumps(
+                {
+                    "format": FORMAT,
+                    "rank": record.rank,
+                    "world_size": record.world_size,
+                    "items": len(record.names),
+                    "staged": True,
+                }
+            ).encode()
+            _register(client, MARKER, torch.frombuffer(bytearray(marker), dtype=torch.uint8))
+            client.sync_registration()
+            client.begin(record.step, _current_streams(cuda_devices))
+            outcome = client.finish()
+            if outcome["skipped"]:
+                e = Skipped(
+                    f"job {record.job!r} rank {record.rank}: the snapshot of step "
+                    f"{record.step} was skipped: {outcome['reason']}"
+                )
+                e.step = record.step
+                raise e
+        except BaseException:
+            client.close()
+            raise
+        threading.Thread(
+            target=_await_commit,
+            args=(client, record),
+            name=f"gpusnap-dcp-commit-{record.step}",
+            daemon=True,
+        ).start()
+
+    # -- planning --
 
     def _proposal(self) -> _Proposal:
         if self.step is not None:
@@ -576,7 +906,13 @@ class StorageWriter(_StorageWriter):
         return _Proposal(max(steps) + 1 if steps else 1, explicit=False)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        return dataclasses.replace(plan, storage_data=self._proposal())
+        record = self._record()
+        if record is None:
+            return dataclasses.replace(plan, storage_data=self._proposal())
+        if record.error is not None:
+            raise record.error
+        proposal = _Proposal(record.step, explicit=True, staged=frozenset(record.names))
+        return dataclasses.replace(plan, storage_data=proposal)
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         if not all(getattr(p, "usable", True) for p in plans):
@@ -589,6 +925,7 @@ class StorageWriter(_StorageWriter):
             raise ValueError(
                 "gpusnap.dcp.StorageWriter: a local plan lost the writer's storage_data"
             )
+        _check_staged(plans, proposals)
         explicit = {p.step for p in proposals if p.explicit}
         if explicit:
             if len(explicit) > 1 or not all(p.explicit for p in proposals):
@@ -599,7 +936,8 @@ class StorageWriter(_StorageWriter):
             step = explicit.pop()
         else:
             step = max(p.step for p in proposals)
-        if self.use_collectives or self.rank is None:
+        rank = getattr(self._local, "rank", self.rank)
+        if getattr(self._local, "use_collectives", self.use_collectives) or rank is None:
             world = len(plans)
             return [
                 dataclasses.replace(p, storage_data=_Placement(step, i, world))
@@ -613,8 +951,7 @@ class StorageWriter(_StorageWriter):
                 "agree on a step: pass step= explicitly"
             )
         return [
-            dataclasses.replace(p, storage_data=_Placement(step, self.rank, world))
-            for p in plans
+            dataclasses.replace(p, storage_data=_Placement(step, rank, world)) for p in plans
         ]
 
     def _placement(self, plan: SavePlan) -> _Placement:
@@ -626,21 +963,28 @@ class StorageWriter(_StorageWriter):
             "(was prepare_global_plan skipped?)"
         )
 
+    # -- data --
+
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        record = self._record()
+        if record is not None:
+            results = self._write_staged(record, plan)
+        else:
+            results = self._write_now(plan, planner)
+        fut: Future[list[WriteResult]] = Future()
+        fut.set_result(results)
+        return fut
+
+    def _write_now(self, plan: SavePlan, planner: SavePlanner) -> list[WriteResult]:
         placement = self._placement(plan)
         step, rank, world = placement.step, placement.rank, placement.world_size
         client = self._conn.open(self.job, rank, world)
         results: list[WriteResult] = []
         try:
-            names: set[str] = set()
             spans = _Spans()
             cuda_devices: set[int] = set()
             total = 0
-            for item in plan.items:
-                name = item_name(item, plan.planner_data)
-                if name in names:
-                    raise InvalidSpec(f"{item.index}: two items of the plan are named {name!r}")
-                names.add(name)
+            for name, item in _plan_names(plan).items():
                 data = planner.resolve_data(item)
                 if item.type == WriteItemType.BYTE_IO:
                     tensor = _bytes_tensor(data, item)
@@ -677,14 +1021,85 @@ class StorageWriter(_StorageWriter):
             total,
             committed["persist_s"],
         )
-        fut: Future[list[WriteResult]] = Future()
-        fut.set_result(results)
-        return fut
+        return results
+
+    def _write_staged(self, record: _Staged, plan: SavePlan) -> list[WriteResult]:
+        """Checks the final plan against the staged capture, waits for its
+        commit, then seals it: only a sealed step is complete."""
+        placement = self._placement(plan)
+        got = (placement.step, placement.rank, placement.world_size)
+        want = (record.step, record.rank, record.world_size)
+        if got != want:
+            raise ValueError(
+                f"gpusnap.dcp.StorageWriter: the save placed this rank as (step, rank, world) "
+                f"{got}, but it staged {want} (the default process group's rank and size): "
+                "async_save with a process_group or no_dist cannot use the writer as stager"
+            )
+        results: list[WriteResult] = []
+        for name, item in _plan_names(plan).items():
+            staged = record.names.get(name)
+            if staged is None:
+                raise InvalidSpec(
+                    f"{item.index}: the plan saves {name!r}, which the staged capture of job "
+                    f"{record.job!r} step {record.step} does not hold (a planner other than "
+                    "DCP's default one?)"
+                )
+            if item.type != WriteItemType.BYTE_IO:
+                td = item.tensor_data
+                assert td is not None and td.chunk is not None
+                if staged != (td.properties.dtype, tuple(td.chunk.sizes)):
+                    raise InvalidSpec(
+                        f"{item.index}: staged as {staged[0]} {staged[1]}, planned as "
+                        f"{td.properties.dtype} {tuple(td.chunk.sizes)}"
+                    )
+            results.append(
+                WriteResult(item.index, record.nbytes[name], Location(record.rank, name))
+            )
+        committed = record.committed.result()
+        self._seal(record)
+        self.last_step = record.step
+        log.info(
+            "dcp: job %r rank %d/%d committed and sealed staged step %d (%d of %d staged "
+            "items in the plan, %.3f s to persist)",
+            record.job,
+            record.rank,
+            record.world_size,
+            record.step,
+            len(results),
+            len(record.names),
+            committed["persist_s"],
+        )
+        return results
+
+    def _seal(self, record: _Staged) -> None:
+        """Commits rank world_size + rank of the staged step: its one
+        tensor says that this rank's final plan matched what it staged."""
+        seal = json.dumps(
+            {"format": FORMAT, "rank": record.rank, "world_size": record.world_size}
+        ).encode()
+        world = record.world_size
+        client = self._conn.open(record.job, world + record.rank, 2 * world)
+        try:
+            _register(client, SEAL, torch.frombuffer(bytearray(seal), dtype=torch.uint8))
+            client.sync_registration()
+            client.begin(record.step)
+            outcome = client.finish()
+            if outcome["skipped"]:
+                e = Skipped(
+                    f"job {record.job!r} rank {record.rank}: the seal of step {record.step} "
+                    f"was skipped: {outcome['reason']}"
+                )
+                e.step = record.step
+                raise e
+            client.wait_committed(record.step)
+        finally:
+            client.close()
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         # Every rank's write_data returned only after its snapshot was
-        # committed, and DCP calls finish only once every rank's did: the
-        # checkpoint is complete, and its metadata is in the names.
+        # committed (and a staged one sealed), and DCP calls finish only
+        # once every rank's did: the checkpoint is complete, and its
+        # metadata is in the names.
         log.debug(
             "dcp: job %r step %s finished: %d ranks, %d items",
             self.job,
@@ -692,6 +1107,38 @@ class StorageWriter(_StorageWriter):
             len(results),
             sum(len(r) for r in results),
         )
+
+
+def _check_staged(plans: list[SavePlan], proposals: list[Any]) -> None:
+    """For staged saves (the coordinator's check): every rank staged, each
+    rank's final plan is in what it staged, and what it staged beyond its
+    plan is saved by another rank too (the replicated items DCP's dedup
+    gave another rank), so that the checkpoint holds no item the plans
+    leave out."""
+    staged = [p.staged for p in proposals]
+    if all(s is None for s in staged):
+        return
+    if any(s is None for s in staged):
+        raise ValueError(
+            "gpusnap.dcp.StorageWriter: some ranks staged their items (async_save with the "
+            "writer as stager) and some did not"
+        )
+    planned = [set(_plan_names(p)) for p in plans]
+    for rank, (names, have) in enumerate(zip(planned, staged)):
+        assert have is not None
+        missing = names - have
+        if missing:
+            raise InvalidSpec(
+                f"rank {rank}'s plan saves {sorted(missing)[:5]}, which it did not stage "
+                "(a planner other than DCP's default one?)"
+            )
+        others = set().union(*(n for r, n in enumerate(planned) if r != rank))
+        extra = have - names - others
+        if extra:
+            raise InvalidSpec(
+                f"rank {rank} staged {sorted(extra)[:5]}, which no rank's plan saves "
+                "(a planner other than DCP's default one?)"
+            )
 
 
 # ---- the reader ----
@@ -741,6 +1188,7 @@ class StorageReader(_StorageReader):
         self.loaded_step: int | None = None
         """The step ``read_metadata`` resolved."""
         self._tables: dict[int, list[tuple[str, str, list[int]]]] = {}
+        self._snapshot_world = 0
         self._locations: dict[MetadataIndex, tuple[Location, ...]] = {}
         self._failure: BaseException | None = None
 
@@ -824,12 +1272,14 @@ class StorageReader(_StorageReader):
                 tables[rank] = [(t["name"], t["dtype"], list(t["shape"])) for t in d["tensors"]]
         finally:
             client.close()
+        tables = _without_seals(self.job, step, tables)
         md, locations = _metadata_from_tables(self.job, step, tables)
         md.storage_meta = StorageMeta(
             checkpoint_id=_checkpoint_id(self.job, step), load_id=self.load_id
         )
         self.loaded_step = step
-        self.world_size = world
+        self.world_size = len(tables)
+        self._snapshot_world = world
         self._tables = tables
         self._locations = locations
         return md
@@ -900,7 +1350,7 @@ class StorageReader(_StorageReader):
         tensors (the daemon verifies them)."""
         step = self.loaded_step
         assert step is not None
-        client = self._conn.open(self.job, rank, self.world_size)
+        client = self._conn.open(self.job, rank, self._snapshot_world)
         try:
             buffers: dict[str, torch.Tensor] = {}
             for name, dtype, shape in self._tables[rank]:
@@ -929,6 +1379,23 @@ class StorageReader(_StorageReader):
             "dcp: restored job %r rank %d step %d from %s", self.job, rank, step, info["source"]
         )
         return buffers
+
+
+def _without_seals(
+    job: str, step: int, tables: dict[int, list[tuple[str, str, list[int]]]]
+) -> dict[int, list[tuple[str, str, list[int]]]]:
+    """The data ranks' tables of a step: a staged step of W ranks is a world
+    of 2W snapshots, ranks W..2W-1 holding only the seal of rank r - W."""
+    seals = {r for r, table in tables.items() if [n for n, _, _ in table] == [SEAL]}
+    if not seals:
+        return tables
+    world = len(tables) // 2
+    if len(tables) != 2 * world or seals != set(range(world, 2 * world)):
+        raise Corrupt(
+            f"job {job!r} step {step}: seals on ranks {sorted(seals)} of a world of "
+            f"{len(tables)} (a staged step of W ranks has its seals on ranks W..2W-1)"
+        )
+    return {r: table for r, table in tables.items() if r < world}
 
 
 def _metadata_from_tables(
