@@ -72,7 +72,7 @@ impl Raw {
 /// Requests a client may send, in any order and with any ids.
 fn any_request() -> impl Strategy<Value = RequestBody> {
     prop_oneof![
-        (0u32..3).prop_map(|v| RequestBody::Hello {
+        (0u32..=PROTOCOL_VERSION + 1).prop_map(|v| RequestBody::Hello {
             protocol_version: v,
             client: "x".into()
         }),

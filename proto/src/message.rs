@@ -432,7 +432,9 @@ pub struct SessionStatus {
     pub slots_busy: u32,
     /// What attaching each of the client's devices did to its staging, as
     /// the client reported it (`Attached`); empty until it did (a client
-    /// older than version 3 never does). Since version 3.
+    /// older than version 3 never does). Since version 3; absent in an
+    /// older version's status, which reads as empty.
+    #[serde(default)]
     pub staging_pinning: Vec<AttachReport>,
 }
 

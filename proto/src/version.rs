@@ -394,6 +394,12 @@ mod tests {
                 "",
             );
             assert_eq!(old, stripped, "v{version}");
+            // And the current types read it, as a status without pinning.
+            let read: Reply = serde_json::from_str(old).expect("an older status reads");
+            let ReplyBody::Status(status) = read.body else {
+                panic!("{read:?}")
+            };
+            assert!(status.sessions[0].staging_pinning.is_empty(), "v{version}");
             let noted = Reply {
                 id: 5,
                 body: ReplyBody::AttachNoted,
