@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -250,6 +251,24 @@ def table(daemon: Any, job: str, step: int, rank: int = 0) -> dict[str, tuple[st
     return {t["name"]: (t["dtype"], t["shape"]) for t in d["tensors"]}
 
 
+def wait_listed(daemon: Any, job: str, step: int, rank: int = 0, timeout: float = 30.0) -> None:
+    """Waits (bounded) until the daemon lists (job, rank, step): a staged
+    capture whose save failed commits on its own time, not the future's."""
+    deadline = time.monotonic() + timeout
+    while True:
+        c = _native.Client(job, socket=str(daemon.socket))
+        try:
+            listing = c.list()
+        finally:
+            c.close()
+        if any(
+            (s["job"], s["rank"], s["step"]) == (job, rank, step) for s in listing["snapshots"]
+        ):
+            return
+        assert time.monotonic() < deadline, f"{job} rank {rank} step {step} was never committed"
+        time.sleep(0.05)
+
+
 def complete_steps(daemon: Any, job: str) -> list[int]:
     c = _native.Client(job, socket=str(daemon.socket))
     try:
@@ -369,6 +388,8 @@ def test_async_save_errors_come_through_the_future_and_are_never_a_checkpoint(da
     assert isinstance(failure(info), gpusnap.InvalidSpec)
     assert "no rank's plan saves" in str(failure(info))
     # The staged snapshots are committed, but never sealed: no checkpoint.
+    wait_listed(daemon, "dcp", 1)
+    wait_listed(daemon, "dcp", 3)
     assert table(daemon, "dcp", 1).keys() == {"t/x/0/4/", "t/y/0/2/", "dcp/1"}
     assert table(daemon, "dcp", 3).keys() == {"t/x/0/4/", "t/y/0/2/", "dcp/1"}
     assert complete_steps(daemon, "dcp") == []
