@@ -234,21 +234,18 @@ impl Client {
             stall,
             bytes,
         } = open;
-        let give_back = |state| {
-            Box::new(OpenCapture {
-                step,
-                order: order.clone(),
-                state,
-                stall,
-                bytes,
-            })
-        };
         let State::Copying {
             mut tickets,
             sources,
         } = state
         else {
-            return Err(give_back(state));
+            return Err(Box::new(OpenCapture {
+                step,
+                order,
+                state,
+                stall,
+                bytes,
+            }));
         };
         let waited = Instant::now();
         let ordered = tickets.order_or_wait();

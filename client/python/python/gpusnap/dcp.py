@@ -492,6 +492,20 @@ def _register(
     return memory.nbytes
 
 
+def _capture_or_raise(
+    client: Any, step: int, streams: list[tuple[int, int]] | None, what: str
+) -> None:
+    """Sends the registration and captures `step` (blocking); a skip
+    raises ``Skipped`` naming `what` ("job 'j' rank 0: the snapshot")."""
+    client.sync_registration()
+    client.begin(step, streams)
+    outcome = client.finish()
+    if outcome["skipped"]:
+        e = Skipped(f"{what} of step {step} was skipped: {outcome['reason']}")
+        e.step = step
+        raise e
+
+
 def _current_streams(devices: set[int]) -> list[tuple[int, int]] | None:
     """Each device's current torch stream, for copies ordered after the
     work queued there."""
@@ -876,16 +890,10 @@ class StorageWriter(_StorageWriter, AsyncStager):
                 }
             ).encode()
             _register(client, MARKER, torch.frombuffer(bytearray(marker), dtype=torch.uint8))
-            client.sync_registration()
-            client.begin(record.step, _current_streams(cuda_devices))
-            outcome = client.finish()
-            if outcome["skipped"]:
-                e = Skipped(
-                    f"job {record.job!r} rank {record.rank}: the snapshot of step "
-                    f"{record.step} was skipped: {outcome['reason']}"
-                )
-                e.step = record.step
-                raise e
+            _capture_or_raise(
+                client, record.step, _current_streams(cuda_devices),
+                f"job {record.job!r} rank {record.rank}: the snapshot",
+            )
         except BaseException:
             client.close()
             raise
@@ -997,16 +1005,10 @@ class StorageWriter(_StorageWriter, AsyncStager):
                 {"format": FORMAT, "rank": rank, "world_size": world, "items": len(results)}
             ).encode()
             _register(client, MARKER, torch.frombuffer(bytearray(marker), dtype=torch.uint8))
-            client.sync_registration()
-            client.begin(step, _current_streams(cuda_devices))
-            outcome = client.finish()
-            if outcome["skipped"]:
-                e = Skipped(
-                    f"job {self.job!r} rank {rank}: the snapshot of step {step} was "
-                    f"skipped: {outcome['reason']}"
-                )
-                e.step = step
-                raise e
+            _capture_or_raise(
+                client, step, _current_streams(cuda_devices),
+                f"job {self.job!r} rank {rank}: the snapshot",
+            )
             committed = client.wait_committed(step)
         finally:
             client.close()
@@ -1081,16 +1083,9 @@ class StorageWriter(_StorageWriter, AsyncStager):
         client = self._conn.open(record.job, world + record.rank, 2 * world)
         try:
             _register(client, SEAL, torch.frombuffer(bytearray(seal), dtype=torch.uint8))
-            client.sync_registration()
-            client.begin(record.step)
-            outcome = client.finish()
-            if outcome["skipped"]:
-                e = Skipped(
-                    f"job {record.job!r} rank {record.rank}: the seal of step {record.step} "
-                    f"was skipped: {outcome['reason']}"
-                )
-                e.step = record.step
-                raise e
+            _capture_or_raise(
+                client, record.step, None, f"job {record.job!r} rank {record.rank}: the seal"
+            )
             client.wait_committed(record.step)
         finally:
             client.close()
