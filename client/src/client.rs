@@ -136,6 +136,10 @@ pub struct RestoreInfo {
     pub daemon_fill: Duration,
     /// Time the copies into the registered buffers took.
     pub copy: Duration,
+    /// Newer steps the daemon passed over before this one, newest first:
+    /// each snapshot failed verification (`reason` says how) where it was
+    /// read (`source`). Empty when the first step tried restored.
+    pub walked_back: Vec<proto::WalkBack>,
 }
 
 /// Committed snapshots, as the daemon lists them.
@@ -144,6 +148,12 @@ pub struct Listing {
     pub snapshots: Vec<proto::SnapshotInfo>,
     /// Per job: steps every rank has committed.
     pub complete: Vec<proto::JobSteps>,
+    /// Per job: steps complete in the object store (every rank uploaded);
+    /// a restore can download them. Empty when the remote tier is off.
+    pub remote_complete: Vec<proto::JobSteps>,
+    /// Why the daemon could not list the object store (then
+    /// `remote_complete` is empty and only local steps are listed).
+    pub remote_error: Option<String>,
 }
 
 /// What a committed snapshot holds, as [`Client::describe`] reports it.
@@ -376,7 +386,7 @@ impl Client {
             RequestBody::Restore { step: wanted },
             self.config.commit_timeout,
         )?;
-        let (got, slot, source, bytes, elapsed_ns) = match reply {
+        let (got, slot, source, bytes, elapsed_ns, walked_back) = match reply {
             ReplyBody::NoSnapshot => return Ok(None),
             ReplyBody::Restored {
                 step,
@@ -384,7 +394,8 @@ impl Client {
                 source,
                 bytes,
                 elapsed_ns,
-            } => (step, slot, source, bytes, elapsed_ns),
+                walked_back,
+            } => (step, slot, source, bytes, elapsed_ns, walked_back),
             other => return Err(self.unexpected("restore", &other)),
         };
         if wanted.is_some_and(|w| w != got) {
@@ -408,6 +419,7 @@ impl Client {
             bytes,
             daemon_fill: Duration::from_nanos(elapsed_ns),
             copy,
+            walked_back,
         }))
     }
 
@@ -444,9 +456,13 @@ impl Client {
                 ReplyBody::Listing {
                     snapshots,
                     complete,
+                    remote_complete,
+                    remote_error,
                 } => Ok(Listing {
                     snapshots,
                     complete,
+                    remote_complete,
+                    remote_error,
                 }),
                 other => Err(c.unexpected("list", &other)),
             }

@@ -7,6 +7,36 @@
 //! use, snapshots in flight); `probe` checks a node end to end through the
 //! daemon: register, snapshot, commit, restore, compare. Human output by
 //! default, `--json` for scripts.
+//!
+//! `remote` works on the S3 remote tier, reading the endpoint, bucket,
+//! prefix and credentials from the daemon's config file (`--config`,
+//! default /etc/gpusnap/gpusnapd.toml, its `[remote]` table); long
+//! transfers show a progress bar on stderr (only on a terminal, never with
+//! `--json`). Exit status 0: all well, 1: something checked is not, 2: the
+//! command could not run (the message names the endpoint and bucket).
+//!
+//! * `remote list [--job J]`: per job and step, the ranks with a manifest,
+//!   the data bytes, the `COMPLETE` marker (absent, valid, invalid), and
+//!   whether the step is complete.
+//! * `remote verify --job J [--step N]`: for each rank of each step (by
+//!   default every step with a marker), the manifest parses and its SHA-256
+//!   is the marker's, the data object has the manifest's length, and every
+//!   part, read back with ranged GETs, matches the manifest's header and
+//!   chunk CRCs; exit 0 only if every object is intact and every step
+//!   complete, else a report per object.
+//! * `remote pull --job J --rank R [--step N] --root DIR [--owner-uid U]`:
+//!   downloads the rank's snapshot of a complete step (by default the
+//!   newest) into the store root DIR, verified on the way, and prints its
+//!   directory; refuses a snapshot already there, and a root a running
+//!   daemon uses. A job directory it creates is claimed for U (default:
+//!   the caller), so the daemon accepts it.
+//! * `remote push [--root DIR] [--job J] [--rank R] [--step N]`: uploads
+//!   local committed snapshots (by default each rank's newest; the root by
+//!   default the config's `store.root`) the bucket does not have yet, then
+//!   writes each step's marker if every rank is there, and says whether the
+//!   step is complete.
+
+mod remote;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -66,6 +96,11 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         mib: u64,
     },
+    /// The S3 remote tier: list, verify, pull and push snapshots.
+    Remote {
+        #[command(subcommand)]
+        command: remote::RemoteCommand,
+    },
 }
 
 /// What can go wrong in a command.
@@ -77,6 +112,8 @@ enum CtlError {
     Client(#[from] gpusnap::Error),
     #[error("{0}")]
     Check(String),
+    #[error(transparent)]
+    Remote(#[from] remote::Error),
 }
 
 fn main() -> ExitCode {
@@ -104,6 +141,7 @@ fn run(cli: &Cli) -> Result<ExitCode, CtlError> {
         Command::Verify { paths } => Ok(verify(paths, cli.json)?),
         Command::Status { socket } => status(socket.as_deref(), cli.json),
         Command::Probe { socket, job, mib } => probe(socket.as_deref(), job, *mib, cli.json),
+        Command::Remote { command } => Ok(remote::run(command, cli.json)?),
     }
 }
 

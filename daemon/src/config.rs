@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use gpusnap_proto::{BusyPolicy, FRAME_BYTES_MAX};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::remote::RemoteConfig;
 use crate::storage::delay::DelaySpec;
 use crate::store::StoreConfig;
 
@@ -57,6 +58,8 @@ pub struct Config {
     pub persist: PersistConfig,
     pub metrics: MetricsConfig,
     pub store: StoreConfig,
+    /// The object store committed snapshots are uploaded to; off by default.
+    pub remote: RemoteConfig,
     /// Fault injection for tests; absent in every production config.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub testing: Option<TestingConfig>,
@@ -337,6 +340,10 @@ impl Config {
         self.store.validate().map_err(|e| ConfigError::Invalid {
             key: "store",
             why: e.to_string(),
+        })?;
+        self.remote.validate().map_err(|e| ConfigError::Invalid {
+            key: e.key,
+            why: e.why,
         })?;
         let chunk = gpusnap_proto::convert::to_u64(self.store.io_buffer_bytes);
         let ring_chunks = self.staging.stream_ring_bytes.0 / chunk;

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod owners;
 pub mod persist;
 pub mod ranks;
+pub mod remote;
 pub mod restore;
 pub mod server;
 pub mod shared_memory;

@@ -137,6 +137,49 @@ pub struct Metrics {
     /// `gpusnap_io_backend_info{backend}`: 1 for the I/O backend in use (an
     /// info-style metric; the backend's name is the label).
     pub io_backend: IntGaugeVec,
+    /// `gpusnap_restore_walkbacks_total{job,source}`: restores that passed
+    /// over a newer step because it failed verification (`source`: where
+    /// the failed copy was, `disk`, `memory` or `remote`), one per step
+    /// passed over.
+    pub restore_walkbacks_total: IntCounterVec,
+    /// `gpusnap_remote_up`: 1 when the object store answered the remote
+    /// tier's last request, 0 when it failed (down, refusing, missing its
+    /// bucket). 0 too while the tier is off or has sent nothing yet.
+    pub remote_up: IntGauge,
+    /// `gpusnap_remote_errors_total{op,kind}`: failed object store
+    /// operations, after retries, by operation and kind
+    /// (`RemoteError::kind`).
+    pub remote_errors_total: IntCounterVec,
+    /// `gpusnap_remote_retries_total{op}`: attempts retried.
+    pub remote_retries_total: IntCounterVec,
+    /// `gpusnap_remote_uploads_total{job,outcome}`: uploads by outcome
+    /// (`uploaded`, `already_there`, `skipped`, `conflict`, `failed`).
+    pub remote_uploads_total: IntCounterVec,
+    /// `gpusnap_remote_upload_bytes_total{job}`: data bytes uploaded.
+    pub remote_upload_bytes_total: IntCounterVec,
+    /// `gpusnap_remote_upload_seconds{job}`: one snapshot's upload.
+    pub remote_upload_seconds: HistogramVec,
+    /// `gpusnap_remote_upload_lag_steps{job}`: local commits not uploaded
+    /// (the most of the job's ranks on this node); alert on it staying up.
+    pub remote_upload_lag_steps: IntGaugeVec,
+    /// `gpusnap_remote_upload_lag_seconds{job}`: how long the oldest of
+    /// those has waited (0 when up to date).
+    pub remote_upload_lag_seconds: IntGaugeVec,
+    /// `gpusnap_remote_markers_total{outcome}`: COMPLETE markers `created`
+    /// by this daemon, `matched` (another daemon's, equal to ours), or in
+    /// `conflict`.
+    pub remote_markers_total: IntCounterVec,
+    /// `gpusnap_remote_complete_step{job}`: newest step this daemon saw
+    /// complete in the object store.
+    pub remote_complete_step: IntGaugeVec,
+    /// `gpusnap_remote_deletes_total{what}`: objects retention deleted
+    /// (`marker`, `manifest`, `data`).
+    pub remote_deletes_total: IntCounterVec,
+    /// `gpusnap_remote_downloads_total{job,outcome}`: snapshots downloaded
+    /// for restores (`ok`, `failed`).
+    pub remote_downloads_total: IntCounterVec,
+    /// `gpusnap_remote_download_bytes_total{job}`: bytes downloaded.
+    pub remote_download_bytes_total: IntCounterVec,
     registry: Registry,
 }
 
@@ -261,6 +304,75 @@ impl Metrics {
                 "gpusnap_io_backend_info",
                 "I/O backend in use for snapshot files (1 for the backend in use).",
                 &["backend"],
+            )?,
+            restore_walkbacks_total: r.int_counter(
+                "gpusnap_restore_walkbacks_total",
+                "Steps a restore passed over because they failed verification, by where the failed copy was (disk, memory, remote).",
+                &["job", "source"],
+            )?,
+            remote_up: r.int_gauge(
+                "gpusnap_remote_up",
+                "1 when the object store answered the remote tier's last request, else 0.",
+            )?,
+            remote_errors_total: r.int_counter(
+                "gpusnap_remote_errors_total",
+                "Failed object store operations after retries, by operation and kind.",
+                &["op", "kind"],
+            )?,
+            remote_retries_total: r.int_counter(
+                "gpusnap_remote_retries_total",
+                "Object store requests retried, by operation.",
+                &["op"],
+            )?,
+            remote_uploads_total: r.int_counter(
+                "gpusnap_remote_uploads_total",
+                "Snapshot uploads by outcome (uploaded, already_there, skipped, conflict, failed).",
+                &["job", "outcome"],
+            )?,
+            remote_upload_bytes_total: r.int_counter(
+                "gpusnap_remote_upload_bytes_total",
+                "Snapshot bytes uploaded to the object store.",
+                &["job"],
+            )?,
+            remote_upload_seconds: r.histogram(
+                "gpusnap_remote_upload_seconds",
+                "Time to upload one snapshot to the object store.",
+                &["job"],
+            )?,
+            remote_upload_lag_steps: r.int_gauge_vec(
+                "gpusnap_remote_upload_lag_steps",
+                "Local commits not yet uploaded (most of the job's ranks on this node).",
+                &["job"],
+            )?,
+            remote_upload_lag_seconds: r.int_gauge_vec(
+                "gpusnap_remote_upload_lag_seconds",
+                "Seconds the oldest local commit not yet uploaded has waited (0 when up to date).",
+                &["job"],
+            )?,
+            remote_markers_total: r.int_counter(
+                "gpusnap_remote_markers_total",
+                "COMPLETE markers created by this daemon, matched (another's, equal), or in conflict.",
+                &["outcome"],
+            )?,
+            remote_complete_step: r.int_gauge_vec(
+                "gpusnap_remote_complete_step",
+                "Newest step this daemon saw complete in the object store, per job.",
+                &["job"],
+            )?,
+            remote_deletes_total: r.int_counter(
+                "gpusnap_remote_deletes_total",
+                "Objects remote retention deleted (marker, manifest, data).",
+                &["what"],
+            )?,
+            remote_downloads_total: r.int_counter(
+                "gpusnap_remote_downloads_total",
+                "Snapshots downloaded from the object store for restores, by outcome.",
+                &["job", "outcome"],
+            )?,
+            remote_download_bytes_total: r.int_counter(
+                "gpusnap_remote_download_bytes_total",
+                "Snapshot bytes downloaded from the object store.",
+                &["job"],
             )?,
             registry,
         })
@@ -624,6 +736,20 @@ mod tests {
             snapshots_in_flight,
             last_committed_step,
             io_backend,
+            restore_walkbacks_total,
+            remote_up,
+            remote_errors_total,
+            remote_retries_total,
+            remote_uploads_total,
+            remote_upload_bytes_total,
+            remote_upload_seconds,
+            remote_upload_lag_steps,
+            remote_upload_lag_seconds,
+            remote_markers_total,
+            remote_complete_step,
+            remote_deletes_total,
+            remote_downloads_total,
+            remote_download_bytes_total,
             registry: _,
         } = m;
         stall_seconds.with_label_values(&["j"]).observe(0.002);
@@ -655,6 +781,30 @@ mod tests {
         snapshots_in_flight.set(1);
         last_committed_step.with_label_values(&["j"]).set(1200);
         io_backend.with_label_values(&["io_uring"]).set(1);
+        restore_walkbacks_total
+            .with_label_values(&["j", "disk"])
+            .inc();
+        remote_up.set(1);
+        remote_errors_total
+            .with_label_values(&["put_part", "unavailable"])
+            .inc();
+        remote_retries_total.with_label_values(&["put_part"]).inc();
+        remote_uploads_total
+            .with_label_values(&["j", "uploaded"])
+            .inc();
+        remote_upload_bytes_total
+            .with_label_values(&["j"])
+            .inc_by(1);
+        remote_upload_seconds.with_label_values(&["j"]).observe(2.0);
+        remote_upload_lag_steps.with_label_values(&["j"]).set(1);
+        remote_upload_lag_seconds.with_label_values(&["j"]).set(3);
+        remote_markers_total.with_label_values(&["created"]).inc();
+        remote_complete_step.with_label_values(&["j"]).set(1200);
+        remote_deletes_total.with_label_values(&["marker"]).inc();
+        remote_downloads_total.with_label_values(&["j", "ok"]).inc();
+        remote_download_bytes_total
+            .with_label_values(&["j"])
+            .inc_by(1);
         vec![
             "gpusnap_stall_seconds",
             "gpusnap_capture_seconds",
@@ -679,6 +829,20 @@ mod tests {
             "gpusnap_snapshots_in_flight",
             "gpusnap_last_committed_step",
             "gpusnap_io_backend_info",
+            "gpusnap_restore_walkbacks_total",
+            "gpusnap_remote_up",
+            "gpusnap_remote_errors_total",
+            "gpusnap_remote_retries_total",
+            "gpusnap_remote_uploads_total",
+            "gpusnap_remote_upload_bytes_total",
+            "gpusnap_remote_upload_seconds",
+            "gpusnap_remote_upload_lag_steps",
+            "gpusnap_remote_upload_lag_seconds",
+            "gpusnap_remote_markers_total",
+            "gpusnap_remote_complete_step",
+            "gpusnap_remote_deletes_total",
+            "gpusnap_remote_downloads_total",
+            "gpusnap_remote_download_bytes_total",
         ]
     }
 
@@ -730,7 +894,8 @@ mod tests {
                 for label in metric.get_label() {
                     assert!(
                         [
-                            "job", "source", "outcome", "backend", "errno", "site", "pinning"
+                            "job", "source", "outcome", "backend", "errno", "site", "pinning",
+                            "op", "kind", "what"
                         ]
                         .contains(&label.name()),
                         "{name} has label {}",
@@ -797,7 +962,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(histograms, 6);
+        assert_eq!(histograms, 7);
     }
 
     #[test]

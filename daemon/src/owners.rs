@@ -258,7 +258,9 @@ impl Owners {
 /// both think they created it.
 static CLAIMING: Mutex<()> = Mutex::new(());
 
-fn parse(bytes: &[u8]) -> Result<u32, OwnerProblem> {
+/// An `OWNER` file's uid (decimal digits and a newline); the remote tier
+/// reads its `OWNER` object with the same rule.
+pub(crate) fn parse(bytes: &[u8]) -> Result<u32, OwnerProblem> {
     let text = std::str::from_utf8(bytes).map_err(|_| OwnerProblem::NotUtf8)?;
     let digits = text.strip_suffix('\n').ok_or(OwnerProblem::NoNewline)?;
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {

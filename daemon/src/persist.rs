@@ -294,6 +294,8 @@ pub struct Engine {
     write_wait: Duration,
     in_flight: Mutex<u64>,
     drained: Condvar,
+    /// Told of every commit, when the remote tier is on.
+    remote: Option<Arc<crate::remote::Remote>>,
 }
 
 impl Engine {
@@ -304,6 +306,7 @@ impl Engine {
         metrics: Arc<Metrics>,
         hooks: Arc<Hooks>,
         config: &PersistConfig,
+        remote: Option<Arc<crate::remote::Remote>>,
     ) -> Arc<Engine> {
         assert!(
             config.concurrent_writes >= 1,
@@ -320,6 +323,7 @@ impl Engine {
             write_wait: Duration::from_secs(config.write_wait_s),
             in_flight: Mutex::new(0),
             drained: Condvar::new(),
+            remote,
         })
     }
 
@@ -637,6 +641,9 @@ impl Engine {
                 let gauge_step = self.metrics.last_committed_step.with_label_values(&[job]);
                 gauge_step.set(gauge_step.get().max(gauge(step)));
                 in_flight.report(true);
+                if let Some(remote) = &self.remote {
+                    remote.committed(&core.key, step);
+                }
                 core.tell(ReplyBody::Committed {
                     step,
                     bytes,
@@ -744,6 +751,7 @@ mod tests {
             Arc::clone(&metrics),
             hooks,
             persist,
+            None,
         );
         let budget = StagingBudget::new(1 << 20, Arc::clone(&metrics));
         let plan = StagingPlan {

@@ -50,7 +50,13 @@
 //!   reused.
 //! * `Restore` is answered with `Restored` (the data is in `slot`, laid out as
 //!   `Registered` said; the slot is lent to the client until `Release`) or
-//!   `NoSnapshot`.
+//!   `NoSnapshot`. Since version 4 the daemon may restore from the object
+//!   store (the remote tier): `source` [`RestoreSource::Remote`], the
+//!   snapshot downloaded into the local store and read from there. A
+//!   snapshot that fails verification is passed over for the next older
+//!   step, and `walked_back` ([`WalkBack`]) names each step passed over
+//!   and why, newest first; a version-3 client is told a remote restore as
+//!   `Disk`, without `walked_back`.
 //! * `List`, `Status` and `Describe { job, rank, step }` need no
 //!   registration and may be sent at any point after `Hello`, also while a
 //!   capture or a restore is open (they touch no slot). `Describe` is
@@ -60,6 +66,12 @@
 //!   with `PermissionDenied` (root may describe any), a step that is not
 //!   committed with `NotFound`, a manifest that does not check with
 //!   `Corrupt`.
+//! * Since version 4, `Listing` also says, per job, the steps complete in
+//!   the object store (`remote_complete`), or why it could not be listed
+//!   (`remote_error`); `Status` says the remote tier's state (`remote`:
+//!   [`RemoteStatus`], one [`RemoteRankStatus`] per uploading rank). Both
+//!   are omitted when empty or off, and a client of version 3 or older gets
+//!   neither.
 //! * A malformed, oversized, unknown or out-of-order request gets an `Error`
 //!   with kind `Protocol` (or `TooLarge`) and the connection is closed; when
 //!   the request's `id` could not be read, that `Error` has `id` 0. Other
@@ -90,8 +102,9 @@ pub use frame::{
     FRAME_BYTES_MAX, FRAME_HEADER_BYTES, FrameError, body_len, decode, encode, frame_len,
 };
 pub use message::{
-    DEFAULT_SOCKET, ErrorKind, JobStatus, JobSteps, Reply, ReplyBody, Request, RequestBody,
-    RestoreSource, SessionStatus, SnapshotInfo, StatusInfo,
+    DEFAULT_SOCKET, ErrorKind, JobStatus, JobSteps, RemoteRankStatus, RemoteStatus, Reply,
+    ReplyBody, Request, RequestBody, RestoreSource, SessionStatus, SnapshotInfo, StatusInfo,
+    WalkBack,
 };
 pub use os_error::OsError;
 pub use staging::{BusyPolicy, StagingInfo, StagingMemory};

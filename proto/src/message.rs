@@ -166,6 +166,10 @@ pub enum ReplyBody {
         bytes: u64,
         /// Time the daemon took to fill the slot.
         elapsed_ns: u64,
+        /// Newer steps passed over because they failed verification,
+        /// newest first. Since version 4; omitted when empty.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        walked_back: Vec<WalkBack>,
     },
     NoSnapshot,
     Released,
@@ -173,6 +177,14 @@ pub enum ReplyBody {
         snapshots: Vec<SnapshotInfo>,
         /// Per job: steps every rank of its world has committed.
         complete: Vec<JobSteps>,
+        /// Per job: steps complete in the object store (a `COMPLETE`
+        /// marker naming every rank). Since version 4; omitted when empty.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        remote_complete: Vec<JobSteps>,
+        /// Why the object store could not be listed (the listing then
+        /// holds only local steps). Since version 4; omitted when `None`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        remote_error: Option<String>,
     },
     Status(Box<StatusInfo>),
     /// The answer to `Describe`.
@@ -281,6 +293,10 @@ pub enum RestoreSource {
     Memory,
     /// The store on disk.
     Disk,
+    /// The object store (the remote tier): downloaded into the local
+    /// store, then read from there. Since version 4 (an older version
+    /// says it as [`RestoreSource::Disk`], where the bytes were read).
+    Remote,
 }
 
 impl RestoreSource {
@@ -288,8 +304,19 @@ impl RestoreSource {
         match self {
             RestoreSource::Memory => "memory",
             RestoreSource::Disk => "disk",
+            RestoreSource::Remote => "remote",
         }
     }
+}
+
+/// A newer step a restore passed over: its snapshot, read from `source`,
+/// failed verification (`reason`: what failed). Since version 4.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WalkBack {
+    pub step: u64,
+    pub source: RestoreSource,
+    pub reason: String,
 }
 
 /// The kind of a daemon error; the client maps each to its own variant.
@@ -416,6 +443,46 @@ pub struct StatusInfo {
     pub snapshots_in_flight: u64,
     pub sessions: Vec<SessionStatus>,
     pub jobs: Vec<JobStatus>,
+    /// The remote tier's state. Since version 4; omitted when the remote
+    /// tier is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteStatus>,
+}
+
+/// The remote tier (the S3 object store snapshots are uploaded to), as
+/// `Status` reports it. Since version 4.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteStatus {
+    /// The object store's endpoint URL.
+    pub endpoint: String,
+    pub bucket: String,
+    /// Whether the last request to the object store got an answer.
+    pub reachable: bool,
+    /// The last error the object store gave, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Snapshots uploaded since the daemon started.
+    pub uploads: u64,
+    /// Uploads that failed since the daemon started.
+    pub failures: u64,
+    /// One entry per (job, rank) the daemon uploads for.
+    pub ranks: Vec<RemoteRankStatus>,
+}
+
+/// How far one (job, rank)'s uploads are behind its local commits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteRankStatus {
+    pub job: String,
+    pub rank: u32,
+    /// The newest step uploaded, `None` before the first.
+    pub uploaded: Option<u64>,
+    /// Committed steps not uploaded yet.
+    pub behind_steps: u64,
+    /// Seconds since the oldest committed step not uploaded yet was
+    /// committed (0 when none is behind).
+    pub behind_s: u64,
 }
 
 /// One registered connection.

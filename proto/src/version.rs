@@ -11,6 +11,11 @@
 //!   or unpinned and why; [`crate::attach`]); `Status` sessions carry it
 //!   (`staging_pinning`). A version-2 client never sends it, and its
 //!   `Status` has no `staging_pinning`.
+//! * 4: restores from the object store (`RestoreSource::Remote`) and
+//!   walk-back past snapshots that fail verification
+//!   (`Restored::walked_back`); `Listing` says the steps complete remotely
+//!   (`remote_complete`, `remote_error`); `Status` says the remote tier's
+//!   state (`remote`).
 //!
 //! # The handshake
 //! A client says `Hello` with the one version it speaks
@@ -43,7 +48,7 @@ use crate::frame::{self, FrameError};
 use crate::message::Reply;
 
 /// The version this build speaks (what its client sends in `Hello`).
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// The oldest version a daemon of this build still serves.
 pub const PROTOCOL_VERSION_MIN: u32 = 1;
 
@@ -78,6 +83,7 @@ pub fn negotiate(client: u32) -> Result<u32, VersionMismatch> {
 pub fn encode_reply(reply: &Reply, version: u32) -> Result<Vec<u8>, FrameError> {
     match version {
         PROTOCOL_VERSION => frame::encode(reply),
+        3 => v3::encode(reply),
         2 => v2::encode(reply),
         1 => v1::encode(reply),
         other => Err(FrameError::NotInVersion {
@@ -87,10 +93,165 @@ pub fn encode_reply(reply: &Reply, version: u32) -> Result<Vec<u8>, FrameError> 
     }
 }
 
+/// Version 3's words for the replies version 4 changed: `restored`
+/// without `walked_back`, and a restore from the object store
+/// (`RestoreSource::Remote`) said as `disk`: the daemon downloads the
+/// snapshot into the local store and reads the bytes from that copy, so
+/// `disk` is where they were read (version 3 has no word for the object
+/// store); `listing` without `remote_complete` and `remote_error` (only the
+/// local steps, as a version-3 daemon lists them); `status` without
+/// `remote`. Borrowed views with version 3's fields in version 3's order,
+/// as in [`v1`]. Every other reply is said as it is.
+mod v3 {
+    use serde::Serialize;
+
+    use crate::frame::{self, FrameError};
+    use crate::message::{
+        JobStatus, JobSteps, Reply, ReplyBody, RestoreSource, SessionStatus, SnapshotInfo,
+        StatusInfo,
+    };
+
+    #[derive(Serialize)]
+    struct Frame<B> {
+        id: u64,
+        body: B,
+    }
+
+    #[derive(Serialize)]
+    #[serde(tag = "type", rename = "restored")]
+    struct Restored {
+        step: u64,
+        slot: u32,
+        source: RestoreSource,
+        bytes: u64,
+        elapsed_ns: u64,
+    }
+
+    #[derive(Serialize)]
+    #[serde(tag = "type", rename = "listing")]
+    struct Listing<'a> {
+        snapshots: &'a [SnapshotInfo],
+        complete: &'a [JobSteps],
+    }
+
+    #[derive(Serialize)]
+    #[serde(tag = "type", rename = "status")]
+    struct Status<'a> {
+        daemon_version: &'a str,
+        uptime_s: u64,
+        io_backend: &'a str,
+        clients_connected: u64,
+        staging_bytes_used: u64,
+        staging_budget_bytes: u64,
+        hot_tier_bytes: u64,
+        hot_tier_budget_bytes: u64,
+        snapshots_in_flight: u64,
+        sessions: &'a [SessionStatus],
+        jobs: &'a [JobStatus],
+    }
+
+    pub(super) fn encode(reply: &Reply) -> Result<Vec<u8>, FrameError> {
+        let id = reply.id;
+        match &reply.body {
+            ReplyBody::Restored {
+                step,
+                slot,
+                source,
+                bytes,
+                elapsed_ns,
+                walked_back: _,
+            } => frame::encode(&Frame {
+                id,
+                body: Restored {
+                    step: *step,
+                    slot: *slot,
+                    source: source_v3(*source),
+                    bytes: *bytes,
+                    elapsed_ns: *elapsed_ns,
+                },
+            }),
+            ReplyBody::Listing {
+                snapshots,
+                complete,
+                remote_complete: _,
+                remote_error: _,
+            } => frame::encode(&Frame {
+                id,
+                body: Listing {
+                    snapshots,
+                    complete,
+                },
+            }),
+            ReplyBody::Status(info) => frame::encode(&Frame {
+                id,
+                body: status(info),
+            }),
+            // No wildcard: a reply added later must decide here what
+            // version 3 says for it.
+            ReplyBody::Welcome { .. }
+            | ReplyBody::Registered(_)
+            | ReplyBody::Slot { .. }
+            | ReplyBody::Stream { .. }
+            | ReplyBody::Skipped { .. }
+            | ReplyBody::ChunkFree { .. }
+            | ReplyBody::Accepted { .. }
+            | ReplyBody::Aborted { .. }
+            | ReplyBody::NoSnapshot
+            | ReplyBody::Released
+            | ReplyBody::Described { .. }
+            | ReplyBody::Error { .. }
+            | ReplyBody::Committed { .. }
+            | ReplyBody::Failed { .. }
+            | ReplyBody::AttachNoted => frame::encode(reply),
+        }
+    }
+
+    /// The object store is said as the local store the bytes were read
+    /// from after the download.
+    fn source_v3(source: RestoreSource) -> RestoreSource {
+        match source {
+            RestoreSource::Memory => RestoreSource::Memory,
+            RestoreSource::Disk | RestoreSource::Remote => RestoreSource::Disk,
+        }
+    }
+
+    fn status(info: &StatusInfo) -> Status<'_> {
+        // Destructured so a field added later must be decided on here.
+        let StatusInfo {
+            daemon_version,
+            uptime_s,
+            io_backend,
+            clients_connected,
+            staging_bytes_used,
+            staging_budget_bytes,
+            hot_tier_bytes,
+            hot_tier_budget_bytes,
+            snapshots_in_flight,
+            sessions,
+            jobs,
+            remote: _,
+        } = info;
+        Status {
+            daemon_version,
+            uptime_s: *uptime_s,
+            io_backend,
+            clients_connected: *clients_connected,
+            staging_bytes_used: *staging_bytes_used,
+            staging_budget_bytes: *staging_budget_bytes,
+            hot_tier_bytes: *hot_tier_bytes,
+            hot_tier_budget_bytes: *hot_tier_budget_bytes,
+            snapshots_in_flight: *snapshots_in_flight,
+            sessions,
+            jobs,
+        }
+    }
+}
+
 /// Version 2's words for the replies version 3 changed: `status` sessions
-/// without `staging_pinning`; `attach_noted` (the answer to a request
-/// version 2 does not have) cannot be said. Borrowed views with version
-/// 2's fields in version 2's order, as in [`v1`].
+/// without `staging_pinning` (and, as in [`v3`], without `remote`);
+/// `attach_noted` (the answer to a request version 2 does not have) cannot
+/// be said. Borrowed views with version 2's fields in version 2's order,
+/// as in [`v1`]. Every other reply is said as version 3 says it ([`v3`]).
 mod v2 {
     use serde::Serialize;
 
@@ -159,7 +320,7 @@ mod v2 {
             | ReplyBody::Described { .. }
             | ReplyBody::Error { .. }
             | ReplyBody::Committed { .. }
-            | ReplyBody::Failed { .. } => frame::encode(reply),
+            | ReplyBody::Failed { .. } => super::v3::encode(reply),
         }
     }
 
@@ -210,7 +371,8 @@ mod v2 {
 /// `failed` without `os_error`. Each is a borrowed view with version 1's
 /// fields in version 1's order, so the bytes are those a version-1 daemon
 /// wrote (the golden file was written by one), with no copy of the reply.
-/// Every other reply is said as version 2 says it ([`v2`]).
+/// Every other reply is said as version 2 says it ([`v2`]), which says
+/// what it does not change as version 3 does ([`v3`]).
 mod v1 {
     use serde::Serialize;
 
@@ -325,13 +487,14 @@ mod v1 {
 #[expect(clippy::indexing_slicing, reason = "tests slice known frames")]
 mod tests {
     use super::*;
-    use crate::message::ReplyBody;
+    use crate::message::{ReplyBody, RestoreSource, WalkBack};
 
     #[test]
     fn a_daemon_serves_its_range_and_refuses_the_rest_naming_both() {
         assert_eq!(negotiate(1), Ok(1));
         assert_eq!(negotiate(2), Ok(2));
         assert_eq!(negotiate(3), Ok(3));
+        assert_eq!(negotiate(4), Ok(4));
         assert_eq!(negotiate(PROTOCOL_VERSION), Ok(PROTOCOL_VERSION));
         let newer = negotiate(PROTOCOL_VERSION + 1).expect_err("newer client");
         assert!(newer.to_string().contains("upgrade the daemon"), "{newer}");
@@ -371,6 +534,7 @@ mod tests {
                     )],
                 }],
                 jobs: Vec::new(),
+                remote: None,
             })),
         }
     }
@@ -418,5 +582,133 @@ mod tests {
         };
         let frame = encode_reply(&noted, 3).expect("version 3 says it");
         assert_eq!(&frame[4..], br#"{"id":5,"body":{"type":"attach_noted"}}"#);
+    }
+
+    fn restored(source: RestoreSource, walked_back: Vec<WalkBack>) -> Reply {
+        Reply {
+            id: 6,
+            body: ReplyBody::Restored {
+                step: 30,
+                slot: 1,
+                source,
+                bytes: 4096,
+                elapsed_ns: 1_000,
+                walked_back,
+            },
+        }
+    }
+
+    #[test]
+    fn versions_before_4_say_a_remote_restore_as_disk_without_walked_back() {
+        let walked = vec![WalkBack {
+            step: 40,
+            source: RestoreSource::Remote,
+            reason: "checksum mismatch".into(),
+        }];
+        let remote = restored(RestoreSource::Remote, walked.clone());
+        let current = encode_reply(&remote, PROTOCOL_VERSION).expect("current");
+        let text = std::str::from_utf8(&current[4..]).expect("JSON");
+        assert!(text.contains(r#""source":"remote""#), "{text}");
+        assert!(
+            text.contains(
+                r#""walked_back":[{"step":40,"source":"remote","reason":"checksum mismatch"}]"#
+            ),
+            "{text}"
+        );
+        let disk = frame::encode(&restored(RestoreSource::Disk, Vec::new())).expect("v3 bytes");
+        assert_eq!(
+            std::str::from_utf8(&disk[4..]).expect("JSON"),
+            r#"{"id":6,"body":{"type":"restored","step":30,"slot":1,"source":"disk","bytes":4096,"elapsed_ns":1000}}"#
+        );
+        for version in [3, 2, 1] {
+            let old = encode_reply(&remote, version).expect("an older restore");
+            assert_eq!(old, disk, "v{version}: {}", String::from_utf8_lossy(&old));
+            // A disk restore that walked back is said the same way.
+            let walked_disk = restored(RestoreSource::Disk, walked.clone());
+            assert_eq!(encode_reply(&walked_disk, version).expect("old"), disk);
+            // A memory restore stays one.
+            let memory = restored(RestoreSource::Memory, walked.clone());
+            let said = encode_reply(&memory, version).expect("old");
+            assert_eq!(
+                said,
+                frame::encode(&restored(RestoreSource::Memory, Vec::new())).expect("bytes")
+            );
+        }
+    }
+
+    #[test]
+    fn versions_before_4_say_the_listing_without_remote_steps() {
+        use crate::message::JobSteps;
+        let listing = |remote_complete: Vec<JobSteps>, remote_error: Option<String>| Reply {
+            id: 7,
+            body: ReplyBody::Listing {
+                snapshots: Vec::new(),
+                complete: vec![JobSteps {
+                    job: "j".into(),
+                    steps: vec![10],
+                }],
+                remote_complete,
+                remote_error,
+            },
+        };
+        let remote = listing(
+            vec![JobSteps {
+                job: "j".into(),
+                steps: vec![10, 20],
+            }],
+            Some("timed out".into()),
+        );
+        let current = encode_reply(&remote, PROTOCOL_VERSION).expect("current");
+        let text = std::str::from_utf8(&current[4..]).expect("JSON");
+        assert!(text.contains(r#""remote_complete":[{"job":"j","steps":[10,20]}]"#));
+        assert!(text.contains(r#""remote_error":"timed out""#));
+        let local = frame::encode(&listing(Vec::new(), None)).expect("v3 bytes");
+        for version in [3, 2, 1] {
+            assert_eq!(
+                encode_reply(&remote, version).expect("an older listing"),
+                local,
+                "v{version}"
+            );
+        }
+    }
+
+    #[test]
+    fn versions_before_4_say_status_without_remote() {
+        use crate::message::{RemoteRankStatus, RemoteStatus};
+        let plain = status_with_pinning();
+        let mut reply = plain.clone();
+        let ReplyBody::Status(info) = &mut reply.body else {
+            unreachable!()
+        };
+        info.remote = Some(RemoteStatus {
+            endpoint: "http://127.0.0.1:9000".into(),
+            bucket: "ckpt".into(),
+            reachable: false,
+            last_error: Some("connection refused".into()),
+            uploads: 3,
+            failures: 1,
+            ranks: vec![RemoteRankStatus {
+                job: "j".into(),
+                rank: 0,
+                uploaded: Some(20),
+                behind_steps: 1,
+                behind_s: 12,
+            }],
+        });
+        let current = encode_reply(&reply, PROTOCOL_VERSION).expect("current");
+        let text = std::str::from_utf8(&current[4..]).expect("JSON");
+        assert!(text.contains(r#""remote":{"endpoint":"http://127.0.0.1:9000""#));
+        assert_eq!(
+            encode_reply(&reply, 3).expect("v3"),
+            frame::encode(&plain).expect("v3 bytes"),
+            "v3 says it without remote, else as it is"
+        );
+        for version in [2, 1] {
+            assert_eq!(
+                encode_reply(&reply, version).expect("old"),
+                encode_reply(&plain, version).expect("old"),
+                "v{version}"
+            );
+        }
     }
 }

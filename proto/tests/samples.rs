@@ -1,9 +1,9 @@
 //! One sample of every message, named; the golden files hold their frames.
 
 use gpusnap_proto::{
-    AttachReport, BusyPolicy, Dtype, ErrorKind, JobStatus, JobSteps, OsError, PinState, ReplyBody,
-    RequestBody, RestoreSource, SessionStatus, SnapshotInfo, StagingInfo, StagingMemory,
-    StatusInfo, TensorSpec,
+    AttachReport, BusyPolicy, Dtype, ErrorKind, JobStatus, JobSteps, OsError, PinState,
+    RemoteRankStatus, RemoteStatus, ReplyBody, RequestBody, RestoreSource, SessionStatus,
+    SnapshotInfo, StagingInfo, StagingMemory, StatusInfo, TensorSpec, WalkBack,
 };
 
 fn tensors() -> Vec<TensorSpec> {
@@ -119,7 +119,7 @@ fn staging() -> StagingInfo {
     }
 }
 
-fn status() -> StatusInfo {
+fn status(version: u32) -> StatusInfo {
     StatusInfo {
         daemon_version: "0.1.0".into(),
         uptime_s: 3600,
@@ -149,6 +149,22 @@ fn status() -> StatusInfo {
             in_flight: 0,
             hot_step: Some(30),
         }],
+        // Versions before 4 have no remote tier to say.
+        remote: (version >= 4).then(|| RemoteStatus {
+            endpoint: "https://s3.eu-west-1.amazonaws.com".into(),
+            bucket: "gpusnap-llama".into(),
+            reachable: true,
+            last_error: None,
+            uploads: 2,
+            failures: 0,
+            ranks: vec![RemoteRankStatus {
+                job: "llama".into(),
+                rank: 1,
+                uploaded: Some(20),
+                behind_steps: 1,
+                behind_s: 42,
+            }],
+        }),
     }
 }
 
@@ -180,12 +196,31 @@ pub fn replies(version: u32) -> Vec<(&'static str, ReplyBody)> {
         ("aborted", ReplyBody::Aborted { step: 40 }),
         (
             "restored",
-            ReplyBody::Restored {
-                step: 30,
-                slot: 0,
-                source: RestoreSource::Disk,
-                bytes: 32,
-                elapsed_ns: 900_000,
+            if version >= 4 {
+                // Step 40 in the local store failed its checksum; step 30
+                // came from the object store.
+                ReplyBody::Restored {
+                    step: 30,
+                    slot: 0,
+                    source: RestoreSource::Remote,
+                    bytes: 32,
+                    elapsed_ns: 900_000,
+                    walked_back: vec![WalkBack {
+                        step: 40,
+                        source: RestoreSource::Disk,
+                        reason: "the checksum of state.safetensors does not match its manifest"
+                            .into(),
+                    }],
+                }
+            } else {
+                ReplyBody::Restored {
+                    step: 30,
+                    slot: 0,
+                    source: RestoreSource::Disk,
+                    bytes: 32,
+                    elapsed_ns: 900_000,
+                    walked_back: Vec::new(),
+                }
             },
         ),
         ("no_snapshot", ReplyBody::NoSnapshot),
@@ -206,9 +241,19 @@ pub fn replies(version: u32) -> Vec<(&'static str, ReplyBody)> {
                     job: "llama".into(),
                     steps: vec![20, 30],
                 }],
+                // Versions before 4 list only the local steps.
+                remote_complete: if version >= 4 {
+                    vec![JobSteps {
+                        job: "llama".into(),
+                        steps: vec![10, 20],
+                    }]
+                } else {
+                    Vec::new()
+                },
+                remote_error: None,
             },
         ),
-        ("status", ReplyBody::Status(Box::new(status()))),
+        ("status", ReplyBody::Status(Box::new(status(version)))),
         (
             "described",
             ReplyBody::Described {

@@ -431,7 +431,11 @@ impl NativeClient {
     }
 
     /// Restores `step` (the newest when None) into every registered buffer;
-    /// None when there is no snapshot.
+    /// None when there is no snapshot. Otherwise {"step", "source"
+    /// ("memory", "disk" or "remote": downloaded from the object store),
+    /// "bytes", "daemon_fill_s", "copy_s", "walked_back": [{"step",
+    /// "source", "reason"}, ...]}: the newer steps the daemon passed over
+    /// because they failed verification, newest first (empty when none).
     /// The copies into CUDA buffers are ordered after the work queued so
     /// far on `streams` (as for `begin`), the work queued there later
     /// after the copies; the host waits for them too.
@@ -453,13 +457,18 @@ impl NativeClient {
                 "bytes": info.bytes,
                 "daemon_fill_s": secs(info.daemon_fill),
                 "copy_s": secs(info.copy),
+                "walked_back": info.walked_back,
             }),
         };
         to_python(py, &value)
     }
 
     /// Committed snapshots of this job (or of every job this user may see
-    /// when `all_jobs`): {"snapshots": [...], "complete": [...]}.
+    /// when `all_jobs`): {"snapshots": [...], "complete": [...],
+    /// "remote_complete": [...]}: per job, the steps every rank committed
+    /// locally, and those complete in the object store (empty when the
+    /// remote tier is off); "remote_error" too, saying why, when the daemon
+    /// could not list the object store.
     #[pyo3(signature = (all_jobs=false))]
     fn list(&self, py: Python<'_>, all_jobs: bool) -> PyResult<Py<PyAny>> {
         let value = self.call(py, |c| {
@@ -468,7 +477,15 @@ impl NativeClient {
             } else {
                 c.list()?
             };
-            Ok(json!({"snapshots": listing.snapshots, "complete": listing.complete}))
+            let mut value = json!({
+                "snapshots": listing.snapshots,
+                "complete": listing.complete,
+                "remote_complete": listing.remote_complete,
+            });
+            if let (Some(error), Some(map)) = (listing.remote_error, value.as_object_mut()) {
+                map.insert("remote_error".into(), Value::String(error));
+            }
+            Ok(value)
         })?;
         to_python(py, &value)
     }

@@ -534,6 +534,52 @@ def test_item_names_escape_and_parse_back():
         gdcp.item_name(item("x" * 1100, (0, 0), (8, 4)))
 
 
+def test_a_reader_takes_a_step_complete_in_the_object_store_and_refuses_one_that_is_nowhere():
+    def listing(
+        ranks_at: dict[int, list[int]], complete: list[int], remote: list[int], error: str = ""
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "snapshots": [
+                {
+                    "job": "dcp",
+                    "rank": r,
+                    "world_size": 2,
+                    "step": step,
+                    "bytes": 1,
+                    "tensors": 1,
+                    "created_unix_ms": 0,
+                }
+                for step, ranks in ranks_at.items()
+                for r in ranks
+            ],
+            "complete": [{"job": "dcp", "steps": complete}] if complete else [],
+            "remote_complete": [{"job": "dcp", "steps": remote}] if remote else [],
+        }
+        if error:
+            out["remote_error"] = error
+        return out
+
+    def resolve(got: dict[str, Any], step: int | None = None) -> tuple[int, int | None]:
+        # No daemon: _resolve_step reads the listing alone.
+        return gdcp.StorageReader("dcp", step, socket="/nonexistent")._resolve_step(got)
+
+    # Step 6 is complete only remotely, 4 here: the newest is 6, and a node
+    # without a rank of it cannot say its world size.
+    assert resolve(listing({4: [0, 1]}, [4], [2, 6])) == (6, None)
+    assert resolve(listing({4: [0, 1]}, [4], [2, 6]), step=4) == (4, 2)
+    # Only rank 0 is here for step 6: rank 1's restore downloads it.
+    assert resolve(listing({4: [0, 1], 6: [0]}, [4], [6])) == (6, 2)
+    assert resolve(listing({}, [], [2]), step=2) == (2, None)
+    # Neither complete here nor remotely: refused, as before.
+    with pytest.raises(gpusnap.NotFound, match="step 6 is not complete: rank.s. .1. of 2"):
+        resolve(listing({4: [0, 1], 6: [0]}, [4], [2]), step=6)
+    with pytest.raises(gpusnap.NotFound, match="has no step 7"):
+        resolve(listing({4: [0, 1]}, [4], [2]), step=7)
+    with pytest.raises(gpusnap.NotFound, match="could not be listed: timed out"):
+        resolve(listing({6: [0]}, [], [], error="timed out"))
+    assert gdcp._complete_steps(listing({4: [0, 1]}, [4], [2, 6]), "dcp") == [2, 4, 6]
+
+
 def test_bytes_items_carry_what_dcp_serialized(daemon):
     # A list of no tensors is one item to DCP (a dict would be flattened).
     obj = ["x" * 5000, (1, 2.5, None), b"\x00\xff" * 100, {3, 4}]

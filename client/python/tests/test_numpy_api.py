@@ -25,10 +25,15 @@ def test_snapshot_commit_and_restore_in_place(daemon):
         snap.register("b", b)
         snap.register("loader", blob=state)
         assert snap.restore() is None
+        assert snap.last_restore is None
         info = snap.snapshot(5)
         assert info.step == 5 and not info.skipped and info.bytes > a.nbytes + b.nbytes
         assert snap.wait_committed(5).step == 5
         assert [s.step for s in snap.list()] == [5]
+        # The native listing: no remote tier on the test daemon.
+        listing = snap._native.list()
+        assert listing["complete"] == [{"job": "np-job", "steps": [5]}]
+        assert listing["remote_complete"] == [] and "remote_error" not in listing
         assert snap.latest() == 5
     a[:] = 0
     b[:] = 0
@@ -38,6 +43,10 @@ def test_snapshot_commit_and_restore_in_place(daemon):
         snap.register("b", b)
         snap.register("loader", blob=state)
         assert snap.restore() == 5
+        restored = snap.last_restore
+        assert restored is not None and restored.step == 5
+        assert restored.source in ("memory", "disk") and restored.walked_back == ()
+        assert restored.bytes > a.nbytes + b.nbytes
     assert np.array_equal(a, np.arange(1000, dtype=np.float32))
     assert (b == 7).all()
     assert state == {"epoch": 3, "seen": [1, 2, 3]}

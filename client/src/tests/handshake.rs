@@ -17,6 +17,7 @@ fn status_info() -> StatusInfo {
         snapshots_in_flight: 0,
         sessions: vec![],
         jobs: vec![],
+        remote: None,
     }
 }
 

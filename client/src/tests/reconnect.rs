@@ -84,6 +84,8 @@ fn a_step_in_flight_when_the_daemon_restarts_is_lost_unless_listed() {
                         ReplyBody::Listing {
                             snapshots: vec![listed.clone()],
                             complete: vec![],
+                            remote_complete: vec![],
+                            remote_error: None,
                         },
                     );
                 }

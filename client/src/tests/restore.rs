@@ -3,7 +3,7 @@
 use super::fake::{self, Fake, Layout, conn, expected_data, pattern};
 use super::matrix::{Memory, device_matrix};
 use super::snapshot::{register_all, tensor};
-use crate::proto::{ErrorKind, ReplyBody, RequestBody, RestoreSource};
+use crate::proto::{ErrorKind, JobSteps, ReplyBody, RequestBody, RestoreSource, WalkBack};
 use crate::{Dtype, Error, Step};
 
 device_matrix!(restore_copies_the_slot_back_and_a_mismatch_writes_nothing);
@@ -17,6 +17,20 @@ fn restore_copies_the_slot_back_and_a_mismatch_writes_nothing(memory: &dyn Memor
     b.memory.overwrite(&vec![0; b.bytes.len()]);
     let (wb, bb) = (pattern(w.bytes.len(), 5), pattern(b.bytes.len(), 6));
     let (wb2, bb2) = (wb.clone(), bb.clone());
+    let (wb3, bb3) = (wb.clone(), bb.clone());
+    let walked = vec![
+        WalkBack {
+            step: 7,
+            source: RestoreSource::Remote,
+            reason: "checksum mismatch in the download".into(),
+        },
+        WalkBack {
+            step: 6,
+            source: RestoreSource::Disk,
+            reason: "manifest truncated".into(),
+        },
+    ];
+    let walked_fake = walked.clone();
     let fake = Fake::start(
         &path,
         vec![conn(move |c| {
@@ -29,13 +43,32 @@ fn restore_copies_the_slot_back_and_a_mismatch_writes_nothing(memory: &dyn Memor
                 ReplyBody::Restored {
                     step: 5,
                     slot: 1,
-                    source: RestoreSource::Disk,
+                    source: RestoreSource::Remote,
                     bytes: info.data_bytes,
                     elapsed_ns: 2_000,
+                    walked_back: Vec::new(),
                 },
             );
             let r = c.expect("release");
             assert_eq!(r.body, RequestBody::Release { slot: 1 });
+            c.reply(r.id, ReplyBody::Released);
+            // The newest steps fail verification: the daemon walks back.
+            let r = c.expect("restore");
+            assert_eq!(r.body, RequestBody::Restore { step: None });
+            c.write_slot(0, &expected_data(&info, &[wb3, bb3]));
+            c.reply(
+                r.id,
+                ReplyBody::Restored {
+                    step: 5,
+                    slot: 0,
+                    source: RestoreSource::Disk,
+                    bytes: info.data_bytes,
+                    elapsed_ns: 3_000,
+                    walked_back: walked_fake,
+                },
+            );
+            let r = c.expect("release");
+            assert_eq!(r.body, RequestBody::Release { slot: 0 });
             c.reply(r.id, ReplyBody::Released);
             let r = c.expect("restore");
             assert_eq!(r.body, RequestBody::Restore { step: None });
@@ -60,6 +93,11 @@ fn restore_copies_the_slot_back_and_a_mismatch_writes_nothing(memory: &dyn Memor
                 ReplyBody::Listing {
                     snapshots: vec![],
                     complete: vec![],
+                    remote_complete: vec![JobSteps {
+                        job: "j".into(),
+                        steps: vec![5],
+                    }],
+                    remote_error: Some("slow down".into()),
                 },
             );
             c.until_closed();
@@ -72,9 +110,20 @@ fn restore_copies_the_slot_back_and_a_mismatch_writes_nothing(memory: &dyn Memor
         .restore(Step::At(5))
         .expect("restore")
         .expect("a snapshot");
-    assert_eq!((info.step, info.source), (5, RestoreSource::Disk));
+    assert_eq!((info.step, info.source), (5, RestoreSource::Remote));
     assert_eq!(info.daemon_fill.as_micros(), 2);
+    assert!(info.walked_back.is_empty(), "{:?}", info.walked_back);
     let (w, b) = (&ts[0].memory, &ts[1].memory);
+    assert_eq!(w.contents(), wb);
+    assert_eq!(b.contents(), bb);
+    w.overwrite(&vec![0; wb.len()]);
+    b.overwrite(&vec![0; bb.len()]);
+    let info = client
+        .restore(Step::Latest)
+        .expect("restore")
+        .expect("a snapshot");
+    assert_eq!((info.step, info.source), (5, RestoreSource::Disk));
+    assert_eq!(info.walked_back, walked, "newest first, as the daemon said");
     assert_eq!(w.contents(), wb);
     assert_eq!(b.contents(), bb);
     assert_eq!(client.restore(Step::Latest).expect("restore"), None);
@@ -86,7 +135,15 @@ fn restore_copies_the_slot_back_and_a_mismatch_writes_nothing(memory: &dyn Memor
     assert_eq!(w.contents(), wb, "buffers untouched by a refused restore");
     assert_eq!(b.contents(), bb);
     // The connection survives a non-closing error.
-    client.list().expect("list");
+    let listing = client.list().expect("list");
+    assert_eq!(
+        listing.remote_complete,
+        [JobSteps {
+            job: "j".into(),
+            steps: vec![5]
+        }]
+    );
+    assert_eq!(listing.remote_error.as_deref(), Some("slow down"));
     drop(client);
     fake.join();
 }

@@ -466,6 +466,8 @@ fn events_interleaved_with_replies_are_recorded_for_later(memory: &dyn Memory) {
                 ReplyBody::Listing {
                     snapshots: vec![],
                     complete: vec![],
+                    remote_complete: vec![],
+                    remote_error: None,
                 },
             );
             c.until_closed();
@@ -816,6 +818,7 @@ fn a_registration_mixing_memory_kinds_routes_each_buffer_to_its_device() {
                     source: crate::proto::RestoreSource::Memory,
                     bytes: info.data_bytes,
                     elapsed_ns: 1,
+                    walked_back: Vec::new(),
                 },
             );
             let r = c.expect("release");

@@ -672,8 +672,17 @@ impl Conn {
         let filler = Arc::clone(&core);
         // The slot travels with the fill and comes back with its result; a
         // panic in the fill drops it there, freeing it.
+        let runtime = tokio::runtime::Handle::current();
         let joined = tokio::task::spawn_blocking(move || {
-            let filled = restore::fill_slot(&daemon.store, &daemon.hot, &filler.key, &slot, step);
+            let sources = restore::walk::Sources {
+                store: &daemon.store,
+                hot: &daemon.hot,
+                remote: daemon.remote.as_deref(),
+                runtime: &runtime,
+                metrics: &daemon.metrics,
+                uid: filler.uid,
+            };
+            let filled = restore::walk::restore(&sources, &filler.key, &slot, step);
             (slot, filled)
         })
         .await;
@@ -694,7 +703,10 @@ impl Conn {
             }
         };
         match filled {
-            Ok(Some(filled)) => {
+            Ok(Some(restore::walk::Restored {
+                filled,
+                walked_back,
+            })) => {
                 let lent = slot.index();
                 self.set_activity(Activity::Lent(slot));
                 let elapsed = started.elapsed();
@@ -713,6 +725,7 @@ impl Conn {
                     step = filled.step,
                     source = source.name(),
                     bytes = filled.bytes,
+                    walked_back = walked_back.len(),
                     "restored"
                 );
                 Ok(ReplyBody::Restored {
@@ -721,6 +734,7 @@ impl Conn {
                     source,
                     bytes: filled.bytes,
                     elapsed_ns: nanos(elapsed),
+                    walked_back,
                 })
             }
             Ok(None) => {
@@ -754,17 +768,65 @@ impl Conn {
     async fn list(&mut self, job: Option<String>) -> Handled {
         let daemon = Arc::clone(&self.daemon);
         let uid = self.peer.uid;
-        tokio::task::spawn_blocking(move || super::query::list(&daemon, uid, job.as_deref()))
-            .await
-            .map_err(|e| self.blocking_failed("listing", e))?
+        let asked = job.clone();
+        let local =
+            tokio::task::spawn_blocking(move || super::query::list(&daemon, uid, job.as_deref()))
+                .await
+                .map_err(|e| self.blocking_failed("listing", e))??;
+        let Some(job) = asked else { return Ok(local) };
+        let ReplyBody::Listing {
+            snapshots,
+            complete,
+            ..
+        } = local
+        else {
+            return Ok(local);
+        };
+        let (remote_complete, remote_error) = match super::query::remote_complete(
+            &self.daemon,
+            uid,
+            &job,
+        )
+        .await
+        {
+            Ok(steps) => (steps.into_iter().collect(), None),
+            Err(why) => {
+                tracing::warn!(conn = self.id, job, error = %why, "listing: the object store could not be listed; answering with the local steps");
+                (Vec::new(), Some(why))
+            }
+        };
+        Ok(ReplyBody::Listing {
+            snapshots,
+            complete,
+            remote_complete,
+            remote_error,
+        })
     }
 
     async fn describe(&mut self, job: String, rank: u32, step: u64) -> Handled {
         let daemon = Arc::clone(&self.daemon);
         let uid = self.peer.uid;
-        tokio::task::spawn_blocking(move || super::query::describe(&daemon, uid, job, rank, step))
-            .await
-            .map_err(|e| self.blocking_failed("describing", e))?
+        let asked = (job.clone(), rank, step);
+        let local = tokio::task::spawn_blocking(move || {
+            super::query::describe(&daemon, uid, job, rank, step)
+        })
+        .await
+        .map_err(|e| self.blocking_failed("describing", e))?;
+        // A step this node does not hold (a replaced node): the object
+        // store's manifest says the same.
+        match local {
+            Err(refusal) if refusal.kind == ErrorKind::NotFound && self.daemon.remote.is_some() => {
+                let (job, rank, step) = asked;
+                let Ok(id) = SnapshotId::new(job, rank, step) else {
+                    return Err(refusal);
+                };
+                match super::query::describe_remote(&self.daemon, uid, &id).await? {
+                    Some(described) => Ok(described),
+                    None => Err(refusal),
+                }
+            }
+            other => other,
+        }
     }
 
     /// Ends the registration: a capture in progress leaves nothing

@@ -98,7 +98,10 @@ impl Refusal {
             RestoreError::TensorDiffers { .. }
             | RestoreError::MissingInSnapshot { .. }
             | RestoreError::NotRegistered { .. } => ErrorKind::Mismatch,
-            RestoreError::Hot(_) => ErrorKind::Corrupt,
+            RestoreError::Hot(_) | RestoreError::NothingVerifies { .. } => ErrorKind::Corrupt,
+            RestoreError::RemoteUnavailable { .. } => ErrorKind::Storage,
+            RestoreError::RemoteNotOwner { .. } => ErrorKind::PermissionDenied,
+            RestoreError::Stopping => ErrorKind::ShuttingDown,
             RestoreError::Store(s) => return Refusal::store(s),
         };
         Refusal::new(kind, e.to_string())

@@ -47,6 +47,7 @@ use crate::metrics::Metrics;
 use crate::owners::Owners;
 use crate::persist::{Engine, SessionCore};
 use crate::ranks::{RankKey, Ranks};
+use crate::remote::Remote;
 use crate::staging::StagingBudget;
 use crate::store::{Store, StoreError};
 use crate::testing::Hooks;
@@ -68,6 +69,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("remote tier: {0}")]
+    Remote(#[from] crate::remote::RemoteError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -83,6 +86,8 @@ pub struct Daemon {
     pub owners: Owners,
     pub ranks: Arc<Ranks>,
     pub engine: Arc<Engine>,
+    /// The object-store tier (`[remote]`), when enabled.
+    pub remote: Option<Arc<Remote>>,
     /// Test-only fault injection (`[testing]`); unarmed in production.
     pub hooks: Arc<Hooks>,
     /// Flips to true once: the daemon is stopping.
@@ -136,6 +141,24 @@ impl Daemon {
             Arc::clone(&metrics),
         ));
         let hooks = Arc::new(Hooks::new(config.testing.as_ref()));
+        let (shutdown, _) = tokio::sync::watch::channel(false);
+        let remote = if config.remote.enabled {
+            let remote = Remote::open(
+                &config.remote,
+                Arc::clone(&store),
+                Arc::clone(&metrics),
+                shutdown.subscribe(),
+            )?;
+            tracing::info!(
+                endpoint = %config.remote.endpoint,
+                bucket = %config.remote.bucket,
+                prefix = %config.remote.prefix,
+                "remote tier enabled"
+            );
+            Some(Arc::new(remote))
+        } else {
+            None
+        };
         let engine = Engine::new(
             Arc::clone(&store),
             Arc::clone(&hot),
@@ -143,8 +166,8 @@ impl Daemon {
             Arc::clone(&metrics),
             Arc::clone(&hooks),
             &config.persist,
+            remote.clone(),
         );
-        let (shutdown, _) = tokio::sync::watch::channel(false);
         Ok(Arc::new(Daemon {
             config,
             store,
@@ -154,6 +177,7 @@ impl Daemon {
             owners: Owners::default(),
             ranks,
             engine,
+            remote,
             hooks,
             shutdown,
             started: Instant::now(),
@@ -368,6 +392,13 @@ pub async fn serve(
             }
         })
     });
+    // The uploader runs beside the connections and never blocks them: a
+    // lane's commit tells it (`Remote::committed`), and it stops with the
+    // daemon (an upload cut short leaves no manifest, so nothing listed).
+    let remote_task = daemon
+        .remote
+        .as_ref()
+        .map(|remote| tokio::spawn(Arc::clone(remote).run(daemon.shutdown.subscribe())));
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         tracing::warn!(error = %e, "sd_notify READY failed");
     }
@@ -438,6 +469,15 @@ pub async fn serve(
     }
     if let Some(task) = metrics_task {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    if let Some(task) = remote_task
+        && tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .is_err()
+    {
+        tracing::warn!(
+            "the remote uploader did not stop in 5 s; its open upload is aborted at the next start"
+        );
     }
     tracing::info!("gpusnapd stopped");
     Ok(())

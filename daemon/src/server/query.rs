@@ -2,11 +2,15 @@
 //! function of the daemon's state and the asking uid; none needs a
 //! registration or touches a slot, so they are answered in any state after
 //! the handshake. `List` and `Describe` read the disk (run them off the
-//! async threads).
+//! async threads). With the remote tier on, `List` of one job also says
+//! the steps complete in the object store, and `Status` the tier's state.
 
 use gpusnap_proto::convert::to_u64;
+use std::time::Duration;
+
 use gpusnap_proto::{
-    ErrorKind, JobStatus, JobSteps, ReplyBody, SessionStatus, SnapshotInfo, StatusInfo,
+    ErrorKind, JobStatus, JobSteps, RemoteRankStatus, RemoteStatus, ReplyBody, SessionStatus,
+    SnapshotInfo, StatusInfo,
 };
 
 use crate::server::Daemon;
@@ -49,6 +53,109 @@ pub fn list(daemon: &Daemon, uid: u32, job: Option<&str>) -> Result<ReplyBody, R
     Ok(ReplyBody::Listing {
         snapshots,
         complete,
+        remote_complete: Vec::new(),
+        remote_error: None,
+    })
+}
+
+/// How long `List` waits for the object store before answering with the
+/// local steps alone (and `remote_error` saying why).
+pub const REMOTE_LIST_WAIT: Duration = Duration::from_secs(10);
+
+/// The steps of `job` complete in the object store, for the uid its
+/// `OWNER` object there names (root: any job): a replaced node has no
+/// local record of the job, and the object store's is the one that counts
+/// for its remote copy. `Err`: why the store could not be listed.
+pub async fn remote_complete(
+    daemon: &Daemon,
+    uid: u32,
+    job: &str,
+) -> Result<Option<JobSteps>, String> {
+    let Some(remote) = &daemon.remote else {
+        return Ok(None);
+    };
+    let asked = async {
+        if uid != 0 && remote.owner(job).await? != Some(uid) {
+            return Ok(Vec::new());
+        }
+        remote.complete_steps(job).await
+    };
+    match tokio::time::timeout(REMOTE_LIST_WAIT, asked).await {
+        Ok(Ok(complete)) => {
+            let mut steps: Vec<u64> = complete.into_iter().map(|(step, _)| step).collect();
+            steps.sort_unstable();
+            Ok((!steps.is_empty()).then(|| JobSteps {
+                job: job.to_owned(),
+                steps,
+            }))
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "the object store at {} did not answer within {} s",
+            remote.tier().bucket.endpoint(),
+            REMOTE_LIST_WAIT.as_secs()
+        )),
+    }
+}
+
+/// `Describe` of a step the local store does not hold, from its manifest
+/// in the object store, for the uid owning the job there (root: any).
+pub async fn describe_remote(
+    daemon: &Daemon,
+    uid: u32,
+    id: &SnapshotId,
+) -> Result<Option<ReplyBody>, Refusal> {
+    let Some(remote) = &daemon.remote else {
+        return Ok(None);
+    };
+    let unavailable =
+        |e: crate::remote::RemoteError| Refusal::new(ErrorKind::Storage, e.to_string());
+    let owner = remote.owner(&id.job).await.map_err(unavailable)?;
+    if owner.is_none() || (uid != 0 && owner != Some(uid)) {
+        return Ok(None);
+    }
+    let tier = remote.tier();
+    match crate::remote::transfer::remote_manifest(tier, &daemon.store, id, None).await {
+        Ok((manifest, layout, _digest)) => Ok(Some(ReplyBody::Described {
+            job: manifest.job,
+            rank: manifest.rank,
+            step: manifest.step,
+            world_size: manifest.world_size,
+            tensors: layout.tensors.iter().map(|t| t.spec()).collect(),
+        })),
+        Err(crate::remote::RemoteError::NotFound { .. }) => Ok(None),
+        Err(e @ crate::remote::RemoteError::Corrupt { .. }) => {
+            Err(Refusal::new(ErrorKind::Corrupt, e.to_string()))
+        }
+        Err(e) => Err(unavailable(e)),
+    }
+}
+
+/// The remote tier's state for `Status` (`uid` sees its own jobs' lag;
+/// root all), `None` when the tier is off.
+pub fn remote_status(daemon: &Daemon, uid: u32) -> Option<RemoteStatus> {
+    let remote = daemon.remote.as_ref()?;
+    let tier = remote.status();
+    let ranks = tier
+        .ranks
+        .into_iter()
+        .filter(|r| daemon.owners.visible(&daemon.store, &r.job, uid))
+        .map(|r| RemoteRankStatus {
+            job: r.job,
+            rank: r.rank,
+            uploaded: r.uploaded,
+            behind_steps: r.behind_steps,
+            behind_s: r.behind_s,
+        })
+        .collect();
+    Some(RemoteStatus {
+        endpoint: tier.endpoint,
+        bucket: tier.bucket,
+        reachable: tier.reachable,
+        last_error: tier.last_error,
+        uploads: tier.uploads,
+        failures: tier.failures,
+        ranks,
     })
 }
 
@@ -158,5 +265,6 @@ pub fn status(daemon: &Daemon, uid: u32) -> StatusInfo {
         snapshots_in_flight: daemon.engine.in_flight(),
         sessions,
         jobs,
+        remote: remote_status(daemon, uid),
     }
 }

@@ -14,6 +14,15 @@ pub struct Invalid {
     pub error: StoreError,
 }
 
+/// One step directory of a rank, as [`Store::rank_steps`] found it.
+#[derive(Debug)]
+pub struct RankStep {
+    pub step: u64,
+    pub dir: PathBuf,
+    /// The snapshot, or why the directory is not a valid one.
+    pub opened: Result<Snapshot, StoreError>,
+}
+
 /// Every snapshot under the root (or one job), oldest step first within
 /// each (job, rank).
 #[derive(Debug, Default)]
@@ -97,6 +106,27 @@ impl Store {
         })
     }
 
+    /// Every step directory of (job, rank), newest first, each with what
+    /// opening it gave (a snapshot, or why it is not one): what a restore
+    /// walks back through.
+    pub fn rank_steps(&self, job: &str, rank: u32) -> Result<Vec<RankStep>, StoreError> {
+        paths::validate_job(job)?;
+        let mut steps = self.step_dirs(job, rank)?;
+        steps.reverse();
+        Ok(steps
+            .into_iter()
+            .map(|(step, dir)| {
+                let id = SnapshotId {
+                    job: job.to_owned(),
+                    rank,
+                    step,
+                };
+                let opened = self.open_dir(&dir, Some(&id));
+                RankStep { step, dir, opened }
+            })
+            .collect())
+    }
+
     /// Start-up recovery: removes every `*.partial` directory (never read,
     /// never listed), every `*.trash` one (a removal cut short) and every
     /// `.claiming-*` one in the root (a job claim cut short). Returns what
@@ -169,6 +199,15 @@ impl Store {
             tracing::info!(dir = %dir.display(), "retention removed an old snapshot");
         }
         Ok(doomed)
+    }
+
+    /// Removes a committed snapshot directory that failed verification, so
+    /// that a verified copy (downloaded from the remote tier) can take its
+    /// name. Only the restore path calls it, and only once that copy is
+    /// known to exist.
+    pub fn discard_corrupt(&self, dir: &Path) -> Result<(), StoreError> {
+        tracing::warn!(dir = %dir.display(), "removing a snapshot that failed verification, to replace it with the remote tier's copy");
+        self.discard_committed(dir)
     }
 
     /// Removes a committed snapshot directory without ever exposing a

@@ -57,7 +57,7 @@ use crate::storage::Storage;
 use crate::storage::os::OsStorage;
 use crate::storage::probe::BackendChoice;
 
-pub use catalog::{Invalid, Listing};
+pub use catalog::{Invalid, Listing, RankStep};
 pub use commit::{Committed, Source};
 pub use error::{DirectReadBlocker, Fill, Sink, SourceError, StoreError};
 pub use layout::{Layout, TensorEntry};

@@ -53,6 +53,27 @@ pub fn scratch() -> tempfile::TempDir {
         .expect("scratch dir")
 }
 
+/// The remote tier's metric families: they move only with an object store,
+/// so `e2e_metrics` leaves them out and the remote tests move each one
+/// (`e2e_remote`: uploads, lag, markers, the complete step, downloads,
+/// walk-backs, errors, deletes; `e2e_remote_outage`: retries).
+pub const REMOTE_FAMILIES: [&str; 14] = [
+    "gpusnap_restore_walkbacks_total",
+    "gpusnap_remote_up",
+    "gpusnap_remote_errors_total",
+    "gpusnap_remote_retries_total",
+    "gpusnap_remote_uploads_total",
+    "gpusnap_remote_upload_bytes_total",
+    "gpusnap_remote_upload_seconds",
+    "gpusnap_remote_upload_lag_steps",
+    "gpusnap_remote_upload_lag_seconds",
+    "gpusnap_remote_markers_total",
+    "gpusnap_remote_complete_step",
+    "gpusnap_remote_deletes_total",
+    "gpusnap_remote_downloads_total",
+    "gpusnap_remote_download_bytes_total",
+];
+
 /// A running (or stopped) daemon.
 pub struct Daemon {
     /// Before `dir`: the daemon is killed and reaped before its directory

@@ -22,9 +22,11 @@ from gpusnap._client import (
     CaptureInfo,
     Client,
     CommitInfo,
+    RestoreInfo,
     Snapshot,
     SnapshotHandle,
     Stats,
+    WalkBack,
 )
 from gpusnap._native import (
     DEFAULT_SOCKET,
@@ -76,6 +78,8 @@ __all__ = [
     "SnapshotHandle",
     "CaptureInfo",
     "CommitInfo",
+    "RestoreInfo",
+    "WalkBack",
     "Snapshot",
     "Stats",
     "DEFAULT_SOCKET",

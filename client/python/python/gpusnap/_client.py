@@ -59,6 +59,40 @@ class CommitInfo:
 
 
 @dataclass(frozen=True)
+class WalkBack:
+    """A newer step a restore passed over: its snapshot, read from
+    ``source`` ("memory", "disk" or "remote"), failed verification
+    (``reason`` says how)."""
+
+    step: int
+    source: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RestoreInfo:
+    """What a restore came to: the step, where the daemon read it
+    (``source``: "memory", the hot tier; "disk", the node's store;
+    "remote", downloaded from the object store), its bytes, the time the
+    daemon took to fill its slot and the copies took, and the newer steps
+    passed over because they failed verification, newest first
+    (``walked_back``, empty when none was)."""
+
+    step: int
+    source: str
+    bytes: int
+    daemon_fill_s: float
+    copy_s: float
+    walked_back: tuple[WalkBack, ...] = ()
+
+    @classmethod
+    def _from_native(cls, info: dict[str, Any]) -> RestoreInfo:
+        fields = dict(info)
+        walked = fields.pop("walked_back", None) or []
+        return cls(**fields, walked_back=tuple(WalkBack(**w) for w in walked))
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """One committed snapshot of one rank, as the daemon lists it."""
 
@@ -171,6 +205,8 @@ class Client:
         self._cuda_devices: set[int] = set()
         self._device_of: dict[str, int] = {}
         self.stats = Stats()
+        self.last_restore: RestoreInfo | None = None
+        """What the last restore that brought back a step came to."""
         if rng:
             self._register_blob(
                 _rng.NAME, "json", _rng.CAPACITY, get=_rng.capture, put=_rng.restore
@@ -544,28 +580,35 @@ class Client:
     # ---- restore ----
 
     def latest(self) -> int | None:
-        """The newest step every rank of the job has committed, or None."""
+        """The newest step every rank of the job has committed (on this
+        node, or complete in the object store: a restore downloads it), or
+        None."""
         try:
             self._finish_open()
             listing = self._native.list()
         except Exception as e:  # noqa: BLE001 - the other ranks must not wait for this one
             _agree.fail(e)
-        own = [
-            s["step"]
-            for s in listing["snapshots"]
-            if s["job"] == self.job and s["rank"] == self.rank
-        ]
-        complete: list[int] = next(
-            (j["steps"] for j in listing["complete"] if j["job"] == self.job), []
-        )
+        if listing.get("remote_error") is not None:
+            log.warning(
+                "the object store could not be listed (%s): only the steps on this node "
+                "are candidates",
+                listing["remote_error"],
+            )
+        # A step complete in the object store counts as complete, and as one
+        # of this rank's own: restoring it downloads this rank's snapshot.
+        own = _agree.own_steps(listing, self.job, self.rank)
+        complete = _agree.complete_steps(listing, self.job)
         return _agree.newest_common_step(own, complete)
 
     def restore(self, step: int | None = None, stream: Any = None) -> int | None:
         """Restores ``step`` (default: the newest step every rank of the job
-        has committed) into every registered tensor in place, and the
-        blobs, optimizer scalars and RNG state; returns the step, or None
-        when there is nothing to restore (the registration is then sent,
-        as ``prepare()`` does). A missing, mismatched or corrupt snapshot
+        has committed, ``latest()``: on this node or complete in the object
+        store) into every registered tensor in place, and the blobs,
+        optimizer scalars and RNG state; returns the step, or None when
+        there is nothing to restore (the registration is then sent, as
+        ``prepare()`` does). ``last_restore`` then says what the restore
+        came to (``RestoreInfo``: where the daemon read it, the steps it
+        passed over). A missing, mismatched or corrupt snapshot
         raises before anything is written. Without ``step`` and with
         several ranks this is a collective: every rank calls it. The
         host-to-device copies into CUDA tensors are ordered after the work
@@ -589,9 +632,15 @@ class Client:
             for state in self._optimizers:
                 state.materialize(state.state_indices(saved))
                 self._register_optimizer_tensors(state)
-        info = self._native.restore(step, self._streams(stream, self._check()))
-        if info is None:
+        native_info = self._native.restore(step, self._streams(stream, self._check()))
+        if native_info is None:
             return None
+        info = RestoreInfo._from_native(native_info)
+        self.last_restore = info
+        for passed in info.walked_back:
+            log.warning(
+                "restore passed over step %d (%s): %s", passed.step, passed.source, passed.reason
+            )
         for entry in self._entries:
             entry.put_back(entry.resolve())
         # Decode every blob before loading any: a corrupt one is refused
@@ -608,12 +657,12 @@ class Client:
                 raise Error(f"blob {name!r}: loading the restored value failed: {e!r}") from e
         log.info(
             "restored step %d from %s (%d bytes) in %.3f s",
-            info["step"],
-            info["source"],
-            info["bytes"],
-            info["daemon_fill_s"] + info["copy_s"],
+            info.step,
+            info.source,
+            info.bytes,
+            info.daemon_fill_s + info.copy_s,
         )
-        return int(info["step"])
+        return int(info.step)
 
     # ---- listing ----
 

@@ -42,13 +42,21 @@ mapping (the key is the fqn split at ``.``, and the load gets no
 planner_data for it).
 
 The step: ``StorageWriter(job, step=None)`` saves one step past the newest
-step any rank of the job has on the daemon; the coordinator takes the
+step any rank of the job has on the daemon (or complete in the object
+store); the coordinator takes the
 largest of the ranks' proposals and hands it to every rank in the plan, so
 all ranks use the same step (with ``use_collectives=False`` every rank
 plans alone: pass the step). ``StorageReader(job, step=None)`` loads the
-newest step the daemon lists as complete for the job; the ranks' load plans
+newest step the daemon lists as complete for the job (on this node, or in
+the object store: see below); the ranks' load plans
 check that they all resolved the same one. ``latest_step(job)`` says which
 that is, without loading.
+
+The remote tier: a step the daemon lists as complete in the object store
+(``remote_complete``: its COMPLETE marker names every rank) is complete
+whatever this node's store holds: each rank's restore downloads the
+snapshot this node lacks. A step neither complete here nor in the object
+store is refused (``NotFound``).
 
 ``dcp.async_save(state_dict, storage_writer=StorageWriter(job, step))``:
 the writer is DCP's ``AsyncStager``. ``stage`` runs in the caller's thread,
@@ -100,9 +108,10 @@ Errors are gpusnap's (``NotFound`` for a missing or incomplete step,
 CPU and CUDA tensors save (a CUDA tensor's device-to-host copy is ordered
 after the work queued on its device's current stream, and ``write_data``
 returns once the snapshot is committed) and load (into targets anywhere
-torch can copy to); every rank's snapshot must be on this node's daemon
-to load (read_metadata describes every rank, and a rank's items may live
-in another rank's snapshot); reading a rank's items restores that rank's
+torch can copy to); every rank's snapshot must be on this node's daemon,
+or the step complete in the object store, to load (read_metadata
+describes every rank, and a rank's items may live in another rank's
+snapshot); reading a rank's items restores that rank's
 whole snapshot into scratch memory (the daemon restores exactly the
 registered set), one source rank at a time; dtypes are those gpusnap
 stores (no complex); a custom planner's ``planner_data`` other than DCP's
@@ -154,7 +163,7 @@ from torch.distributed.checkpoint.storage import StorageWriter as _StorageWriter
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from gpusnap import _native
+from gpusnap import _agree, _native
 from gpusnap._memory import TORCH_DTYPES, describe
 from gpusnap._native import (
     BackendUnavailable,
@@ -551,16 +560,18 @@ def _listing(conn: _Connection, job: str) -> dict[str, Any]:
 
 
 def _complete_steps(listing: dict[str, Any], job: str) -> list[int]:
-    return sorted(
-        s for j in listing.get("complete", []) if j["job"] == job for s in j["steps"]
-    )
+    """The complete steps of ``job``, oldest first: every rank committed
+    it on this node's store, or it is complete in the object store (a
+    restore downloads it)."""
+    return _agree.complete_steps(listing, job)
 
 
 def latest_step(
     job: str, *, socket: str | os.PathLike[str] | None = None, connect_timeout: float = 10.0
 ) -> int | None:
-    """The newest step of ``job`` every rank committed (what
-    ``StorageReader(job)`` loads), or None when there is none."""
+    """The newest step of ``job`` every rank committed, on this node or
+    complete in the object store (what ``StorageReader(job)`` loads), or
+    None when there is none."""
     conn = _Connection(
         None if socket is None else os.fspath(socket), connect_timeout, 60.0, 600.0
     )
@@ -910,7 +921,10 @@ class StorageWriter(_StorageWriter, AsyncStager):
         if self.step is not None:
             return _Proposal(self.step, explicit=True)
         listing = _listing(self._conn, self.job)
+        # Past the steps complete in the object store too: a node that
+        # lost its store must not save a step the bucket already holds.
         steps = [s["step"] for s in listing.get("snapshots", []) if s["job"] == self.job]
+        steps += _agree.remote_complete_steps(listing, self.job)
         return _Proposal(max(steps) + 1 if steps else 1, explicit=False)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
@@ -1221,11 +1235,21 @@ class StorageReader(_StorageReader):
             self._failure = e
             raise
 
-    def _resolve_step(self, listing: dict[str, Any]) -> tuple[int, int]:
-        """(step, world size) of the checkpoint to load."""
+    def _resolve_step(self, listing: dict[str, Any]) -> tuple[int, int | None]:
+        """(step, world size) of the checkpoint to load: a step every rank
+        committed on this node, or one complete in the object store (each
+        rank's restore downloads what this node lacks). The world size is
+        None for a step only the object store holds (no rank of it here to
+        say it)."""
         job = self.job
         snapshots = [s for s in listing.get("snapshots", []) if s["job"] == job]
+        local_complete = set(_agree.local_complete_steps(listing, job))
+        remote_complete = set(_agree.remote_complete_steps(listing, job))
         complete = _complete_steps(listing, job)
+        remote_error = listing.get("remote_error")
+        unlisted = (
+            f" (the object store could not be listed: {remote_error})" if remote_error else ""
+        )
         if self.step is None:
             if not complete:
                 raise NotFound(
@@ -1235,25 +1259,33 @@ class StorageReader(_StorageReader):
                         if snapshots
                         else ""
                     )
+                    + unlisted
                 )
             step = complete[-1]
         else:
             step = self.step
         at_step = [s for s in snapshots if s["step"] == step]
         if not at_step:
-            raise NotFound(f"job {job!r} has no step {step}")
+            if step in remote_complete:
+                return step, None
+            raise NotFound(f"job {job!r} has no step {step}{unlisted}")
         worlds = {s["world_size"] for s in at_step}
         if len(worlds) != 1:
             raise Corrupt(
                 f"job {job!r} step {step}: the ranks disagree on the world size ({worlds})"
             )
         world = worlds.pop()
+        if step in remote_complete:
+            # Every rank is in the object store: a rank missing here is
+            # downloaded by its restore.
+            return step, world
         ranks = {s["rank"] for s in at_step}
-        if step not in complete or ranks != set(range(world)):
+        if step not in local_complete or ranks != set(range(world)):
             missing = sorted(set(range(world)) - ranks)
             raise NotFound(
                 f"job {job!r} step {step} is not complete: rank(s) {missing} of {world} "
-                "have not committed it (on this node's daemon)"
+                "have not committed it (on this node's daemon, nor in the object store)"
+                + unlisted
             )
         return step, world
 
@@ -1261,6 +1293,10 @@ class StorageReader(_StorageReader):
         client = self._conn.open(self.job)
         try:
             step, world = self._resolve_step(client.list())
+            if world is None:
+                # Complete only in the object store: its manifests say the
+                # world size.
+                world = int(client.describe(step, rank=0, job=self.job)["world_size"])
             tables = {}
             for rank in range(world):
                 d = client.describe(step, rank=rank, job=self.job)

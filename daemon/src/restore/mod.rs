@@ -12,6 +12,11 @@
 //! registration, the store reads straight into the slot with O_DIRECT
 //! (`Store::read_into_shared` into [`FillTarget::direct_read`]), and
 //! otherwise hands verified pieces that are copied in.
+//!
+//! [`walk`] chooses which snapshot: the newest that verifies, locally or
+//! from the remote tier, reporting every newer one it passed over.
+
+pub mod walk;
 
 use std::collections::HashMap;
 
@@ -43,6 +48,33 @@ pub enum RestoreError {
     Hot(#[from] crate::hot_tier::HotError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The remote tier could not be asked (unreachable, refusing): with no
+    /// local snapshot to restore, saying "none" would start the trainer
+    /// over, so the restore fails instead.
+    #[error("{key}: no local snapshot, and the remote tier cannot be listed: {source}")]
+    RemoteUnavailable {
+        key: RankKey,
+        #[source]
+        source: Box<crate::remote::RemoteError>,
+    },
+    /// The object store holds the job for another uid (its `OWNER`).
+    #[error("{key}: the object store's job of this name belongs to uid {}, not to uid {uid}", .owner.map_or_else(|| "nobody".to_owned(), |o| o.to_string()))]
+    RemoteNotOwner {
+        key: RankKey,
+        uid: u32,
+        owner: Option<u32>,
+    },
+    /// Every snapshot there is (of the step asked for, or of any step)
+    /// failed verification; nothing is restored.
+    #[error("{}", walk::nothing_verifies(.key, *.step, .passed))]
+    NothingVerifies {
+        key: RankKey,
+        step: Option<u64>,
+        passed: Vec<gpusnap_proto::WalkBack>,
+    },
+    /// The daemon is stopping.
+    #[error("the daemon is stopping")]
+    Stopping,
 }
 
 /// A contiguous run copied from the snapshot's data section to the slot.
@@ -249,8 +281,10 @@ pub struct Filled {
 }
 
 /// Fills the lent `slot` (its registration is `key`) with the snapshot of
-/// `step` (the newest when `None`): from the hot tier when it holds that
-/// step, else from disk. `Ok(None)`: `key` has no snapshot at all.
+/// `step` (the newest when `None`) of the local store: from the hot tier
+/// when it holds that step, else from disk. `Ok(None)`: `key` has no
+/// snapshot at all. The daemon's restores go through [`walk::restore`],
+/// which adds the remote tier and the walk-back.
 pub fn fill_slot(
     store: &Store,
     hot: &HotTier,
@@ -263,6 +297,18 @@ pub fn fill_slot(
         Err(StoreError::NotFound { .. }) if step.is_none() => return Ok(None),
         Err(e) => return Err(e.into()),
     };
+    fill_snapshot(store, hot, key, slot, &snapshot).map(Some)
+}
+
+/// Fills the lent `slot` with `snapshot` (of `key`, in `store`): from the
+/// hot tier when it holds that step and its copy verifies, else from disk.
+pub fn fill_snapshot(
+    store: &Store,
+    hot: &HotTier,
+    key: &RankKey,
+    slot: &LentSlot,
+    snapshot: &Snapshot,
+) -> Result<Filled, RestoreError> {
     let found = snapshot.manifest.step;
     let staging = slot.staging();
     // Borrowed from the guard, which holds the slot `Lent` for this whole
@@ -277,11 +323,11 @@ pub fn fill_slot(
         let mapping = Mapping::plan(&hot_copy.layout, staging.layout(), found)?;
         match fill_from_hot(&hot_copy, &mapping, target) {
             Ok(bytes) => {
-                return Ok(Some(Filled {
+                return Ok(Filled {
                     step: found,
                     source: RestoreSource::Memory,
                     bytes,
-                }));
+                });
             }
             Err(e) => {
                 tracing::error!(job = %key.job, rank = key.rank, step = found, error = %e, "hot copy failed verification; dropping it and reading from disk");
@@ -290,12 +336,12 @@ pub fn fill_slot(
         }
     }
     let mapping = Mapping::plan(&snapshot.layout, staging.layout(), found)?;
-    let bytes = fill_from_disk(store, &snapshot, &mapping, target)?;
-    Ok(Some(Filled {
+    let bytes = fill_from_disk(store, snapshot, &mapping, target)?;
+    Ok(Filled {
         step: found,
         source: RestoreSource::Disk,
         bytes,
-    }))
+    })
 }
 
 #[cfg(test)]
