@@ -179,6 +179,23 @@ fn status(socket: Option<&Path>, json: bool) -> Result<ExitCode, CtlError> {
         "in flight {} snapshot(s) captured, not yet committed",
         s.snapshots_in_flight
     );
+    match &s.remote {
+        None => println!("remote    off"),
+        Some(r) => {
+            let state = if r.reachable {
+                "reachable"
+            } else {
+                "UNREACHABLE"
+            };
+            println!(
+                "remote    {} bucket {}: {state}, {} upload(s), {} failed pass(es)",
+                r.endpoint, r.bucket, r.uploads, r.failures
+            );
+            if let Some(e) = &r.last_error {
+                println!("          last error: {e}");
+            }
+        }
+    }
     println!();
     println!(
         "{:<24} {:>5} {:>7} {:>8} {:>8} {:>14} {:>11}  PINNING",
@@ -210,21 +227,47 @@ fn status(socket: Option<&Path>, json: bool) -> Result<ExitCode, CtlError> {
     }
     println!();
     println!(
-        "{:<24} {:>7} {:>14} {:>10} {:>10}",
+        "{:<24} {:>7} {:>14} {:>10} {:>10}  REMOTE",
         "JOB", "UID", "LAST COMMITTED", "IN FLIGHT", "HOT STEP"
     );
     let dash = || "-".to_owned();
     for j in &s.jobs {
         println!(
-            "{:<24} {:>7} {:>14} {:>10} {:>10}",
+            "{:<24} {:>7} {:>14} {:>10} {:>10}  {}",
             j.job,
             j.uid,
             j.last_committed_step.map_or_else(dash, |v| v.to_string()),
             j.in_flight,
-            j.hot_step.map_or_else(dash, |v| v.to_string())
+            j.hot_step.map_or_else(dash, |v| v.to_string()),
+            remote_summary(s.remote.as_ref(), &j.job)
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A job's upload state: the oldest step its ranks have uploaded and how
+/// far the slowest rank lags (`-` with the tier off).
+fn remote_summary(remote: Option<&gpusnap::proto::RemoteStatus>, job: &str) -> String {
+    let Some(remote) = remote else {
+        return "-".to_owned();
+    };
+    let ranks: Vec<_> = remote.ranks.iter().filter(|r| r.job == job).collect();
+    if ranks.is_empty() {
+        return "nothing to upload".to_owned();
+    }
+    let uploaded = ranks
+        .iter()
+        .map(|r| r.uploaded)
+        .min()
+        .flatten()
+        .map_or_else(|| "none".to_owned(), |s| s.to_string());
+    let behind = ranks.iter().map(|r| r.behind_steps).max().unwrap_or(0);
+    let behind_s = ranks.iter().map(|r| r.behind_s).max().unwrap_or(0);
+    if behind == 0 {
+        format!("uploaded {uploaded}, up to date")
+    } else {
+        format!("uploaded {uploaded}, {behind} step(s) / {behind_s} s behind")
+    }
 }
 
 /// One word for what a session's devices did to its staging: `unpinned`
@@ -568,7 +611,44 @@ fn print_json<T: Serialize>(value: &T) {
 mod tests {
     use gpusnap::proto::{AttachReport, PinState};
 
-    use super::pinning_summary;
+    use super::{pinning_summary, remote_summary};
+
+    #[test]
+    fn the_remote_column_says_the_slowest_ranks_lag() {
+        use gpusnap::proto::{RemoteRankStatus, RemoteStatus};
+        assert_eq!(remote_summary(None, "j"), "-");
+        let rank = |rank, uploaded, behind_steps, behind_s| RemoteRankStatus {
+            job: "j".into(),
+            rank,
+            uploaded,
+            behind_steps,
+            behind_s,
+        };
+        let mut remote = RemoteStatus {
+            endpoint: "http://s3".into(),
+            bucket: "b".into(),
+            reachable: true,
+            last_error: None,
+            uploads: 3,
+            failures: 0,
+            ranks: vec![rank(0, Some(20), 0, 0), rank(1, Some(10), 2, 40)],
+        };
+        assert_eq!(
+            remote_summary(Some(&remote), "j"),
+            "uploaded 10, 2 step(s) / 40 s behind"
+        );
+        assert_eq!(remote_summary(Some(&remote), "other"), "nothing to upload");
+        remote.ranks = vec![rank(0, Some(20), 0, 0)];
+        assert_eq!(
+            remote_summary(Some(&remote), "j"),
+            "uploaded 20, up to date"
+        );
+        remote.ranks = vec![rank(0, None, 1, 5)];
+        assert_eq!(
+            remote_summary(Some(&remote), "j"),
+            "uploaded none, 1 step(s) / 5 s behind"
+        );
+    }
 
     #[test]
     fn the_pinning_column_says_unpinned_over_pinned_over_not_needed() {
