@@ -331,3 +331,221 @@ class DaemonProcess:
 
     def metric(self, series: str) -> float | None:
         return sample(self.metrics(), series)
+
+
+# -- A real S3 server: SeaweedFS, as testkit/src/s3.rs starts it ----------
+
+S3_REGION = "us-east-1"
+S3_ACCESS_KEY = "gpusnaptestadmin"
+S3_SECRET_KEY = "gpusnap-test-secret-key"
+S3_BUCKET = "gpusnap-test"
+S3_READY_S = 60.0
+REPO = Path(__file__).resolve().parents[2]
+
+
+def weed_binary() -> Path:
+    """tests/seaweedfs-install's ``weed`` (installed on first use)."""
+    out = subprocess.run(
+        [str(REPO / "tests" / "seaweedfs-install")],
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def _sigv4_headers(method: str, url: str, body: bytes) -> dict[str, str]:
+    """AWS Signature Version 4 headers for one path-style request (the
+    tests' own requests: a bucket's creation, a probe object)."""
+    import hashlib
+    import hmac
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    now = time.gmtime()
+    amz_date = time.strftime("%Y%m%dT%H%M%SZ", now)
+    day = amz_date[:8]
+    payload = hashlib.sha256(body).hexdigest()
+    headers = {"host": parts.netloc, "x-amz-content-sha256": payload, "x-amz-date": amz_date}
+    signed = ";".join(sorted(headers))
+    canonical = "\n".join(
+        [
+            method,
+            urllib.parse.quote(parts.path or "/"),
+            parts.query,
+            "".join(f"{k}:{headers[k]}\n" for k in sorted(headers)),
+            signed,
+            payload,
+        ]
+    )
+    scope = f"{day}/{S3_REGION}/s3/aws4_request"
+    to_sign = "\n".join(
+        ["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()]
+    )
+
+    def mac(key: bytes, text: str) -> bytes:
+        return hmac.new(key, text.encode(), hashlib.sha256).digest()
+
+    key = mac(("AWS4" + S3_SECRET_KEY).encode(), day)
+    for part in (S3_REGION, "s3", "aws4_request"):
+        key = mac(key, part)
+    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    headers["authorization"] = (
+        f"AWS4-HMAC-SHA256 Credential={S3_ACCESS_KEY}/{scope}, "
+        f"SignedHeaders={signed}, Signature={signature}"
+    )
+    return headers
+
+
+class SeaweedFs:
+    """``weed server -s3`` on loopback in ``workdir``, with one identity and
+    the bucket ``S3_BUCKET``; ready once a signed PUT and GET of a probe
+    object both succeed. ``kill`` is SIGKILL (weed's SIGTERM takes tens of
+    seconds); ``close`` (also on leaving a ``with`` block) kills it."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.weed = weed_binary()
+        self.ports = self._ports()
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
+        self.s3_config = workdir / "seaweedfs-s3.json"
+        self.s3_config.write_text(
+            '{"identities":[{"name":"admin","credentials":[{"accessKey":"'
+            + S3_ACCESS_KEY
+            + '","secretKey":"'
+            + S3_SECRET_KEY
+            + '"}],"actions":["Admin","Read","Write","List","Tagging"]}]}'
+        )
+        self.credentials_file = workdir / "s3-credentials.toml"
+        self.credentials_file.write_text(
+            f'access_key_id = "{S3_ACCESS_KEY}"\nsecret_access_key = "{S3_SECRET_KEY}"\n'
+        )
+        self.credentials_file.chmod(0o600)
+        self.log_path = workdir / "seaweedfs.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def _ports() -> dict[str, int]:
+        """Free ports whose gRPC twin (+10000) is free too."""
+        ports: dict[str, int] = {}
+        for name in ("master", "volume", "filer", "s3"):
+            for _ in range(100):
+                port = free_port()
+                if port + 10000 > 65535 or port in ports.values():
+                    continue
+                with socketlib.socket() as s:
+                    try:
+                        s.bind(("127.0.0.1", port + 10000))
+                    except OSError:
+                        continue
+                ports[name] = port
+                break
+            else:
+                raise DaemonError(f"no free port pair for SeaweedFS's {name}")
+        return ports
+
+    def remote_settings(self, prefix: str) -> dict[str, str]:
+        """The daemon's ``[remote]`` table for this server (TOML values as
+        text), with the short test timings of testkit/src/s3.rs."""
+        return {
+            "enabled": "true",
+            "endpoint": toml_value(self.endpoint),
+            "bucket": toml_value(S3_BUCKET),
+            "prefix": toml_value(prefix),
+            "region": toml_value(S3_REGION),
+            "credentials_file": toml_value(str(self.credentials_file)),
+            "request_timeout_s": "5",
+            "retry_deadline_s": "30",
+            "part_bytes": "5242880",
+            "concurrency": "4",
+        }
+
+    def request(self, method: str, key: str, body: bytes = b"") -> tuple[int, bytes]:
+        """A signed path-style request (``key`` under the endpoint)."""
+        import urllib.error
+        import urllib.request
+
+        url = f"{self.endpoint}/{key}"
+        req = urllib.request.Request(
+            url, data=body if method == "PUT" else None, method=method,
+            headers=_sigv4_headers(method, url, body),
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def start(self) -> SeaweedFs:
+        if self.proc is not None:
+            raise DaemonError(f"weed is already running (pid {self.proc.pid})")
+        p = self.ports
+        args = [
+            str(self.weed), "server", "-s3", f"-dir={self.dir / 'data'}",
+            "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={p['master']}", f"-master.port.grpc={p['master'] + 10000}",
+            f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume'] + 10000}",
+            f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer'] + 10000}",
+            f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3'] + 10000}",
+            f"-s3.config={self.s3_config}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-s3.autoCreateBucket=false", "-master.electionTimeout=500ms",
+            "-master.telemetry=false", "-master.volumeSizeLimitMB=128", "-volume.max=64",
+            "-volume.preStopSeconds=0",
+        ]
+        (self.dir / "data").mkdir(exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+            )
+        deadline = time.monotonic() + S3_READY_S
+        last = "nothing tried yet"
+        while True:
+            if self.proc.poll() is not None:
+                rc, self.proc = self.proc.returncode, None
+                raise DaemonError(f"weed exited at start ({rc}); its log:\n{self._log_tail()}")
+            try:
+                status, body = self.request("PUT", S3_BUCKET)
+                made = status < 300 or b"BucketAlreadyOwnedByYou" in body
+                if made and self.request("PUT", f"{S3_BUCKET}/probe", b"ok")[0] < 300:
+                    if self.request("GET", f"{S3_BUCKET}/probe") == (200, b"ok"):
+                        return self
+                last = f"status {status}: {body[:200]!r}"
+            except OSError as e:
+                last = str(e)
+            if time.monotonic() >= deadline:
+                self.kill()
+                raise DaemonError(
+                    f"SeaweedFS at {self.endpoint} not ready in {S3_READY_S} s ({last}); "
+                    f"its log:\n{self._log_tail()}"
+                )
+            time.sleep(0.2)
+
+    def kill(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+        self.proc = None
+
+    close = kill
+
+    def __enter__(self) -> SeaweedFs:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _log_tail(self) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:])
+        except FileNotFoundError:
+            return ""
