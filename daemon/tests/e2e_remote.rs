@@ -472,3 +472,48 @@ fn retention_keeps_the_newest_complete_steps_and_deletes_marker_first() {
         "each old step's marker went"
     );
 }
+
+#[test]
+fn bytes_the_local_disk_corrupted_never_reach_the_object_store() {
+    let mut bucket = Bucket::start();
+    bucket.server.kill().unwrap_or_else(|e| panic!("{e}"));
+    let state = State::new(2, 8 << 20);
+    let mut a = bucket.node("localrot", &[]);
+    train(&a, "job", 0, 1, &state, &[1]);
+    // The object store was down: step 1 is committed locally only. The
+    // disk then corrupts it, and the store comes back.
+    a.stop();
+    let file = a.root.join("job/0/step-1").join(DATA);
+    let mut bytes = std::fs::read(&file).expect("local data");
+    let at = bytes.len() - (3 << 20);
+    bytes[at] ^= 0x10;
+    std::fs::write(&file, &bytes).expect("corrupt the local copy");
+    bucket.server.restart().unwrap_or_else(|e| panic!("{e}"));
+    a.restart();
+    wait_for("the corrupt upload to be refused", UPLOAD_WAIT, || {
+        count(
+            &a,
+            "gpusnap_remote_uploads_total{job=\"job\",outcome=\"local_corrupt\"}",
+        ) >= 1.0
+    });
+    assert!(a.log().contains("fails verification; it is not uploaded"));
+    let keys = bucket.keys("localrot/job");
+    assert!(
+        keys.iter().all(|k| !k.contains("/step-1/")),
+        "nothing of the corrupt step is in the object store: {keys:?}"
+    );
+    // The next commit goes up as usual.
+    let mut c = client(&a, "job", 0, 1);
+    state.register(&mut c);
+    state.fill(2);
+    snapshot_committed(&mut c, 2);
+    bucket.wait_complete("localrot", "job", 2);
+    assert_eq!(
+        count(
+            &a,
+            "gpusnap_remote_uploads_total{job=\"job\",outcome=\"local_corrupt\"}"
+        ),
+        1.0,
+        "the corrupt step is never tried again"
+    );
+}

@@ -73,6 +73,15 @@ pub enum RemoteError {
     Conflict { key: String, why: String },
     #[error("remote tier, the local snapshot: {0}")]
     Local(#[from] StoreError),
+    /// The committed local file does not match its manifest: it is never
+    /// uploaded (the object store never receives bytes the disk corrupted).
+    #[error(
+        "the local snapshot file {path} does not match its manifest ({why}); it is never uploaded"
+    )]
+    LocalCorrupt {
+        path: std::path::PathBuf,
+        why: String,
+    },
     #[error("remote tier, {path}: {source}")]
     Io {
         path: std::path::PathBuf,
@@ -97,6 +106,7 @@ impl RemoteError {
             RemoteError::Corrupt { .. } => "corrupt",
             RemoteError::Conflict { .. } => "conflict",
             RemoteError::Local(_) | RemoteError::Io { .. } => "local",
+            RemoteError::LocalCorrupt { .. } => "local_corrupt",
             RemoteError::Client(_) => "client",
             RemoteError::Stopping => "stopping",
         }

@@ -423,9 +423,9 @@ async fn upload_data(
                         &buf,
                         checksum.as_ref(),
                     )
-                    .map_err(|why| RemoteError::Corrupt {
-                        key: path.display().to_string(),
-                        why: format!("not uploaded: {why}"),
+                    .map_err(|why| RemoteError::LocalCorrupt {
+                        path: path.clone(),
+                        why,
                     })?;
                     Ok(Bytes::from(buf))
                 })
@@ -642,4 +642,91 @@ fn write_local(
     };
     store.commit_laid_out(id, layout, world_size, Source::Stream(&mut fill))?;
     Ok(store.find(&id.job, id.rank, Some(id.step))?)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "tests")]
+mod tests {
+    use gpusnap_proto::{Dtype, TensorSpec};
+
+    use super::*;
+    use crate::store::{StoreConfig, paths::DATA_FILE};
+
+    /// A committed snapshot of about `mib` MiB in 64 KiB CRC chunks.
+    fn committed(dir: &Path, mib: u64) -> (Store, Snapshot) {
+        let store = Store::open(StoreConfig {
+            root: dir.to_path_buf(),
+            io_buffer_bytes: 64 << 10,
+            ..StoreConfig::default()
+        })
+        .unwrap();
+        let id = SnapshotId::new("job", 0, 3).unwrap();
+        let tensors = vec![
+            TensorSpec::new("w", Dtype::F32, [mib << 18]),
+            TensorSpec::new("step", Dtype::I64, []),
+        ];
+        let mut fill = |offset: u64, buf: &mut [u8]| {
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = (offset + to_u64(i)).to_le_bytes()[1];
+            }
+            Ok(())
+        };
+        store
+            .write_snapshot(&id, &tensors, 1, Source::Stream(&mut fill))
+            .unwrap();
+        let snapshot = store.find("job", 0, Some(3)).unwrap();
+        (store, snapshot)
+    }
+
+    #[test]
+    fn parts_cover_the_file_and_end_on_chunk_boundaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, s) = committed(dir.path(), 13);
+        let m = &s.manifest;
+        for part_bytes in [0, PART_BYTES_MIN, PART_BYTES_MIN + 1, 6 << 20, 64 << 20] {
+            let parts = plan_parts(m, part_bytes);
+            assert_eq!(parts[0].start, 0);
+            assert_eq!(parts.last().unwrap().end, m.file_len);
+            assert!(to_u64(parts.len()) <= PARTS_MAX);
+            for pair in parts.windows(2) {
+                assert_eq!(pair[0].end, pair[1].start, "contiguous");
+            }
+            for part in &parts[..parts.len() - 1] {
+                assert!(part.end - part.start >= part_bytes.max(PART_BYTES_MIN));
+                assert!((part.end - m.header_len).is_multiple_of(m.chunk_bytes));
+            }
+        }
+        assert_eq!(
+            plan_parts(m, PART_BYTES_MIN).len(),
+            3,
+            "13 MiB in 5 MiB parts"
+        );
+        assert_eq!(plan_parts(m, 64 << 20).len(), 1);
+    }
+
+    #[test]
+    fn a_flipped_byte_in_a_chunk_or_the_header_fails_its_part() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, s) = committed(dir.path(), 11);
+        let m = &s.manifest;
+        let bytes = std::fs::read(s.dir.join(DATA_FILE)).unwrap();
+        let checksum = store.checksum().as_ref();
+        let parts = plan_parts(m, PART_BYTES_MIN);
+        for part in &parts {
+            let piece = &bytes[to_usize(part.start)..to_usize(part.end)];
+            check_range(m, &s.layout, part, piece, checksum).unwrap();
+        }
+        let second = &parts[1];
+        let mut piece = bytes[to_usize(second.start)..to_usize(second.end)].to_vec();
+        piece[4097] ^= 1;
+        let why = check_range(m, &s.layout, second, &piece, checksum).unwrap_err();
+        assert!(why.contains("CRC32") && why.contains("\"w\""), "{why}");
+        let first = &parts[0];
+        let mut piece = bytes[to_usize(first.start)..to_usize(first.end)].to_vec();
+        piece[20] ^= 1;
+        let why = check_range(m, &s.layout, first, &piece, checksum).unwrap_err();
+        assert!(why.contains("header"), "{why}");
+        let short = &bytes[to_usize(second.start)..to_usize(second.end) - 1];
+        assert!(check_range(m, &s.layout, second, short, checksum).is_err());
+    }
 }

@@ -74,6 +74,8 @@ pub struct RankLag {
 #[derive(Debug, Default)]
 struct State {
     ranks: HashMap<RankKey, RankState>,
+    /// Local snapshots found corrupt while uploading: never tried again.
+    corrupt: std::collections::HashSet<(RankKey, u64)>,
     /// Jobs whose `OWNER` object this run found (or made) naming the local
     /// owner.
     owners_confirmed: BTreeSet<String>,
@@ -318,19 +320,33 @@ impl Remote {
     }
 
     async fn upload_rank(&self, key: &RankKey) -> Result<(), RemoteError> {
-        let uploaded = self.lock().ranks.get(key).and_then(|r| r.uploaded);
+        let (uploaded, corrupt) = {
+            let state = self.lock();
+            let corrupt: BTreeSet<u64> = state
+                .corrupt
+                .iter()
+                .filter(|(k, _)| k == key)
+                .map(|(_, step)| *step)
+                .collect();
+            (state.ranks.get(key).and_then(|r| r.uploaded), corrupt)
+        };
         let local = self.local_snapshots(key).await?;
         let pending: Vec<&Snapshot> = local
             .iter()
             .filter(|s| uploaded.is_none_or(|u| s.manifest.step > u))
+            .filter(|s| !corrupt.contains(&s.manifest.step))
             .collect();
         let Some(newest) = pending.last() else {
-            // Retention removed them before they went up; nothing to send.
+            // Retention removed them before they went up, or they are
+            // corrupt: nothing to send. A corrupt one keeps the lag gauges
+            // up: that rank's newest state is not in the object store.
             let mut state = self.lock();
             if let Some(r) = state.ranks.get_mut(key) {
                 r.uploaded = r.newest_committed.max(r.uploaded);
-                r.behind = 0;
-                r.behind_since = None;
+                if corrupt.is_empty() {
+                    r.behind = 0;
+                    r.behind_since = None;
+                }
             }
             return Ok(());
         };
@@ -413,6 +429,7 @@ impl Remote {
             }
             Ok(Uploaded::AlreadyThere { .. }) => "already_there",
             Err(RemoteError::Conflict { .. }) => "conflict",
+            Err(RemoteError::LocalCorrupt { .. }) => "local_corrupt",
             Err(RemoteError::Local(StoreError::NotFound { .. })) => "skipped",
             Err(RemoteError::Io { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
@@ -435,6 +452,16 @@ impl Remote {
             // reported, and not tried again.
             Err(e @ RemoteError::Conflict { .. }) => {
                 tracing::error!(job, rank = key.rank, step, error = %e, "the object store holds another snapshot of this step; it is left as it is");
+            }
+            // The disk corrupted it: never sent, never tried again (a
+            // newer commit of the rank is), and the lag gauges go on
+            // saying the rank is not backed up.
+            Err(e @ RemoteError::LocalCorrupt { .. }) => {
+                tracing::error!(job, rank = key.rank, step, error = %e, "a committed local snapshot fails verification; it is not uploaded (gpusnapctl verify tells more)");
+                let mut state = self.lock();
+                state.last_error = Some(e.to_string());
+                state.corrupt.insert((key.clone(), step));
+                return Ok(());
             }
             // Local retention removed it before it went up: the next pass
             // lists the rank again.
