@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use gpusnapd::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
-use gpusnapd::remote::marker::{MANIFEST_LEN_MAX, RankEntry, sha256_hex};
+use gpusnapd::remote::marker::RankEntry;
 use gpusnapd::remote::{RemoteConfig, RemoteError, Tier};
 use gpusnapd::store::{FormatVersion, Layout, Manifest, SnapshotId, StoreError};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -350,42 +350,13 @@ pub(crate) fn check_job(job: &str) -> Result<(), Error> {
 
 /// The manifest object of `id`, parsed and checked to describe `id`, with
 /// its layout and SHA-256; checked against `expected` (the marker's entry)
-/// when given. As `gpusnapd::remote::transfer::remote_manifest`, without a
-/// local store.
+/// when given: the daemon's own check, in the format this build writes.
 pub(crate) async fn fetch_manifest(
     tier: &Tier,
     id: &SnapshotId,
     expected: Option<&RankEntry>,
 ) -> Result<(Manifest, Layout, String), RemoteError> {
-    let key = tier.keys.manifest(id);
-    let bytes = tier.bucket.get_small(&key, MANIFEST_LEN_MAX).await?;
-    let digest = sha256_hex(&bytes);
-    let corrupt = |why: String| RemoteError::Corrupt {
-        key: key.to_string(),
-        why,
-    };
-    if let Some(entry) = expected
-        && entry.manifest_sha256 != digest
-    {
-        return Err(corrupt(format!(
-            "its SHA-256 is {digest}, the step's COMPLETE marker says {}",
-            entry.manifest_sha256
-        )));
-    }
-    let (manifest, layout) =
-        Manifest::parse(&bytes, FormatVersion::CURRENT).map_err(|e| corrupt(e.to_string()))?;
-    if &manifest.id() != id {
-        return Err(corrupt(format!("it describes {}", manifest.id())));
-    }
-    if let Some(entry) = expected
-        && entry.file_len != manifest.file_len
-    {
-        return Err(corrupt(format!(
-            "data file of {} bytes, the marker says {}",
-            manifest.file_len, entry.file_len
-        )));
-    }
-    Ok((manifest, layout, digest))
+    gpusnapd::remote::transfer::remote_manifest(tier, FormatVersion::CURRENT, id, expected).await
 }
 
 /// Ranks as short ranges: `0-3,5,7-8`; `-` for none.

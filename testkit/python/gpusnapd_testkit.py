@@ -530,6 +530,10 @@ class SeaweedFs:
             pass
         self.proc.wait(timeout=30)
         self.proc = None
+        # weed leaves its Unix sockets in /tmp, named by port.
+        for port in self.ports.values():
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
 
     close = kill
 

@@ -503,7 +503,7 @@ impl S3Server {
                 "-s3.port.lance=0",
                 // Like S3: a PUT into a missing bucket fails.
                 "-s3.autoCreateBucket=false",
-                "-master.electionTimeout=500ms",
+                "-master.electionTimeout=1s",
                 "-master.telemetry=false",
                 // Small volumes, never preallocated; 64 x 128 MiB at most.
                 "-master.volumeSizeLimitMB=128",

@@ -219,16 +219,17 @@ impl Bucket {
     fn verdict(&self, op: &'static str, key: &ObjectPath, e: object_store::Error) -> Verdict {
         use object_store::Error as E;
         let key_s = key.to_string();
+        let refused = |key: String, source: object_store::Error| {
+            Verdict::Final(RemoteError::Refused {
+                endpoint: self.endpoint.clone(),
+                bucket: self.bucket.clone(),
+                op,
+                key,
+                source: Box::new(source),
+            })
+        };
         match e {
-            E::PermissionDenied { .. } | E::Unauthenticated { .. } => {
-                Verdict::Final(RemoteError::Refused {
-                    endpoint: self.endpoint.clone(),
-                    bucket: self.bucket.clone(),
-                    op,
-                    key: key_s,
-                    source: Box::new(e),
-                })
-            }
+            E::PermissionDenied { .. } | E::Unauthenticated { .. } => refused(key_s, e),
             E::NotFound { .. } if e.to_string().contains("NoSuchBucket") => {
                 Verdict::Final(self.bucket_missing(op, key_s))
             }
@@ -241,15 +242,7 @@ impl Bucket {
             }
             // object_store says a refused LIST as a generic error: the
             // status and S3's code are in its text.
-            E::Generic { .. } if says_refused(&e.to_string()) => {
-                Verdict::Final(RemoteError::Refused {
-                    endpoint: self.endpoint.clone(),
-                    bucket: self.bucket.clone(),
-                    op,
-                    key: key_s,
-                    source: Box::new(e),
-                })
-            }
+            E::Generic { .. } if says_refused(&e.to_string()) => refused(key_s, e),
             other => Verdict::Retry(other),
         }
     }

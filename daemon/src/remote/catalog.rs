@@ -230,14 +230,15 @@ pub async fn try_complete(
     for rank in 0..world_size {
         let id =
             SnapshotId::new(job, rank, step).map_err(|e| RemoteError::Client(e.to_string()))?;
-        let (manifest, _layout, digest) = match remote_manifest(tier, store, &id, None).await {
-            Ok(found) => found,
-            Err(RemoteError::NotFound { .. }) => {
-                missing.push(rank);
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
+        let (manifest, _layout, digest) =
+            match remote_manifest(tier, store.format(), &id, None).await {
+                Ok(found) => found,
+                Err(RemoteError::NotFound { .. }) => {
+                    missing.push(rank);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
         if manifest.world_size != world_size {
             return Err(RemoteError::Conflict {
                 key: tier.keys.manifest(&id).to_string(),

@@ -46,7 +46,7 @@ use crate::remote::marker::{MANIFEST_LEN_MAX, RankEntry, sha256_hex};
 use crate::remote::throttle::Throttle;
 use crate::store::error::SourceError;
 use crate::store::paths::MANIFEST_FILE;
-use crate::store::{Layout, Manifest, Snapshot, SnapshotId, Source, Store};
+use crate::store::{FormatVersion, Layout, Manifest, Snapshot, SnapshotId, Source, Store};
 
 /// What one transfer may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -462,7 +462,7 @@ async fn upload_data(
 /// `expected` (the marker's entry) when given; with its layout.
 pub async fn remote_manifest(
     tier: &Tier,
-    store: &Store,
+    format: FormatVersion,
     id: &SnapshotId,
     expected: Option<&RankEntry>,
 ) -> Result<(Manifest, Layout, String), RemoteError> {
@@ -481,8 +481,7 @@ pub async fn remote_manifest(
             entry.manifest_sha256
         )));
     }
-    let (manifest, layout) =
-        Manifest::parse(&bytes, store.format()).map_err(|e| corrupt(e.to_string()))?;
+    let (manifest, layout) = Manifest::parse(&bytes, format).map_err(|e| corrupt(e.to_string()))?;
     if &manifest.id() != id {
         return Err(corrupt(format!("it describes {}", manifest.id())));
     }
@@ -507,7 +506,7 @@ pub async fn download(
     id: &SnapshotId,
     expected: Option<&RankEntry>,
 ) -> Result<Snapshot, RemoteError> {
-    let (manifest, layout, _) = remote_manifest(tier, store, id, expected).await?;
+    let (manifest, layout, _) = remote_manifest(tier, store.format(), id, expected).await?;
     let data_key = tier.keys.data(id);
     let corrupt = |why: String| RemoteError::Corrupt {
         key: data_key.to_string(),

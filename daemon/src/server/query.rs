@@ -115,7 +115,7 @@ pub async fn describe_remote(
         return Ok(None);
     }
     let tier = remote.tier();
-    match crate::remote::transfer::remote_manifest(tier, &daemon.store, id, None).await {
+    match crate::remote::transfer::remote_manifest(tier, daemon.store.format(), id, None).await {
         Ok((manifest, layout, _digest)) => Ok(Some(ReplyBody::Described {
             job: manifest.job,
             rank: manifest.rank,
