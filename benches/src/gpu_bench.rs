@@ -27,7 +27,7 @@ use gpusnapd::config::{ByteSize, Config};
 use gpusnapd_testkit::{DaemonProcess, Defaults, Launch, Settings};
 use serde::Serialize;
 
-use crate::e2e_bench::binary;
+use crate::daemon::binary;
 use crate::units::human_bytes;
 use crate::workdir::WorkDir;
 use crate::{sys as host, units};

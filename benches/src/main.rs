@@ -4,11 +4,14 @@
 //! Logs and progress go to stderr; with `--json`, stdout holds exactly one
 //! JSON object.
 
+mod daemon;
 mod e2e_bench;
 mod e2e_report;
 mod fio;
 mod gpu_bench;
 mod mapping;
+mod remote_bench;
+mod remote_report;
 mod report;
 mod state;
 mod store_bench;
@@ -49,6 +52,53 @@ enum Command {
     /// device memory against plain pinned CUDA copies, the overlapped
     /// stall, the page-locking rate, many small tensors.
     Gpu(GpuArgs),
+    /// The remote (S3) tier against the plain object-store client on a
+    /// loopback SeaweedFS: upload vs a plain multipart upload, persist with
+    /// uploads vs without, download + restore vs ranged GETs alone.
+    Remote(RemoteArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RemoteArgs {
+    /// State size: the registered tensors' bytes, and the uploaded
+    /// snapshot's data (K, M, G suffixes are powers of 1024).
+    #[arg(long, default_value = "512M", value_parser = units::parse_size)]
+    size: u64,
+    /// Part of a multipart upload and of a ranged GET (remote.part_bytes),
+    /// for gpusnap and its peers alike.
+    #[arg(long = "part", default_value = "16M", value_parser = units::parse_size)]
+    part_bytes: u64,
+    /// Requests in flight (remote.concurrency), for gpusnap and its peers.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Rounds of the upload and of the download figure (best of each).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Snapshots per daemon in the persist figure (without uploads, beside
+    /// a plain uploader, with the daemon's uploads).
+    #[arg(long, default_value_t = 5)]
+    snapshots: usize,
+    /// A small run for CI (--size 64M); its figures say little.
+    #[arg(long)]
+    smoke: bool,
+    /// Print one JSON object on stdout (the table goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// Run in DIR and leave the daemons' configs and logs there.
+    #[arg(long, value_name = "DIR", conflicts_with = "dir")]
+    keep: Option<PathBuf>,
+    /// Run in a fresh directory under DIR, removed afterwards [default:
+    /// the repository's target/gpusnap-bench/, or /var/tmp if that is tmpfs].
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// The S3 servers' data in a fresh directory under DIR [default:
+    /// /dev/shm when it is tmpfs, so the server's writes stay off the
+    /// store's disk, else the run's directory].
+    #[arg(long, value_name = "DIR")]
+    server_dir: Option<PathBuf>,
+    /// The gpusnapd binary [default: the one beside gpusnap-bench].
+    #[arg(long, value_name = "PATH")]
+    gpusnapd: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -149,7 +199,36 @@ fn main() -> ExitCode {
         Command::Store(args) => store(args),
         Command::E2e(args) => e2e(args),
         Command::Gpu(args) => gpu(args),
+        Command::Remote(args) => remote(args),
     }
+}
+
+fn remote(args: RemoteArgs) -> ExitCode {
+    let bench = remote_bench::RemoteBench {
+        size_bytes: if args.smoke {
+            remote_bench::SMOKE_SIZE_BYTES
+        } else {
+            args.size
+        },
+        part_bytes: args.part_bytes,
+        concurrency: args.concurrency,
+        repeats: args.repeats,
+        snapshots: args.snapshots,
+        smoke: args.smoke,
+        keep: args.keep,
+        dir: args.dir,
+        server_dir: args.server_dir,
+        gpusnapd: args.gpusnapd,
+    };
+    let report = match remote_bench::run(&bench) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("gpusnap-bench remote: FAILED: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let failed = !report.errors.is_empty();
+    print_report(&report, &report.table(), args.json, failed)
 }
 
 fn gpu(args: GpuArgs) -> ExitCode {
