@@ -2,7 +2,8 @@
 testkit/python/gpusnapd_testkit.py starts it): a node lost with its disk is
 replaced by an empty one, and the trainer there resumes from the object
 store with the same rule the ranks agree by (a step complete remotely
-counts as complete and as this rank's own)."""
+counts as complete and as this rank's own); gpusnap.dcp's reader loads a
+checkpoint there the same way (with torch only)."""
 
 from __future__ import annotations
 
@@ -74,5 +75,41 @@ def test_a_replaced_node_resumes_from_the_object_store(tmp_path, s3):
         assert np.array_equal(weights, expected)
         assert counter[0] == 2
         assert b.metric('gpusnap_remote_downloads_total{job="pyjob",outcome="ok"}') == 1
+    finally:
+        b.close()
+
+
+def wait_uploaded(d: Daemon, job: str, limit_s: float = 90.0) -> None:
+    """Until a step of `job` is complete remotely and no rank lags."""
+    deadline = time.monotonic() + limit_s
+    while not (
+        (d.metric(f'gpusnap_remote_complete_step{{job="{job}"}}') or 0) >= 1
+        and d.metric(f'gpusnap_remote_upload_lag_steps{{job="{job}"}}') == 0
+    ):
+        assert time.monotonic() < deadline, f"{job} not uploaded:\n{d.log_tail()}"
+        time.sleep(0.2)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is .*uninitialized")
+def test_a_dcp_checkpoint_loads_on_a_replaced_node(tmp_path, s3):
+    torch = pytest.importorskip("torch")
+    import torch.distributed.checkpoint as dcp
+
+    import gpusnap.dcp as gdcp
+
+    state = {"w": torch.arange(4096.0), "b": torch.full((7,), 3, dtype=torch.int64)}
+    a = node(tmp_path, "a", s3)
+    try:
+        dcp.save(state, storage_writer=gdcp.StorageWriter("dcpjob", socket=a.socket))
+        wait_uploaded(a, "dcpjob")
+    finally:
+        a.close()
+    shutil.rmtree(a.root)
+    b = node(tmp_path, "b", s3)
+    try:
+        target = {"w": torch.zeros(4096), "b": torch.zeros(7, dtype=torch.int64)}
+        dcp.load(target, storage_reader=gdcp.StorageReader("dcpjob", socket=b.socket))
+        assert torch.equal(target["w"], state["w"]) and torch.equal(target["b"], state["b"])
+        assert (b.metric('gpusnap_remote_downloads_total{job="dcpjob",outcome="ok"}') or 0) >= 1
     finally:
         b.close()
