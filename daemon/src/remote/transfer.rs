@@ -269,6 +269,29 @@ pub async fn upload(
     snapshot: &Snapshot,
     checksum: &Arc<dyn ChunkChecksum>,
 ) -> Result<Uploaded, RemoteError> {
+    upload_from(tier, snapshot, checksum, None).await
+}
+
+/// Where the daemon's hot copy of a snapshot may be found: a part is read
+/// from it (no disk read beside the next step's persist) while the hot
+/// tier still holds that step, from the file otherwise. The hot copy is
+/// held only while one part is copied out of it, so the hot tier's buffer
+/// reuse and budget stay as they are.
+#[derive(Debug, Clone)]
+pub struct HotSource {
+    pub tier: Arc<crate::hot_tier::HotTier>,
+    pub key: crate::ranks::RankKey,
+}
+
+/// [`upload`], each part read from `hot` when it holds the step (checked
+/// against the manifest like a part read from the file; a hot copy that
+/// fails the check is read again from the file).
+pub async fn upload_from(
+    tier: &Tier,
+    snapshot: &Snapshot,
+    checksum: &Arc<dyn ChunkChecksum>,
+    hot: Option<HotSource>,
+) -> Result<Uploaded, RemoteError> {
     let id = snapshot.id();
     let manifest_key = tier.keys.manifest(&id);
     let snap = snapshot.clone();
@@ -292,7 +315,7 @@ pub async fn upload(
     })?;
     let file = Arc::new(file);
     let data_key = tier.keys.data(&id);
-    let bytes = upload_data(tier, snapshot, &file, &data_path, &data_key, checksum).await?;
+    let bytes = upload_data(tier, snapshot, &file, &data_path, &data_key, checksum, hot).await?;
     match tier
         .bucket
         .create(&manifest_key, manifest_bytes.clone())
@@ -384,9 +407,20 @@ async fn upload_data(
     data_path: &Path,
     data_key: &ObjectPath,
     checksum: &Arc<dyn ChunkChecksum>,
+    hot: Option<HotSource>,
 ) -> Result<u64, RemoteError> {
     let manifest = &snapshot.manifest;
     let parts = plan_parts(manifest, tier.limits.part_bytes);
+    // The header a hot part starts with: rebuilt from the manifest (the
+    // part's check compares it with the manifest's CRC all the same).
+    let header: Option<Arc<Vec<u8>>> = match &hot {
+        Some(_) => snapshot
+            .layout
+            .encode_header(&manifest.header_metadata())
+            .ok()
+            .map(Arc::new),
+        None => None,
+    };
     let id = tier.bucket.create_multipart(data_key).await?;
     if let Some(journal) = &tier.journal {
         journal.record(&OpenUpload {
@@ -407,10 +441,33 @@ async fn upload_data(
             let checksum = Arc::clone(checksum);
             let path = data_path.to_path_buf();
             let id = id.clone();
+            let hot = hot.clone();
+            let header = header.clone();
             async move {
                 let len = range.end - range.start;
                 let bytes = tokio::task::spawn_blocking(move || -> Result<Bytes, RemoteError> {
                     let mut buf = vec![0u8; to_usize(len)];
+                    let from_hot = match (&hot, &header) {
+                        (Some(hot), Some(header)) => {
+                            copy_from_hot(hot, &snapshot.manifest, header, &range, &mut buf)
+                        }
+                        _ => false,
+                    };
+                    let hot_ok = from_hot
+                        && check_range(
+                            &snapshot.manifest,
+                            &snapshot.layout,
+                            &range,
+                            &buf,
+                            checksum.as_ref(),
+                        )
+                        .is_ok();
+                    if hot_ok {
+                        return Ok(Bytes::from(buf));
+                    }
+                    if from_hot {
+                        tracing::warn!(snapshot = %snapshot.id(), part = index, "the hot copy's part fails its check; reading it from the file");
+                    }
                     file.read_exact_at(&mut buf, range.start)
                         .map_err(|source| RemoteError::Io {
                             path: path.clone(),
@@ -456,6 +513,46 @@ async fn upload_data(
         });
     }
     Ok(manifest.file_len)
+}
+
+/// Copies file bytes `range` of the snapshot into `buf` from the hot tier's
+/// copy of it (the header from `header`), when the hot tier still holds
+/// that step with a data section of the manifest's length. `false`: it
+/// does not, and `buf` is untouched.
+fn copy_from_hot(
+    hot: &HotSource,
+    manifest: &Manifest,
+    header: &[u8],
+    range: &std::ops::Range<u64>,
+    buf: &mut [u8],
+) -> bool {
+    let Some(copy) = hot.tier.get(&hot.key, Some(manifest.step)) else {
+        return false;
+    };
+    let header_len = to_u64(header.len());
+    if header_len != manifest.header_len
+        || header_len + to_u64(copy.data.len()) != manifest.file_len
+    {
+        return false;
+    }
+    let mut at = range.start;
+    let mut out = 0usize;
+    if at < header_len {
+        let end = range.end.min(header_len);
+        let piece = &header[to_usize(at)..to_usize(end)];
+        buf[..piece.len()].copy_from_slice(piece);
+        out = piece.len();
+        at = end;
+    }
+    if at < range.end {
+        let from = to_usize(at - header_len);
+        let to = to_usize(range.end - header_len);
+        let Some(piece) = copy.data.get(from..to) else {
+            return false;
+        };
+        buf[out..out + piece.len()].copy_from_slice(piece);
+    }
+    true
 }
 
 /// The manifest of `id` in the object store, its digest checked against
@@ -701,6 +798,47 @@ mod tests {
             "13 MiB in 5 MiB parts"
         );
         assert_eq!(plan_parts(m, 64 << 20).len(), 1);
+    }
+
+    #[test]
+    fn parts_come_from_the_hot_copy_while_the_hot_tier_holds_the_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, s) = committed(dir.path(), 11);
+        let m = &s.manifest;
+        let file = std::fs::read(s.dir.join(DATA_FILE)).unwrap();
+        let metrics = Arc::new(crate::metrics::Metrics::new().unwrap());
+        let hot = Arc::new(crate::hot_tier::HotTier::new(
+            64 << 20,
+            Arc::clone(store.checksum()),
+            metrics,
+        ));
+        let key = crate::ranks::RankKey::new("job".to_owned(), 0);
+        let source = HotSource {
+            tier: Arc::clone(&hot),
+            key: key.clone(),
+        };
+        let header = s.layout.encode_header(&m.header_metadata()).unwrap();
+        let parts = plan_parts(m, PART_BYTES_MIN);
+        let mut buf = vec![0u8; to_usize(parts[0].end)];
+        assert!(
+            !copy_from_hot(&source, m, &header, &parts[0], &mut buf),
+            "nothing hot yet"
+        );
+        assert!(hot.offer(&key, m, &s.layout, |data| {
+            data.copy_from_slice(&file[to_usize(m.header_len)..]);
+        }));
+        for part in &parts {
+            let mut buf = vec![0u8; to_usize(part.end - part.start)];
+            assert!(copy_from_hot(&source, m, &header, part, &mut buf));
+            assert!(
+                buf == file[to_usize(part.start)..to_usize(part.end)],
+                "part {part:?} from memory is the file's bytes"
+            );
+            check_range(m, &s.layout, part, &buf, store.checksum().as_ref()).unwrap();
+        }
+        hot.discard(&key, m.step);
+        let mut buf = vec![0u8; to_usize(parts[1].end - parts[1].start)];
+        assert!(!copy_from_hot(&source, m, &header, &parts[1], &mut buf));
     }
 
     #[test]

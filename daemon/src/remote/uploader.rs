@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use gpusnap_kernels::ChunkChecksum;
 use gpusnap_proto::convert::gauge;
 
+use crate::hot_tier::HotTier;
 use crate::metrics::Metrics;
 use crate::ranks::RankKey;
 use crate::remote::bucket::RemoteError;
@@ -91,6 +92,9 @@ pub struct Remote {
     store: Arc<Store>,
     checksum: Arc<dyn ChunkChecksum>,
     keep_steps: usize,
+    /// The daemon's hot tier: parts of a step it still holds are read from
+    /// memory, not from the disk the next persist writes.
+    hot: Option<Arc<HotTier>>,
     metrics: Arc<Metrics>,
     /// Reads the local `OWNER` files (its own cache).
     owners: crate::owners::Owners,
@@ -103,6 +107,7 @@ impl Remote {
     pub fn open(
         config: &RemoteConfig,
         store: Arc<Store>,
+        hot: Option<Arc<HotTier>>,
         metrics: Arc<Metrics>,
         stopping: tokio::sync::watch::Receiver<bool>,
     ) -> Result<Remote, RemoteError> {
@@ -118,6 +123,7 @@ impl Remote {
             store,
             checksum,
             keep_steps: config.keep_steps,
+            hot,
             metrics,
             owners: crate::owners::Owners::default(),
             state: Mutex::new(State::default()),
@@ -407,7 +413,11 @@ impl Remote {
         let skipped = pending.iter().filter(|s| s.manifest.step < step).count();
         let started = Instant::now();
         let job = key.job.as_str();
-        let result = transfer::upload(&self.tier, chosen, &self.checksum).await;
+        let hot = self.hot.as_ref().map(|tier| transfer::HotSource {
+            tier: Arc::clone(tier),
+            key: key.clone(),
+        });
+        let result = transfer::upload_from(&self.tier, chosen, &self.checksum, hot).await;
         let m = &self.metrics;
         let outcome = match &result {
             Ok(Uploaded::Sent { bytes, .. }) => {

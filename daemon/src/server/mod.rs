@@ -146,6 +146,7 @@ impl Daemon {
             let remote = Remote::open(
                 &config.remote,
                 Arc::clone(&store),
+                Some(Arc::clone(&hot)),
                 Arc::clone(&metrics),
                 shutdown.subscribe(),
             )?;
