@@ -1,11 +1,14 @@
 //! Moving one rank's snapshot between the local store and the object
 //! store, every byte checked against the manifest's CRCs on the way.
 //!
-//! Upload ([`upload`]): the data file goes up as a multipart upload from
-//! the committed local file (never from staging), part by part: each part
-//! is read with `pread`, every CRC chunk in it (and the safetensors header
-//! in the first) checked against the manifest before the part is sent, so
-//! the object store never receives bytes the local disk corrupted. Part
+//! Upload ([`upload`], [`upload_from`]): the data file goes up as a
+//! multipart upload, part by part, never from staging: each part is copied
+//! from the daemon's hot copy of the step while the hot tier holds it
+//! ([`HotSource`]: no disk read beside the next persist), else read from
+//! the committed local file with `pread`. Every CRC chunk of a part (and
+//! the safetensors header in the first) is checked against the manifest
+//! before the part is sent, so the object store never receives bytes the
+//! local disk (or memory) corrupted. Part
 //! boundaries fall on CRC chunk boundaries, so each part is checked whole.
 //! At most `concurrency` parts are in memory. Then the manifest, unchanged,
 //! with a conditional put: it is the rank's commit record, so a data object
