@@ -325,6 +325,20 @@ impl Remote {
             .collect())
     }
 
+    /// Nothing of `key` up to its newest commit is to be sent (gone,
+    /// superseded, refused): the pass moves on. `keep_lag`: the lag gauges
+    /// go on saying the rank is behind (its newest state is not there).
+    fn pass_over(&self, key: &RankKey, keep_lag: bool) {
+        let mut state = self.lock();
+        if let Some(r) = state.ranks.get_mut(key) {
+            r.uploaded = r.newest_committed.max(r.uploaded);
+            if !keep_lag {
+                r.behind = 0;
+                r.behind_since = None;
+            }
+        }
+    }
+
     async fn upload_rank(&self, key: &RankKey) -> Result<(), RemoteError> {
         let (uploaded, corrupt) = {
             let state = self.lock();
@@ -346,14 +360,7 @@ impl Remote {
             // Retention removed them before they went up, or they are
             // corrupt: nothing to send. A corrupt one keeps the lag gauges
             // up: that rank's newest state is not in the object store.
-            let mut state = self.lock();
-            if let Some(r) = state.ranks.get_mut(key) {
-                r.uploaded = r.newest_committed.max(r.uploaded);
-                if corrupt.is_empty() {
-                    r.behind = 0;
-                    r.behind_since = None;
-                }
-            }
+            self.pass_over(key, !corrupt.is_empty());
             return Ok(());
         };
         let listing = catalog::list_job(&self.tier, &key.job).await?;
@@ -382,13 +389,7 @@ impl Remote {
                 .remote_uploads_total
                 .with_label_values(&[key.job.as_str(), "superseded"])
                 .inc_by(gpusnap_proto::convert::to_u64(pending.len()));
-            let mut state = self.lock();
-            if let Some(r) = state.ranks.get_mut(key) {
-                let newest_local = newest.manifest.step;
-                r.uploaded = Some(r.uploaded.map_or(newest_local, |u| u.max(newest_local)));
-                r.behind = 0;
-                r.behind_since = None;
-            }
+            self.pass_over(key, false);
             return Ok(());
         }
         if let Err(e) = self.confirm_owner(&key.job).await {
@@ -401,13 +402,8 @@ impl Remote {
                 .remote_uploads_total
                 .with_label_values(&[key.job.as_str(), "conflict"])
                 .inc();
-            let mut state = self.lock();
-            if let Some(r) = state.ranks.get_mut(key) {
-                r.uploaded = r.newest_committed.max(r.uploaded);
-                r.behind = 0;
-                r.behind_since = None;
-            }
-            state.last_error = Some(e.to_string());
+            self.pass_over(key, false);
+            self.lock().last_error = Some(e.to_string());
             return Ok(());
         }
         let skipped = pending.iter().filter(|s| s.manifest.step < step).count();
@@ -520,24 +516,10 @@ impl Remote {
         Ok(())
     }
 
-    async fn complete_and_prune(
-        &self,
-        job: &str,
-        step: u64,
-        world: u32,
-    ) -> Result<(), RemoteError> {
+    /// Writes (or matches) the step's marker when every rank is there.
+    async fn mark_complete(&self, job: &str, step: u64, world: u32) -> Result<(), RemoteError> {
         let m = &self.metrics;
-        // As for uploads: no marker for a step older than a complete one.
-        let listing = catalog::list_job(&self.tier, job).await?;
-        let superseded = listing.markers.last().is_some_and(|&newest| step < newest);
-        let completion = if superseded {
-            Ok(Completion::Incomplete {
-                missing: Vec::new(),
-            })
-        } else {
-            catalog::try_complete(&self.tier, &self.store, job, step, world).await
-        };
-        match completion {
+        match catalog::try_complete(&self.tier, &self.store, job, step, world).await {
             Ok(Completion::Incomplete { missing }) => {
                 tracing::debug!(
                     job,
@@ -569,6 +551,28 @@ impl Remote {
                 tracing::error!(job, step, error = %e, "the step's COMPLETE marker disagrees with the ranks' uploads");
             }
             Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    async fn complete_and_prune(
+        &self,
+        job: &str,
+        step: u64,
+        world: u32,
+    ) -> Result<(), RemoteError> {
+        let m = &self.metrics;
+        // As for uploads: no marker for a step older than a complete one
+        // (listed again: markers may have appeared during the upload).
+        let listing = catalog::list_job(&self.tier, job).await?;
+        if listing.markers.last().is_some_and(|&newest| step < newest) {
+            tracing::debug!(
+                job,
+                step,
+                "a newer step is complete in the object store; no marker for this one"
+            );
+        } else {
+            self.mark_complete(job, step, world).await?;
         }
         let deleted = catalog::apply_retention(&self.tier, job, self.keep_steps).await?;
         for d in &deleted {
