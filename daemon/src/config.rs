@@ -30,6 +30,9 @@ pub const TESTING_ENV: &str = "GPUSNAP_TESTING";
 /// delay is always bounded.
 pub const TESTING_DELAY_MS_MAX: u64 = 600_000;
 
+/// Longest `daemon.hello_wait_s` and `daemon.reply_wait_s`: an hour.
+pub const CONNECTION_WAIT_S_MAX: u64 = 3600;
+
 /// The request names the `[testing]` hooks accept: the protocol's own.
 pub const REQUEST_NAMES: [&str; 12] = gpusnap_proto::RequestBody::NAMES;
 
@@ -89,6 +92,14 @@ pub struct DaemonConfig {
     /// How long a snapshot under policy `block` waits for a free slot, and
     /// a restore for that (job, rank)'s in-flight persists and a slot.
     pub slot_wait_s: u64,
+    /// How long a new connection may take to send `Hello`; one that has not
+    /// by then is closed, so connections that never speak cannot use up
+    /// `max_clients`.
+    pub hello_wait_s: u64,
+    /// How long one reply may take to be written: a client that stops
+    /// reading its socket is closed once its socket buffer is full this
+    /// long (what it held is given back, like any closed connection).
+    pub reply_wait_s: u64,
 }
 
 impl Default for DaemonConfig {
@@ -102,6 +113,8 @@ impl Default for DaemonConfig {
             frame_bytes_max: FRAME_BYTES_MAX,
             max_clients: 1024,
             slot_wait_s: 600,
+            hello_wait_s: 10,
+            reply_wait_s: 30,
         }
     }
 }
@@ -336,6 +349,17 @@ impl Config {
         }
         if d.max_clients == 0 {
             return invalid("daemon.max_clients", "must be at least 1".into());
+        }
+        for (key, seconds) in [
+            ("daemon.hello_wait_s", d.hello_wait_s),
+            ("daemon.reply_wait_s", d.reply_wait_s),
+        ] {
+            if !(1..=CONNECTION_WAIT_S_MAX).contains(&seconds) {
+                return invalid(
+                    key,
+                    format!("{seconds} is not in 1..={CONNECTION_WAIT_S_MAX}"),
+                );
+            }
         }
         self.store.validate().map_err(|e| ConfigError::Invalid {
             key: "store",
@@ -664,6 +688,8 @@ mod tests {
             ),
             ("[persist]\nwrite_wait_s = 0\n", "persist.write_wait_s"),
             ("[daemon]\nlog_level = \"[\"\n", "daemon.log_level"),
+            ("[daemon]\nhello_wait_s = 0\n", "daemon.hello_wait_s"),
+            ("[daemon]\nreply_wait_s = 3601\n", "daemon.reply_wait_s"),
             ("[nonsense]\n", "nonsense"),
         ];
         for (text, key) in cases {

@@ -180,6 +180,10 @@ pub struct Metrics {
     pub remote_downloads_total: IntCounterVec,
     /// `gpusnap_remote_download_bytes_total{job}`: bytes downloaded.
     pub remote_download_bytes_total: IntCounterVec,
+    /// `gpusnap_connections_closed_total{reason}`: connections the daemon
+    /// closed on a client's misbehaviour, by [`ClosedReason`]. Every reason
+    /// is exported from the start.
+    pub connections_closed_total: IntCounterVec,
     registry: Registry,
 }
 
@@ -374,9 +378,19 @@ impl Metrics {
                 "Snapshot bytes downloaded from the object store.",
                 &["job"],
             )?,
+            connections_closed_total: r.int_counter(
+                "gpusnap_connections_closed_total",
+                "Connections the daemon closed on the client's misbehaviour, by reason (hello_timeout, reply_timeout, bad_frame).",
+                &["reason"],
+            )?,
             registry,
         })
         .inspect(|m| {
+            for reason in ClosedReason::ALL {
+                m.connections_closed_total
+                    .with_label_values(&[reason.name()])
+                    .inc_by(0);
+            }
             // Every state has a series from the start, so an alert on
             // `pinning="unpinned"` and the dashboard see a 0, not nothing.
             for state in StagingPinning::ALL {
@@ -430,6 +444,13 @@ impl Metrics {
         self.count_snapshot(job, SnapshotOutcome::Failed);
         self.snapshot_failures_total
             .with_label_values(&[job, errno_label(os_error)])
+            .inc();
+    }
+
+    /// Counts a connection closed for `reason`.
+    pub fn count_closed(&self, reason: ClosedReason) {
+        self.connections_closed_total
+            .with_label_values(&[reason.name()])
             .inc();
     }
 
@@ -564,6 +585,34 @@ impl PanicSite {
             PanicSite::Connection => "connection",
             PanicSite::Lane => "lane",
             PanicSite::Stream => "stream",
+        }
+    }
+}
+
+/// Why the daemon closed a connection: the `reason` label of
+/// `gpusnap_connections_closed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClosedReason {
+    /// No `Hello` within `daemon.hello_wait_s`.
+    HelloTimeout,
+    /// A reply not taken within `daemon.reply_wait_s`.
+    ReplyTimeout,
+    /// A frame over the limit, malformed, or whose body came too slowly.
+    BadFrame,
+}
+
+impl ClosedReason {
+    pub const ALL: [ClosedReason; 3] = [
+        ClosedReason::HelloTimeout,
+        ClosedReason::ReplyTimeout,
+        ClosedReason::BadFrame,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            ClosedReason::HelloTimeout => "hello_timeout",
+            ClosedReason::ReplyTimeout => "reply_timeout",
+            ClosedReason::BadFrame => "bad_frame",
         }
     }
 }
@@ -750,6 +799,7 @@ mod tests {
             remote_deletes_total,
             remote_downloads_total,
             remote_download_bytes_total,
+            connections_closed_total,
             registry: _,
         } = m;
         stall_seconds.with_label_values(&["j"]).observe(0.002);
@@ -805,6 +855,9 @@ mod tests {
         remote_download_bytes_total
             .with_label_values(&["j"])
             .inc_by(1);
+        connections_closed_total
+            .with_label_values(&["hello_timeout"])
+            .inc();
         vec![
             "gpusnap_stall_seconds",
             "gpusnap_capture_seconds",
@@ -843,6 +896,7 @@ mod tests {
             "gpusnap_remote_deletes_total",
             "gpusnap_remote_downloads_total",
             "gpusnap_remote_download_bytes_total",
+            "gpusnap_connections_closed_total",
         ]
     }
 

@@ -32,11 +32,12 @@ use gpusnap::proto::RestoreSource;
 use gpusnap::{Device, Error, HostDevice, SnapshotOutcome, Step};
 
 /// Every metric family the daemon exports.
-const METRICS: [&str; 23] = [
+const METRICS: [&str; 24] = [
     "gpusnap_bytes_read_total",
     "gpusnap_bytes_written_total",
     "gpusnap_capture_seconds",
     "gpusnap_clients_connected",
+    "gpusnap_connections_closed_total",
     "gpusnap_hot_tier_budget_bytes",
     "gpusnap_hot_tier_bytes",
     "gpusnap_io_backend_info",
@@ -452,6 +453,23 @@ fn every_metric_moves() {
     assert_eq!(
         Scrape::of(&daemon).get("gpusnap_snapshots_total{job=\"met-abort\",outcome=\"aborted\"}"),
         1.0
+    );
+
+    // A client that sends an empty frame: closed, and counted.
+    {
+        use std::io::{Read, Write};
+        let mut bad = std::os::unix::net::UnixStream::connect(&daemon.socket).expect("connect");
+        bad.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        bad.write_all(&0u32.to_le_bytes()).expect("an empty frame");
+        let mut rest = Vec::new();
+        let _ = bad.read_to_end(&mut rest);
+        assert!(!rest.is_empty(), "the daemon says why it closes");
+    }
+    moved.check(
+        "gpusnap_connections_closed_total",
+        Scrape::of(&daemon).get("gpusnap_connections_closed_total{reason=\"bad_frame\"}") == 1.0,
+        "the malformed frame's connection counted as closed for it",
     );
 
     // A snapshot the disk refuses.

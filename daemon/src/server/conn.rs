@@ -27,7 +27,9 @@ use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::mpsc;
 
-use crate::metrics::{PanicSite, PinningShare, RestoreOutcome, SnapshotOutcome, StagingPinning};
+use crate::metrics::{
+    ClosedReason, PanicSite, PinningShare, RestoreOutcome, SnapshotOutcome, StagingPinning,
+};
 use crate::persist::{Lane, SessionCore, StreamFeed};
 use crate::ranks::{RankHold, RankKey};
 use crate::restore;
@@ -159,6 +161,11 @@ pub(super) struct Conn {
     last_id: u64,
     /// Set once `run` has returned: the connection ended in order.
     ended_in_order: bool,
+    /// How long one reply may wait for the client to read (`daemon.reply_wait_s`).
+    reply_wait: Duration,
+    /// Set by a write that failed or timed out: a frame may be cut short,
+    /// so nothing more is written and the connection closes.
+    write_failed: bool,
     _reader: AbortOnDrop,
     /// Dropped after the phase (`Drop` ends it first), so a client that
     /// sees the socket close finds its rank and slots already free.
@@ -196,6 +203,7 @@ pub async fn serve(daemon: Arc<Daemon>, id: u64, stream: UnixStream) {
         }
     });
     let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+    let daemon_reply_wait_s = daemon.config.daemon.reply_wait_s;
     let mut conn = Conn {
         daemon,
         id,
@@ -207,6 +215,8 @@ pub async fn serve(daemon: Arc<Daemon>, id: u64, stream: UnixStream) {
         version: PROTOCOL_VERSION_MIN,
         last_id: 0,
         ended_in_order: false,
+        reply_wait: Duration::from_secs(daemon_reply_wait_s),
+        write_failed: false,
         _reader: AbortOnDrop(reader),
         wr,
     };
@@ -225,14 +235,25 @@ pub async fn serve(daemon: Arc<Daemon>, id: u64, stream: UnixStream) {
 impl Conn {
     async fn run(&mut self) {
         let mut shutdown = self.daemon.shutdown.subscribe();
+        let hello_wait = Duration::from_secs(self.daemon.config.daemon.hello_wait_s);
+        let hello_deadline = tokio::time::Instant::now() + hello_wait;
         loop {
+            let greeting = matches!(self.phase, Phase::Greeting);
             tokio::select! {
+                () = tokio::time::sleep_until(hello_deadline), if greeting => {
+                    self.daemon.metrics.count_closed(ClosedReason::HelloTimeout);
+                    tracing::warn!(conn = self.id, uid = self.peer.uid, pid = self.peer.pid, wait_s = hello_wait.as_secs(), "no hello in time; closing the connection");
+                    let message = format!("no hello within {} s (daemon.hello_wait_s)", hello_wait.as_secs());
+                    let _ = self.send(0, ReplyBody::error(ErrorKind::Timeout, message)).await;
+                    return;
+                }
                 item = self.requests.recv() => {
                     let request = match item {
                         None => return,
                         Some(Ok(r)) => r,
                         Some(Err(e)) => {
                             if let Some(kind) = e.kind() {
+                                self.daemon.metrics.count_closed(ClosedReason::BadFrame);
                                 tracing::warn!(conn = self.id, error = %e, "bad frame; closing the connection");
                                 let _ = self.send(0, ReplyBody::error(kind, e.to_string())).await;
                             }
@@ -287,8 +308,53 @@ impl Conn {
         sent.is_ok() && !closes
     }
 
+    /// Writes one reply, within `daemon.reply_wait_s`: a client that
+    /// leaves its socket full longer gets a `TimedOut` error, and every
+    /// caller closes the connection on an error.
     pub(super) async fn send(&mut self, id: u64, body: ReplyBody) -> std::io::Result<()> {
-        wire::write_reply(&mut self.wr, &Reply { id, body }, self.version).await
+        self.refuse_if_write_failed()?;
+        let reply = Reply { id, body };
+        let write = wire::write_reply(&mut self.wr, &reply, self.version);
+        let written = tokio::time::timeout(self.reply_wait, write).await;
+        self.written_in_time(written)
+    }
+
+    /// The result of a reply's write, or `TimedOut` (counted and logged)
+    /// when it did not finish within `reply_wait`.
+    fn written_in_time(
+        &mut self,
+        written: Result<std::io::Result<()>, tokio::time::error::Elapsed>,
+    ) -> std::io::Result<()> {
+        let result = written.unwrap_or_else(|_| {
+            self.daemon.metrics.count_closed(ClosedReason::ReplyTimeout);
+            tracing::warn!(
+                conn = self.id,
+                uid = self.peer.uid,
+                pid = self.peer.pid,
+                wait_s = self.reply_wait.as_secs(),
+                "the client did not read its reply in time; closing the connection"
+            );
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the client did not read its reply within {} s (daemon.reply_wait_s)",
+                    self.reply_wait.as_secs()
+                ),
+            ))
+        });
+        self.write_failed |= result.is_err();
+        result
+    }
+
+    fn refuse_if_write_failed(&self) -> std::io::Result<()> {
+        if self.write_failed {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "an earlier reply on this connection could not be written",
+            ))
+        } else {
+            Ok(())
+        }
     }
 
     /// `Ok(None)`: the reply was already sent (it carried a file descriptor).
@@ -448,8 +514,11 @@ impl Conn {
             id,
             body: ReplyBody::Registered(info),
         };
-        wire::write_reply_with_fd(&mut self.wr, &reply, self.version, staging.memfd())
-            .await
+        self.refuse_if_write_failed()
+            .map_err(|e| Refusal::io("sending the staging memfd", &e))?;
+        let write = wire::write_reply_with_fd(&mut self.wr, &reply, self.version, staging.memfd());
+        let written = tokio::time::timeout(self.reply_wait, write).await;
+        self.written_in_time(written)
             .map_err(|e| Refusal::io("sending the staging memfd", &e))
     }
 
