@@ -949,7 +949,7 @@ mod tests {
                     assert!(
                         [
                             "job", "source", "outcome", "backend", "errno", "site", "pinning",
-                            "op", "kind", "what"
+                            "op", "kind", "what", "reason"
                         ]
                         .contains(&label.name()),
                         "{name} has label {}",

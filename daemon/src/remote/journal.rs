@@ -11,12 +11,17 @@
 //! a bucket lifecycle rule (`AbortIncompleteMultipartUpload`) catches that
 //! case.
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
 use serde::{Deserialize, Serialize};
 
 use crate::remote::bucket::RemoteError;
 use crate::remote::marker::sha256_hex;
+use crate::storage::beneath::{Beneath, BeneathError, Kind};
 
 /// The journal's directory under the store root.
 pub const JOURNAL_DIR: &str = ".remote-uploads";
@@ -24,6 +29,8 @@ pub const JOURNAL_DIR: &str = ".remote-uploads";
 const ENTRIES_MAX: usize = 100_000;
 /// Largest entry read back.
 const ENTRY_LEN_MAX: u64 = 64 << 10;
+const DIR_MODE: Mode = Mode::from_bits_truncate(0o750);
+const FILE_MODE: Mode = Mode::from_bits_truncate(0o640);
 
 /// One open upload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,26 +40,39 @@ pub struct OpenUpload {
     pub upload_id: String,
 }
 
-/// The journal directory.
+/// The journal directory. Every file in it is reached beneath the store
+/// root without following a symbolic link ([`Beneath`]): a link planted at
+/// the journal directory, or at an entry, is refused, so the start-up
+/// clean-up (which removes entries that do not parse) can never remove
+/// anything outside the root.
 #[derive(Debug, Clone)]
 pub struct Journal {
-    dir: PathBuf,
+    dir: Arc<Beneath>,
 }
 
 impl Journal {
     /// The journal under `root`, created if absent.
     pub fn open(root: &Path) -> Result<Journal, RemoteError> {
         let dir = root.join(JOURNAL_DIR);
-        std::fs::create_dir_all(&dir).map_err(|source| RemoteError::Io {
-            path: dir.clone(),
+        std::fs::create_dir_all(root).map_err(|source| RemoteError::Io {
+            path: root.to_path_buf(),
             source,
         })?;
-        Ok(Journal { dir })
+        let store_root = Beneath::open(root).map_err(Self::beneath(root))?;
+        match store_root.create_dir(&dir, DIR_MODE) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(Self::beneath(&dir)(e)),
+        }
+        let journal = store_root.subdir(&dir).map_err(Self::beneath(&dir))?;
+        Ok(Journal {
+            dir: Arc::new(journal),
+        })
     }
 
     fn entry_path(&self, key: &str) -> PathBuf {
         let digest = sha256_hex(key.as_bytes());
-        self.dir.join(format!("{}.json", &digest[..32]))
+        self.dir.path().join(format!("{}.json", &digest[..32]))
     }
 
     fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RemoteError + '_ {
@@ -62,47 +82,81 @@ impl Journal {
         }
     }
 
+    /// A journal file's error: the OS error as it came, or the refusal (a
+    /// link in the way) as the error's text.
+    fn beneath(path: &Path) -> impl FnOnce(BeneathError) -> RemoteError + '_ {
+        move |e| RemoteError::Io {
+            path: path.to_path_buf(),
+            source: match e {
+                BeneathError::Io { source, .. } => source,
+                other => std::io::Error::other(other),
+            },
+        }
+    }
+
     /// Records `upload` as open (before its first part is sent).
     pub fn record(&self, upload: &OpenUpload) -> Result<(), RemoteError> {
         let path = self.entry_path(&upload.key);
         let tmp = path.with_extension("tmp");
         let bytes = serde_json::to_vec(upload).expect("an entry always serializes");
-        std::fs::write(&tmp, bytes).map_err(Self::io(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(Self::io(&path))
+        let mut file = self
+            .dir
+            .open_file(
+                &tmp,
+                OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC,
+                Some(FILE_MODE),
+            )
+            .map_err(Self::beneath(&tmp))?;
+        file.write_all(&bytes).map_err(Self::io(&tmp))?;
+        drop(file);
+        self.dir.rename(&tmp, &path).map_err(Self::beneath(&path))
     }
 
     /// Forgets `key`'s upload (completed or aborted).
     pub fn forget(&self, key: &str) -> Result<(), RemoteError> {
         let path = self.entry_path(key);
-        match std::fs::remove_file(&path) {
+        match self.dir.remove_file(&path) {
             Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Self::io(&path)(e)),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(Self::beneath(&path)(e)),
         }
     }
 
     /// Every recorded upload; an entry that does not parse is removed with
-    /// a warning (it names nothing that could be aborted).
+    /// a warning (it names nothing that could be aborted; a link is
+    /// unlinked, never followed).
     pub fn open_uploads(&self) -> Result<Vec<OpenUpload>, RemoteError> {
         let mut found = Vec::new();
-        let entries = std::fs::read_dir(&self.dir).map_err(Self::io(&self.dir))?;
-        for entry in entries.take(ENTRIES_MAX) {
-            let path = entry.map_err(Self::io(&self.dir))?.path();
-            let parsed = std::fs::metadata(&path)
-                .ok()
-                .filter(|m| m.is_file() && m.len() <= ENTRY_LEN_MAX)
-                .and_then(|_| std::fs::read(&path).ok())
+        let dir = self.dir.path();
+        let entries = self.dir.read_dir(dir).map_err(Self::beneath(dir))?;
+        for entry in entries.into_iter().take(ENTRIES_MAX) {
+            let path = dir.join(&entry.name);
+            let parsed = (entry.kind == Kind::File)
+                .then(|| self.read_entry(&path))
+                .flatten()
                 .and_then(|b| serde_json::from_slice::<OpenUpload>(&b).ok());
             match parsed {
                 Some(upload) if path.extension().is_some_and(|e| e == "json") => found.push(upload),
                 _ => {
                     tracing::warn!(path = %path.display(), "removing an unreadable entry of the remote upload journal");
-                    let _ = std::fs::remove_file(&path);
+                    let _ = self.dir.remove_file(&path);
                 }
             }
         }
         found.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(found)
+    }
+
+    /// An entry's bytes, `None` if it cannot be read or is too long.
+    fn read_entry(&self, path: &Path) -> Option<Vec<u8>> {
+        let file = self.dir.open_file(path, OFlag::O_RDONLY, None).ok()?;
+        let len = file.metadata().ok()?.len();
+        if len > ENTRY_LEN_MAX {
+            return None;
+        }
+        let mut bytes = Vec::new();
+        file.take(ENTRY_LEN_MAX + 1).read_to_end(&mut bytes).ok()?;
+        (gpusnap_proto::convert::to_u64(bytes.len()) <= ENTRY_LEN_MAX).then_some(bytes)
     }
 }
 
@@ -132,5 +186,40 @@ mod tests {
         journal.forget(&a.key).unwrap();
         let again = Journal::open(root.path()).unwrap();
         assert_eq!(again.open_uploads().unwrap(), vec![b]);
+    }
+
+    /// The regression: a link planted at the journal directory made the
+    /// start-up clean-up remove every file of the directory it pointed to
+    /// that did not parse as an entry, and `record` write there.
+    #[test]
+    fn a_link_planted_at_the_journal_directory_is_refused_and_nothing_outside_is_removed() {
+        let scratch = tempfile::tempdir().unwrap();
+        let root = scratch.path().join("root");
+        let outside = scratch.path().join("outside");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("precious"), b"not an entry").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join(JOURNAL_DIR)).unwrap();
+        let error = Journal::open(&root).unwrap_err().to_string();
+        assert!(error.contains("symbolic link"), "{error}");
+        assert!(error.contains(JOURNAL_DIR), "{error}");
+        assert_eq!(
+            std::fs::read(outside.join("precious")).unwrap(),
+            b"not an entry"
+        );
+    }
+
+    #[test]
+    fn a_link_planted_as_an_entry_is_unlinked_not_followed() {
+        let scratch = tempfile::tempdir().unwrap();
+        let root = scratch.path().join("root");
+        let outside = scratch.path().join("outside.json");
+        std::fs::write(&outside, br#"{"key":"k","upload_id":"u"}"#).unwrap();
+        let journal = Journal::open(&root).unwrap();
+        let entry = root.join(JOURNAL_DIR).join("planted.json");
+        std::os::unix::fs::symlink(&outside, &entry).unwrap();
+        assert_eq!(journal.open_uploads().unwrap(), Vec::new());
+        assert!(std::fs::symlink_metadata(&entry).is_err(), "the link stays");
+        assert!(outside.exists(), "the link's target was removed");
     }
 }

@@ -18,8 +18,15 @@ use crate::server::errors::Refusal;
 use crate::store::SnapshotId;
 
 /// The committed snapshots of the jobs `uid` may see (`job` only, if
-/// given), and per job the steps every rank has committed.
+/// given), and per job the steps every rank has committed. A job name that
+/// breaks the naming rule is refused (`InvalidRegistration`, the rule in
+/// the message), as `Register` and `Describe` refuse it, rather than
+/// answered with an empty listing.
 pub fn list(daemon: &Daemon, uid: u32, job: Option<&str>) -> Result<ReplyBody, Refusal> {
+    if let Some(job) = job {
+        crate::store::paths::validate_job(job)
+            .map_err(|e| Refusal::new(ErrorKind::InvalidRegistration, e.to_string()))?;
+    }
     let listing = daemon.store.list(job).map_err(|e| Refusal::store(&e))?;
     let mut jobs: Vec<String> = Vec::new();
     let snapshots: Vec<SnapshotInfo> = listing

@@ -39,6 +39,7 @@
 
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
+pub mod beneath;
 pub mod delay;
 pub mod fault;
 pub mod os;
@@ -136,6 +137,11 @@ pub enum StorageError {
     },
     #[error("{path}: the I/O worker threads are gone with {in_flight} operation(s) in flight")]
     WorkersGone { path: PathBuf, in_flight: usize },
+    /// A path resolved beneath the store root ([`beneath`]): a refusal (a
+    /// symbolic link in the way, a path leaving the root), a kernel without
+    /// `openat2`, or the OS error of the operation.
+    #[error(transparent)]
+    Beneath(#[from] beneath::BeneathError),
 }
 
 fn at_offset(offset: Option<u64>) -> String {
@@ -188,11 +194,16 @@ impl StorageError {
             | StorageError::BackendUnavailable { .. }
             | StorageError::Stalled { .. }
             | StorageError::WorkersGone { .. } => None,
+            StorageError::Beneath(e) => e.raw_os_error(),
         }
     }
 
     pub fn is_not_found(&self) -> bool {
-        matches!(self, StorageError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
+        match self {
+            StorageError::Io { source, .. } => source.kind() == io::ErrorKind::NotFound,
+            StorageError::Beneath(e) => e.is_not_found(),
+            _ => false,
+        }
     }
 }
 

@@ -1,23 +1,35 @@
 //! [`Storage`] on the real file system.
 //!
-//! Directory operations and small files go through `std::fs`; data files
-//! through the backend [`probe::choose`] picked when the storage was opened.
-//! Data files are created with `O_EXCL` and their space reserved with
-//! `fallocate`, so a full disk fails the create rather than a write later.
-//! The `pwrite`/buffered backends share one [`IoWorkers`] pool per storage,
+//! Every path is resolved beneath the root without following a symbolic
+//! link ([`Beneath`]: `openat2` with `RESOLVE_BENEATH |
+//! RESOLVE_NO_SYMLINKS`, and the `*at` calls on a parent directory opened
+//! that way): a link planted at a job, rank or step directory or at a file
+//! makes that operation fail with a refusal naming the path
+//! ([`StorageError::Beneath`], `ELOOP`), never reach outside the root. A
+//! path not under the root is refused the same way. The root itself may be
+//! a link (the operator's choice): it is resolved once, at
+//! [`OsStorage::open`].
+//!
+//! Data files go through the backend [`probe::choose`] picked when the
+//! storage was opened, on the `File` the beneath-open returned. Data files
+//! are created with `O_EXCL` and their space reserved with `fallocate`, so
+//! a full disk fails the create rather than a write later. The
+//! `pwrite`/buffered backends share one [`IoWorkers`] pool per storage,
 //! started with the first such data file.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use gpusnap_proto::convert::to_u64;
 use nix::errno::Errno;
-use nix::fcntl::FallocateFlags;
+use nix::fcntl::{FallocateFlags, OFlag};
+use nix::sys::stat::Mode;
 
+use super::beneath::{Beneath, Kind, PathRefused};
 use super::probe::{self, BackendChoice};
 use super::threaded::{IO_WORKERS, IoWorkers, ThreadedFile};
 use super::uring::UringFile;
@@ -25,12 +37,15 @@ use super::{BackendKind, DataFile, DirEntry, Metadata, Storage, StorageError};
 use crate::buffer_pool::BufferPool;
 
 /// Permissions of the files the store creates.
-const FILE_MODE: u32 = 0o640;
+const FILE_MODE: Mode = Mode::from_bits_truncate(0o640);
+/// Permissions of the directories the store creates, before the umask (as
+/// `std::fs::create_dir` makes them).
+const DIR_MODE: Mode = Mode::from_bits_truncate(0o777);
 
 /// The real file system under `root`, with the data-file backend chosen there.
 #[derive(Debug)]
 pub struct OsStorage {
-    root: PathBuf,
+    root: Beneath,
     backend: BackendKind,
     reason: String,
     pool: BufferPool,
@@ -39,16 +54,20 @@ pub struct OsStorage {
 }
 
 impl OsStorage {
-    /// Creates `root` if missing and chooses the data-file backend for it.
+    /// Creates `root` if missing, opens it (following links in the root's
+    /// own path, once: where the store lives is the operator's choice),
+    /// checks that the kernel resolves paths beneath it (`openat2`, Linux
+    /// 5.6+), and chooses the data-file backend for it.
     pub fn open(
         root: &Path,
         choice: BackendChoice,
         pool: BufferPool,
     ) -> Result<OsStorage, StorageError> {
         std::fs::create_dir_all(root).map_err(|e| StorageError::io("create_dir_all", root, e))?;
+        let beneath = Beneath::open(root)?;
         let chosen = probe::choose(root, choice, &pool)?;
         Ok(OsStorage {
-            root: root.to_path_buf(),
+            root: beneath,
             backend: chosen.backend,
             reason: chosen.reason,
             pool,
@@ -63,7 +82,7 @@ impl OsStorage {
 
     /// The directory this storage was opened on.
     pub fn root(&self) -> &Path {
-        &self.root
+        self.root.path()
     }
 
     /// The storage's worker pool, started on first use.
@@ -108,12 +127,27 @@ impl OsStorage {
         )))
     }
 
-    fn direct_flags(&self) -> i32 {
+    fn direct_flags(&self) -> OFlag {
         if self.backend.is_direct() {
-            libc::O_DIRECT
+            OFlag::O_DIRECT
         } else {
-            0
+            OFlag::empty()
         }
+    }
+
+    /// Opens an existing file beneath the root for reading.
+    fn open_read(&self, path: &Path, flags: OFlag) -> Result<File, StorageError> {
+        Ok(self.root.open_file(path, OFlag::O_RDONLY | flags, None)?)
+    }
+
+    /// Creates a new file beneath the root (failing if anything, a link
+    /// included, is there) for writing.
+    fn create_new(&self, path: &Path, flags: OFlag) -> Result<File, StorageError> {
+        Ok(self.root.open_file(
+            path,
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | flags,
+            Some(FILE_MODE),
+        )?)
     }
 }
 
@@ -138,37 +172,36 @@ impl Storage for OsStorage {
     }
 
     fn create_dir(&self, path: &Path) -> Result<(), StorageError> {
-        std::fs::create_dir(path).map_err(|e| StorageError::io("mkdir", path, e))
+        Ok(self.root.create_dir(path, DIR_MODE)?)
     }
 
     fn sync_dir(&self, path: &Path) -> Result<(), StorageError> {
-        let dir = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECTORY)
-            .open(path)
-            .map_err(|e| StorageError::io("open directory", path, e))?;
+        let dir = File::from(self.root.open_dir(path)?);
         dir.sync_all()
             .map_err(|e| StorageError::io("fsync directory", path, e))
     }
 
     fn rename(&self, from: &Path, to: &Path) -> Result<(), StorageError> {
-        std::fs::rename(from, to).map_err(|e| StorageError::io_between("rename", from, to, e))
+        self.root.rename(from, to).map_err(|e| match e {
+            super::beneath::BeneathError::Io { source, .. } => {
+                StorageError::io_between("rename", from, to, source)
+            }
+            other => other.into(),
+        })
     }
 
     fn remove_dir_all(&self, path: &Path) -> Result<(), StorageError> {
-        std::fs::remove_dir_all(path).map_err(|e| StorageError::io("remove_dir_all", path, e))
+        Ok(self.root.remove_dir_all(path)?)
     }
 
     fn read_dir(&self, path: &Path) -> Result<Vec<DirEntry>, StorageError> {
         let mut out = Vec::new();
-        for entry in std::fs::read_dir(path).map_err(|e| StorageError::io("read_dir", path, e))? {
-            let entry = entry.map_err(|e| StorageError::io("read_dir", path, e))?;
-            let is_dir = entry
-                .file_type()
-                .map_err(|e| StorageError::io("stat", &entry.path(), e))?
-                .is_dir();
-            match entry.file_name().into_string() {
-                Ok(name) => out.push(DirEntry { name, is_dir }),
+        for entry in self.root.read_dir(path)? {
+            match entry.name.into_string() {
+                Ok(name) => out.push(DirEntry {
+                    name,
+                    is_dir: entry.kind == Kind::Dir,
+                }),
                 Err(name) => {
                     tracing::warn!(dir = %path.display(), ?name, "skipping a non-UTF-8 name")
                 }
@@ -177,14 +210,23 @@ impl Storage for OsStorage {
         Ok(out)
     }
 
+    /// A symbolic link at `path` is refused ([`PathRefused::Link`]), not
+    /// reported as a file: the store makes none, so one is planted.
     fn metadata(&self, path: &Path) -> Result<Option<Metadata>, StorageError> {
-        match std::fs::symlink_metadata(path) {
-            Ok(m) => Ok(Some(Metadata {
-                is_dir: m.is_dir(),
-                len: m.len(),
+        match self.root.lstat(path)? {
+            None => Ok(None),
+            Some(st) if st.kind == Kind::Symlink => Err(StorageError::Beneath(
+                PathRefused::Link {
+                    op: "stat",
+                    path: path.to_path_buf(),
+                    root: self.root().to_path_buf(),
+                }
+                .into(),
+            )),
+            Some(st) => Ok(Some(Metadata {
+                is_dir: st.kind == Kind::Dir,
+                len: st.len,
             })),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StorageError::io("stat", path, e)),
         }
     }
 
@@ -194,19 +236,13 @@ impl Storage for OsStorage {
         len_bytes: u64,
         queue_depth: usize,
     ) -> Result<Box<dyn DataFile>, StorageError> {
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(FILE_MODE)
-            .custom_flags(libc::O_CLOEXEC | self.direct_flags())
-            .open(path)
-            .map_err(|e| StorageError::io("create", path, e))?;
+        let file = self.create_new(path, self.direct_flags())?;
         if len_bytes > 0
             && let Err(e) = reserve(&file, path, len_bytes)
         {
             // Leave no half-made file behind a failed create.
             drop(file);
-            let _ = std::fs::remove_file(path);
+            let _ = self.root.remove_file(path);
             return Err(e);
         }
         self.data_file(file, path, queue_depth)
@@ -217,21 +253,12 @@ impl Storage for OsStorage {
         path: &Path,
         queue_depth: usize,
     ) -> Result<Box<dyn DataFile>, StorageError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_CLOEXEC | self.direct_flags())
-            .open(path)
-            .map_err(|e| StorageError::io("open", path, e))?;
+        let file = self.open_read(path, self.direct_flags())?;
         self.data_file(file, path, queue_depth)
     }
 
     fn write_file_synced(&self, path: &Path, bytes: &[u8]) -> Result<(), StorageError> {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(FILE_MODE)
-            .open(path)
-            .map_err(|e| StorageError::io("create", path, e))?;
+        let mut file = self.create_new(path, OFlag::empty())?;
         file.write_all(bytes)
             .map_err(|e| StorageError::io("write", path, e))?;
         file.sync_data()
@@ -239,7 +266,7 @@ impl Storage for OsStorage {
     }
 
     fn read_file_limited(&self, path: &Path, limit_bytes: u64) -> Result<Vec<u8>, StorageError> {
-        let file = File::open(path).map_err(|e| StorageError::io("open", path, e))?;
+        let file = self.open_read(path, OFlag::empty())?;
         let len = file
             .metadata()
             .map_err(|e| StorageError::io("fstat", path, e))?
@@ -266,7 +293,7 @@ impl Storage for OsStorage {
     }
 
     fn read_at(&self, path: &Path, offset: u64, len: usize) -> Result<Vec<u8>, StorageError> {
-        let file = File::open(path).map_err(|e| StorageError::io("open", path, e))?;
+        let file = self.open_read(path, OFlag::empty())?;
         let mut out = vec![0; len];
         let mut filled = 0;
         while let Some(rest) = out.get_mut(filled..).filter(|r| !r.is_empty()) {
