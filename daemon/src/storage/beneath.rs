@@ -30,11 +30,15 @@
 //! store is their choice. [`Beneath::open`] resolves the root's own path
 //! once, following links, and only what lies beneath it is constrained.
 //!
-//! `openat2` needs Linux 5.6 or newer. Without it, [`Beneath::open`] fails
-//! with [`BeneathError::Unsupported`], which names the requirement: one
-//! resolution path, the kernel's, rather than a second, hand-rolled
-//! component walk that only old kernels would ever run and no test here
-//! would cover (every kernel the daemon is built and tested on has it).
+//! `openat2` needs Linux 5.6 or newer, and a seccomp filter may refuse it
+//! with `ENOSYS` on any kernel (systemd-nspawn's own filter does in
+//! Debian 12). Then [`Beneath::open`] logs it once and resolves by a walk
+//! instead ([`Resolver::Walk`]): one `openat` per name from the held
+//! descriptor, each with `O_NOFOLLOW` (a directory's link is told apart
+//! from a file by `fstatat` without following, and refused as `ELOOP`),
+//! and a `..` refused as `EXDEV`. The names are plain already (checked
+//! above), so the walk refuses exactly what `openat2` does; the unit tests
+//! run the link cases through both.
 
 #![deny(clippy::unwrap_used, clippy::indexing_slicing)]
 
@@ -114,8 +118,6 @@ impl PathRefused {
 pub enum BeneathError {
     #[error(transparent)]
     Refused(#[from] PathRefused),
-    #[error("openat2(2) is not available here ({errno}): gpusnapd needs Linux 5.6 or newer to resolve paths beneath its store root {} without following links", .root.display())]
-    Unsupported { root: PathBuf, errno: Errno },
     #[error("{op} {}: {source}", .path.display())]
     Io {
         op: &'static str,
@@ -130,7 +132,6 @@ impl BeneathError {
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {
             BeneathError::Refused(r) => Some(r.errno() as i32),
-            BeneathError::Unsupported { errno, .. } => Some(*errno as i32),
             BeneathError::Io { source, .. } => source.raw_os_error(),
         }
     }
@@ -195,6 +196,16 @@ pub struct Entry {
 pub struct Beneath {
     path: PathBuf,
     fd: OwnedFd,
+    resolver: Resolver,
+}
+
+/// How names beneath the directory are resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolver {
+    /// `openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`.
+    Openat2,
+    /// One `openat(O_NOFOLLOW)` per name, where `openat2` is refused.
+    Walk,
 }
 
 /// A path beneath the directory, split into its plain names.
@@ -228,18 +239,31 @@ impl Beneath {
             path: root.to_path_buf(),
             source: e.into(),
         })?;
-        let beneath = Beneath {
+        let mut beneath = Beneath {
             path: root.to_path_buf(),
             fd,
+            resolver: Resolver::Openat2,
         };
         match beneath.openat2(Path::new("."), OFlag::O_RDONLY | OFlag::O_DIRECTORY, None) {
             Ok(_) => Ok(beneath),
-            Err(errno @ Errno::ENOSYS) => Err(BeneathError::Unsupported {
-                root: root.to_path_buf(),
-                errno,
-            }),
+            Err(Errno::ENOSYS) => {
+                static LOGGED: std::sync::Once = std::sync::Once::new();
+                LOGGED.call_once(|| {
+                    tracing::warn!(
+                        root = %root.display(),
+                        "openat2(2) is refused here (ENOSYS: an old kernel or a seccomp filter); resolving paths beneath the store root name by name with O_NOFOLLOW instead"
+                    );
+                });
+                beneath.resolver = Resolver::Walk;
+                Ok(beneath)
+            }
             Err(e) => Err(io_error("openat2", root, e.into())),
         }
+    }
+
+    /// How this directory's paths are resolved.
+    pub fn resolver(&self) -> Resolver {
+        self.resolver
     }
 
     /// The directory's path, as it was given.
@@ -253,6 +277,7 @@ impl Beneath {
         Ok(Beneath {
             path: path.to_path_buf(),
             fd: self.open_dir(path)?,
+            resolver: self.resolver,
         })
     }
 
@@ -393,7 +418,7 @@ impl Beneath {
     }
 
     fn openat2(&self, relative: &Path, flags: OFlag, mode: Option<Mode>) -> Result<OwnedFd, Errno> {
-        open_beneath(self.fd.as_fd(), relative, flags, mode)
+        open_beneath(self.resolver, self.fd.as_fd(), relative, flags, mode)
     }
 
     /// One name of a tree being removed: unlinked if it is not a directory
@@ -419,6 +444,7 @@ impl Beneath {
         }
         // A link swapped in since the stat fails here with ELOOP.
         let dir = open_beneath(
+            self.resolver,
             parent,
             Path::new(name),
             OFlag::O_RDONLY | OFlag::O_DIRECTORY,
@@ -473,11 +499,15 @@ fn io_error(op: &'static str, path: &Path, source: io::Error) -> BeneathError {
 /// component with `ENOTDIR` (the link itself is not a directory), which
 /// would read as "not a directory" instead of the refusal it is.
 fn open_beneath(
+    resolver: Resolver,
     dir: BorrowedFd<'_>,
     relative: &Path,
     flags: OFlag,
     mode: Option<Mode>,
 ) -> Result<OwnedFd, Errno> {
+    if resolver == Resolver::Walk {
+        return walk_beneath(dir, relative, flags, mode);
+    }
     let nofollow = if flags.contains(OFlag::O_DIRECTORY) {
         OFlag::empty()
     } else {
@@ -496,6 +526,57 @@ fn open_beneath(
             other => return other,
         }
     }
+}
+
+/// What [`open_beneath`] does where `openat2` is refused: each name
+/// opened with `openat(O_NOFOLLOW)` beneath the previous one. A link at
+/// any name is `ELOOP` (with `O_DIRECTORY` the kernel says `ENOTDIR` for a
+/// link, so that answer is checked with `fstatat` without following); a
+/// `..` or an absolute part is `EXDEV`, as `RESOLVE_BENEATH` says it.
+fn walk_beneath(
+    dir: BorrowedFd<'_>,
+    relative: &Path,
+    flags: OFlag,
+    mode: Option<Mode>,
+) -> Result<OwnedFd, Errno> {
+    let names: Vec<&OsStr> = relative
+        .components()
+        .filter_map(|c| match c {
+            Component::CurDir => None,
+            Component::Normal(name) => Some(Ok(name)),
+            Component::ParentDir | Component::RootDir | Component::Prefix(_) => {
+                Some(Err(Errno::EXDEV))
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    let directory = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
+    let Some((last, parents)) = names.split_last() else {
+        return nix::fcntl::openat(dir, ".", flags | OFlag::O_CLOEXEC, Mode::empty());
+    };
+    let open_at = |at: BorrowedFd<'_>, name: &OsStr, flags: OFlag, mode: Mode| {
+        nix::fcntl::openat(at, name, flags, mode).map_err(|e| match e {
+            Errno::ENOTDIR if is_link(at, name) => Errno::ELOOP,
+            e => e,
+        })
+    };
+    let mut held: Option<OwnedFd> = None;
+    for name in parents {
+        let at = held.as_ref().map_or(dir, AsFd::as_fd);
+        held = Some(open_at(at, name, directory, Mode::empty())?);
+    }
+    let at = held.as_ref().map_or(dir, AsFd::as_fd);
+    open_at(
+        at,
+        last,
+        flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        mode.unwrap_or_else(Mode::empty),
+    )
+}
+
+/// Whether `name` in `dir` is a symbolic link (not followed).
+fn is_link(dir: BorrowedFd<'_>, name: &OsStr) -> bool {
+    nix::sys::stat::fstatat(dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+        .is_ok_and(|st| Kind::of_mode(st.st_mode) == Kind::Symlink)
 }
 
 /// The entries of an open directory, `.` and `..` left out; a name whose
@@ -561,13 +642,24 @@ mod tests {
 
     impl Scene {
         fn new() -> Scene {
+            Scene::resolving(Resolver::Openat2)
+        }
+
+        /// A scene whose paths are resolved by `resolver`.
+        fn resolving(resolver: Resolver) -> Scene {
             let dir = tempfile::tempdir().unwrap();
             let root = dir.path().join("root");
             let outside = dir.path().join("outside");
             std::fs::create_dir(&root).unwrap();
             std::fs::create_dir(&outside).unwrap();
             std::fs::write(outside.join("keep"), b"outside").unwrap();
-            let beneath = Beneath::open(&root).unwrap();
+            let mut beneath = Beneath::open(&root).unwrap();
+            assert_eq!(
+                beneath.resolver,
+                Resolver::Openat2,
+                "this kernel has openat2"
+            );
+            beneath.resolver = resolver;
             Scene {
                 _dir: dir,
                 root,
@@ -639,6 +731,64 @@ mod tests {
                 .unwrap_err(),
             &link_path.join("keep"),
         );
+        s.assert_outside_untouched();
+    }
+
+    #[test]
+    fn the_walk_without_openat2_refuses_every_link_openat2_refuses() {
+        let s = Scene::resolving(Resolver::Walk);
+        symlink(&s.outside, s.root.join("job")).unwrap();
+        everything_through_is_refused(&s, &s.root.join("job"));
+        std::fs::create_dir(s.root.join("j2")).unwrap();
+        symlink(&s.outside, s.root.join("j2/0")).unwrap();
+        everything_through_is_refused(&s, &s.root.join("j2/0"));
+        symlink("../outside", s.root.join("rel")).unwrap();
+        everything_through_is_refused(&s, &s.root.join("rel"));
+        std::fs::create_dir(s.root.join("step")).unwrap();
+        let data = s.root.join("step/state.safetensors");
+        symlink(s.outside.join("keep"), &data).unwrap();
+        assert_link_refused(
+            s.beneath
+                .open_file(&data, OFlag::O_WRONLY, None)
+                .unwrap_err(),
+            &data,
+        );
+        let escape = open_beneath(
+            Resolver::Walk,
+            s.beneath.fd.as_fd(),
+            Path::new("../outside/keep"),
+            OFlag::O_RDONLY,
+            None,
+        );
+        assert_eq!(escape.unwrap_err(), Errno::EXDEV);
+        // What is really there is made, read and removed as with openat2.
+        let dir = s.root.join("real/0");
+        s.beneath
+            .create_dir(&s.root.join("real"), Mode::from_bits_truncate(0o755))
+            .unwrap();
+        s.beneath
+            .create_dir(&dir, Mode::from_bits_truncate(0o755))
+            .unwrap();
+        let file = dir.join("f");
+        let mut f = s
+            .beneath
+            .open_file(
+                &file,
+                OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL,
+                Some(Mode::from_bits_truncate(0o640)),
+            )
+            .unwrap();
+        f.write_all(b"inside").unwrap();
+        let mut back = String::new();
+        s.beneath
+            .open_file(&file, OFlag::O_RDONLY, None)
+            .unwrap()
+            .read_to_string(&mut back)
+            .unwrap();
+        assert_eq!(back, "inside");
+        assert_eq!(s.beneath.read_dir(&dir).unwrap().len(), 1);
+        s.beneath.remove_dir_all(&s.root.join("real")).unwrap();
+        assert!(!s.root.join("real").exists());
         s.assert_outside_untouched();
     }
 
@@ -761,6 +911,7 @@ mod tests {
         // Driven below the lexical check: a '..' handed to openat2 itself.
         let s = Scene::new();
         let e = open_beneath(
+            s.beneath.resolver,
             s.beneath.fd.as_fd(),
             Path::new("../outside/keep"),
             OFlag::O_RDONLY,
