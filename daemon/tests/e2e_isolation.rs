@@ -5,18 +5,15 @@
 //! The trainers are this test binary run again as other users (`--ignored
 //! --exact isolation_child`), with their part in environment variables.
 
+mod as_user;
 mod daemon;
 
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
-use std::process::Command;
 use std::time::Duration;
 
+use as_user::ChildTest;
 use daemon::{Daemon, State};
 use gpusnap::{ClientConfig, Error, Step};
 
-const ENV_SOCKET: &str = "GPUSNAP_E2E_SOCKET";
-const ENV_ROLE: &str = "GPUSNAP_E2E_ROLE";
 /// The socket's group; trainers "in the group" get it as their gid.
 const TRAINERS_GID: u32 = 4242;
 const OWNER_UID: u32 = 1000;
@@ -24,7 +21,7 @@ const NOBODY: u32 = 65534;
 
 fn config(job: &str) -> ClientConfig {
     let mut c = ClientConfig::new(job);
-    c.socket = std::env::var(ENV_SOCKET).expect("socket").into();
+    c.socket = as_user::socket();
     c.connect_timeout = Duration::from_millis(500);
     c
 }
@@ -33,7 +30,7 @@ fn config(job: &str) -> ClientConfig {
 #[test]
 #[ignore = "child process of the isolation tests"]
 fn isolation_child() {
-    let role = std::env::var(ENV_ROLE).expect("role");
+    let role = as_user::role();
     let state = State::new(3, 64 << 10);
     match role.as_str() {
         "owner" => {
@@ -103,34 +100,6 @@ fn isolation_child() {
     }
 }
 
-/// A copy of this test binary that other users can run (the build tree may
-/// sit under a directory only root can enter, such as /root).
-fn child_exe(daemon: &Daemon) -> std::path::PathBuf {
-    let exe = daemon.dir.path().join("isolation-child");
-    if !exe.exists() {
-        std::fs::copy(std::env::current_exe().expect("exe"), &exe).expect("copy test binary");
-        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    }
-    exe
-}
-
-fn run_as(daemon: &Daemon, role: &str, uid: u32, gid: u32) {
-    let out = Command::new(child_exe(daemon))
-        .args(["--ignored", "--exact", "isolation_child", "--nocapture"])
-        .env(ENV_SOCKET, &daemon.socket)
-        .env(ENV_ROLE, role)
-        .uid(uid)
-        .gid(gid)
-        .output()
-        .expect("spawn");
-    assert!(
-        out.status.success(),
-        "{role} (uid {uid}, gid {gid}) failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn another_uid_cannot_list_describe_restore_or_register_and_outsiders_cannot_connect() {
     if !gpusnapd_testkit::root_or_skip("switching to other uids needs root (CI runs as root)") {
@@ -140,12 +109,10 @@ fn another_uid_cannot_list_describe_restore_or_register_and_outsiders_cannot_con
         ("daemon", "socket_group", &format!("\"{TRAINERS_GID}\"")),
         ("daemon", "socket_mode", "\"0660\""),
     ]);
-    // The trainers must reach the socket through the scratch directory.
-    std::fs::set_permissions(daemon.dir.path(), std::fs::Permissions::from_mode(0o755))
-        .expect("chmod scratch");
-    run_as(&daemon, "owner", OWNER_UID, TRAINERS_GID);
-    run_as(&daemon, "intruder", NOBODY, TRAINERS_GID);
-    run_as(&daemon, "outsider", NOBODY, NOBODY);
+    let child = ChildTest::new(daemon.dir.path(), "isolation_child");
+    child.run(&daemon.socket, "owner", OWNER_UID, TRAINERS_GID);
+    child.run(&daemon.socket, "intruder", NOBODY, TRAINERS_GID);
+    child.run(&daemon.socket, "outsider", NOBODY, NOBODY);
 
     // Root sees both jobs; ownership is on disk for the next daemon.
     let mut root = daemon::client(&daemon, "root-observer", 0, 1);

@@ -13,18 +13,18 @@
 //! The trainers are this test binary run again as other users (`--ignored
 //! --exact other_uid_child`), as in `e2e_isolation.rs`.
 
+mod as_user;
 mod daemon;
 mod tree;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::Duration;
 
+use as_user::ChildTest;
 use daemon::{Daemon, State};
 use gpusnap::proto::{
     self, AttachReport, Dtype, ErrorKind, PROTOCOL_VERSION, PinState, Reply, ReplyBody, Request,
@@ -32,8 +32,6 @@ use gpusnap::proto::{
 };
 use gpusnap::{ClientConfig, Step};
 
-const ENV_SOCKET: &str = "GPUSNAP_E2E_SOCKET";
-const ENV_ROLE: &str = "GPUSNAP_E2E_ROLE";
 const TRAINERS_GID: u32 = 4242;
 const OWNER_UID: u32 = 1000;
 const OTHER_UID: u32 = 1001;
@@ -266,7 +264,7 @@ fn intrude(socket: &Path) {
 
 fn client(job: &str) -> gpusnap::Client {
     let mut c = ClientConfig::new(job);
-    c.socket = std::env::var(ENV_SOCKET).expect("socket").into();
+    c.socket = as_user::socket();
     c.call_timeout = Duration::from_secs(60);
     c.commit_timeout = Duration::from_secs(120);
     gpusnap::Client::with_config(c).expect("connect")
@@ -298,7 +296,7 @@ fn check_owned(c: &mut gpusnap::Client, state: &State) {
 #[test]
 #[ignore = "child process of the other-uid test"]
 fn other_uid_child() {
-    let role = std::env::var(ENV_ROLE).expect("role");
+    let role = as_user::role();
     let state = State::new(3, 64 << 10);
     match role.as_str() {
         "owner" => {
@@ -323,42 +321,11 @@ fn other_uid_child() {
             assert_eq!(described.tensors.len(), state.tensors.len());
         }
         "intruder" => {
-            let socket = PathBuf::from(std::env::var(ENV_SOCKET).expect("socket"));
+            let socket = as_user::socket();
             intrude(&socket);
         }
         other => panic!("unknown role {other}"),
     }
-}
-
-/// A copy of this test binary that other users can run.
-fn child_exe(daemon: &Daemon) -> PathBuf {
-    let exe = daemon.dir.path().join("other-uid-child");
-    if !exe.exists() {
-        std::fs::copy(std::env::current_exe().expect("exe"), &exe).expect("copy test binary");
-        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    }
-    exe
-}
-
-fn child(daemon: &Daemon, role: &str, uid: u32) -> Command {
-    let mut command = Command::new(child_exe(daemon));
-    command
-        .args(["--ignored", "--exact", "other_uid_child", "--nocapture"])
-        .env(ENV_SOCKET, &daemon.socket)
-        .env(ENV_ROLE, role)
-        .uid(uid)
-        .gid(TRAINERS_GID);
-    command
-}
-
-fn run_as(daemon: &Daemon, role: &str, uid: u32) {
-    let out = child(daemon, role, uid).output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{role} (uid {uid}) failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]
@@ -370,10 +337,10 @@ fn another_uid_is_refused_every_request_against_a_job_it_does_not_own() {
         ("daemon", "socket_group", &format!("\"{TRAINERS_GID}\"")),
         ("daemon", "socket_mode", "\"0660\""),
     ]);
-    std::fs::set_permissions(daemon.dir.path(), std::fs::Permissions::from_mode(0o755))
-        .expect("chmod scratch");
+    let child = ChildTest::new(daemon.dir.path(), "other_uid_child");
 
-    let mut owner = child(&daemon, "owner", OWNER_UID)
+    let mut owner = child
+        .command(&daemon.socket, "owner", OWNER_UID, TRAINERS_GID)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -393,7 +360,7 @@ fn another_uid_is_refused_every_request_against_a_job_it_does_not_own() {
         before.keys().any(|p| p.ends_with("step-2")),
         "the owner's steps are not on disk: {before:?}"
     );
-    run_as(&daemon, "intruder", OTHER_UID);
+    child.run(&daemon.socket, "intruder", OTHER_UID, TRAINERS_GID);
     assert_eq!(
         tree::fingerprint(&job_dir),
         before,
@@ -411,5 +378,5 @@ fn another_uid_is_refused_every_request_against_a_job_it_does_not_own() {
         status.success(),
         "the owner failed after the intruder: {status}"
     );
-    run_as(&daemon, "verify", OWNER_UID);
+    child.run(&daemon.socket, "verify", OWNER_UID, TRAINERS_GID);
 }

@@ -7,26 +7,23 @@
 //! The trainers are this test binary run again as other users (`--ignored
 //! --exact remote_uid_child`), as in `e2e_isolation.rs`.
 
+mod as_user;
 mod daemon;
 
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
-use std::process::Command;
 use std::time::Duration;
 
+use as_user::ChildTest;
 use daemon::{Daemon, Setting, State, wait_for};
 use gpusnap::proto::RestoreSource;
 use gpusnap::{ClientConfig, Error, Step};
 use gpusnapd_testkit::S3Server;
 
-const ENV_SOCKET: &str = "GPUSNAP_E2E_SOCKET";
-const ENV_ROLE: &str = "GPUSNAP_E2E_ROLE";
 const OWNER_UID: u32 = 1000;
 const NOBODY: u32 = 65534;
 
 fn client(job: &str) -> gpusnap::Client {
     let mut c = ClientConfig::new(job);
-    c.socket = std::env::var(ENV_SOCKET).expect("socket").into();
+    c.socket = as_user::socket();
     c.call_timeout = Duration::from_secs(60);
     c.commit_timeout = Duration::from_secs(120);
     gpusnap::Client::with_config(c).expect("connect")
@@ -47,7 +44,7 @@ fn remote_steps(c: &mut gpusnap::Client, job: &str) -> Vec<u64> {
 #[test]
 #[ignore = "child process of the remote uid test"]
 fn remote_uid_child() {
-    let role = std::env::var(ENV_ROLE).expect("role");
+    let role = as_user::role();
     let state = State::new(2, 6 << 20);
     match role.as_str() {
         "train" => {
@@ -101,34 +98,6 @@ fn remote_uid_child() {
     }
 }
 
-fn child_exe(dir: &std::path::Path) -> std::path::PathBuf {
-    let exe = dir.join("remote-uid-child");
-    if !exe.exists() {
-        std::fs::copy(std::env::current_exe().expect("exe"), &exe).expect("copy test binary");
-        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    }
-    exe
-}
-
-fn run_as(daemon: &Daemon, role: &str, uid: u32) {
-    std::fs::set_permissions(daemon.dir.path(), std::fs::Permissions::from_mode(0o755))
-        .expect("chmod scratch");
-    let out = Command::new(child_exe(daemon.dir.path()))
-        .args(["--ignored", "--exact", "remote_uid_child", "--nocapture"])
-        .env(ENV_SOCKET, &daemon.socket)
-        .env(ENV_ROLE, role)
-        .uid(uid)
-        .gid(uid)
-        .output()
-        .expect("spawn");
-    assert!(
-        out.status.success(),
-        "{role} (uid {uid}) failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn only_the_jobs_owner_sees_and_restores_its_remote_steps_on_a_replaced_node() {
     if !gpusnapd_testkit::root_or_skip("switching to other uids needs root (CI runs as root)") {
@@ -142,7 +111,7 @@ fn only_the_jobs_owner_sees_and_restores_its_remote_steps_on_a_replaced_node() {
         .map(|(key, value)| ("remote", *key, value.as_str()))
         .collect();
     let a = Daemon::start(&settings);
-    run_as(&a, "train", OWNER_UID);
+    ChildTest::new(a.dir.path(), "remote_uid_child").run(&a.socket, "train", OWNER_UID, OWNER_UID);
     wait_for("step 2 complete remotely", Duration::from_secs(90), || {
         server
             .list_keys("uids/alpha")
@@ -154,7 +123,7 @@ fn only_the_jobs_owner_sees_and_restores_its_remote_steps_on_a_replaced_node() {
     );
     drop(a);
     let b = Daemon::start(&settings);
-    run_as(&b, "intruder", NOBODY);
+    ChildTest::new(b.dir.path(), "remote_uid_child").run(&b.socket, "intruder", NOBODY, NOBODY);
     let c = Daemon::start(&settings);
-    run_as(&c, "owner", OWNER_UID);
+    ChildTest::new(c.dir.path(), "remote_uid_child").run(&c.socket, "owner", OWNER_UID, OWNER_UID);
 }
