@@ -54,6 +54,24 @@ fn assert_link_refused<T: std::fmt::Debug>(result: gpusnap::Result<T>, job: &str
     }
 }
 
+/// Every request of `client` (registered for `job`, rank 0) meets the link
+/// at `linked`: a snapshot, a restore (which leaves the buffers as they
+/// were) and a describe are refused naming it, and the listing is empty.
+#[track_caller]
+fn assert_every_request_refused(
+    client: &mut gpusnap::Client,
+    state: &State,
+    job: &str,
+    linked: &str,
+) {
+    assert_link_refused(client.snapshot(2), linked, "snapshot");
+    state.zero();
+    assert_link_refused(client.restore(Step::Latest), linked, "restore");
+    assert!(all_zero(state), "a refused restore wrote the buffers");
+    assert_link_refused(client.describe(Some(job), 0, 1), linked, "describe");
+    assert_eq!(listed(client, job), [], "a linked path is listed");
+}
+
 /// Every byte of every tensor of `state` is zero (as `state.zero()` left it).
 fn all_zero(state: &State) -> bool {
     state
@@ -106,22 +124,7 @@ fn links_planted_beneath_the_root_are_refused_never_followed_even_by_recovery() 
     symlink(outside.join("job-target"), root.join("linked-job")).expect("plant");
     let mut linked = daemon::client(&d, "linked-job", 0, 1);
     state.register(&mut linked);
-    assert_link_refused(
-        linked.restore(Step::Latest),
-        "linked-job",
-        "register by restore",
-    );
-    assert_link_refused(linked.snapshot(1), "linked-job", "register by snapshot");
-    assert_link_refused(
-        linked.describe(Some("linked-job"), 0, 1),
-        "linked-job",
-        "describe",
-    );
-    assert_eq!(
-        listed(&mut linked, "linked-job"),
-        [],
-        "a linked job is listed"
-    );
+    assert_every_request_refused(&mut linked, &state, "linked-job", "linked-job");
 
     // A link at a rank directory of a registered job: the real rank
     // directory (with its committed step) moved outside, linked back.
@@ -132,20 +135,7 @@ fn links_planted_beneath_the_root_are_refused_never_followed_even_by_recovery() 
     std::fs::rename(root.join("rank-linked/0"), outside.join("rank-target/0")).expect("move rank");
     symlink(outside.join("rank-target/0"), root.join("rank-linked/0")).expect("plant");
     let before = fingerprint(&outside);
-    assert_link_refused(rank_linked.snapshot(2), "rank-linked/0", "snapshot");
-    state.zero();
-    assert_link_refused(
-        rank_linked.restore(Step::Latest),
-        "rank-linked/0",
-        "restore",
-    );
-    assert!(all_zero(&state), "a refused restore wrote the buffers");
-    assert_link_refused(
-        rank_linked.describe(Some("rank-linked"), 0, 1),
-        "rank-linked/0",
-        "describe",
-    );
-    assert_eq!(listed(&mut rank_linked, "rank-linked"), []);
+    assert_every_request_refused(&mut rank_linked, &state, "rank-linked", "rank-linked/0");
     assert_eq!(fingerprint(&outside), before, "written outside the root");
 
     // A link at a step directory: a valid snapshot of exactly that step
