@@ -24,6 +24,8 @@
 //! again, the staging slot now faulted in (hot tier off: disk again)
 //! 2 more snapshots on #2: persist with no hot-tier copy
 //! SIGTERM gpusnapd #2
+//! [unless --no-fio-sweep] the fio sweep (fio_sweep.rs): 6 settings, each
+//!     drop cache, write, drop cache, read
 //! ```
 
 use std::io::Write as _;
@@ -41,7 +43,8 @@ use crate::daemon::{
     stop_daemon, with_log,
 };
 use crate::e2e_report::{DaemonSums, E2eReport, NaiveRun, SnapshotRun, Targets};
-use crate::fio::{self, Direction};
+use crate::fio::{self, Direction, Setting};
+use crate::fio_sweep;
 use crate::mapping::DataMapping;
 use crate::state::TrainerState;
 use crate::sys;
@@ -63,7 +66,10 @@ pub struct E2eBench {
     pub keep: Option<PathBuf>,
     pub dir: Option<PathBuf>,
     pub gpusnapd: Option<PathBuf>,
+    /// fio's `--iodepth` at the single setting (1 MiB blocks).
     pub fio_iodepth: usize,
+    /// Whether to run the fio sweep (the disk's limit) at the end.
+    pub fio_sweep: bool,
     /// Skip the check that four copies of the state fit in MemAvailable.
     pub ignore_memory: bool,
 }
@@ -124,7 +130,7 @@ pub fn run(args: &E2eBench) -> Result<E2eReport, String> {
         &work.path,
         Direction::Write,
         args.size_bytes,
-        args.fio_iodepth,
+        Setting::mib_blocks(args.fio_iodepth),
     ) {
         Ok(r) => {
             eprintln!("fio write: {:.1} MB/s", r.mb_per_s());
@@ -226,7 +232,7 @@ pub fn run(args: &E2eBench) -> Result<E2eReport, String> {
             &work.path,
             Direction::Read,
             args.size_bytes,
-            args.fio_iodepth,
+            Setting::mib_blocks(args.fio_iodepth),
         ) {
             Ok(r) => {
                 eprintln!("fio read: {:.1} MB/s", r.mb_per_s());
@@ -275,6 +281,19 @@ pub fn run(args: &E2eBench) -> Result<E2eReport, String> {
     drop(client);
     stop_daemon(&mut daemon)?;
     drop(daemon);
+
+    if args.fio_sweep {
+        // The store is left as it is (keep_snapshots = 1: one snapshot);
+        // the sweep needs room for one more --size file beside it.
+        eprintln!(
+            "fio sweep: {} settings, write and read",
+            fio_sweep::SETTINGS.len()
+        );
+        let sweep = fio_sweep::run(&work.path, args.size_bytes, &cache);
+        report.sweep = sweep.summary();
+        eprintln!("{}", report.sweep.best_line());
+        report.errors.extend(sweep.errors);
+    }
 
     report.summarize(&Targets::default());
     Ok(report)

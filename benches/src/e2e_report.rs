@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::e2e_bench::E2eBench;
 use crate::fio::FioResult;
+use crate::fio_sweep::SweepSummary;
 use crate::sys;
 use crate::units::human_bytes;
 use crate::workdir::CacheDropper;
@@ -115,11 +116,15 @@ pub struct E2eReport {
     #[serde(rename = "fio_write_MBps")]
     pub fio_write_mb_per_s: Option<f64>,
     pub persist_vs_fio: Option<f64>,
+    /// `persist_MBps` / `fio_best_write_MBps`: against the disk's limit.
+    pub persist_vs_fio_best: Option<f64>,
     /// The same on the restarted daemon, whose hot tier is off (no copy
     /// into the hot tier before the commit is reported).
     #[serde(rename = "persist_no_hot_MBps")]
     pub persist_no_hot_mb_per_s: Option<f64>,
     pub persist_no_hot_vs_fio: Option<f64>,
+    /// `persist_no_hot_MBps` / `fio_best_write_MBps`.
+    pub persist_no_hot_vs_fio_best: Option<f64>,
     /// Median wall time of a restore from the hot tier.
     pub restore_mem_s: Option<f64>,
     #[serde(rename = "restore_mem_MBps")]
@@ -131,6 +136,8 @@ pub struct E2eReport {
     #[serde(rename = "fio_read_MBps")]
     pub fio_read_mb_per_s: Option<f64>,
     pub restore_disk_vs_fio: Option<f64>,
+    /// `restore_disk_MBps` / `fio_best_read_MBps`: against the disk's limit.
+    pub restore_disk_vs_fio_best: Option<f64>,
     /// The naive baseline's stall (write + fsync).
     pub naive_stall_s: Option<f64>,
     /// `naive_stall_s / stall_s`: how many times longer the naive trainer
@@ -141,6 +148,8 @@ pub struct E2eReport {
     #[serde(rename = "restore_disk_warm_MBps")]
     pub restore_disk_warm_mb_per_s: Option<f64>,
     pub restore_disk_warm_vs_fio: Option<f64>,
+    /// `restore_disk_warm_MBps` / `fio_best_read_MBps`.
+    pub restore_disk_warm_vs_fio_best: Option<f64>,
     /// From the daemon's /metrics (histogram sum / count): mean stall and
     /// persist it observed over all N snapshots, and over steps 2..N
     /// (the first one may pay for first-touch memory the daemon had not populated yet).
@@ -181,6 +190,9 @@ pub struct E2eReport {
     pub fio_version: String,
     pub fio_write: Option<FioResult>,
     pub fio_read: Option<FioResult>,
+    /// The fio sweep: `fio_sweep_ran`, `fio_sweep`, `fio_best_*`.
+    #[serde(flatten)]
+    pub sweep: SweepSummary,
     pub snapshots: Vec<SnapshotRun>,
     pub snapshots_no_hot: Vec<SnapshotRun>,
     pub restores_memory: Vec<RestoreRun>,
@@ -226,6 +238,10 @@ impl E2eReport {
             naive_vs_stall: None,
             restore_disk_warm_mb_per_s: None,
             restore_disk_warm_vs_fio: None,
+            restore_disk_warm_vs_fio_best: None,
+            persist_vs_fio_best: None,
+            persist_no_hot_vs_fio_best: None,
+            restore_disk_vs_fio_best: None,
             daemon_stall_mean_s: None,
             daemon_stall_mean_after_first_s: None,
             daemon_persist_mean_s: None,
@@ -259,6 +275,7 @@ impl E2eReport {
             fio_version,
             fio_write: None,
             fio_read: None,
+            sweep: SweepSummary::default(),
             snapshots: Vec::new(),
             snapshots_no_hot: Vec::new(),
             restores_memory: Vec::new(),
@@ -308,6 +325,21 @@ impl E2eReport {
         self.restore_disk_warm_mb_per_s = self.restore_disk_warm.as_ref().map(|r| r.mb_per_s);
         self.restore_disk_warm_vs_fio =
             ratio(self.restore_disk_warm_mb_per_s, self.fio_read_mb_per_s);
+
+        let single = crate::fio::Setting::mib_blocks(self.fio_iodepth);
+        self.sweep.consider(
+            crate::fio::Direction::Write,
+            single,
+            self.fio_write_mb_per_s,
+        );
+        self.sweep
+            .consider(crate::fio::Direction::Read, single, self.fio_read_mb_per_s);
+        let best_write = self.sweep.fio_best_write_mb_per_s;
+        let best_read = self.sweep.fio_best_read_mb_per_s;
+        self.persist_vs_fio_best = ratio(self.persist_mb_per_s, best_write);
+        self.persist_no_hot_vs_fio_best = ratio(self.persist_no_hot_mb_per_s, best_write);
+        self.restore_disk_vs_fio_best = ratio(self.restore_disk_mb_per_s, best_read);
+        self.restore_disk_warm_vs_fio_best = ratio(self.restore_disk_warm_mb_per_s, best_read);
 
         self.naive_stall_s = self.naive.as_ref().map(|n| n.total_s);
         self.naive_vs_stall = ratio(self.naive_stall_s, self.stall_s);
@@ -382,10 +414,24 @@ impl E2eReport {
             ">= 0.9",
         );
         row(
+            "  vs fio best",
+            mbps(self.persist_mb_per_s),
+            format!("fio best {}", mbps(self.sweep.fio_best_write_mb_per_s)),
+            self.persist_vs_fio_best,
+            "",
+        );
+        row(
             "persist, hot tier off",
             mbps(self.persist_no_hot_mb_per_s),
             format!("fio write {}", mbps(self.fio_write_mb_per_s)),
             self.persist_no_hot_vs_fio,
+            "",
+        );
+        row(
+            "  vs fio best",
+            mbps(self.persist_no_hot_mb_per_s),
+            format!("fio best {}", mbps(self.sweep.fio_best_write_mb_per_s)),
+            self.persist_no_hot_vs_fio_best,
             "",
         );
         row(
@@ -403,10 +449,24 @@ impl E2eReport {
             ">= 0.9",
         );
         row(
+            "  vs fio best",
+            mbps(self.restore_disk_mb_per_s),
+            format!("fio best {}", mbps(self.sweep.fio_best_read_mb_per_s)),
+            self.restore_disk_vs_fio_best,
+            "",
+        );
+        row(
             "restore from disk, slot faulted",
             mbps(self.restore_disk_warm_mb_per_s),
             format!("fio read {}", mbps(self.fio_read_mb_per_s)),
             self.restore_disk_warm_vs_fio,
+            "",
+        );
+        row(
+            "  vs fio best",
+            mbps(self.restore_disk_warm_mb_per_s),
+            format!("fio best {}", mbps(self.sweep.fio_best_read_mb_per_s)),
+            self.restore_disk_warm_vs_fio_best,
             "",
         );
         row(
@@ -416,6 +476,22 @@ impl E2eReport {
             self.naive_vs_stall,
             "",
         );
+        let _ = writeln!(s, "fio single setting: qd {}, bs 1M", self.fio_iodepth);
+        if self.sweep.fio_sweep_ran {
+            let _ = writeln!(s, "{}", self.sweep.best_line());
+            let opt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
+            for e in &self.sweep.fio_sweep {
+                let _ = writeln!(
+                    s,
+                    "  fio {:<16} write {:>10} MB/s   read {:>10} MB/s",
+                    e.setting.label(),
+                    opt(e.write_mb_per_s),
+                    opt(e.read_mb_per_s)
+                );
+            }
+        } else {
+            let _ = writeln!(s, "fio sweep not run (--no-fio-sweep)");
+        }
         let _ = writeln!(
             s,
             "daemon-side means (all / after the first): stall {} / {}, persist {} / {}",

@@ -1,6 +1,6 @@
-//! The peer: fio with io_uring and O_DIRECT, 1 MiB blocks, 16 in flight
-//! (`--fio-iodepth`), on
-//! the same directory and size as the store's run.
+//! The peer: fio with io_uring and O_DIRECT on the same directory and size
+//! as the store's run, at one [`Setting`] (the benches' single setting is
+//! 1 MiB blocks, 16 in flight, `--fio-iodepth`; `fio_sweep` tries more).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -11,6 +11,41 @@ use serde::Serialize;
 /// The file fio writes and reads back, inside the benchmark directory.
 pub const FIO_FILE: &str = "fio-bench.dat";
 
+/// One fio setting: transfers in flight (`--iodepth`) and the size of each
+/// (`--bs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Setting {
+    /// fio's `--iodepth`: transfers in flight.
+    pub iodepth: usize,
+    /// fio's `--bs` in bytes: the size of one transfer.
+    #[serde(rename = "block_bytes")]
+    pub block: u64,
+}
+
+impl Setting {
+    /// `--iodepth` transfers of 1 MiB, the benches' single setting.
+    pub const fn mib_blocks(iodepth: usize) -> Setting {
+        Setting {
+            iodepth,
+            block: 1 << 20,
+        }
+    }
+
+    /// The block as fio's `--bs` spells it: `1M`, `4M`, `64K`, or bytes.
+    pub fn block_arg(self) -> String {
+        match self.block {
+            b if b > 0 && b.is_multiple_of(1 << 20) => format!("{}M", b >> 20),
+            b if b > 0 && b.is_multiple_of(1 << 10) => format!("{}K", b >> 10),
+            b => b.to_string(),
+        }
+    }
+
+    /// `qd 16, bs 1M`, for the tables.
+    pub fn label(self) -> String {
+        format!("qd {}, bs {}", self.iodepth, self.block_arg())
+    }
+}
+
 /// Read or write, as fio's `--rw` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -19,6 +54,7 @@ pub enum Direction {
 }
 
 impl Direction {
+    /// fio's `--rw` value, also the JSON key part (`write`, `read`).
     pub fn name(self) -> &'static str {
         match self {
             Direction::Write => "write",
@@ -41,21 +77,22 @@ pub struct FioResult {
 }
 
 impl FioResult {
+    /// `bw_bytes_per_s` in MB/s (1e6 bytes).
     pub fn mb_per_s(&self) -> f64 {
         self.bw_bytes_per_s as f64 / 1e6
     }
 }
 
-/// The fio arguments for one job on `dir`.
-pub fn args(dir: &Path, direction: Direction, size_bytes: u64, iodepth: usize) -> Vec<String> {
+/// The fio arguments for one job on `dir` at `setting`.
+pub fn args(dir: &Path, direction: Direction, size_bytes: u64, setting: Setting) -> Vec<String> {
     vec![
         format!("--name=gpusnap-{}", direction.name()),
         format!("--directory={}", dir.display()),
         format!("--filename={FIO_FILE}"),
         "--ioengine=io_uring".into(),
         "--direct=1".into(),
-        "--bs=1M".into(),
-        format!("--iodepth={iodepth}"),
+        format!("--bs={}", setting.block_arg()),
+        format!("--iodepth={}", setting.iodepth),
         format!("--rw={}", direction.name()),
         format!("--size={size_bytes}"),
         "--numjobs=1".into(),
@@ -72,14 +109,15 @@ pub fn version() -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-/// Runs one fio job on `dir`, stdout captured (it never reaches ours).
+/// Runs one fio job on `dir` at `setting`, stdout captured (it never
+/// reaches ours).
 pub fn run(
     dir: &Path,
     direction: Direction,
     size_bytes: u64,
-    iodepth: usize,
+    setting: Setting,
 ) -> Result<FioResult, String> {
-    let args = args(dir, direction, size_bytes, iodepth);
+    let args = args(dir, direction, size_bytes, setting);
     let command = format!("fio {}", args.join(" "));
     let start = Instant::now();
     let out = Command::new("fio")
@@ -169,12 +207,37 @@ mod tests {
 
     #[test]
     fn the_command_is_the_documented_one() {
-        let a = args(Path::new("/d"), Direction::Read, 4096, 16).join(" ");
+        let a = args(
+            Path::new("/d"),
+            Direction::Read,
+            4096,
+            Setting::mib_blocks(16),
+        )
+        .join(" ");
         assert_eq!(
             a,
             "--name=gpusnap-read --directory=/d --filename=fio-bench.dat --ioengine=io_uring \
              --direct=1 --bs=1M --iodepth=16 --rw=read --size=4096 --numjobs=1 --end_fsync=1 \
              --output-format=json"
         );
+        let wide = Setting {
+            iodepth: 64,
+            block: 4 << 20,
+        };
+        let a = args(Path::new("/d"), Direction::Write, 8 << 20, wide).join(" ");
+        assert!(
+            a.contains(" --bs=4M --iodepth=64 --rw=write --size=8388608 "),
+            "{a}"
+        );
+    }
+
+    #[test]
+    fn blocks_are_spelled_as_fio_reads_them() {
+        let bs = |block| Setting { iodepth: 1, block }.block_arg();
+        assert_eq!(bs(1 << 20), "1M");
+        assert_eq!(bs(4 << 20), "4M");
+        assert_eq!(bs(64 << 10), "64K");
+        assert_eq!(bs(4097), "4097");
+        assert_eq!(Setting::mib_blocks(32).label(), "qd 32, bs 1M");
     }
 }

@@ -8,7 +8,14 @@ mod daemon;
 mod e2e_bench;
 mod e2e_report;
 mod fio;
+mod fio_sweep;
 mod gpu_bench;
+mod load_bench;
+mod load_events;
+mod load_plan;
+mod load_report;
+mod load_trainer;
+mod load_watch;
 mod mapping;
 mod remote_bench;
 mod remote_report;
@@ -56,6 +63,50 @@ enum Command {
     /// loopback SeaweedFS: upload vs a plain multipart upload, persist with
     /// uploads vs without, download + restore vs ranged GETs alone.
     Remote(RemoteArgs),
+    /// Many trainers at once (64 of 1 MiB to 256 MiB, half host, half
+    /// CUDA) on three daemons, one per staging policy: daemon memory
+    /// against its budgets, stall percentiles against memcpy, snapshots/s,
+    /// skips and streams, a watchdog, and every commit verified after.
+    Load(LoadArgs),
+    /// One trainer of `load` (started by it; not for direct use).
+    #[command(hide = true)]
+    LoadTrainer(load_trainer::TrainerArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct LoadArgs {
+    /// How long every trainer snapshots in a loop (60s, 500ms, 2m).
+    #[arg(long, default_value = "60s", value_parser = units::parse_duration)]
+    duration: std::time::Duration,
+    /// "Compute" between two snapshots of one trainer.
+    #[arg(long, default_value = "200ms", value_parser = units::parse_duration)]
+    interval: std::time::Duration,
+    /// A request unanswered for longer than this fails the run, naming the
+    /// trainer.
+    #[arg(long, default_value = "30s", value_parser = units::parse_duration)]
+    watchdog: std::time::Duration,
+    /// Six trainers of 1-16 MiB for 3 s with no interval (overrides
+    /// --duration and --interval), for CI.
+    #[arg(long)]
+    smoke: bool,
+    /// Print one JSON object on stdout (the table goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// Run in a fresh directory under DIR, removed afterwards [default:
+    /// the repository's target/gpusnap-bench/, or /var/tmp if that is tmpfs].
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// The gpusnapd binary [default: the one beside gpusnap-bench].
+    #[arg(long, value_name = "PATH")]
+    gpusnapd: Option<PathBuf>,
+    /// A directory put first on the CUDA trainers' LD_LIBRARY_PATH: the
+    /// CUDA driver double's (tests/cuda-double/build prints it; benches/run
+    /// passes it unless given --system-cuda).
+    #[arg(long, value_name = "DIR", conflicts_with = "system_cuda")]
+    cuda_lib_dir: Option<PathBuf>,
+    /// The CUDA trainers use the system's libcuda.so (a GPU).
+    #[arg(long)]
+    system_cuda: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -146,9 +197,13 @@ struct E2eArgs {
     /// The gpusnapd binary [default: the one beside gpusnap-bench].
     #[arg(long, value_name = "PATH")]
     gpusnapd: Option<PathBuf>,
-    /// fio's --iodepth.
+    /// fio's --iodepth at the single setting (1 MiB blocks).
     #[arg(long, default_value_t = 16)]
     fio_iodepth: usize,
+    /// Skip the fio sweep (iodepth 16/32/64 x bs 1M/4M, the disk's limit):
+    /// a quicker run, compared with the single setting only.
+    #[arg(long)]
+    no_fio_sweep: bool,
     /// Run even when four copies of the state do not fit in MemAvailable.
     #[arg(long)]
     ignore_memory: bool,
@@ -182,10 +237,14 @@ struct StoreArgs {
     /// Size of one I/O buffer and chunk (store.io_buffer_bytes).
     #[arg(long, default_value = "1M", value_parser = parse_usize_size)]
     io_buffer: usize,
-    /// fio's --iodepth (the peer's transfers in flight; the store's are
-    /// --queue-depth).
+    /// fio's --iodepth at the single setting, 1 MiB blocks (the peer's
+    /// transfers in flight; the store's are --queue-depth).
     #[arg(long, default_value_t = 16)]
     fio_iodepth: usize,
+    /// Skip the fio sweep (iodepth 16/32/64 x bs 1M/4M, the disk's limit):
+    /// a quicker run, compared with the single setting only.
+    #[arg(long)]
+    no_fio_sweep: bool,
 }
 
 fn parse_usize_size(text: &str) -> Result<usize, String> {
@@ -200,7 +259,38 @@ fn main() -> ExitCode {
         Command::E2e(args) => e2e(args),
         Command::Gpu(args) => gpu(args),
         Command::Remote(args) => remote(args),
+        Command::Load(args) => load(args),
+        Command::LoadTrainer(args) => load_trainer::main(&args),
     }
+}
+
+fn load(args: LoadArgs) -> ExitCode {
+    let bench = load_bench::LoadBench {
+        smoke: args.smoke,
+        duration: if args.smoke {
+            load_bench::SMOKE_DURATION
+        } else {
+            args.duration
+        },
+        interval: if args.smoke {
+            load_bench::SMOKE_INTERVAL
+        } else {
+            args.interval
+        },
+        watchdog: args.watchdog,
+        dir: args.dir,
+        gpusnapd: args.gpusnapd,
+        cuda_library_dir: args.cuda_lib_dir,
+    };
+    let report = match load_bench::run(&bench) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("gpusnap-bench load: FAILED: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let failed = !report.errors.is_empty();
+    print_report(&report, &report.table(), args.json, failed)
 }
 
 fn remote(args: RemoteArgs) -> ExitCode {
@@ -269,6 +359,7 @@ fn e2e(args: E2eArgs) -> ExitCode {
         dir: args.dir,
         gpusnapd: args.gpusnapd,
         fio_iodepth: args.fio_iodepth,
+        fio_sweep: !args.no_fio_sweep,
         ignore_memory: args.ignore_memory,
     };
     let report = match e2e_bench::run(&bench) {
@@ -295,6 +386,7 @@ fn store(args: StoreArgs) -> ExitCode {
         queue_depth: args.queue_depth,
         io_buffer_bytes: args.io_buffer,
         fio_iodepth: args.fio_iodepth,
+        fio_sweep: !args.no_fio_sweep,
     };
     let report = match store_bench::run(&bench) {
         Ok(r) => r,

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::fio::FioResult;
+use crate::fio_sweep::SweepSummary;
 use crate::units::human_bytes;
 
 /// One backend's write and verified read of the same snapshot.
@@ -44,8 +45,14 @@ pub struct Report {
     pub read_mb_per_s: Option<f64>,
     #[serde(rename = "fio_read_MBps")]
     pub fio_read_mb_per_s: Option<f64>,
+    /// `write_MBps` / `fio_write_MBps` (fio's single setting).
     pub write_vs_fio: Option<f64>,
+    /// `read_MBps` / `fio_read_MBps` (fio's single setting).
     pub read_vs_fio: Option<f64>,
+    /// `write_MBps` / `fio_best_write_MBps`: against the disk's limit.
+    pub write_vs_fio_best: Option<f64>,
+    /// `read_MBps` / `fio_best_read_MBps`: against the disk's limit.
+    pub read_vs_fio_best: Option<f64>,
     /// CPU seconds per GB (1e9 bytes) written, by `backend`'s write.
     #[serde(rename = "cpu_s_per_GB")]
     pub cpu_s_per_gb: Option<f64>,
@@ -77,6 +84,9 @@ pub struct Report {
     pub fio_version: String,
     pub fio_write: Option<FioResult>,
     pub fio_read: Option<FioResult>,
+    /// The fio sweep: `fio_sweep_ran`, `fio_sweep`, `fio_best_*`.
+    #[serde(flatten)]
+    pub sweep: SweepSummary,
     pub runs: Vec<BackendRun>,
     /// What failed (a backend that could not be opened, fio, a short read).
     pub errors: Vec<String>,
@@ -104,6 +114,16 @@ impl Report {
         }
         self.write_vs_fio = ratio(self.write_mb_per_s, self.fio_write_mb_per_s);
         self.read_vs_fio = ratio(self.read_mb_per_s, self.fio_read_mb_per_s);
+        let single = crate::fio::Setting::mib_blocks(self.fio_iodepth);
+        self.sweep.consider(
+            crate::fio::Direction::Write,
+            single,
+            self.fio_write_mb_per_s,
+        );
+        self.sweep
+            .consider(crate::fio::Direction::Read, single, self.fio_read_mb_per_s);
+        self.write_vs_fio_best = ratio(self.write_mb_per_s, self.sweep.fio_best_write_mb_per_s);
+        self.read_vs_fio_best = ratio(self.read_mb_per_s, self.sweep.fio_best_read_mb_per_s);
     }
 
     /// The human table: one line per figure, ours against fio's.
@@ -121,35 +141,54 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "{:<20} {:>12} {:>12} {:>8} {:>10}",
-            "figure", "ours MB/s", "fio MB/s", "ratio", "CPU s/GB"
+            "{:<20} {:>12} {:>12} {:>8} {:>14} {:>8} {:>10}",
+            "figure", "ours MB/s", "fio MB/s", "ratio", "fio best MB/s", "ratio", "CPU s/GB"
         );
         let gb = self.size_bytes as f64 / 1e9;
         for run in &self.runs {
-            for (what, ours, fio, cpu) in [
+            for (what, ours, fio, best, cpu) in [
                 (
                     "write",
                     run.write_mb_per_s,
                     self.fio_write_mb_per_s,
+                    self.sweep.fio_best_write_mb_per_s,
                     run.write_cpu_s,
                 ),
                 (
                     "read",
                     run.read_mb_per_s,
                     self.fio_read_mb_per_s,
+                    self.sweep.fio_best_read_mb_per_s,
                     run.read_cpu_s,
                 ),
             ] {
                 let _ = writeln!(
                     s,
-                    "{:<20} {:>12.1} {:>12} {:>8} {:>10.3}",
+                    "{:<20} {:>12.1} {:>12} {:>8} {:>14} {:>8} {:>10.3}",
                     format!("{what} ({})", run.backend),
                     ours,
                     opt(fio, 1),
                     opt(ratio(Some(ours), fio), 2),
+                    opt(best, 1),
+                    opt(ratio(Some(ours), best), 2),
                     cpu / gb
                 );
             }
+        }
+        let _ = writeln!(s, "fio single setting: qd {}, bs 1M", self.fio_iodepth);
+        if self.sweep.fio_sweep_ran {
+            let _ = writeln!(s, "{}", self.sweep.best_line());
+            for e in &self.sweep.fio_sweep {
+                let _ = writeln!(
+                    s,
+                    "  fio {:<16} write {:>10} MB/s   read {:>10} MB/s",
+                    e.setting.label(),
+                    opt(e.write_mb_per_s, 1),
+                    opt(e.read_mb_per_s, 1)
+                );
+            }
+        } else {
+            let _ = writeln!(s, "fio sweep not run (--no-fio-sweep)");
         }
         if !self.page_cache_dropped {
             let _ = writeln!(

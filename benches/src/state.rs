@@ -54,6 +54,28 @@ fn stamp_into(tensor: usize, step: u64, out: &mut [u8]) {
     }
 }
 
+/// What bytes `offset..offset + out.len()` of tensor `tensor` hold at
+/// `step` (the base pattern, the stamp of `step` over the first word), into
+/// `out`; `offset` is a multiple of 8. The `load` benchmark's CUDA trainers
+/// fill and check device memory with it, as [`TrainerState`] does host
+/// tensors.
+pub fn expected_into(tensor: usize, offset: usize, step: u64, out: &mut [u8]) {
+    assert!(
+        offset.is_multiple_of(8),
+        "offset {offset} is not word-aligned"
+    );
+    pattern_into(tensor, to_u64(offset / 8), out);
+    if offset == 0 {
+        stamp_into(tensor, step, out);
+    }
+}
+
+/// The first (up to) 8 bytes of tensor `tensor` at `step`: what a training
+/// step changes.
+pub fn stamp_bytes(tensor: usize, step: u64) -> [u8; 8] {
+    stamp_word(tensor, step).to_le_bytes()
+}
+
 /// The registered state.
 #[derive(Debug)]
 pub struct TrainerState {
@@ -120,10 +142,7 @@ impl TrainerState {
             for got in r.chunks(VERIFY_CHUNK_BYTES) {
                 // `chunks(VERIFY_CHUNK_BYTES)`: never longer than `expected`.
                 let want = &mut expected[..got.len()];
-                pattern_into(index, to_u64(offset / 8), want);
-                if offset == 0 {
-                    stamp_into(index, step, want);
-                }
+                expected_into(index, offset, step, want);
                 if got != want {
                     let at = got
                         .iter()
@@ -214,6 +233,22 @@ fn split_by_bytes<T>(
 mod tests {
     use super::*;
     use crate::tensors::tensor_set;
+
+    #[test]
+    fn expected_bytes_are_what_fill_and_stamp_write() {
+        let spec = TensorSpec::new("s", gpusnap::Dtype::U8, vec![100]);
+        let state = TrainerState::new(vec![spec]).expect("allocates");
+        state.fill(3);
+        state.stamp(9);
+        let got = state.tensors[0].1.read().to_vec();
+        let mut want = vec![0u8; 100];
+        expected_into(0, 0, 9, &mut want[..40]);
+        expected_into(0, 40, 9, &mut want[40..]);
+        assert_eq!(got, want);
+        assert_eq!(got[..8], stamp_bytes(0, 9));
+        expected_into(0, 0, 3, &mut want[..40]);
+        assert_ne!(got[..8], want[..8], "another step's stamp differs");
+    }
 
     #[test]
     fn a_filled_state_verifies_and_a_scribbled_or_older_one_does_not() {

@@ -10,6 +10,8 @@
 //!     drop cache, store write (timed)
 //!     [io_uring only]  drop cache, fio read, remove fio's file
 //!     drop cache, store read, every chunk's CRC checked (timed)
+//!     [io_uring only, unless --no-fio-sweep]  the fio sweep (fio_sweep.rs):
+//!         6 settings, each drop cache, write, drop cache, read
 //!     remove the backend's directory unless --keep
 //! ```
 
@@ -20,7 +22,8 @@ use gpusnap_proto::convert::{to_u64, to_usize};
 use gpusnapd::storage::probe::BackendChoice;
 use gpusnapd::store::{Layout, SnapshotId, Source, Store, StoreConfig};
 
-use crate::fio::{self, Direction};
+use crate::fio::{self, Direction, Setting};
+use crate::fio_sweep;
 use crate::mapping::DataMapping;
 use crate::report::{BackendRun, Report};
 use crate::sys;
@@ -80,8 +83,10 @@ pub struct StoreBench {
     pub backends: Vec<Backend>,
     pub queue_depth: usize,
     pub io_buffer_bytes: usize,
-    /// fio's `--iodepth`.
+    /// fio's `--iodepth` at the single setting (1 MiB blocks).
     pub fio_iodepth: usize,
+    /// Whether to run the fio sweep (the disk's limit) too.
+    pub fio_sweep: bool,
 }
 
 /// Runs the benchmark; the report carries any per-backend failure in
@@ -120,6 +125,8 @@ pub fn run(args: &StoreBench) -> Result<Report, String> {
         fio_read_mb_per_s: None,
         write_vs_fio: None,
         read_vs_fio: None,
+        write_vs_fio_best: None,
+        read_vs_fio_best: None,
         cpu_s_per_gb: None,
         io_uring_write_mb_per_s: None,
         io_uring_read_mb_per_s: None,
@@ -141,6 +148,7 @@ pub fn run(args: &StoreBench) -> Result<Report, String> {
         fio_version,
         fio_write: None,
         fio_read: None,
+        sweep: fio_sweep::SweepSummary::default(),
         runs: Vec::new(),
         errors: Vec::new(),
     };
@@ -177,6 +185,9 @@ pub fn run(args: &StoreBench) -> Result<Report, String> {
         if let Err(e) = fio::remove_file(&work.path) {
             report.errors.push(format!("removing fio's file: {e}"));
         }
+        if args.fio_sweep && fio_next_to == Some(backend) {
+            sweep(&work.path, &cache, &mut report);
+        }
         if args.keep.is_none() {
             let root = work.path.join(backend.name());
             if let Err(e) = std::fs::remove_dir_all(&root)
@@ -197,11 +208,28 @@ pub fn run(args: &StoreBench) -> Result<Report, String> {
     Ok(report)
 }
 
+/// The fio sweep on `dir`, its summary and failures into `report`.
+fn sweep(dir: &Path, cache: &CacheDropper, report: &mut Report) {
+    eprintln!(
+        "fio sweep: {} settings, write and read",
+        fio_sweep::SETTINGS.len()
+    );
+    let sweep = fio_sweep::run(dir, report.size_bytes, cache);
+    report.sweep = sweep.summary();
+    eprintln!("{}", report.sweep.best_line());
+    report.errors.extend(sweep.errors);
+}
+
 /// fio write then read on `dir`, with no store run between them.
 fn fio_alone(dir: &Path, iodepth: usize, cache: &CacheDropper, report: &mut Report) {
     for direction in [Direction::Write, Direction::Read] {
         cache.drop_cache();
-        match fio::run(dir, direction, report.size_bytes, iodepth) {
+        match fio::run(
+            dir,
+            direction,
+            report.size_bytes,
+            Setting::mib_blocks(iodepth),
+        ) {
             Ok(r) => {
                 eprintln!("fio {}: {:.1} MB/s", direction.name(), r.mb_per_s());
                 match direction {
@@ -253,7 +281,7 @@ impl OneBackend<'_> {
                 &self.work.path,
                 Direction::Write,
                 size,
-                self.args.fio_iodepth,
+                Setting::mib_blocks(self.args.fio_iodepth),
             )?;
             eprintln!("fio write: {:.1} MB/s", r.mb_per_s());
             self.report.fio_write = Some(r);
@@ -280,7 +308,7 @@ impl OneBackend<'_> {
                 &self.work.path,
                 Direction::Read,
                 size,
-                self.args.fio_iodepth,
+                Setting::mib_blocks(self.args.fio_iodepth),
             )?;
             eprintln!("fio read: {:.1} MB/s", r.mb_per_s());
             self.report.fio_read = Some(r);

@@ -32,6 +32,28 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
+/// Parses a duration: `60s`, `500ms`, `2m`, or a number of seconds.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let t = text.trim();
+    let (digits, scale_ms) = if let Some(d) = t.strip_suffix("ms") {
+        (d, 1)
+    } else if let Some(d) = t.strip_suffix('s') {
+        (d, 1000)
+    } else if let Some(d) = t.strip_suffix('m') {
+        (d, 60_000)
+    } else {
+        (t, 1000)
+    };
+    let n: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 60s, 500ms or 2m"))?;
+    let ms = n
+        .checked_mul(scale_ms)
+        .ok_or_else(|| format!("{text:?} is too long"))?;
+    Ok(std::time::Duration::from_millis(ms))
+}
+
 /// `bytes` as a short binary size (`256 MiB`, `4 GiB`, `1.5 GiB`).
 pub fn human_bytes(bytes: u64) -> String {
     const UNITS: [(&str, u64); 4] = [
@@ -55,6 +77,19 @@ pub fn human_bytes(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_take_ms_s_and_m() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert_eq!(parse_duration("0ms"), Ok(Duration::ZERO));
+        assert!(parse_duration("1h").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration(&format!("{}m", u64::MAX)).is_err());
+    }
 
     #[test]
     fn suffixes_are_powers_of_1024() {
