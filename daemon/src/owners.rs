@@ -31,7 +31,10 @@
 //! Claims are serialized within the daemon, and the daemon's store never
 //! creates a job directory (`JobDirs::Claimed`): a commit whose job
 //! directory vanished after its claim fails (`StoreError::JobMissing`)
-//! instead of making the job again without its OWNER.
+//! instead of making the job again without its OWNER. The cache of owners
+//! is checked against the disk at each claim: a registration whose job
+//! directory was removed since (by an operator, with the whole store or
+//! alone) claims the job anew, as it would after a restart.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -166,6 +169,7 @@ impl Owners {
     /// is new (the sequence of the module doc).
     pub fn claim(&self, store: &Store, job: &str, uid: u32) -> Result<(), OwnerError> {
         let _serial = CLAIMING.lock().unwrap_or_else(PoisonError::into_inner);
+        self.forget_if_removed(store, job)?;
         match self.owner(store, job)? {
             Some(owner) if owner == uid || uid == 0 => Ok(()),
             Some(owner) => Err(OwnerError::NotOwner {
@@ -196,6 +200,25 @@ impl Owners {
                 false
             }
         }
+    }
+
+    /// Drops the cached owner of `job` when its directory is gone (an
+    /// operator removed it, or the whole store, while the daemon runs), so
+    /// the claim that follows makes it again instead of trusting the cache
+    /// and leaving every commit to fail with `StoreError::JobMissing`.
+    fn forget_if_removed(&self, store: &Store, job: &str) -> Result<(), OwnerError> {
+        paths::validate_job(job).map_err(StoreError::from)?;
+        if !self.lock().contains_key(job) {
+            return Ok(());
+        }
+        if store.storage().metadata(&store.root().join(job))?.is_none() {
+            self.lock().remove(job);
+            tracing::warn!(
+                job,
+                "the job's directory was removed while gpusnapd runs; claiming it anew"
+            );
+        }
+        Ok(())
     }
 
     /// Makes `<root>/<job>` appear with `uid` in its OWNER.
@@ -474,5 +497,33 @@ mod tests {
             Owners::default().owner(&store, "job").expect("ask"),
             Some(1001)
         );
+    }
+
+    #[test]
+    fn a_job_directory_removed_under_the_cache_is_claimed_anew() {
+        let sim = SimStorage::new(Path::new(ROOT));
+        let store = sim_store(&sim);
+        let owners = Owners::default();
+        owners.claim(&store, "job", 1000).expect("claim");
+        let job_dir = Path::new(ROOT).join("job");
+        sim.remove_dir_all(&job_dir)
+            .expect("operator removes the job");
+        owners.claim(&store, "job", 1000).expect("claimed again");
+        assert_eq!(
+            sim.read_file_limited(&job_dir.join(OWNER_FILE), OWNER_LEN_MAX)
+                .expect("OWNER made again"),
+            b"1000\n"
+        );
+        // Gone again: another uid's registration now claims it, as after a
+        // restart.
+        sim.remove_dir_all(&job_dir).expect("remove");
+        owners
+            .claim(&store, "job", 2000)
+            .expect("claimed by another uid");
+        assert_eq!(owners.owner(&store, "job").expect("ask"), Some(2000));
+        assert!(matches!(
+            owners.claim(&store, "job", 1000),
+            Err(OwnerError::NotOwner { owner: 2000, .. })
+        ));
     }
 }

@@ -8,6 +8,7 @@
 //! | --- | --- | --- |
 //! | `StoreError::Storage` (I/O, a dead file, no backend, a stalled ring `Stalled`, dead workers `WorkersGone`) | `Storage` | the errno (none for `Dead`, `BackendUnavailable`, `Stalled`, `WorkersGone`) |
 //! | `StoreError::Storage(Beneath)` (a path refused beneath the store root: a symbolic link in the way, `ELOOP`; a path leaving it, `EXDEV`; or its OS error) | `Storage` | the errno |
+//! | `StoreError::Storage(Root)` (the store root removed from under the daemon: nothing at its path, `ENOENT`; or what is there now cannot be opened) | `Storage` | the errno |
 //! | `StoreError::Storage(TooLarge)` (a file over its size limit) | `Corrupt` | none |
 //! | `StoreError::{ShortTransfer, JobMissing}` (a job directory removed after its claim) | `Storage` | none |
 //! | `StoreError::Pool(Map)` | `Storage` | the errno |
@@ -194,7 +195,8 @@ fn storage_kind(e: &StorageError) -> ErrorKind {
         | StorageError::BackendUnavailable { .. }
         | StorageError::Stalled { .. }
         | StorageError::WorkersGone { .. }
-        | StorageError::Beneath(_) => ErrorKind::Storage,
+        | StorageError::Beneath(_)
+        | StorageError::Root(_) => ErrorKind::Storage,
         StorageError::TooLarge { .. } => ErrorKind::Corrupt,
     }
 }

@@ -271,6 +271,15 @@ impl Beneath {
         &self.path
     }
 
+    /// Whether the held directory was removed since it was opened (its
+    /// link count is 0: `rmdir` of it, or of a tree holding it). An
+    /// `fstat` of the held descriptor, no path lookup. Nothing can be made
+    /// beneath a removed directory again (every create fails `ENOENT`).
+    pub fn is_removed(&self) -> Result<bool, BeneathError> {
+        let st = nix::sys::stat::fstat(&self.fd).map_err(called("fstat", &self.path))?;
+        Ok(st.st_nlink == 0)
+    }
+
     /// A [`Beneath`] of the directory at `path`, opened beneath this one
     /// (the journal's own directory).
     pub fn subdir(&self, path: &Path) -> Result<Beneath, BeneathError> {

@@ -44,6 +44,7 @@ pub mod delay;
 pub mod fault;
 pub mod os;
 pub mod probe;
+pub mod root;
 pub mod sim;
 pub mod threaded;
 pub mod uring;
@@ -142,6 +143,12 @@ pub enum StorageError {
     /// `openat2`, or the OS error of the operation.
     #[error(transparent)]
     Beneath(#[from] beneath::BeneathError),
+    /// The store root was removed from under the running daemon
+    /// ([`root`]): nothing is at its path now (`ENOENT`), or what is there
+    /// cannot be opened. Never "not found": the path asked about is not
+    /// known to be absent, the whole store is.
+    #[error(transparent)]
+    Root(#[from] root::RootError),
 }
 
 fn at_offset(offset: Option<u64>) -> String {
@@ -195,14 +202,24 @@ impl StorageError {
             | StorageError::Stalled { .. }
             | StorageError::WorkersGone { .. } => None,
             StorageError::Beneath(e) => e.raw_os_error(),
+            StorageError::Root(e) => e.raw_os_error(),
         }
     }
 
+    /// Whether the path operated on does not exist (the operation's own
+    /// `ENOENT`), which callers read as "nothing there" (an empty listing,
+    /// nothing to remove). A removed store root ([`StorageError::Root`]) is
+    /// not that, though its errno is `ENOENT`: it fails the operation.
     pub fn is_not_found(&self) -> bool {
         match self {
             StorageError::Io { source, .. } => source.kind() == io::ErrorKind::NotFound,
             StorageError::Beneath(e) => e.is_not_found(),
-            _ => false,
+            StorageError::Root(_)
+            | StorageError::TooLarge { .. }
+            | StorageError::Dead { .. }
+            | StorageError::BackendUnavailable { .. }
+            | StorageError::Stalled { .. }
+            | StorageError::WorkersGone { .. } => false,
         }
     }
 }

@@ -8,7 +8,10 @@
 //! ([`StorageError::Beneath`], `ELOOP`), never reach outside the root. A
 //! path not under the root is refused the same way. The root itself may be
 //! a link (the operator's choice): it is resolved once, at
-//! [`OsStorage::open`].
+//! [`OsStorage::open`], and again only if the directory is removed from
+//! under the running daemon ([`Root`]: every operation then fails with
+//! [`StorageError::Root`], naming the root, until a directory is there
+//! again, which is then used without a restart).
 //!
 //! Data files go through the backend [`probe::choose`] picked when the
 //! storage was opened, on the `File` the beneath-open returned. Data files
@@ -31,6 +34,7 @@ use nix::sys::stat::Mode;
 
 use super::beneath::{Beneath, Kind, PathRefused};
 use super::probe::{self, BackendChoice};
+use super::root::Root;
 use super::threaded::{IO_WORKERS, IoWorkers, ThreadedFile};
 use super::uring::UringFile;
 use super::{BackendKind, DataFile, DirEntry, Metadata, Storage, StorageError};
@@ -45,7 +49,7 @@ const DIR_MODE: Mode = Mode::from_bits_truncate(0o777);
 /// The real file system under `root`, with the data-file backend chosen there.
 #[derive(Debug)]
 pub struct OsStorage {
-    root: Beneath,
+    root: Root,
     backend: BackendKind,
     reason: String,
     pool: BufferPool,
@@ -64,10 +68,10 @@ impl OsStorage {
         pool: BufferPool,
     ) -> Result<OsStorage, StorageError> {
         std::fs::create_dir_all(root).map_err(|e| StorageError::io("create_dir_all", root, e))?;
-        let beneath = Beneath::open(root)?;
+        let held = Root::open(root)?;
         let chosen = probe::choose(root, choice, &pool)?;
         Ok(OsStorage {
-            root: beneath,
+            root: held,
             backend: chosen.backend,
             reason: chosen.reason,
             pool,
@@ -135,15 +139,23 @@ impl OsStorage {
         }
     }
 
+    /// The root directory to resolve beneath now ([`Root::current`]: the
+    /// one opened at start, or the one made again after it was removed).
+    fn beneath(&self) -> Result<Arc<Beneath>, StorageError> {
+        Ok(self.root.current()?)
+    }
+
     /// Opens an existing file beneath the root for reading.
     fn open_read(&self, path: &Path, flags: OFlag) -> Result<File, StorageError> {
-        Ok(self.root.open_file(path, OFlag::O_RDONLY | flags, None)?)
+        Ok(self
+            .beneath()?
+            .open_file(path, OFlag::O_RDONLY | flags, None)?)
     }
 
     /// Creates a new file beneath the root (failing if anything, a link
     /// included, is there) for writing.
     fn create_new(&self, path: &Path, flags: OFlag) -> Result<File, StorageError> {
-        Ok(self.root.open_file(
+        Ok(self.beneath()?.open_file(
             path,
             OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | flags,
             Some(FILE_MODE),
@@ -172,17 +184,17 @@ impl Storage for OsStorage {
     }
 
     fn create_dir(&self, path: &Path) -> Result<(), StorageError> {
-        Ok(self.root.create_dir(path, DIR_MODE)?)
+        Ok(self.beneath()?.create_dir(path, DIR_MODE)?)
     }
 
     fn sync_dir(&self, path: &Path) -> Result<(), StorageError> {
-        let dir = File::from(self.root.open_dir(path)?);
+        let dir = File::from(self.beneath()?.open_dir(path)?);
         dir.sync_all()
             .map_err(|e| StorageError::io("fsync directory", path, e))
     }
 
     fn rename(&self, from: &Path, to: &Path) -> Result<(), StorageError> {
-        self.root.rename(from, to).map_err(|e| match e {
+        self.beneath()?.rename(from, to).map_err(|e| match e {
             super::beneath::BeneathError::Io { source, .. } => {
                 StorageError::io_between("rename", from, to, source)
             }
@@ -191,12 +203,12 @@ impl Storage for OsStorage {
     }
 
     fn remove_dir_all(&self, path: &Path) -> Result<(), StorageError> {
-        Ok(self.root.remove_dir_all(path)?)
+        Ok(self.beneath()?.remove_dir_all(path)?)
     }
 
     fn read_dir(&self, path: &Path) -> Result<Vec<DirEntry>, StorageError> {
         let mut out = Vec::new();
-        for entry in self.root.read_dir(path)? {
+        for entry in self.beneath()?.read_dir(path)? {
             match entry.name.into_string() {
                 Ok(name) => out.push(DirEntry {
                     name,
@@ -213,7 +225,7 @@ impl Storage for OsStorage {
     /// A symbolic link at `path` is refused ([`PathRefused::Link`]), not
     /// reported as a file: the store makes none, so one is planted.
     fn metadata(&self, path: &Path) -> Result<Option<Metadata>, StorageError> {
-        match self.root.lstat(path)? {
+        match self.beneath()?.lstat(path)? {
             None => Ok(None),
             Some(st) if st.kind == Kind::Symlink => Err(StorageError::Beneath(
                 PathRefused::Link {
@@ -242,7 +254,9 @@ impl Storage for OsStorage {
         {
             // Leave no half-made file behind a failed create.
             drop(file);
-            let _ = self.root.remove_file(path);
+            if let Ok(root) = self.beneath() {
+                let _ = root.remove_file(path);
+            }
             return Err(e);
         }
         self.data_file(file, path, queue_depth)
@@ -596,6 +610,42 @@ pub(crate) mod tests {
             }
         ));
         assert_eq!(s.read_file_limited(&path, 100).expect("read").len(), 100);
+    }
+
+    #[test]
+    fn a_root_removed_while_open_fails_every_operation_until_made_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("store");
+        let pool = BufferPool::new(4 * 4096, 4096).expect("pool");
+        let s = OsStorage::open(&root, BackendChoice::Buffered, pool).expect("open");
+        let job = root.join("job");
+        s.create_dir(&job).expect("mkdir");
+        std::fs::remove_dir_all(&root).expect("operator removes the root");
+        let failures = [
+            s.create_dir(&job).expect_err("mkdir"),
+            s.metadata(&job).expect_err("stat is not \"absent\""),
+            s.read_dir(&root).expect_err("read_dir"),
+            s.write_file_synced(&job.join("m"), b"x")
+                .expect_err("write"),
+            s.create_data_file(&job.join("d"), 4096, 2)
+                .err()
+                .expect("create"),
+        ];
+        for e in &failures {
+            assert!(matches!(e, StorageError::Root(_)), "{e:?}");
+            assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
+            assert!(!e.is_not_found(), "a removed root is not an absent path");
+            assert!(e.to_string().contains(&root.display().to_string()), "{e}");
+        }
+        assert!(
+            !root.exists(),
+            "gpusnapd does not make the root again itself"
+        );
+        std::fs::create_dir(&root).expect("operator makes it again");
+        assert_eq!(s.metadata(&job).expect("stat"), None);
+        s.create_dir(&job).expect("mkdir in the new root");
+        s.write_file_synced(&job.join("m"), b"back").expect("write");
+        assert_eq!(std::fs::read(job.join("m")).expect("read"), b"back");
     }
 
     #[test]
