@@ -10,10 +10,15 @@
 //! server's answer to the create and the journal's write leaks one upload;
 //! a bucket lifecycle rule (`AbortIncompleteMultipartUpload`) catches that
 //! case.
+//!
+//! The journal's directory is held open, and checked (`fstat`) before each
+//! use: when an operator removed the store root from under the daemon, the
+//! root is found again by path ([`Root`]) and the directory made again in
+//! it, so uploads resume without a restart once the root is back.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
@@ -22,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::remote::bucket::RemoteError;
 use crate::remote::marker::sha256_hex;
 use crate::storage::beneath::{Beneath, BeneathError, Kind};
+use crate::storage::root::Root;
 
 /// The journal's directory under the store root.
 pub const JOURNAL_DIR: &str = ".remote-uploads";
@@ -47,32 +53,78 @@ pub struct OpenUpload {
 /// anything outside the root.
 #[derive(Debug, Clone)]
 pub struct Journal {
-    dir: Arc<Beneath>,
+    dirs: Arc<Dirs>,
+}
+
+/// The store root and the journal's directory in it, held open.
+#[derive(Debug)]
+struct Dirs {
+    root: Root,
+    /// `<root>/.remote-uploads`.
+    path: PathBuf,
+    held: RwLock<Arc<Beneath>>,
 }
 
 impl Journal {
     /// The journal under `root`, created if absent.
     pub fn open(root: &Path) -> Result<Journal, RemoteError> {
-        let dir = root.join(JOURNAL_DIR);
         std::fs::create_dir_all(root).map_err(|source| RemoteError::Io {
             path: root.to_path_buf(),
             source,
         })?;
-        let store_root = Beneath::open(root).map_err(Self::beneath(root))?;
-        match store_root.create_dir(&dir, DIR_MODE) {
+        let store_root = Root::open(root).map_err(Self::beneath(root))?;
+        let path = root.join(JOURNAL_DIR);
+        let dir = Self::make_dir(&store_root, &path)?;
+        Ok(Journal {
+            dirs: Arc::new(Dirs {
+                root: store_root,
+                path,
+                held: RwLock::new(dir),
+            }),
+        })
+    }
+
+    /// Makes the journal's directory at `path` (if absent) beneath the
+    /// store root as it is now, and opens it.
+    fn make_dir(root: &Root, path: &Path) -> Result<Arc<Beneath>, RemoteError> {
+        let store_root = root.current().map_err(|e| RemoteError::Io {
+            path: root.path().to_path_buf(),
+            source: std::io::Error::other(e),
+        })?;
+        match store_root.create_dir(path, DIR_MODE) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(e) => return Err(Self::beneath(&dir)(e)),
+            Err(e) => return Err(Self::beneath(path)(e)),
         }
-        let journal = store_root.subdir(&dir).map_err(Self::beneath(&dir))?;
-        Ok(Journal {
-            dir: Arc::new(journal),
-        })
+        let dir = store_root.subdir(path).map_err(Self::beneath(path))?;
+        Ok(Arc::new(dir))
+    }
+
+    /// The journal's directory: the one held while it exists; once it was
+    /// removed (with the store root, by an operator), made again beneath
+    /// the root now at its path, or the error that the root is missing.
+    fn dir(&self) -> Result<Arc<Beneath>, RemoteError> {
+        let dirs = &*self.dirs;
+        let held = Arc::clone(&dirs.held.read().unwrap_or_else(PoisonError::into_inner));
+        if !held.is_removed().map_err(Self::beneath(&dirs.path))? {
+            return Ok(held);
+        }
+        let mut slot = dirs.held.write().unwrap_or_else(PoisonError::into_inner);
+        if !Arc::ptr_eq(&slot, &held) && !slot.is_removed().map_err(Self::beneath(&dirs.path))? {
+            return Ok(Arc::clone(&slot));
+        }
+        let fresh = Self::make_dir(&dirs.root, &dirs.path)?;
+        tracing::warn!(
+            path = %dirs.path.display(),
+            "the remote upload journal's directory was removed from under gpusnapd; made it again"
+        );
+        *slot = Arc::clone(&fresh);
+        Ok(fresh)
     }
 
     fn entry_path(&self, key: &str) -> PathBuf {
         let digest = sha256_hex(key.as_bytes());
-        self.dir.path().join(format!("{}.json", &digest[..32]))
+        self.dirs.path.join(format!("{}.json", &digest[..32]))
     }
 
     fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RemoteError + '_ {
@@ -99,8 +151,8 @@ impl Journal {
         let path = self.entry_path(&upload.key);
         let tmp = path.with_extension("tmp");
         let bytes = serde_json::to_vec(upload).expect("an entry always serializes");
-        let mut file = self
-            .dir
+        let dir = self.dir()?;
+        let mut file = dir
             .open_file(
                 &tmp,
                 OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC,
@@ -109,13 +161,13 @@ impl Journal {
             .map_err(Self::beneath(&tmp))?;
         file.write_all(&bytes).map_err(Self::io(&tmp))?;
         drop(file);
-        self.dir.rename(&tmp, &path).map_err(Self::beneath(&path))
+        dir.rename(&tmp, &path).map_err(Self::beneath(&path))
     }
 
     /// Forgets `key`'s upload (completed or aborted).
     pub fn forget(&self, key: &str) -> Result<(), RemoteError> {
         let path = self.entry_path(key);
-        match self.dir.remove_file(&path) {
+        match self.dir()?.remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.is_not_found() => Ok(()),
             Err(e) => Err(Self::beneath(&path)(e)),
@@ -127,19 +179,20 @@ impl Journal {
     /// unlinked, never followed).
     pub fn open_uploads(&self) -> Result<Vec<OpenUpload>, RemoteError> {
         let mut found = Vec::new();
-        let dir = self.dir.path();
-        let entries = self.dir.read_dir(dir).map_err(Self::beneath(dir))?;
+        let held = self.dir()?;
+        let dir = held.path();
+        let entries = held.read_dir(dir).map_err(Self::beneath(dir))?;
         for entry in entries.into_iter().take(ENTRIES_MAX) {
             let path = dir.join(&entry.name);
             let parsed = (entry.kind == Kind::File)
-                .then(|| self.read_entry(&path))
+                .then(|| Self::read_entry(&held, &path))
                 .flatten()
                 .and_then(|b| serde_json::from_slice::<OpenUpload>(&b).ok());
             match parsed {
                 Some(upload) if path.extension().is_some_and(|e| e == "json") => found.push(upload),
                 _ => {
                     tracing::warn!(path = %path.display(), "removing an unreadable entry of the remote upload journal");
-                    let _ = self.dir.remove_file(&path);
+                    let _ = held.remove_file(&path);
                 }
             }
         }
@@ -148,8 +201,8 @@ impl Journal {
     }
 
     /// An entry's bytes, `None` if it cannot be read or is too long.
-    fn read_entry(&self, path: &Path) -> Option<Vec<u8>> {
-        let file = self.dir.open_file(path, OFlag::O_RDONLY, None).ok()?;
+    fn read_entry(dir: &Beneath, path: &Path) -> Option<Vec<u8>> {
+        let file = dir.open_file(path, OFlag::O_RDONLY, None).ok()?;
         let len = file.metadata().ok()?.len();
         if len > ENTRY_LEN_MAX {
             return None;
@@ -207,6 +260,32 @@ mod tests {
             std::fs::read(outside.join("precious")).unwrap(),
             b"not an entry"
         );
+    }
+
+    #[test]
+    fn a_store_root_removed_and_made_again_gets_its_journal_back_without_a_restart() {
+        let scratch = tempfile::tempdir().unwrap();
+        let root = scratch.path().join("root");
+        let journal = Journal::open(&root).unwrap();
+        let a = OpenUpload {
+            key: "p/j/0/step-1/state.safetensors".into(),
+            upload_id: "u1".into(),
+        };
+        journal.record(&a).unwrap();
+        std::fs::remove_dir_all(&root).unwrap();
+        let missing = journal.record(&a).unwrap_err().to_string();
+        assert!(missing.contains("was removed"), "{missing}");
+        assert!(journal.open_uploads().is_err(), "a missing root listed");
+        std::fs::create_dir(&root).unwrap();
+        assert_eq!(journal.open_uploads().unwrap(), Vec::new());
+        journal.record(&a).unwrap();
+        assert!(
+            root.join(JOURNAL_DIR).is_dir(),
+            "the directory was not made again"
+        );
+        assert_eq!(journal.open_uploads().unwrap(), vec![a.clone()]);
+        journal.forget(&a.key).unwrap();
+        assert_eq!(journal.open_uploads().unwrap(), Vec::new());
     }
 
     #[test]
