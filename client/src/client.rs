@@ -1,12 +1,12 @@
 //! The trainer-facing client: configuration, registration, restore, list,
 //! status, commit waits and reconnection. Capture lives in `handle.rs`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::background::{Finisher, Pending};
+use crate::background::{self, Finisher, Pending};
 use crate::backoff::Backoff;
 use crate::buffer::{Buffer, HostTensor};
 use crate::conn::Deadline;
@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::proto::convert::to_u64;
 use crate::proto::{self, ReplyBody, RequestBody, RestoreSource, StagingInfo};
 use crate::route;
-use crate::session::{Events, Outcome, Session};
+use crate::session::{Events, Outcome, SETTLED_MAX, Session};
 use crate::staging::Staging;
 use crate::{Dtype, TensorSpec};
 
@@ -206,7 +206,7 @@ pub struct Client {
     /// The capture it works on, until collected (it holds the connection).
     pub(crate) handed_off: Option<Pending>,
     /// How handed-off captures came out, by step, until asked for.
-    pub(crate) background_outcomes: BTreeMap<u64, Result<SnapshotOutcome>>,
+    pub(crate) background_outcomes: background::Outcomes,
     uid: u32,
 }
 
@@ -239,7 +239,7 @@ impl Client {
             capture: None,
             finisher: None,
             handed_off: None,
-            background_outcomes: BTreeMap::new(),
+            background_outcomes: background::Outcomes::default(),
             uid: 0,
         };
         client.live()?;
@@ -527,12 +527,21 @@ impl Client {
     /// after its handle is gone. A step whose connection broke before its
     /// commit was reported is looked up in the listing: committed → `Ok`,
     /// otherwise [`Error::Lost`].
+    ///
+    /// What became of each step is kept until collected here (or by
+    /// [`background_outcome`](Client::background_outcome)), within bounds,
+    /// each kind apart: the latest 1,024 commits and failures reported
+    /// by the daemon, the latest 1,024 skips, and of captures finished in
+    /// the background the latest 64 failures. Skips never push out a
+    /// commit or a failure. A step whose outcome was dropped is looked up
+    /// in the listing (`Ok` with a zero `persist` when it is there);
+    /// otherwise it is [`Error::NotFound`], saying its outcome was dropped.
     pub fn wait_committed(&mut self, step: u64) -> Result<CommitInfo> {
         if self.open_capture() == Some(step) {
             return Err(Error::CaptureInProgress { step });
         }
         self.collect_background();
-        match self.background_outcomes.remove(&step) {
+        match self.background_outcomes.take(step) {
             Some(Err(e)) => return Err(e),
             Some(Ok(SnapshotOutcome::Skipped { step, reason })) => {
                 self.events.take(step);
@@ -561,11 +570,9 @@ impl Client {
                 .as_mut()
                 .filter(|s| s.in_flight.contains(&step))
             else {
-                return self.committed_in_listing(step)?.ok_or_else(|| {
-                    Error::NotFound(format!(
-                        "step {step} is neither in flight on this client nor committed"
-                    ))
-                });
+                return self
+                    .committed_in_listing(step)?
+                    .ok_or_else(|| self.not_found(step));
             };
             match session.await_event(step, deadline, &mut self.events) {
                 Ok(()) => {}
@@ -575,6 +582,35 @@ impl Client {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// [`Error::NotFound`] for a step neither kept, nor in flight, nor
+    /// listed: saying so when its outcome may be one this client dropped
+    /// to stay bounded.
+    fn not_found(&self, step: u64) -> Error {
+        let dropped = self
+            .events
+            .dropped_through(step)
+            .map(|through| (through, SETTLED_MAX, "commit and failure events"))
+            .or_else(|| {
+                self.background_outcomes
+                    .failure_dropped_through(step)
+                    .map(|through| {
+                        (
+                            through,
+                            background::OUTCOMES_MAX,
+                            "background capture failures",
+                        )
+                    })
+            });
+        Error::NotFound(match dropped {
+            Some((through, max, what)) => format!(
+                "step {step} is not listed as committed, and what became of it is no longer \
+                 known: this client keeps the latest {max} {what} nobody collected, and \
+                 dropped older ones, up to step {through}"
+            ),
+            None => format!("step {step} is neither in flight on this client nor committed"),
+        })
     }
 
     fn committed_in_listing(&mut self, step: u64) -> Result<Option<CommitInfo>> {
@@ -839,10 +875,8 @@ impl Drop for Client {
             tracing::error!(error = %e, "client dropped with a capture open: finishing it failed");
         }
         self.collect_background();
-        for (step, outcome) in std::mem::take(&mut self.background_outcomes) {
-            if let Err(e) = outcome {
-                tracing::error!(step, error = %e, "a capture finished in the background failed, and nobody asked");
-            }
+        for (step, e) in self.background_outcomes.take_failures() {
+            tracing::error!(step, error = %e, "a capture finished in the background failed, and nobody asked");
         }
     }
 }

@@ -19,9 +19,6 @@ use crate::route;
 use crate::session::Outcome;
 use crate::staging::Staging;
 
-/// Outcomes of handed-off captures kept until asked for, at most.
-const BACKGROUND_OUTCOMES_MAX: usize = 64;
-
 enum State {
     /// The devices copy into the slot; `sources` hold the read leases.
     Copying {
@@ -331,20 +328,19 @@ impl Client {
     /// How the capture of `step` handed off by
     /// [`finish_snapshot_in_background`](Client::finish_snapshot_in_background)
     /// came out (waiting for it if it still runs); `None` when no such
-    /// capture's outcome is kept (never handed off, or asked for already).
+    /// capture's outcome is kept (never handed off, asked for already, or
+    /// dropped: of each kind, failures, captures and skips, the latest 64
+    /// nobody asked for are kept, so skips never push out a failure).
     pub fn background_outcome(&mut self, step: u64) -> Option<Result<SnapshotOutcome>> {
         self.collect_background();
-        self.background_outcomes.remove(&step)
+        self.background_outcomes.take(step)
     }
 
     fn keep_background_outcome(&mut self, step: u64, outcome: Result<SnapshotOutcome>) {
         if let Err(e) = &outcome {
             tracing::warn!(step, error = %e, "a capture finished in the background failed");
         }
-        self.background_outcomes.insert(step, outcome);
-        while self.background_outcomes.len() > BACKGROUND_OUTCOMES_MAX {
-            self.background_outcomes.pop_first();
-        }
+        self.background_outcomes.keep(step, outcome);
     }
 
     /// [`Error::CaptureInProgress`] while a capture is open.

@@ -28,6 +28,7 @@ mod handle;
 mod route;
 mod session;
 mod staging;
+mod window;
 
 #[cfg(test)]
 mod tests;

@@ -2,7 +2,7 @@
 //! them in order, events recorded whenever they arrive, the handshake and
 //! the registration's staging.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::Arc;
@@ -15,9 +15,14 @@ use crate::proto::{
     AttachReport, ErrorKind, OsError, PROTOCOL_VERSION, Reply, ReplyBody, Request, RequestBody,
 };
 use crate::staging::Staging;
+use crate::window::Window;
 
-/// Events kept for steps nobody waited for yet; the oldest go first.
-const EVENTS_MAX: usize = 1024;
+/// Commit and failure outcomes kept for steps nobody collected yet; past
+/// this, the lowest step's goes.
+pub(crate) const SETTLED_MAX: usize = 1024;
+/// Skips kept for steps nobody collected yet, in a window of their own (a
+/// trainer under policy `skip` may be refused every step and seldom ask).
+pub(crate) const SKIPPED_MAX: usize = 1024;
 /// Pauses between handshakes that the daemon reset.
 const HELLO_PAUSE_FIRST: Duration = Duration::from_millis(50);
 const HELLO_PAUSE_MAX: Duration = Duration::from_secs(1);
@@ -41,34 +46,78 @@ pub(crate) enum Outcome {
     },
 }
 
-/// Outcomes recorded per step, across connections.
-#[derive(Debug, Default)]
+/// Outcomes recorded per step, across connections, until collected
+/// ([`Events::take`]). Commits and failures are kept in one bounded window
+/// ([`SETTLED_MAX`]), skips in another ([`SKIPPED_MAX`]), so no number of
+/// skips pushes out a commit or failure nobody has collected yet; each
+/// window drops its lowest step when full, and remembers the highest it
+/// dropped ([`Events::dropped_through`]).
+#[derive(Debug)]
 pub(crate) struct Events {
-    by_step: BTreeMap<u64, Outcome>,
+    /// `Committed` and `Failed` outcomes.
+    settled: Window<Outcome>,
+    /// The reasons of skipped steps.
+    skipped: Window<String>,
+}
+
+impl Default for Events {
+    fn default() -> Events {
+        Events {
+            settled: Window::new(SETTLED_MAX),
+            skipped: Window::new(SKIPPED_MAX),
+        }
+    }
 }
 
 impl Events {
+    /// Records what became of `step`, replacing what was kept for it.
     pub(crate) fn record(&mut self, step: u64, outcome: Outcome) {
-        self.by_step.insert(step, outcome);
-        while self.by_step.len() > EVENTS_MAX {
-            self.by_step.pop_first();
+        match outcome {
+            Outcome::Skipped { reason } => {
+                self.settled.remove(step);
+                self.skipped.insert(step, reason);
+            }
+            settled => {
+                self.skipped.remove(step);
+                self.settled.insert(step, settled);
+            }
         }
     }
 
     /// Records every outcome of `other` (events read by another thread on
-    /// this client's connection).
-    pub(crate) fn absorb(&mut self, other: Events) {
-        for (step, outcome) in other.by_step {
+    /// this client's connection), and what it dropped.
+    pub(crate) fn absorb(&mut self, mut other: Events) {
+        self.settled.note_dropped(other.settled.dropped_through());
+        self.skipped.note_dropped(other.skipped.dropped_through());
+        for (step, outcome) in other.settled.drain() {
             self.record(step, outcome);
+        }
+        for (step, reason) in other.skipped.drain() {
+            self.record(step, Outcome::Skipped { reason });
         }
     }
 
+    /// Takes what became of `step`.
     pub(crate) fn take(&mut self, step: u64) -> Option<Outcome> {
-        self.by_step.remove(&step)
+        self.settled.remove(step).or_else(|| {
+            self.skipped
+                .remove(step)
+                .map(|reason| Outcome::Skipped { reason })
+        })
     }
 
+    /// Whether an outcome is kept for `step`.
     pub(crate) fn contains(&self, step: u64) -> bool {
-        self.by_step.contains_key(&step)
+        self.settled.contains(step) || self.skipped.contains(step)
+    }
+
+    /// The highest step whose commit or failure was dropped to keep the
+    /// bound, when `step` is at or below it (its outcome may be one of
+    /// those dropped); `None` otherwise.
+    pub(crate) fn dropped_through(&self, step: u64) -> Option<u64> {
+        self.settled
+            .dropped_through()
+            .filter(|&through| step <= through)
     }
 }
 
@@ -336,25 +385,95 @@ impl Session {
 mod tests {
     use super::*;
 
+    fn skip() -> Outcome {
+        Outcome::Skipped {
+            reason: "busy".into(),
+        }
+    }
+
+    fn committed(bytes: u64) -> Outcome {
+        Outcome::Committed {
+            bytes,
+            persist: Duration::from_millis(3),
+        }
+    }
+
     #[test]
-    fn events_are_bounded_and_taken_once() {
+    fn skips_are_bounded_and_taken_once() {
         let mut events = Events::default();
-        for step in 0..(EVENTS_MAX as u64 + 10) {
-            events.record(
-                step,
-                Outcome::Skipped {
-                    reason: "busy".into(),
-                },
-            );
+        for step in 0..(SKIPPED_MAX as u64 + 10) {
+            events.record(step, skip());
         }
         assert!(!events.contains(9), "oldest dropped");
         assert!(events.contains(10));
-        assert_eq!(
-            events.take(10),
-            Some(Outcome::Skipped {
-                reason: "busy".into()
-            })
-        );
+        assert_eq!(events.take(10), Some(skip()));
         assert_eq!(events.take(10), None);
+        assert_eq!(
+            events.dropped_through(9),
+            None,
+            "dropped skips are not dropped commits"
+        );
+    }
+
+    /// The regression: skips shared the commits' window, so a trainer
+    /// under policy `skip` that was refused 1,024 times lost the commit
+    /// (or failure) of an earlier step it had not collected yet.
+    #[test]
+    fn no_number_of_skips_pushes_out_an_uncollected_commit_or_failure() {
+        let mut events = Events::default();
+        events.record(1, committed(10));
+        let failed = Outcome::Failed {
+            kind: ErrorKind::Storage,
+            message: "disk full".into(),
+            os_error: Some(OsError::ENOSPC),
+        };
+        events.record(2, failed.clone());
+        for step in 3..(3 + 4 * SKIPPED_MAX as u64) {
+            events.record(step, skip());
+        }
+        assert_eq!(events.take(1), Some(committed(10)));
+        assert_eq!(events.take(2), Some(failed));
+        assert_eq!(events.dropped_through(1), None, "no commit was dropped");
+    }
+
+    #[test]
+    fn commits_are_bounded_and_say_which_were_dropped() {
+        let mut events = Events::default();
+        for step in 1..=(SETTLED_MAX as u64 + 5) {
+            events.record(step, committed(step));
+        }
+        assert!(!events.contains(5) && events.contains(6));
+        assert_eq!(events.dropped_through(5), Some(5));
+        assert_eq!(events.dropped_through(1), Some(5));
+        assert_eq!(events.dropped_through(6), None);
+        assert_eq!(events.take(6), Some(committed(6)));
+    }
+
+    #[test]
+    fn a_step_keeps_only_its_latest_outcome_across_windows() {
+        let mut events = Events::default();
+        events.record(7, skip());
+        events.record(7, committed(1));
+        assert_eq!(events.take(7), Some(committed(1)));
+        assert!(!events.contains(7), "the skip went with the commit");
+        events.record(8, committed(2));
+        events.record(8, skip());
+        assert_eq!(events.take(8), Some(skip()));
+        assert!(!events.contains(8));
+    }
+
+    #[test]
+    fn absorbing_keeps_each_kind_in_its_window_and_what_was_dropped() {
+        let mut other = Events::default();
+        for step in 1..=(SETTLED_MAX as u64 + 1) {
+            other.record(step, committed(step));
+        }
+        other.record(5000, skip());
+        let mut events = Events::default();
+        events.record(6000, skip());
+        events.absorb(other);
+        assert_eq!(events.dropped_through(1), Some(1));
+        assert!(events.contains(2) && events.contains(5000) && events.contains(6000));
+        assert_eq!(events.take(5000), Some(skip()));
     }
 }

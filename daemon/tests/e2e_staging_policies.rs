@@ -8,7 +8,9 @@
 //! The policy cases are deterministic: the daemon's store runs on the
 //! latency backend (`[testing] delays`), which makes the first snapshot's
 //! fdatasync [`FIRST_PERSIST_DELAY_MS`] longer, so the only slot is still
-//! persisting step 1 when step 2 begins, whatever the disk's speed. Each
+//! persisting step 1 when step 2 begins, whatever the disk's speed (the
+//! stream case first waits for step 1's data file, so that the first data
+//! file, the delayed one, is step 1's and not the stream's). Each
 //! case snapshots steps 1 and 2 back to back once and reads what happened
 //! from the daemon's metrics (a wait for the slot in
 //! `gpusnap_slot_wait_seconds`, a streamed capture in
@@ -94,6 +96,27 @@ fn single_slot_first_persist_slow(policy: &'static str) -> Vec<Setting<'static>>
         ("store", "keep_snapshots", "32"),
         ("testing", "delays", FIRST_PERSIST_SLOW),
     ]
+}
+
+/// Waits until step 1's persist of `job` has created its data file, so the
+/// latency backend's first data file, whose fdatasync it slows, is step
+/// 1's. A capture that starts before then (a stream beside the slot's
+/// persist) could create its own file first and take the delay (under
+/// load it did: step 1 committed in 55 ms and the stream in 3.2 s). Step
+/// 1's directory already renamed into place also ends the wait: the
+/// checks after it then fail, saying the slot was no longer persisting.
+fn step_one_data_file_created(daemon: &Daemon, job: &str) {
+    use gpusnapd::store::paths::{DATA_FILE, PARTIAL_SUFFIX, STEP_PREFIX};
+    let rank = daemon.root.join(job).join("0");
+    let committed = rank.join(format!("{STEP_PREFIX}1"));
+    let data = rank
+        .join(format!("{STEP_PREFIX}1{PARTIAL_SUFFIX}"))
+        .join(DATA_FILE);
+    daemon::wait_for(
+        "step 1's data file created",
+        Duration::from_secs(30),
+        || data.exists() || committed.exists(),
+    );
 }
 
 /// Step 1 committed, its persist slowed by the latency backend.
@@ -414,6 +437,7 @@ fn policy_stream_goes_through_the_ring_while_the_slot_persists() {
         "step 1 had the slot"
     );
     images[1].load(&state);
+    step_one_data_file_created(&daemon, "streamy");
     let second = captured(c.snapshot(2).expect("snapshot"), 2);
     assert_eq!(second.bytes, state.byte_len());
     assert_eq!(

@@ -69,6 +69,7 @@ device_matrix!(
     a_busy_rank_is_retried_on_a_new_connection_until_it_is_free,
     the_copies_of_an_open_capture_finish_in_the_background_and_say_so,
     a_capture_handed_off_is_captured_committed_and_its_failure_kept,
+    skips_never_push_out_an_outcome_the_trainer_has_not_collected,
 );
 
 /// Polls `done` until it is true (bounded: a copy that never finishes in
@@ -189,6 +190,178 @@ fn a_capture_handed_off_is_captured_committed_and_its_failure_kept(memory: &dyn 
         client.background_outcome(5),
         Some(Ok(SnapshotOutcome::Captured(_)))
     ));
+    drop(client);
+    fake.join();
+}
+
+/// The regression: skips counted toward the window of outcomes kept for
+/// the trainer, so under policy `skip` a commit's (or failure's) event, or
+/// a handed-off capture's failure, was dropped after enough later skips,
+/// and `wait_committed` of that step asked the daemon's listing and said
+/// "not found" (or, for a commit retention had removed, lost its figures).
+/// Step 1 fails in the daemon, then more skips than the events' window
+/// holds; step `s` fails in the background, then more skips than the
+/// background window holds; both failures are still what their waits say.
+fn skips_never_push_out_an_outcome_the_trainer_has_not_collected(memory: &dyn Memory) {
+    const SKIPS: u64 = crate::session::SETTLED_MAX as u64 + 1;
+    const BACKGROUND_SKIPS: u64 = crate::background::OUTCOMES_MAX as u64 + 1;
+    let s = 2 + SKIPS;
+    let (_dir, path) = fake::socket_dir();
+    let ts = tensors(memory);
+    let skip = |c: &mut fake::FakeConn| {
+        let r = c.expect("begin");
+        let RequestBody::Begin { step } = r.body else {
+            unreachable!()
+        };
+        c.reply(
+            r.id,
+            ReplyBody::Skipped {
+                step,
+                reason: "slots busy".into(),
+            },
+        );
+    };
+    let fake = Fake::start(
+        &path,
+        vec![conn(move |c| {
+            c.open(&Layout {
+                policy: crate::proto::BusyPolicy::Skip,
+                ..Layout::default()
+            });
+            c.begin_slot(0);
+            let (step, _, _) = c.accept_captured();
+            c.event(ReplyBody::Failed {
+                step,
+                kind: ErrorKind::Storage,
+                message: "disk full".into(),
+                os_error: Some(OsError::ENOSPC),
+            });
+            for _ in 0..SKIPS {
+                skip(c);
+            }
+            assert_eq!(c.begin_slot(0), s);
+            let r = c.expect("abort");
+            c.reply(r.id, ReplyBody::Aborted { step: s });
+            for _ in 0..BACKGROUND_SKIPS {
+                skip(c);
+            }
+            // No listing is asked for: the client still knows both outcomes.
+            c.until_closed();
+        })],
+    );
+    let mut client = memory.client(fake::config(&path));
+    register_all(&mut client, &ts);
+    assert!(matches!(
+        client.snapshot(1).expect("snapshot"),
+        SnapshotOutcome::Captured(_)
+    ));
+    for step in 2..s {
+        assert!(matches!(
+            client.snapshot(step).expect("snapshot"),
+            SnapshotOutcome::Skipped { .. }
+        ));
+    }
+    memory.fail_next_capture("device lost");
+    client.begin_snapshot(s).expect("begin");
+    client
+        .finish_snapshot_in_background()
+        .expect("handed off: the failure comes later");
+    memory.let_copies_run();
+    for step in (s + 1)..=(s + BACKGROUND_SKIPS) {
+        client.begin_snapshot(step).expect("begin");
+        client
+            .finish_snapshot_in_background()
+            .expect("a skip finishes at once");
+    }
+    let err = client.wait_committed(1).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::SnapshotFailed {
+                step: 1,
+                os_error: Some(OsError::ENOSPC),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = client.wait_committed(s).unwrap_err();
+    assert!(
+        matches!(&err, Error::BackendUnavailable { reason, .. } if reason == "device lost"),
+        "{err}"
+    );
+    // The latest skips are kept too, in their own window.
+    let last = s + BACKGROUND_SKIPS;
+    assert!(matches!(
+        client.wait_committed(last),
+        Err(Error::Skipped { step, .. }) if step == last
+    ));
+    drop(client);
+    fake.join();
+}
+
+/// Past the window of commits and failures nobody collected, the oldest
+/// goes, and a wait for it that the listing cannot answer says so: step 1
+/// failed, then more commits came than the window holds.
+#[test]
+fn a_dropped_outcome_the_listing_lacks_is_not_found_saying_it_was_dropped() {
+    const COMMITS: u64 = crate::session::SETTLED_MAX as u64;
+    let (_dir, path) = fake::socket_dir();
+    let memory = super::matrix::OnHost::new();
+    let ts = tensors(&memory);
+    let empty = || ReplyBody::Listing {
+        snapshots: vec![],
+        complete: vec![],
+        remote_complete: vec![],
+        remote_error: None,
+    };
+    let fake = Fake::start(
+        &path,
+        vec![conn(move |c| {
+            c.open(&Layout::default());
+            c.begin_slot(0);
+            let (step, _, _) = c.accept_captured();
+            c.event(ReplyBody::Failed {
+                step,
+                kind: ErrorKind::Storage,
+                message: "disk full".into(),
+                os_error: None,
+            });
+            for step in 2..(2 + COMMITS) {
+                c.event(ReplyBody::Committed {
+                    step,
+                    bytes: 1,
+                    persist_ns: 1,
+                });
+            }
+            for _ in 0..2 {
+                let r = c.expect("list");
+                c.reply(r.id, empty());
+            }
+            c.until_closed();
+        })],
+    );
+    let mut client = memory.client(fake::config(&path));
+    register_all(&mut client, &ts);
+    assert!(matches!(
+        client.snapshot(1).expect("snapshot"),
+        SnapshotOutcome::Captured(_)
+    ));
+    // Reading the listing's reply reads every event before it.
+    assert!(client.list().expect("list").snapshots.is_empty());
+    match client.wait_committed(1) {
+        Err(Error::NotFound(message)) => assert!(
+            message.contains("no longer known")
+                && message.contains(&format!("latest {COMMITS} commit"))
+                && message.contains("up to step 1"),
+            "{message}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let last = client
+        .wait_committed(1 + COMMITS)
+        .expect("the newest is kept");
+    assert_eq!(last.persist, Duration::from_nanos(1));
     drop(client);
     fake.join();
 }
