@@ -574,6 +574,11 @@ fn verify(paths: &[PathBuf], json: bool) -> Result<ExitCode, StoreError> {
             chunks_checked: report.chunks_checked,
             problems: report.problems.iter().map(ToString::to_string).collect(),
         };
+        // The problems go to stderr too (stdout is the report, or JSON),
+        // so a caller that shows only errors still sees what is wrong.
+        for p in &out.problems {
+            eprintln!("gpusnapctl: verify {}: {p}", out.path.display());
+        }
         if !json {
             if out.ok {
                 println!(

@@ -1,0 +1,8 @@
+//! libFuzzer target `frame`: [`gpusnap_fuzz_bodies::frame`] on each input,
+//! under the capped allocator ([`gpusnap_fuzz_bodies::alloc::Capped`]).
+#![no_main]
+
+#[global_allocator]
+static ALLOC: gpusnap_fuzz_bodies::alloc::Capped = gpusnap_fuzz_bodies::alloc::Capped;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| gpusnap_fuzz_bodies::frame(data));
