@@ -2,9 +2,10 @@
 //! process through its real connection code ([`conn::serve`]) over a
 //! socket pair, by sequences of frames.
 //!
-//! Three daemons (one per busy policy: block, skip, stream) are opened once
-//! per process on a store under `/dev/shm` with small budgets, with one
-//! single-threaded runtime; the input's first byte picks the daemon. The
+//! Three daemons (one per busy policy: block, skip, stream) are opened on
+//! a store under `/dev/shm` with small budgets, with one single-threaded
+//! runtime for the process; every [`FRESH_EVERY`] inputs they are replaced
+//! by new ones on empty stores. The input's first byte picks the daemon. The
 //! rest is at most [`FRAMES_MAX`] frames: each a request the input builds
 //! (every request type, with fields from small sets and raw numbers, ids
 //! mostly rising) or raw bytes behind a true or a hostile length header.
@@ -47,12 +48,59 @@ const JOBS: [&str; 3] = ["a", "b", "job-c"];
 /// Most tensors in one registration, and the largest dimension.
 const TENSORS_MAX: usize = 4;
 const DIM_MAX: u8 = 64;
+/// Inputs run on one set of daemons before the next input gets new ones
+/// on empty stores. Snapshots pile up otherwise (every job name an input
+/// makes up keeps its own), and `List` without a job reads
+/// every one: the harness slowed down as it ran. An input still meets the
+/// snapshots, owners and rank steps the inputs before it left, up to this
+/// many of them.
+const FRESH_EVERY: u32 = 32;
 
 /// The daemons and the runtime their connections run on.
 struct Harness {
     runtime: tokio::runtime::Runtime,
+    /// This process's store directory; each daemon's store is a folder in it.
+    root: PathBuf,
     daemons: Vec<Arc<Daemon>>,
+    /// Inputs run on the current daemons.
+    inputs: u32,
     next_conn: u64,
+}
+
+impl Harness {
+    /// The daemons for the next input: every [`FRESH_EVERY`] inputs, new
+    /// ones on empty stores (see [`FRESH_EVERY`]).
+    fn daemons(&mut self) -> &[Arc<Daemon>] {
+        if self.inputs >= FRESH_EVERY {
+            // The previous input's connection, persists and staging are all
+            // gone (`after` checked), so nothing writes to these stores.
+            self.daemons.clear();
+            self.daemons = open_daemons(&self.runtime, &self.root);
+            self.inputs = 0;
+        }
+        self.inputs += 1;
+        &self.daemons
+    }
+}
+
+/// The three daemons, one per busy policy, each on an empty store in
+/// `root`.
+fn open_daemons(runtime: &tokio::runtime::Runtime, root: &Path) -> Vec<Arc<Daemon>> {
+    [BusyPolicy::Block, BusyPolicy::Skip, BusyPolicy::Stream]
+        .into_iter()
+        .map(|policy| {
+            let dir = root.join(policy.name());
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => panic!("removing the old store {}: {e}", dir.display()),
+            }
+            let config = daemon_config(&dir, policy);
+            runtime
+                .block_on(async { Daemon::open(config) })
+                .expect("a daemon on tmpfs")
+        })
+        .collect()
 }
 
 fn harness() -> &'static Mutex<Harness> {
@@ -71,18 +119,12 @@ fn harness() -> &'static Mutex<Harness> {
             .enable_all()
             .build()
             .expect("a runtime");
-        let daemons = [BusyPolicy::Block, BusyPolicy::Skip, BusyPolicy::Stream]
-            .into_iter()
-            .map(|policy| {
-                let config = daemon_config(&root.join(policy.name()), policy);
-                runtime
-                    .block_on(async { Daemon::open(config) })
-                    .expect("a daemon on tmpfs")
-            })
-            .collect();
+        let daemons = open_daemons(&runtime, &root);
         Mutex::new(Harness {
             runtime,
+            root,
             daemons,
+            inputs: 0,
             next_conn: 1,
         })
     })
@@ -158,7 +200,7 @@ pub fn requests(data: &[u8]) {
     let mut h = harness().lock().unwrap_or_else(PoisonError::into_inner);
     let conn_id = h.next_conn;
     h.next_conn += 1;
-    let daemon = Arc::clone(h.daemons.get(pick).expect("three daemons"));
+    let daemon = Arc::clone(h.daemons().get(pick).expect("three daemons"));
     let panics_before = panics(&daemon);
     h.runtime.block_on(drive(&daemon, conn_id, &script));
     assert_eq!(panics(&daemon), panics_before, "the daemon caught a panic");
