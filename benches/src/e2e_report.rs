@@ -326,14 +326,11 @@ impl E2eReport {
         self.restore_disk_warm_vs_fio =
             ratio(self.restore_disk_warm_mb_per_s, self.fio_read_mb_per_s);
 
-        let single = crate::fio::Setting::mib_blocks(self.fio_iodepth);
-        self.sweep.consider(
-            crate::fio::Direction::Write,
-            single,
+        self.sweep.consider_single(
+            self.fio_iodepth,
             self.fio_write_mb_per_s,
+            self.fio_read_mb_per_s,
         );
-        self.sweep
-            .consider(crate::fio::Direction::Read, single, self.fio_read_mb_per_s);
         let best_write = self.sweep.fio_best_write_mb_per_s;
         let best_read = self.sweep.fio_best_read_mb_per_s;
         self.persist_vs_fio_best = ratio(self.persist_mb_per_s, best_write);

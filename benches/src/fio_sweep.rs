@@ -92,6 +92,15 @@ impl SweepSummary {
     /// Counts one more fio run of this run (the single-setting one) toward
     /// the best of `direction`, so the limit is never below a figure fio
     /// reached in the same run; nothing when the sweep did not run.
+    /// Counts the single-setting run (`iodepth`, 1 MiB blocks) toward the
+    /// best of both directions, so the limit is never below what fio
+    /// reached in the same run.
+    pub fn consider_single(&mut self, iodepth: usize, write: Option<f64>, read: Option<f64>) {
+        let single = Setting::mib_blocks(iodepth);
+        self.consider(Direction::Write, single, write);
+        self.consider(Direction::Read, single, read);
+    }
+
     pub fn consider(&mut self, direction: Direction, setting: Setting, mb_per_s: Option<f64>) {
         let Some(mb) = mb_per_s.filter(|mb| mb.is_finite() && *mb > 0.0) else {
             return;

@@ -114,14 +114,11 @@ impl Report {
         }
         self.write_vs_fio = ratio(self.write_mb_per_s, self.fio_write_mb_per_s);
         self.read_vs_fio = ratio(self.read_mb_per_s, self.fio_read_mb_per_s);
-        let single = crate::fio::Setting::mib_blocks(self.fio_iodepth);
-        self.sweep.consider(
-            crate::fio::Direction::Write,
-            single,
+        self.sweep.consider_single(
+            self.fio_iodepth,
             self.fio_write_mb_per_s,
+            self.fio_read_mb_per_s,
         );
-        self.sweep
-            .consider(crate::fio::Direction::Read, single, self.fio_read_mb_per_s);
         self.write_vs_fio_best = ratio(self.write_mb_per_s, self.sweep.fio_best_write_mb_per_s);
         self.read_vs_fio_best = ratio(self.read_mb_per_s, self.sweep.fio_best_read_mb_per_s);
     }
